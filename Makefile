@@ -1,0 +1,46 @@
+# Entry points for users and CI. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RECIPE ?= salm_tp_fsdp2
+ARGS ?=
+# Default processes per recipe (CPU: gloo processes; GPU: one per device).
+NPROC_salm_tp_fsdp2 := 4
+NPROC_salm_fsdp2 := 2
+NPROC ?= $(or $(NPROC_$(RECIPE)),2)
+# One run name shared by every rank; override with ARGS="run.name=..." or RUN_NAME=...
+RUN_NAME ?= $(shell date +%Y%m%d-%H%M%S)
+export RUN_NAME
+
+.PHONY: help setup run test lint clean
+
+help:
+	@echo "make setup                       create $(VENV) and install pinned dependencies"
+	@echo "make run RECIPE=<r> [NPROC=n] [ARGS='hydra overrides']"
+	@echo "                                 recipes: $$(ls recipes | tr '\n' ' ')"
+	@echo "make test                        unit + multi-process tests (CPU, gloo)"
+	@echo "make lint                        ruff"
+
+# Re-running is cheap: pip only installs what changed, the stamp tracks the inputs.
+setup: $(VENV)/.setup-stamp
+$(VENV)/.setup-stamp: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+run: setup
+	@test -f recipes/$(RECIPE)/config.yaml || { echo "error: unknown RECIPE '$(RECIPE)': no recipes/$(RECIPE)/config.yaml (have: $$(ls recipes | tr '\n' ' '))" >&2; exit 2; }
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) \
+	  -m common.train --config-path=$(CURDIR)/recipes/$(RECIPE) --config-name=config \
+	  trainer.devices=$(NPROC) $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf outputs wandb lightning_logs .pytest_cache

@@ -1,0 +1,105 @@
+"""The LightningModule shared by the recipes: loss normalisation, optimizer, clipping, validation.
+
+The wrapped model only computes sums (loss over its local answer tokens); this module turns
+them into the loss of the *global* batch, so the logged ``train_loss`` and the gradients are the
+same whatever the data-parallel / tensor-parallel layout:
+
+    loss_for_backward = local_loss_sum * dp_size / global_num_target_tokens
+
+FSDP2 and DDP *average* gradients over the dp ranks, and the factor ``dp_size`` undoes that
+average, leaving d(sum over the global batch)/d(theta) / global tokens.
+
+Usage::
+
+    module = TrainingModule(SALM(cfg.model, tok), tok, optim=cfg.optim, parallel=cfg.parallel)
+    trainer.fit(module, datamodule)
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+from torchmetrics.text import WordErrorRate
+
+from common.parallel import ParallelOptions, data_parallel_rank_size, parallelize
+from common.parallel.gradients import clip_grad_norm_, to_local
+
+
+class TrainingModule(L.LightningModule):
+    def __init__(self, model, tokenizer, optim, parallel=None):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.optim_cfg = optim
+        self.parallel_options = ParallelOptions(**(parallel or {}))
+        self.val_loss = MeanMetric()
+        self.val_wer = WordErrorRate()
+        self.last_grad_norm = float("nan")
+        self.last_lr = float("nan")
+
+    # --- parallelism (ModelParallelStrategy calls this once the device mesh exists) -------------
+    def configure_model(self) -> None:
+        if getattr(self, "_device_mesh", None) is not None and not getattr(self, "_parallelized", False):
+            parallelize(self.model, self.device_mesh, self.parallel_options)
+            self._parallelized = True
+
+    @property
+    def dp_size(self) -> int:
+        return data_parallel_rank_size(self.trainer)[1]
+
+    # --- training -------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        loss_sum, _ = self.model(batch)
+        global_tokens = batch["global_num_target_tokens"]
+        dp = self.dp_size
+        tp = self.trainer.world_size // dp
+        # Global-batch loss: sum the per-rank shares over the world; TP ranks hold copies, hence / tp.
+        share = to_local(loss_sum).detach() / global_tokens / tp
+        self.log("train_loss", share, reduce_fx="sum", sync_dist=True, on_step=True, prog_bar=False)
+        return loss_sum * (dp / global_tokens)
+
+    def backward(self, loss, *args, **kwargs):
+        # Under loss parallel the backward of the vocabulary-sharded cross-entropy must run in its context.
+        with self.model.parallel_hooks.loss_context():
+            loss.backward(*args, **kwargs)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.last_lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
+        max_norm = self.optim_cfg.get("max_grad_norm")
+        params = [p for p in self.parameters() if p.grad is not None]
+        if max_norm:
+            self.last_grad_norm = float(clip_grad_norm_(params, max_norm))
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(
+            params, lr=cfg.lr, betas=tuple(cfg.get("betas", (0.9, 0.98))), weight_decay=cfg.get("weight_decay", 0.0)
+        )
+        warmup, total, min_ratio = cfg.warmup_steps, self.trainer.max_steps, cfg.get("min_lr_ratio", 0.1)
+
+        def lr_lambda(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / max(1, warmup)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- validation -----------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        loss_sum, num_tokens = self.model(batch)
+        self.val_loss.update(to_local(loss_sum).detach() / num_tokens, weight=num_tokens)
+        hyps = [self.tokenizer.decode(ids) for ids in self.model.generate(batch["input_features"], batch["feature_mask"])]
+        self.val_wer.update(hyps, batch["texts"])
+
+    def on_validation_epoch_end(self) -> None:
+        # torchmetrics syncs over all ranks; TP copies scale numerator and denominator alike.
+        self.log("val_loss", self.val_loss.compute(), sync_dist=False)
+        self.log("val_wer", self.val_wer.compute(), sync_dist=False)
+        self.val_loss.reset()
+        self.val_wer.reset()

@@ -1,0 +1,117 @@
+"""The shared parallel core: validate a layout, build the Lightning strategy, parallelize a model.
+
+``parallelize`` applies parallelism from outside the model, in one fixed order (as torchtitan's
+``parallelize_*`` functions do):
+
+1. tensor + sequence parallel on the LLM backbone (plan from its HF ``base_model_tp_plan``);
+2. activation checkpointing of each block (optional);
+3. ``torch.compile`` of each block (optional);
+4. FSDP2 ``fully_shard`` of each block, of the extra units, then of the root, over the dp mesh.
+
+Usage (inside ``LightningModule.configure_model``)::
+
+    from common.parallel import parallelize
+    parallelize(self.model, self.device_mesh, ParallelOptions(activation_checkpointing=True))
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .layout import (
+    ConfigError,
+    Layout,
+    build_strategy,
+    check_launch,
+    check_tensor_parallel,
+    data_parallel_rank_size,
+    resolve_layout,
+)
+from .spec import ParallelHooks, ParallelSpec
+
+__all__ = [
+    "ConfigError",
+    "Layout",
+    "ParallelHooks",
+    "ParallelOptions",
+    "ParallelSpec",
+    "build_strategy",
+    "check_launch",
+    "check_tensor_parallel",
+    "data_parallel_rank_size",
+    "parallelize",
+    "resolve_layout",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ParallelOptions:
+    sequence_parallel: bool = True
+    loss_parallel: bool = True
+    activation_checkpointing: bool = False
+    compile: bool = False
+    mixed_precision: bool = False  # FSDP2 policy: bf16 parameters for compute, fp32 gradient reduction
+    reshard_after_forward: bool = True
+
+
+def parallelize(model: nn.Module, mesh, options: ParallelOptions) -> nn.Module:
+    """Apply TP/SP -> activation checkpointing -> compile -> FSDP2 to ``model`` per its ``parallel_spec()``."""
+    spec: ParallelSpec = model.parallel_spec()
+    tp_size = mesh["tensor_parallel"].size() if mesh is not None else 1
+    dp_size = mesh["data_parallel"].size() if mesh is not None else 1
+
+    if tp_size > 1:
+        _apply_tensor_parallel(model, spec, mesh["tensor_parallel"], options)
+    if options.activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for blocks in spec.block_lists:
+            for i, block in enumerate(blocks):
+                blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    if options.compile:
+        for blocks in spec.block_lists:
+            for block in blocks:
+                block.compile()
+    if dp_size > 1:
+        _apply_fsdp(model, spec, mesh["data_parallel"], options)
+    log.info("parallelized %s: tp=%d (sp=%s) dp=%d (FSDP2)", type(model).__name__, tp_size,
+             options.sequence_parallel and tp_size > 1, dp_size)
+    return model
+
+
+def _apply_tensor_parallel(model, spec: ParallelSpec, tp_mesh, options: ParallelOptions) -> None:
+    from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
+
+    from .gradients import to_local
+    from .tensor_parallel import backbone_tp_plan, lm_head_style
+
+    if spec.tp_backbone is None:
+        raise ConfigError(f"{type(model).__name__} declares no tensor-parallel backbone; use tensor_parallel_size=1")
+    parallelize_module(spec.tp_backbone, tp_mesh, backbone_tp_plan(spec.tp_backbone, options.sequence_parallel))
+    if spec.lm_head is not None:
+        parallelize_module(spec.lm_head, tp_mesh, lm_head_style(options.sequence_parallel, options.loss_parallel))
+    model.parallel_hooks = ParallelHooks(
+        loss_context=loss_parallel if options.loss_parallel else ParallelHooks.loss_context,
+        full_tensor=to_local,
+        seq_len_multiple=tp_mesh.size() if options.sequence_parallel else 1,
+    )
+
+
+def _apply_fsdp(model, spec: ParallelSpec, dp_mesh, options: ParallelOptions) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"mesh": dp_mesh, "reshard_after_forward": options.reshard_after_forward}
+    if options.mixed_precision:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for blocks in spec.block_lists:
+        for block in blocks:
+            fully_shard(block, **kwargs)
+    for unit in spec.extra_fsdp_units:
+        fully_shard(unit, **kwargs)
+    fully_shard(model, **kwargs)

@@ -1,0 +1,64 @@
+"""Gradient-norm clipping that works for plain, FSDP2 (DTensor) and TP x FSDP2 parameters.
+
+``torch.nn.utils.clip_grad_norm_`` cannot stack norms of DTensors that live on different meshes
+(FSDP2-only encoder on the dp mesh, TP x FSDP2 backbone on the 2-D mesh). Here each gradient's
+local squared norm is summed within groups of the same (mesh, sharded mesh dims) and all-reduced
+once per group over exactly the dims it is sharded on; replicated dims are not double counted::
+
+    total_norm = clip_grad_norm_(model.parameters(), max_norm=1.0)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+
+def to_local(t):
+    """A DTensor's full value as a plain tensor (e.g. a loss under loss parallel); other values as is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def grad_norm(parameters) -> torch.Tensor:
+    groups: dict[tuple, torch.Tensor] = {}
+    plain = None
+    for p in parameters:
+        g = p.grad
+        if g is None:
+            continue
+        if isinstance(g, DTensor):
+            if any(isinstance(pl, Partial) for pl in g.placements):
+                g = g.redistribute(g.device_mesh, [Replicate() if isinstance(pl, Partial) else pl for pl in g.placements])
+            sharded = tuple(i for i, pl in enumerate(g.placements) if isinstance(pl, Shard))
+            key = (id(g.device_mesh), sharded)
+            sq = g.to_local().float().pow(2).sum()
+            if key in groups:
+                groups[key][1].add_(sq)
+            else:
+                groups[key] = (g.device_mesh, sq)
+        else:
+            sq = g.float().pow(2).sum()
+            plain = sq if plain is None else plain + sq
+    total = torch.zeros((), device=next(iter(groups.values()))[1].device) if groups else (
+        torch.zeros(()) if plain is None else torch.zeros((), device=plain.device)
+    )
+    for (_, sharded), (mesh, sq) in groups.items():
+        for dim in sharded:
+            dist.all_reduce(sq, group=mesh.get_group(dim))
+        total = total + sq
+    if plain is not None:
+        total = total + plain.to(total.device)
+    return total.sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    parameters = [p for p in parameters if p.grad is not None]
+    total = grad_norm(parameters)
+    coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    if coef < 1.0:
+        for p in parameters:
+            p.grad.mul_(coef)
+    return total

@@ -1,0 +1,133 @@
+"""What a run leaves behind: ``metrics.jsonl``, ``validation.jsonl``, ``summary.json``, progress lines.
+
+``RunRecorder`` is a Lightning callback. Rank 0 writes one JSON object per optimizer step::
+
+    {"step": 12, "train_loss": 2.31, "lr": 0.0003, "grad_norm": 1.7, "utterances": 32, "audio_s": 51.2, "elapsed_s": 8.4}
+
+and one per validation to ``validation.jsonl``. Throughput counts global utterances and audio
+seconds (every rank knows the size of the global batch) after ``warmup_steps`` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+log = logging.getLogger("common.train")
+
+
+def _local_bytes(tensors) -> int:
+    total = 0
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def training_state_bytes(module: torch.nn.Module, optimizers) -> dict[str, int]:
+    """Bytes of parameters and optimizer state held by *this* rank (local shards of DTensors)."""
+    params = [p for p in module.parameters()]
+    opt_state = [v for opt in optimizers for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    return {
+        "param_bytes": _local_bytes(params),
+        "grad_bytes": _local_bytes([p for p in params if p.requires_grad]),
+        "optimizer_state_bytes": _local_bytes(opt_state),
+    }
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class RunRecorder(L.Callback):
+    def __init__(self, run_dir: Path, print_every_n_steps: int = 10, warmup_steps: int = 3):
+        self.run_dir = Path(run_dir)
+        self.print_every = print_every_n_steps
+        self.warmup_steps = warmup_steps
+        self.history: list[dict] = []
+        self.validations: list[dict] = []
+        self.t_start = self.t_warm = None
+        self.utts_warm = self.audio_warm = 0.0
+        self.per_rank: list[dict] = []
+
+    def _write(self, name: str, record: dict, trainer) -> None:
+        if trainer.is_global_zero:
+            with open(self.run_dir / name, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def on_train_start(self, trainer, pl_module):
+        self.t_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step == self.warmup_steps:
+            self.t_warm = time.perf_counter()
+        elif step > self.warmup_steps:
+            self.utts_warm += batch["global_num_utterances"]
+            self.audio_warm += batch["global_audio_s"]
+        record = {
+            "step": step,
+            "train_loss": float(trainer.callback_metrics["train_loss"]),
+            "lr": pl_module.last_lr,
+            "grad_norm": pl_module.last_grad_norm,
+            "utterances": batch["global_num_utterances"],
+            "audio_s": round(batch["global_audio_s"], 3),
+            "elapsed_s": round(time.perf_counter() - self.t_start, 3),
+        }
+        self.history.append(record)
+        self._write("metrics.jsonl", record, trainer)
+        if trainer.is_global_zero and (step % self.print_every == 0 or step == trainer.max_steps):
+            log.info("step %d/%d  train_loss %.4f  lr %.2e  %.1fs", step, trainer.max_steps,
+                     record["train_loss"], record["lr"], record["elapsed_s"])
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        record = {"step": trainer.global_step}
+        for key in ("val_loss", "val_wer"):
+            if key in trainer.callback_metrics:
+                record[key] = float(trainer.callback_metrics[key])
+        self.validations.append(record)
+        self._write("validation.jsonl", record, trainer)
+        if trainer.is_global_zero:
+            log.info("validation at step %d: %s", record["step"], record)
+
+    def on_train_end(self, trainer, pl_module):
+        mine = training_state_bytes(pl_module, trainer.optimizers)
+        mine["peak_memory_bytes"] = peak_memory_bytes(pl_module.device)
+        mine["rank"] = trainer.global_rank
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, mine)
+            self.per_rank = gathered
+        else:
+            self.per_rank = [mine]
+
+    def throughput(self) -> dict:
+        if self.t_warm is None or not self.history:
+            return {"utterances_per_s": None, "audio_s_per_s": None, "measured_steps": 0}
+        dt = self.history[-1]["elapsed_s"] - (self.t_warm - self.t_start)
+        steps = len(self.history) - self.warmup_steps
+        return {
+            "utterances_per_s": round(self.utts_warm / dt, 3) if dt > 0 else None,
+            "audio_s_per_s": round(self.audio_warm / dt, 3) if dt > 0 else None,
+            "step_time_s": round(dt / steps, 4) if steps > 0 else None,
+            "measured_steps": steps,
+        }
+
+
+def write_summary(run_dir: Path, summary: dict) -> Path:
+    path = Path(run_dir) / "summary.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    os.replace(tmp, path)  # readers never see a half-written summary
+    return path

@@ -1,0 +1,216 @@
+"""The one training entry point of every recipe (Hydra). Reads top to bottom.
+
+Usage (what ``make run`` does)::
+
+    torchrun --standalone --nproc-per-node=4 -m common.train \\
+        --config-path=$PWD/recipes/salm_tp_fsdp2 --config-name=config \\
+        trainer.devices=4 trainer.max_steps=20 seed=3 run.name=try1
+
+Writes ``outputs/<recipe>/<run.name>/``: config.yaml, metrics.jsonl, validation.jsonl,
+summary.json, checkpoints/, tokenizer/, wandb/ (and an ``outputs/<recipe>/latest`` link).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from common.parallel import ConfigError, build_strategy, check_launch, check_tensor_parallel, resolve_layout
+
+log = logging.getLogger("common.train")
+RANK = int(os.environ.get("RANK", 0))
+
+
+def resolve_run_name() -> str:
+    """``RUN_NAME`` (set once by ``make run`` for all ranks), else a timestamp."""
+    return os.environ.get("RUN_NAME") or time.strftime("%Y%m%d-%H%M%S")
+
+
+OmegaConf.register_new_resolver("run_name", resolve_run_name, replace=True)
+
+
+def resolve_hardware(cfg: DictConfig) -> None:
+    """``auto`` accelerator/precision: NCCL + bf16-true on GPUs, gloo + fp32 on CPUs."""
+    gpu = torch.cuda.is_available()
+    if cfg.trainer.accelerator == "auto":
+        cfg.trainer.accelerator = "gpu" if gpu else "cpu"
+    if cfg.trainer.precision == "auto":
+        cfg.trainer.precision = "bf16-true" if cfg.trainer.accelerator == "gpu" else "32-true"
+    if cfg.parallel.get("mixed_precision") == "auto":
+        cfg.parallel.mixed_precision = cfg.trainer.accelerator == "gpu"
+    if cfg.trainer.accelerator == "cpu":
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+
+
+def prepare_data(cfg: DictConfig) -> dict:
+    if cfg.data.get("train_manifest"):
+        manifests = {"train": Path(cfg.data.train_manifest), "val": Path(cfg.data.val_manifest)}
+        for split, path in manifests.items():
+            if not path.exists():
+                raise ConfigError(f"data.{split}_manifest: no such file: {path}")
+        return manifests
+    from common.data.corpus import ensure_tone_corpus
+
+    return ensure_tone_corpus(cfg.data.dir, **cfg.data.generated)
+
+
+def build_tokenizer(cfg: DictConfig, manifests: dict):
+    from common.data.tokenizer import HFTokenizer, WordTokenizer
+
+    if cfg.model.get("pretrained_llm"):
+        return HFTokenizer.from_pretrained(cfg.model.pretrained_llm)
+    from lhotse import CutSet
+
+    texts = (s.text for c in CutSet.from_file(manifests["train"]) for s in c.supervisions)
+    return WordTokenizer.build(texts, extra_words=cfg.model.prompt.split(), pad_to_multiple_of=8)
+
+
+def build_model(cfg: DictConfig, tokenizer):
+    if cfg.model.name != "salm":
+        raise ConfigError(f"model.name {cfg.model.name!r} is not known (known: salm)")
+    from common.models.salm import SALM
+
+    return SALM(cfg.model, tokenizer)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, recorder):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs["strategy"] = build_strategy(cfg.trainer.strategy)
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="step{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=cfg.checkpoint.every_n_steps,
+        save_top_k=cfg.checkpoint.keep_last,
+        monitor="step",
+        mode="max",
+        save_last=True,
+    )
+    loggers = []
+    if cfg.logger.wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        # Offline unless the user opts in: logging must never need a network or a secret in a file.
+        online = bool(os.environ.get("WANDB_API_KEY")) and os.environ.get("WANDB_MODE") == "online"
+        loggers.append(
+            WandbLogger(project=cfg.logger.project, name=cfg.run.name, save_dir=str(run_dir), offline=not online)
+        )
+    return L.Trainer(**trainer_kwargs, callbacks=[recorder, checkpoint], logger=loggers or False), checkpoint
+
+
+def link_latest(run_dir: Path) -> None:
+    latest = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.name)
+    os.replace(tmp, latest)
+
+
+@hydra.main(version_base="1.3", config_path=None, config_name=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except ConfigError as exc:
+        # A clear one-line message instead of a traceback per rank; SystemExit passes through Hydra.
+        if RANK == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def train(cfg: DictConfig) -> None:
+    logging.basicConfig(
+        level=logging.INFO if RANK == 0 else logging.WARNING,
+        format=f"[rank{RANK}] %(asctime)s %(name)s %(levelname)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    t0 = time.perf_counter()
+    run_dir = Path(cfg.run.output_dir).resolve()
+
+    # 1. Validate the layout before anything expensive (every rank raises the same error; no hang).
+    layout = resolve_layout(cfg.trainer)
+    check_launch(layout)
+    resolve_hardware(cfg)
+
+    # 2. Data, tokenizer, model: same seed on every rank, so every rank starts from identical weights.
+    import lightning as L
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    manifests = prepare_data(cfg)
+    tokenizer = build_tokenizer(cfg, manifests)
+    model = build_model(cfg, tokenizer)
+    check_tensor_parallel(layout.tensor_parallel_size, model.llm.config, tokenizer.vocab_size)
+
+    from common.data.datamodule import SpeechDataModule
+    from common.module import TrainingModule
+    from common.recording import RunRecorder, write_summary
+
+    module = TrainingModule(model, tokenizer, optim=cfg.optim, parallel=OmegaConf.to_container(cfg.parallel))
+    datamodule = SpeechDataModule(cfg.data, tokenizer, manifests, seed=cfg.seed)
+
+    # 3. Run directory: resolved config and tokenizer first, so a failed run still explains itself.
+    if RANK == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        tokenizer.save(run_dir / "tokenizer")
+        link_latest(run_dir)
+    recorder = RunRecorder(run_dir, print_every_n_steps=cfg.run.print_every_n_steps)
+    trainer, checkpoint = build_trainer(cfg, run_dir, recorder)
+
+    # 4. Train; the summary is written whether it completes or fails.
+    status, error = "failed", None
+    try:
+        trainer.fit(module, datamodule=datamodule)
+        status = "completed"
+    except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        if RANK == 0:
+            history = recorder.history
+            summary = {
+                "recipe": cfg.recipe,
+                "run_name": cfg.run.name,
+                "status": status,
+                "error": error,
+                "world_size": layout.world_size,
+                "data_parallel_size": layout.data_parallel_size,
+                "tensor_parallel_size": layout.tensor_parallel_size,
+                "strategy": cfg.trainer.strategy._target_.rsplit(".", 1)[-1],
+                "accelerator": cfg.trainer.accelerator,
+                "precision": cfg.trainer.precision,
+                "steps": history[-1]["step"] if history else 0,
+                "train_loss_first": history[0]["train_loss"] if history else None,
+                "train_loss_last": history[-1]["train_loss"] if history else None,
+                "val": {k.removeprefix("val_"): v for k, v in (recorder.validations[-1:] or [{}])[0].items() if k != "step"},
+                "val_first": {k.removeprefix("val_"): v for k, v in (recorder.validations[:1] or [{}])[0].items() if k != "step"},
+                "throughput": recorder.throughput(),
+                "memory": {"per_rank": recorder.per_rank},
+                "data": {"skipped_global_batches": _skipped(trainer)},
+                "wall_s": round(time.perf_counter() - t0, 2),
+                "checkpoint": checkpoint.last_model_path or None,
+            }
+            write_summary(run_dir, summary)
+            print(f"\nrun {status}: results in {run_dir}\n  summary.json, metrics.jsonl, validation.jsonl, "
+                  f"config.yaml, checkpoints/ -- val {summary['val']}", flush=True)
+
+
+def _skipped(trainer) -> int:
+    loader = getattr(trainer.fit_loop, "_combined_loader", None)
+    try:
+        return sum(dl.sampler.num_skipped_batches for dl in loader.flattened)
+    except (AttributeError, TypeError):
+        return 0
+
+
+if __name__ == "__main__":
+    main()
