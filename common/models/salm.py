@@ -76,6 +76,12 @@ def build_encoder(cfg) -> nn.Module:
         encoder = ParakeetEncoder.from_pretrained(cfg.pretrained_encoder)
     else:
         encoder = ParakeetEncoder(ParakeetEncoderConfig(**cfg.encoder))
+        # HF initialises convolutions with std 0.02 (meant to be overwritten by pretrained weights);
+        # from scratch that makes the subsampled frames nearly constant, and the LayerNorm after them
+        # turns that into exploding gradients. PyTorch's fan-in initialisation trains well.
+        for module in encoder.modules():
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                module.reset_parameters()
     if cfg.get("encoder_conv_norm", "layer_norm") == "layer_norm":
         for block in encoder.layers:
             block.conv.norm = ChannelLayerNorm(block.conv.norm.num_features)

@@ -1,0 +1,76 @@
+import pytest
+from lhotse import CutSet
+from lhotse.dataset import DynamicBucketingSampler, SimpleCutSampler
+
+from common.data.loading import DataParallelBatchSampler, SpeechTextDataset, make_loader, shard_cuts
+from common.data.tokenizer import WordTokenizer
+
+
+@pytest.fixture(scope="module")
+def cuts(tiny_corpus):
+    return CutSet.from_file(tiny_corpus["train"])
+
+
+@pytest.fixture(scope="module")
+def tok(cuts):
+    return WordTokenizer.build((c.supervisions[0].text for c in cuts), extra_words=["transcribe"])
+
+
+def test_shards_partition_the_global_batch(cuts):
+    batch = list(cuts)[:11]
+    shards = shard_cuts(batch, 3)
+    ids = [c.id for s in shards for c in s]
+    assert sorted(ids) == sorted(c.id for c in batch) and len(set(ids)) == 11
+    assert [len(s) for s in shards] == [4, 4, 3]
+
+
+def test_dp_ranks_get_disjoint_shards_of_the_same_global_batches(cuts, tok):
+    ds = SpeechTextDataset(tok)
+    per_rank = []
+    for rank in range(2):
+        loader = make_loader(cuts, tok, dp_rank=rank, dp_size=2, max_duration_s=20, shuffle=True, seed=7)
+        per_rank.append(list(loader))
+    assert len(per_rank[0]) == len(per_rank[1]) > 3  # equal step counts: no deadlock at epoch end
+    for b0, b1 in zip(*per_rank):
+        assert not set(b0["ids"]) & set(b1["ids"])
+        assert b0["global_num_utterances"] == b1["global_num_utterances"] == len(b0["ids"]) + len(b1["ids"])
+        assert b0["global_num_target_tokens"] == int(b0["target_lens"].sum() + b1["target_lens"].sum())
+    # The dataset's targets end with <eos> and match the text.
+    b = per_rank[0][0]
+    n = int(b["target_lens"][0])
+    assert int(b["target_ids"][0, n - 1]) == tok.eos_id and tok.decode(b["target_ids"][0, :n].tolist()) == b["texts"][0]
+    assert b["input_features"].shape[0] == len(b["ids"]) and b["feature_mask"].any(1).all()
+    assert ds is not None
+
+
+def test_global_batches_do_not_depend_on_dp_size(cuts, tok):
+    def global_ids(dp):
+        loaders = [make_loader(cuts, tok, dp_rank=r, dp_size=dp, max_duration_s=20, shuffle=True, seed=1)
+                   for r in range(dp)]
+        return [sorted(i for b in step for i in b["ids"]) for step in zip(*loaders)]
+
+    assert global_ids(1) == global_ids(2) == global_ids(4)
+
+
+def test_too_small_global_batch_is_skipped_on_every_rank_and_counted(cuts):
+    small = cuts.subset(first=3)
+    samplers = [DataParallelBatchSampler(SimpleCutSampler(small, max_cuts=1),
+                                         dp_rank=r, dp_size=2) for r in range(2)]
+    assert [list(s) for s in samplers] == [[], []]
+    assert all(s.num_skipped_batches == 3 for s in samplers)
+
+
+def test_sampler_state_round_trip_resumes_the_same_order(cuts):
+    def sampler():
+        return DataParallelBatchSampler(
+            DynamicBucketingSampler(cuts, max_duration=15, num_buckets=2, shuffle=True, seed=5), 0, 1)
+
+    full = [[c.id for c in b.cuts] for b in sampler()]
+    s = sampler()
+    it = iter(s)
+    for _ in range(3):
+        next(it)
+    state = s.state_dict()
+    resumed = sampler()
+    resumed.load_state_dict(state)
+    assert [[c.id for c in b.cuts] for b in resumed] == full[3:]
