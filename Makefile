@@ -13,13 +13,14 @@ NPROC ?= $(or $(NPROC_$(RECIPE)),2)
 RUN_NAME ?= $(shell date +%Y%m%d-%H%M%S)
 export RUN_NAME
 
-.PHONY: help setup run test lint clean
+.PHONY: help setup run test quality lint clean
 
 help:
 	@echo "make setup                       create $(VENV) and install pinned dependencies"
 	@echo "make run RECIPE=<r> [NPROC=n] [ARGS='hydra overrides']"
 	@echo "                                 recipes: $$(ls recipes | tr '\n' ' ')"
 	@echo "make test                        unit + multi-process tests (CPU, gloo)"
+	@echo "make quality RECIPE=<r>          default run + check its time and WER goals"
 	@echo "make lint                        ruff"
 
 # Re-running is cheap: pip only installs what changed, the stamp tracks the inputs.
@@ -38,6 +39,13 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Full default run of a recipe, then its goals (time, WER) are checked; non-zero exit if one is missed.
+QUALITY_salm_tp_fsdp2 := --max-wall-s 600 --max-wer 0.20 --min-wer-drop 0.5
+QUALITY_salm_fsdp2 := --max-wall-s 600 --max-wer 0.20 --min-wer-drop 0.5
+quality: setup
+	$(MAKE) run RECIPE=$(RECIPE) RUN_NAME=quality-$(RUN_NAME)
+	$(PY) -m common.tools.check_run outputs/$(RECIPE)/quality-$(RUN_NAME) $(QUALITY_$(RECIPE))
 
 lint: setup
 	$(VENV)/bin/ruff check .

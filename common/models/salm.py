@@ -64,6 +64,9 @@ class Projector(nn.Module):
     def forward(self, frames: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, t, d = frames.shape
         k = self.stack_frames
+        # Frames past each utterance's end hold whatever the encoder computed for padding; zero
+        # them, or the last stacked frame of an utterance would depend on what it was batched with.
+        frames = frames * (torch.arange(t, device=frames.device)[None, :] < lens[:, None])[..., None]
         frames = F.pad(frames, (0, 0, 0, (-t) % k))
         stacked = frames.reshape(b, -1, d * k)
         return self.mlp(stacked), torch.div(lens + k - 1, k, rounding_mode="floor")
@@ -75,7 +78,10 @@ def build_encoder(cfg) -> nn.Module:
     if cfg.get("pretrained_encoder"):
         encoder = ParakeetEncoder.from_pretrained(cfg.pretrained_encoder)
     else:
-        encoder = ParakeetEncoder(ParakeetEncoderConfig(**cfg.encoder))
+        from omegaconf import OmegaConf
+
+        enc_cfg = OmegaConf.to_container(cfg.encoder, resolve=True) if OmegaConf.is_config(cfg.encoder) else dict(cfg.encoder)
+        encoder = ParakeetEncoder(ParakeetEncoderConfig(**enc_cfg))
         # HF initialises convolutions with std 0.02 (meant to be overwritten by pretrained weights);
         # from scratch that makes the subsampled frames nearly constant, and the LayerNorm after them
         # turns that into exploding gradients. PyTorch's fan-in initialisation trains well.
@@ -95,7 +101,9 @@ def build_llm(cfg, vocab_size: int) -> nn.Module:
         llm = AutoModelForCausalLM.from_pretrained(cfg.pretrained_llm, trust_remote_code=False)
         llm.resize_token_embeddings(vocab_size, pad_to_multiple_of=8)
         return llm
-    llm_cfg = dict(cfg.llm)
+    from omegaconf import OmegaConf
+
+    llm_cfg = OmegaConf.to_container(cfg.llm, resolve=True) if OmegaConf.is_config(cfg.llm) else dict(cfg.llm)
     model_type = llm_cfg.pop("model_type", "qwen3")
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **llm_cfg)
     return AutoModelForCausalLM.from_config(config)

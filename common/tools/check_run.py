@@ -1,0 +1,51 @@
+"""Check a finished run against its goals; exit non-zero (with the numbers) when one is missed.
+
+Usage::
+
+    python -m common.tools.check_run outputs/salm_tp_fsdp2/latest --max-wall-s 600 --max-wer 0.20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def check(run_dir: Path, max_wall_s: float | None, max_wer: float | None, min_wer_drop: float | None) -> list[str]:
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return [f"{path}: no summary.json (did the run start?)"]
+    s = json.loads(path.read_text())
+    problems = []
+    if s["status"] != "completed":
+        problems.append(f"status is {s['status']!r} ({s.get('error')})")
+    if max_wall_s is not None and s["wall_s"] > max_wall_s:
+        problems.append(f"wall_s {s['wall_s']:.0f} > {max_wall_s:.0f}")
+    wer = s.get("val", {}).get("wer")
+    if max_wer is not None and (wer is None or wer > max_wer):
+        problems.append(f"val.wer {wer} > {max_wer}")
+    first = s.get("val_first", {}).get("wer")
+    if min_wer_drop is not None and (wer is None or first is None or first - wer < min_wer_drop):
+        problems.append(f"val.wer fell from {first} to {wer}: less than {min_wer_drop}")
+    return problems
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--max-wall-s", type=float)
+    p.add_argument("--max-wer", type=float)
+    p.add_argument("--min-wer-drop", type=float)
+    a = p.parse_args(argv)
+    problems = check(a.run_dir, a.max_wall_s, a.max_wer, a.min_wer_drop)
+    summary = json.loads((a.run_dir / "summary.json").read_text()) if (a.run_dir / "summary.json").exists() else {}
+    print(json.dumps({k: summary.get(k) for k in ("recipe", "status", "steps", "wall_s", "val", "val_first", "throughput")}, indent=2))
+    for problem in problems:
+        print(f"FAIL {a.run_dir}: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""A short real run of each SALM recipe writes everything the run contract promises."""
+
+import json
+import os
+
+import pytest
+
+from tests.conftest import run_recipe
+
+SUMMARY_KEYS = {"recipe", "status", "world_size", "data_parallel_size", "tensor_parallel_size", "strategy",
+                "accelerator", "precision", "steps", "train_loss_first", "train_loss_last", "val", "throughput",
+                "memory", "wall_s", "checkpoint"}
+
+
+@pytest.mark.parametrize("recipe,nproc,dp,tp", [("salm_fsdp2", 2, 2, 1), ("salm_tp_fsdp2", 4, 2, 2)])
+def test_recipe_run_writes_the_contract(recipe, nproc, dp, tp, tiny_corpus, tmp_path):
+    run_dir = tmp_path / "outputs" / recipe / "contract"
+    proc = run_recipe(recipe, nproc, [
+        f"trainer.devices={nproc}", "trainer.max_steps=4", "trainer.val_check_interval=4",
+        "checkpoint.every_n_steps=2", "data.max_duration_s=12", "data.num_workers=1",
+        f"data.dir={tiny_corpus['dir']}", "data.generated.num_train=120", "data.generated.num_val=16",
+        "logger.wandb=" + ("true" if recipe == "salm_tp_fsdp2" else "false"),
+    ], run_dir, extra_env={"WANDB_MODE": "online"})  # no API key: must still stay offline
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"results in {run_dir}" in proc.stdout
+
+    config = (run_dir / "config.yaml").read_text()
+    assert "ModelParallelStrategy" in config and "use_distributed_sampler: false" in config and "${" not in config
+
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all({"step", "train_loss", "lr"} <= m.keys() and m["train_loss"] > 0 for m in metrics)
+
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_KEYS <= s.keys()
+    assert (s["recipe"], s["status"], s["steps"]) == (recipe, "completed", 4)
+    assert (s["world_size"], s["data_parallel_size"], s["tensor_parallel_size"]) == (nproc, dp, tp)
+    assert (s["strategy"], s["accelerator"], s["precision"]) == ("ModelParallelStrategy", "cpu", "32-true")
+    assert 0 <= s["val"]["wer"] and s["val"]["loss"] > 0
+    assert s["throughput"]["utterances_per_s"] > 0 and s["throughput"]["audio_s_per_s"] > 0
+    ranks = s["memory"]["per_rank"]
+    assert len(ranks) == nproc and all(r["param_bytes"] > 0 and r["optimizer_state_bytes"] > 0 for r in ranks)
+    assert s["train_loss_first"] == metrics[0]["train_loss"] and s["train_loss_last"] == metrics[-1]["train_loss"]
+    # Sharded checkpoint (a directory with per-rank shards), every 2 steps and at the end.
+    assert s["checkpoint"] and os.path.isdir(s["checkpoint"]) and os.listdir(s["checkpoint"])
+    assert (run_dir / "checkpoints" / "step000002.ckpt").exists()
+    assert (run_dir / "tokenizer" / "word_tokenizer.json").exists()
+    if recipe == "salm_tp_fsdp2":
+        runs = list((run_dir / "wandb").glob("offline-run-*"))
+        assert runs, "wandb must log offline when no API key is set"
