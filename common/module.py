@@ -77,7 +77,10 @@ class TrainingModule(L.LightningModule):
         cfg = self.optim_cfg
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(
-            params, lr=cfg.lr, betas=tuple(cfg.get("betas", (0.9, 0.98))), weight_decay=cfg.get("weight_decay", 0.0)
+            params, lr=cfg.lr, betas=tuple(cfg.get("betas", (0.9, 0.98))), weight_decay=cfg.get("weight_decay", 0.0),
+            # One multi-tensor kernel per update instead of one per parameter: the per-parameter path
+            # pays DTensor dispatch for every tensor on every step.
+            foreach=True,
         )
         warmup, total, min_ratio = cfg.warmup_steps, self.trainer.max_steps, cfg.get("min_lr_ratio", 0.1)
 

@@ -36,6 +36,18 @@ def resolve_run_name() -> str:
 OmegaConf.register_new_resolver("run_name", resolve_run_name, replace=True)
 
 
+def setup_logging() -> None:
+    """Our progress lines from rank 0 (others: warnings only); Lightning keeps its own handler."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"[rank{RANK}] %(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    common = logging.getLogger("common")
+    common.handlers[:] = [handler]
+    common.setLevel(logging.INFO if RANK == 0 else logging.WARNING)
+    common.propagate = False
+    for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.distributed"):
+        logging.getLogger(noisy).setLevel(logging.INFO if RANK == 0 else logging.WARNING)
+
+
 def resolve_hardware(cfg: DictConfig) -> None:
     """``auto`` accelerator/precision: NCCL + bf16-true on GPUs, gloo + fp32 on CPUs."""
     gpu = torch.cuda.is_available()
@@ -128,11 +140,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> None:
-    logging.basicConfig(
-        level=logging.INFO if RANK == 0 else logging.WARNING,
-        format=f"[rank{RANK}] %(asctime)s %(name)s %(levelname)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging()
     t0 = time.perf_counter()
     run_dir = Path(cfg.run.output_dir).resolve()
 
@@ -149,6 +157,11 @@ def train(cfg: DictConfig) -> None:
     tokenizer = build_tokenizer(cfg, manifests)
     model = build_model(cfg, tokenizer)
     check_tensor_parallel(layout.tensor_parallel_size, model.llm.config, tokenizer.vocab_size)
+    if cfg.model.get("lora") and layout.tensor_parallel_size > 1:
+        raise ConfigError(
+            f"model.lora is set with tensor_parallel_size ({layout.tensor_parallel_size}); LoRA adapters wrap the "
+            "projections the TP plan splits. Use LoRA with FSDP2 alone (tensor_parallel_size=1)"
+        )
 
     from common.data.datamodule import SpeechDataModule
     from common.module import TrainingModule

@@ -97,16 +97,22 @@ def build_encoder(cfg) -> nn.Module:
 def build_llm(cfg, vocab_size: int) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from omegaconf import OmegaConf
+
     if cfg.get("pretrained_llm"):
         llm = AutoModelForCausalLM.from_pretrained(cfg.pretrained_llm, trust_remote_code=False)
         llm.resize_token_embeddings(vocab_size, pad_to_multiple_of=8)
-        return llm
-    from omegaconf import OmegaConf
+    else:
+        llm_cfg = OmegaConf.to_container(cfg.llm, resolve=True) if OmegaConf.is_config(cfg.llm) else dict(cfg.llm)
+        model_type = llm_cfg.pop("model_type", "qwen3")
+        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=vocab_size, **llm_cfg))
+    if cfg.get("lora"):
+        from peft import LoraConfig, get_peft_model
 
-    llm_cfg = OmegaConf.to_container(cfg.llm, resolve=True) if OmegaConf.is_config(cfg.llm) else dict(cfg.llm)
-    model_type = llm_cfg.pop("model_type", "qwen3")
-    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **llm_cfg)
-    return AutoModelForCausalLM.from_config(config)
+        # Freezes the LLM's own weights; the encoder and projector stay trainable.
+        lora = OmegaConf.to_container(cfg.lora, resolve=True) if OmegaConf.is_config(cfg.lora) else dict(cfg.lora)
+        llm = get_peft_model(llm, LoraConfig(task_type="CAUSAL_LM", **lora))
+    return llm
 
 
 class SALM(nn.Module):
@@ -117,10 +123,17 @@ class SALM(nn.Module):
         self.projector = Projector(
             self.encoder.config.hidden_size, self.llm.config.hidden_size, cfg.projector.stack_frames
         )
+        # Optional auxiliary CTC on the encoder (hybrid CTC/attention): from random init it gives the
+        # encoder a direct, alignment-free signal long before the LLM learns to attend to audio.
+        self.ctc_weight = float(cfg.get("ctc_aux_weight", 0.0))
+        self.ctc_head = nn.Linear(self.encoder.config.hidden_size, tokenizer.vocab_size) if self.ctc_weight else None
         self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
         self.audio_id = tokenizer.audio_id
         self.prompt_ids = tokenizer.encode(cfg.prompt)
         self.max_new_tokens = cfg.max_new_tokens
+        # Few distinct sequence lengths: DTensor caches its sharding decisions per shape, and
+        # GPU kernels (and torch.compile) like fixed shapes too.
+        self.pad_to_multiple_of = int(cfg.get("pad_to_multiple_of", 1))
         self.parallel_hooks = ParallelHooks()
         for pattern in cfg.get("freeze") or []:
             matched = [n for n, p in self.named_parameters() if fnmatch.fnmatchcase(n, pattern)]
@@ -145,16 +158,25 @@ class SALM(nn.Module):
         )
 
     # --- model ---------------------------------------------------------------------------------
-    def encode_audio(self, features: torch.Tensor, feature_mask: torch.Tensor):
+    def encode_audio(self, features: torch.Tensor, feature_mask: torch.Tensor, targets=None):
         out = self.encoder(input_features=features, attention_mask=feature_mask.long())
         lens = out.attention_mask.sum(-1)
-        return self.projector(out.last_hidden_state, lens)
+        audio, audio_lens = self.projector(out.last_hidden_state, lens)
+        if targets is None or self.ctc_head is None:
+            return audio, audio_lens, None
+        # CTC over the transcript words (no <eos>); the pad id serves as the blank.
+        words = [t[:-1] for t in targets]
+        log_probs = self.ctc_head(out.last_hidden_state).float().log_softmax(-1).transpose(0, 1)
+        flat = torch.tensor([w for ws in words for w in ws], dtype=torch.long, device=features.device)
+        ctc = F.ctc_loss(log_probs, flat, lens, torch.tensor([len(w) for w in words], device=features.device),
+                         blank=self.pad_id, reduction="sum", zero_infinity=True)
+        return audio, audio_lens, ctc
 
     def _embed(self, audio, audio_lens, token_seqs: list[list[int]]):
         """Embeddings of ``<bos> audio-frames prompt tokens...`` per sample, right-padded."""
         prefix = [self.bos_id]
         lens = [len(prefix) + int(n) + len(self.prompt_ids) + len(t) for n, t in zip(audio_lens, token_seqs)]
-        m = self.parallel_hooks.seq_len_multiple
+        m = math.lcm(self.parallel_hooks.seq_len_multiple, self.pad_to_multiple_of)
         seq_len = math.ceil(max(lens) / m) * m
         ids = torch.full((len(token_seqs), seq_len), self.pad_id, dtype=torch.long, device=audio.device)
         is_audio = torch.zeros_like(ids, dtype=torch.bool)
@@ -173,8 +195,8 @@ class SALM(nn.Module):
 
     def forward(self, batch) -> tuple[torch.Tensor, int]:
         """Summed cross-entropy over this batch's answer tokens, and their number."""
-        audio, audio_lens = self.encode_audio(batch["input_features"], batch["feature_mask"])
         targets = [t[:n].tolist() for t, n in zip(batch["target_ids"], batch["target_lens"])]
+        audio, audio_lens, ctc_sum = self.encode_audio(batch["input_features"], batch["feature_mask"], targets)
         embeds, ids, _ = self._embed(audio, audio_lens, targets)
         labels = torch.full_like(ids, IGNORE)
         for i, (n, t) in enumerate(zip(audio_lens.tolist(), targets)):
@@ -185,6 +207,9 @@ class SALM(nn.Module):
             loss_sum = F.cross_entropy(
                 logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum"
             )
+        loss_sum = self.parallel_hooks.full_tensor(loss_sum)  # a replicated DTensor under loss parallel
+        if ctc_sum is not None:
+            loss_sum = loss_sum + self.ctc_weight * ctc_sum
         return loss_sum, int(sum(len(t) for t in targets))
 
     @torch.no_grad()
@@ -194,7 +219,7 @@ class SALM(nn.Module):
         Always runs exactly ``max_new_tokens`` steps (no early stop): under FSDP/TP every rank must
         run the same number of forward passes, or the collectives inside them would deadlock.
         """
-        audio, audio_lens = self.encode_audio(features, feature_mask)
+        audio, audio_lens, _ = self.encode_audio(features, feature_mask)
         out: list[list[int]] = [[] for _ in range(features.shape[0])]
         for _ in range(max_new_tokens or self.max_new_tokens):
             embeds, _, lens = self._embed(audio, audio_lens, out)

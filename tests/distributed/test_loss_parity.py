@@ -6,11 +6,12 @@ import pytest
 
 from tests.conftest import run_recipe
 
-LAYOUTS = {  # name: (processes, data_parallel_size, tensor_parallel_size)
-    "single": (1, 1, 1),
-    "fsdp2_dp2": (2, 2, 1),
-    "tp2": (2, 1, 2),
-    "tp2_x_fsdp2_dp2": (4, 2, 2),
+LAYOUTS = {  # name: (processes, data_parallel_size, tensor_parallel_size, extra overrides)
+    "single": (1, 1, 1, []),
+    "fsdp2_dp2": (2, 2, 1, []),
+    "tp2": (2, 1, 2, []),
+    "tp2_x_fsdp2_dp2": (4, 2, 2, []),
+    "tp2_x_fsdp2_dp2_checkpointed": (4, 2, 2, ["parallel.activation_checkpointing=true"]),
 }
 STEPS = 6
 
@@ -18,13 +19,13 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def losses(tiny_corpus, tmp_path_factory):
     out = {}
-    for name, (nproc, dp, tp) in LAYOUTS.items():
+    for name, (nproc, dp, tp, extra) in LAYOUTS.items():
         run_dir = tmp_path_factory.mktemp("parity") / name
         proc = run_recipe("salm_tp_fsdp2", nproc, [
             f"trainer.devices={nproc}", f"trainer.strategy.data_parallel_size={dp}",
             f"trainer.strategy.tensor_parallel_size={tp}", f"trainer.max_steps={STEPS}",
             "trainer.limit_val_batches=0", "logger.wandb=false", "data.max_duration_s=12",
-            f"data.dir={tiny_corpus['dir']}", "data.generated.num_train=120", "data.generated.num_val=16",
+            f"data.dir={tiny_corpus['dir']}", "data.generated.num_train=120", "data.generated.num_val=16", *extra,
         ], run_dir)
         assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-4000:]}"
         out[name] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

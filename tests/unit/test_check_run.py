@@ -1,0 +1,24 @@
+import json
+
+from common.tools.check_run import main
+
+
+def _summary(tmp_path, **overrides):
+    s = {"recipe": "r", "status": "completed", "steps": 400, "wall_s": 420.0, "val": {"wer": 0.12},
+         "val_first": {"wer": 0.97}, "throughput": {}}
+    s.update(overrides)
+    (tmp_path / "summary.json").write_text(json.dumps(s))
+    return tmp_path
+
+
+def test_passes_when_goals_hold(tmp_path):
+    assert main([str(_summary(tmp_path)), "--max-wall-s", "600", "--max-wer", "0.2", "--min-wer-drop", "0.5"]) == 0
+
+
+def test_fails_on_each_missed_goal(tmp_path, capsys):
+    assert main([str(_summary(tmp_path, wall_s=700.0)), "--max-wall-s", "600"]) == 1
+    assert "wall_s 700 > 600" in capsys.readouterr().err
+    assert main([str(_summary(tmp_path, val={"wer": 0.35})), "--max-wer", "0.2"]) == 1
+    assert main([str(_summary(tmp_path, val_first={"wer": 0.3})), "--min-wer-drop", "0.5"]) == 1
+    assert main([str(_summary(tmp_path, status="failed")), "--max-wer", "0.2"]) == 1
+    assert main([str(tmp_path / "missing")]) == 1
