@@ -38,6 +38,11 @@ OmegaConf.register_new_resolver("run_name", resolve_run_name, replace=True)
 
 def setup_logging() -> None:
     """Our progress lines from rank 0 (others: warnings only); Lightning keeps its own handler."""
+    import warnings
+
+    # FSDP2 warns that a unit returned a view; SALM only reads those outputs out of place
+    # (masked_scatter, boolean indexing), which keeps the backward hooks intact.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(f"[rank{RANK}] %(asctime)s %(message)s", datefmt="%H:%M:%S"))
     common = logging.getLogger("common")

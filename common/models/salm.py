@@ -95,9 +95,8 @@ def build_encoder(cfg) -> nn.Module:
 
 
 def build_llm(cfg, vocab_size: int) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from omegaconf import OmegaConf
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if cfg.get("pretrained_llm"):
         llm = AutoModelForCausalLM.from_pretrained(cfg.pretrained_llm, trust_remote_code=False)

@@ -22,35 +22,27 @@ def to_local(t):
 
 @torch.no_grad()
 def grad_norm(parameters) -> torch.Tensor:
-    groups: dict[tuple, torch.Tensor] = {}
-    plain = None
+    """Global L2 norm of the gradients, equal on every rank whatever the layout."""
+    groups: dict[tuple, list] = {}  # (mesh, sharded mesh dims) -> [mesh, sum of squares of local shards]
+    total = None
     for p in parameters:
         g = p.grad
         if g is None:
             continue
-        if isinstance(g, DTensor):
-            if any(isinstance(pl, Partial) for pl in g.placements):
-                g = g.redistribute(g.device_mesh, [Replicate() if isinstance(pl, Partial) else pl for pl in g.placements])
-            sharded = tuple(i for i, pl in enumerate(g.placements) if isinstance(pl, Shard))
-            key = (id(g.device_mesh), sharded)
-            sq = g.to_local().float().pow(2).sum()
-            if key in groups:
-                groups[key][1].add_(sq)
-            else:
-                groups[key] = (g.device_mesh, sq)
-        else:
+        if not isinstance(g, DTensor):
             sq = g.float().pow(2).sum()
-            plain = sq if plain is None else plain + sq
-    total = torch.zeros((), device=next(iter(groups.values()))[1].device) if groups else (
-        torch.zeros(()) if plain is None else torch.zeros((), device=plain.device)
-    )
+            total = sq if total is None else total + sq
+            continue
+        if any(isinstance(pl, Partial) for pl in g.placements):
+            g = g.redistribute(g.device_mesh, [Replicate() if isinstance(pl, Partial) else pl for pl in g.placements])
+        sharded = tuple(i for i, pl in enumerate(g.placements) if isinstance(pl, Shard))
+        entry = groups.setdefault((id(g.device_mesh), sharded), [g.device_mesh, 0.0])
+        entry[1] = entry[1] + g.to_local().float().pow(2).sum()
     for (_, sharded), (mesh, sq) in groups.items():
-        for dim in sharded:
+        for dim in sharded:  # sum the shards over exactly the mesh dims this group is sharded on
             dist.all_reduce(sq, group=mesh.get_group(dim))
-        total = total + sq
-    if plain is not None:
-        total = total + plain.to(total.device)
-    return total.sqrt()
+        total = sq if total is None else total + sq
+    return torch.zeros(()) if total is None else total.sqrt()
 
 
 @torch.no_grad()

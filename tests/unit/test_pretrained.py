@@ -4,7 +4,13 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
-from transformers import ParakeetEncoder, ParakeetEncoderConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    ParakeetEncoder,
+    ParakeetEncoderConfig,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from common.data.tokenizer import AUDIO_TOKEN, HFTokenizer, load_tokenizer
 from common.models.salm import SALM

@@ -1,6 +1,11 @@
 import pytest
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+)
 from transformers import LlamaConfig, Qwen3Config, Qwen3Model
 
 from common.parallel import ConfigError
