@@ -25,7 +25,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import WordErrorRate
 
 from common.parallel import ParallelOptions, data_parallel_rank_size, parallelize
-from common.parallel.gradients import clip_grad_norm_, to_local
+from common.parallel.gradients import clip_grad_norm_, is_dtensor, to_local
 
 
 class TrainingModule(L.LightningModule):
@@ -39,6 +39,7 @@ class TrainingModule(L.LightningModule):
         self.val_wer = WordErrorRate()
         self.last_grad_norm = float("nan")
         self.last_lr = float("nan")
+        self.last_validation: dict[str, float] = {}
 
     # --- parallelism (ModelParallelStrategy calls this once the device mesh exists) -------------
     def configure_model(self) -> None:
@@ -76,8 +77,11 @@ class TrainingModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.optim_cfg
         params = [p for p in self.parameters() if p.requires_grad]
+        # Two groups: DTensor parameters (TP and/or FSDP2) and plain ones (e.g. the encoder under TP
+        # alone); a foreach kernel cannot mix the two.
+        groups = [{"params": [p for p in params if is_dtensor(p) == kind]} for kind in (True, False)]
         opt = torch.optim.AdamW(
-            params, lr=cfg.lr, betas=tuple(cfg.get("betas", (0.9, 0.98))), weight_decay=cfg.get("weight_decay", 0.0),
+            [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.get("betas", (0.9, 0.98))), weight_decay=cfg.get("weight_decay", 0.0),
             # One multi-tensor kernel per update instead of one per parameter: the per-parameter path
             # pays DTensor dispatch for every tensor on every step.
             foreach=True,
@@ -102,7 +106,10 @@ class TrainingModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         # torchmetrics syncs over all ranks; TP copies scale numerator and denominator alike.
-        self.log("val_loss", self.val_loss.compute(), sync_dist=False)
-        self.log("val_wer", self.val_wer.compute(), sync_dist=False)
+        # Kept here too: Lightning discards what is logged during its sanity check, which this
+        # project uses as the step-0 validation (the untrained model's WER).
+        self.last_validation = {"val_loss": float(self.val_loss.compute()), "val_wer": float(self.val_wer.compute())}
+        self.log("val_loss", self.last_validation["val_loss"], sync_dist=False)
+        self.log("val_wer", self.last_validation["val_wer"], sync_dist=False)
         self.val_loss.reset()
         self.val_wer.reset()

@@ -90,12 +90,8 @@ class RunRecorder(L.Callback):
                      record["train_loss"], record["lr"], record["elapsed_s"])
 
     def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
-            return
-        record = {"step": trainer.global_step}
-        for key in ("val_loss", "val_wer"):
-            if key in trainer.callback_metrics:
-                record[key] = float(trainer.callback_metrics[key])
+        # The sanity check (trainer.num_sanity_val_steps) is recorded as the step-0 validation.
+        record = {"step": trainer.global_step, **pl_module.last_validation}
         self.validations.append(record)
         self._write("validation.jsonl", record, trainer)
         if trainer.is_global_zero:

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate
+
+
+def is_dtensor(t) -> bool:
+    return isinstance(t, DTensor)
 
 
 def to_local(t):
@@ -35,7 +39,9 @@ def grad_norm(parameters) -> torch.Tensor:
             continue
         if any(isinstance(pl, Partial) for pl in g.placements):
             g = g.redistribute(g.device_mesh, [Replicate() if isinstance(pl, Partial) else pl for pl in g.placements])
-        sharded = tuple(i for i, pl in enumerate(g.placements) if isinstance(pl, Shard))
+        # Anything not replicated is sharded, including FSDP2's _StridedShard on TP-sharded weights
+        # (not a Shard subclass: checking isinstance(Shard) silently under-counted the 2-D norm).
+        sharded = tuple(i for i, pl in enumerate(g.placements) if not pl.is_replicate())
         entry = groups.setdefault((id(g.device_mesh), sharded), [g.device_mesh, 0.0])
         entry[1] = entry[1] + g.to_local().float().pow(2).sum()
     for (_, sharded), (mesh, sq) in groups.items():

@@ -37,6 +37,9 @@ def test_recipe_run_writes_the_contract(recipe, nproc, dp, tp, tiny_corpus, tmp_
     assert (s["world_size"], s["data_parallel_size"], s["tensor_parallel_size"]) == (nproc, dp, tp)
     assert (s["strategy"], s["accelerator"], s["precision"]) == ("ModelParallelStrategy", "cpu", "32-true")
     assert 0 <= s["val"]["wer"] and s["val"]["loss"] > 0
+    validations = [json.loads(x) for x in (run_dir / "validation.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in validations] == [0, 4]  # the untrained model first, then every val_check_interval
+    assert s["val_first"] == {"loss": validations[0]["val_loss"], "wer": validations[0]["val_wer"]}
     assert s["throughput"]["utterances_per_s"] > 0 and s["throughput"]["audio_s_per_s"] > 0
     ranks = s["memory"]["per_rank"]
     assert len(ranks) == nproc and all(r["param_bytes"] > 0 and r["optimizer_state_bytes"] > 0 for r in ranks)
