@@ -25,7 +25,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import WordErrorRate
 
 from common.parallel import ParallelOptions, data_parallel_rank_size, parallelize
-from common.parallel.gradients import clip_grad_norm_, is_dtensor, to_local
+from common.parallel.gradients import clip_grad_norm_, grad_norm, is_dtensor, to_local
 
 
 class TrainingModule(L.LightningModule):
@@ -71,8 +71,7 @@ class TrainingModule(L.LightningModule):
         self.last_lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
         max_norm = self.optim_cfg.get("max_grad_norm")
         params = [p for p in self.parameters() if p.grad is not None]
-        if max_norm:
-            self.last_grad_norm = float(clip_grad_norm_(params, max_norm))
+        self.last_grad_norm = float(clip_grad_norm_(params, max_norm) if max_norm else grad_norm(params))
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
@@ -81,7 +80,10 @@ class TrainingModule(L.LightningModule):
         # alone); a foreach kernel cannot mix the two.
         groups = [{"params": [p for p in params if is_dtensor(p) == kind]} for kind in (True, False)]
         opt = torch.optim.AdamW(
-            [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.get("betas", (0.9, 0.98))), weight_decay=cfg.get("weight_decay", 0.0),
+            [g for g in groups if g["params"]],
+            lr=cfg.lr,
+            betas=tuple(cfg.get("betas", (0.9, 0.98))),
+            weight_decay=cfg.get("weight_decay", 0.0),
             # One multi-tensor kernel per update instead of one per parameter: the per-parameter path
             # pays DTensor dispatch for every tensor on every step.
             foreach=True,
