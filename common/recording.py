@@ -121,6 +121,38 @@ class RunRecorder(L.Callback):
         }
 
 
+def _val(record: dict | None) -> dict:
+    return {k.removeprefix("val_"): v for k, v in (record or {}).items() if k != "step"}
+
+
+def summarize(cfg, layout, recorder: RunRecorder, *, status: str, error: str | None, wall_s: float,
+              checkpoint: str | None, skipped_global_batches: int) -> dict:
+    """The ``summary.json`` of the run contract."""
+    history, validations = recorder.history, recorder.validations
+    return {
+        "recipe": cfg.recipe,
+        "run_name": cfg.run.name,
+        "status": status,
+        "error": error,
+        "world_size": layout.world_size,
+        "data_parallel_size": layout.data_parallel_size,
+        "tensor_parallel_size": layout.tensor_parallel_size,
+        "strategy": cfg.trainer.strategy._target_.rsplit(".", 1)[-1],
+        "accelerator": cfg.trainer.accelerator,
+        "precision": cfg.trainer.precision,
+        "steps": history[-1]["step"] if history else 0,
+        "train_loss_first": history[0]["train_loss"] if history else None,
+        "train_loss_last": history[-1]["train_loss"] if history else None,
+        "val": _val(validations[-1] if validations else None),
+        "val_first": _val(validations[0] if validations else None),
+        "throughput": recorder.throughput(),
+        "memory": {"per_rank": recorder.per_rank},
+        "data": {"skipped_global_batches": skipped_global_batches},
+        "wall_s": round(wall_s, 2),
+        "checkpoint": checkpoint,
+    }
+
+
 def write_summary(run_dir: Path, summary: dict) -> Path:
     path = Path(run_dir) / "summary.json"
     tmp = path.with_suffix(".json.tmp")

@@ -170,7 +170,7 @@ def train(cfg: DictConfig) -> None:
 
     from common.data.datamodule import SpeechDataModule
     from common.module import TrainingModule
-    from common.recording import RunRecorder, write_summary
+    from common.recording import RunRecorder, summarize, write_summary
 
     module = TrainingModule(model, tokenizer, optim=cfg.optim, parallel=OmegaConf.to_container(cfg.parallel))
     datamodule = SpeechDataModule(cfg.data, tokenizer, manifests, seed=cfg.seed)
@@ -194,29 +194,9 @@ def train(cfg: DictConfig) -> None:
         raise
     finally:
         if RANK == 0:
-            history = recorder.history
-            summary = {
-                "recipe": cfg.recipe,
-                "run_name": cfg.run.name,
-                "status": status,
-                "error": error,
-                "world_size": layout.world_size,
-                "data_parallel_size": layout.data_parallel_size,
-                "tensor_parallel_size": layout.tensor_parallel_size,
-                "strategy": cfg.trainer.strategy._target_.rsplit(".", 1)[-1],
-                "accelerator": cfg.trainer.accelerator,
-                "precision": cfg.trainer.precision,
-                "steps": history[-1]["step"] if history else 0,
-                "train_loss_first": history[0]["train_loss"] if history else None,
-                "train_loss_last": history[-1]["train_loss"] if history else None,
-                "val": {k.removeprefix("val_"): v for k, v in (recorder.validations[-1:] or [{}])[0].items() if k != "step"},
-                "val_first": {k.removeprefix("val_"): v for k, v in (recorder.validations[:1] or [{}])[0].items() if k != "step"},
-                "throughput": recorder.throughput(),
-                "memory": {"per_rank": recorder.per_rank},
-                "data": {"skipped_global_batches": _skipped(trainer)},
-                "wall_s": round(time.perf_counter() - t0, 2),
-                "checkpoint": checkpoint.last_model_path or None,
-            }
+            summary = summarize(cfg, layout, recorder, status=status, error=error, wall_s=time.perf_counter() - t0,
+                                checkpoint=checkpoint.last_model_path or None,
+                                skipped_global_batches=_skipped(trainer))
             write_summary(run_dir, summary)
             print(f"\nrun {status}: results in {run_dir}\n  summary.json, metrics.jsonl, validation.jsonl, "
                   f"config.yaml, checkpoints/ -- val {summary['val']}", flush=True)
