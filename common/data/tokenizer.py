@@ -1,0 +1,100 @@
+"""Tokenizers with one small interface, saved next to every checkpoint.
+
+``WordTokenizer`` is built from the training text (used by the generated corpus and tiny models);
+``HFTokenizer`` wraps a pretrained Hugging Face tokenizer (used with ``model.pretrained_llm``).
+
+Usage::
+
+    tok = WordTokenizer.build(["alpha bravo", "charlie"], pad_to_multiple_of=8)
+    ids = tok.encode("alpha charlie")        # [7, 9]
+    tok.decode(ids)                          # "alpha charlie"
+    tok.save("outputs/run/tokenizer"); load_tokenizer("outputs/run/tokenizer")
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+AUDIO_TOKEN = "<|audio|>"
+
+
+class WordTokenizer:
+    SPECIALS = ("<pad>", "<bos>", "<eos>", AUDIO_TOKEN, "<unk>")
+
+    def __init__(self, vocab: list[str]):
+        if list(vocab[: len(self.SPECIALS)]) != list(self.SPECIALS):
+            raise ValueError(f"word vocabulary must start with {self.SPECIALS}, got {vocab[:5]}")
+        self.vocab = list(vocab)
+        self._index = {w: i for i, w in enumerate(self.vocab)}
+        self.pad_id, self.bos_id, self.eos_id, self.audio_id, self.unk_id = range(len(self.SPECIALS))
+
+    @classmethod
+    def build(cls, texts: Iterable[str], extra_words: Iterable[str] = (), pad_to_multiple_of: int = 8):
+        """Vocabulary = specials + sorted words of ``texts``; padded so tensor parallel can split it."""
+        words = sorted({w for t in texts for w in t.split()} | set(extra_words))
+        vocab = list(cls.SPECIALS) + words
+        while len(vocab) % pad_to_multiple_of:
+            vocab.append(f"<extra_{len(vocab)}>")
+        return cls(vocab)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str) -> list[int]:
+        return [self._index.get(w, self.unk_id) for w in text.split()]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join(self.vocab[i] for i in ids if i >= len(self.SPECIALS) and i < len(self.vocab))
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / "word_tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"type": "word", "vocab": self.vocab}, indent=0))
+        return path
+
+
+class HFTokenizer:
+    """A pretrained tokenizer with the audio placeholder added as a special token."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        if AUDIO_TOKEN not in self.tok.get_vocab():
+            self.tok.add_special_tokens({"additional_special_tokens": [AUDIO_TOKEN]})
+        self.audio_id = self.tok.convert_tokens_to_ids(AUDIO_TOKEN)
+        self.eos_id = self.tok.eos_token_id
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        self.bos_id = self.tok.bos_token_id
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str):
+        from transformers import AutoTokenizer
+
+        # trust_remote_code stays off: a recipe never runs code shipped with downloaded weights.
+        return cls(AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True).strip()
+
+    def save(self, directory: str | Path) -> Path:
+        self.tok.save_pretrained(directory)
+        return Path(directory)
+
+
+def load_tokenizer(directory: str | Path):
+    directory = Path(directory)
+    word = directory / "word_tokenizer.json"
+    if word.exists():
+        return WordTokenizer(json.loads(word.read_text())["vocab"])
+    if (directory / "tokenizer_config.json").exists():
+        return HFTokenizer.from_pretrained(str(directory))
+    raise FileNotFoundError(f"no tokenizer in {directory} (expected word_tokenizer.json or tokenizer_config.json)")
