@@ -161,12 +161,8 @@ def train(cfg: DictConfig) -> None:
     manifests = prepare_data(cfg)
     tokenizer = build_tokenizer(cfg, manifests)
     model = build_model(cfg, tokenizer)
-    check_tensor_parallel(layout.tensor_parallel_size, model.llm.config, tokenizer.vocab_size)
-    if cfg.model.get("lora") and layout.tensor_parallel_size > 1:
-        raise ConfigError(
-            f"model.lora is set with tensor_parallel_size ({layout.tensor_parallel_size}); LoRA adapters wrap the "
-            "projections the TP plan splits. Use LoRA with FSDP2 alone (tensor_parallel_size=1)"
-        )
+    check_tensor_parallel(layout.tensor_parallel_size, model.llm.config, tokenizer.vocab_size,
+                          lora=bool(cfg.model.get("lora")))
 
     from common.data.datamodule import SpeechDataModule
     from common.module import TrainingModule

@@ -135,12 +135,11 @@ class SALM(nn.Module):
         self.pad_to_multiple_of = int(cfg.get("pad_to_multiple_of", 1))
         self.parallel_hooks = ParallelHooks()
         for pattern in cfg.get("freeze") or []:
-            matched = [n for n, p in self.named_parameters() if fnmatch.fnmatchcase(n, pattern)]
+            matched = [p for n, p in self.named_parameters() if fnmatch.fnmatchcase(n, pattern)]
             if not matched:
                 raise ValueError(f"model.freeze pattern {pattern!r} matches no parameter name")
-            for name, param in self.named_parameters():
-                if name in matched:
-                    param.requires_grad_(False)
+            for param in matched:
+                param.requires_grad_(False)
 
     # --- what may be sharded (common.parallel decides how) -------------------------------------
     def parallel_spec(self) -> ParallelSpec:

@@ -81,10 +81,15 @@ def check_launch(layout: Layout, env=os.environ) -> None:
         )
 
 
-def check_tensor_parallel(tp: int, llm_config, vocab_size: int) -> None:
+def check_tensor_parallel(tp: int, llm_config, vocab_size: int, lora: bool = False) -> None:
     """TP splits heads, key/value heads, MLP width and the vocabulary: each must divide evenly."""
     if tp == 1:
         return
+    if lora:
+        raise ConfigError(
+            f"model.lora is set with tensor_parallel_size ({tp}); LoRA adapters wrap the projections the "
+            "TP plan splits. Use LoRA with FSDP2 alone (tensor_parallel_size=1)"
+        )
     name = type(llm_config).__name__
     for attr in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
         value = getattr(llm_config, attr, None)

@@ -74,3 +74,7 @@ def test_tp_must_divide_vocab_and_needs_untied_embeddings():
     with pytest.raises(ConfigError, match="tie_word_embeddings=false"):
         check_tensor_parallel(2, cfg, 32)
     check_tensor_parallel(1, cfg, 31)  # no TP: nothing to divide
+    cfg.tie_word_embeddings = False
+    with pytest.raises(ConfigError, match=r"model.lora is set with tensor_parallel_size \(2\)"):
+        check_tensor_parallel(2, cfg, 32, lora=True)
+    check_tensor_parallel(1, cfg, 32, lora=True)  # LoRA with FSDP2 alone is fine
