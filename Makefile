@@ -8,17 +8,20 @@ ARGS ?=
 # Default processes per recipe (CPU: gloo processes; GPU: one per device).
 NPROC_salm_tp_fsdp2 := 4
 NPROC_salm_fsdp2 := 2
+NPROC_asr_ddp := 2
 NPROC ?= $(or $(NPROC_$(RECIPE)),2)
 # One run name shared by every rank; override with ARGS="run.name=..." or RUN_NAME=...
 RUN_NAME ?= $(shell date +%Y%m%d-%H%M%S)
 export RUN_NAME
 
-.PHONY: help setup run test quality lint clean
+.PHONY: help setup run transcribe test quality lint clean
 
 help:
 	@echo "make setup                       create $(VENV) and install pinned dependencies"
 	@echo "make run RECIPE=<r> [NPROC=n] [ARGS='hydra overrides']"
 	@echo "                                 recipes: $$(ls recipes | tr '\n' ' ')"
+	@echo "make transcribe RECIPE=<r> AUDIO=<file> [CKPT=<checkpoint>]"
+	@echo "                                 print the transcript (default CKPT: the latest run's last)"
 	@echo "make test                        unit + multi-process tests (CPU, gloo)"
 	@echo "make quality RECIPE=<r>          default run + check its time and WER goals"
 	@echo "make lint                        ruff"
@@ -37,12 +40,18 @@ run: setup
 	  -m common.train --config-path=$(CURDIR)/recipes/$(RECIPE) --config-name=config \
 	  trainer.devices=$(NPROC) $(ARGS)
 
+CKPT ?= outputs/$(RECIPE)/latest/checkpoints/last.ckpt
+transcribe: setup
+	@test -n "$(AUDIO)" || { echo "error: AUDIO is not set (make transcribe RECIPE=$(RECIPE) AUDIO=<file>)" >&2; exit 2; }
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m common.transcribe $(CKPT) $(AUDIO)
+
 test: setup
 	$(PY) -m pytest -q tests
 
 # Full default run of a recipe, then its goals (time, WER) are checked; non-zero exit if one is missed.
 # Goals per recipe (QUALITY_<recipe> overrides); the SALM recipes share the issue's goals.
 QUALITY_DEFAULT := --max-wall-s 600 --max-wer 0.20 --min-wer-drop 0.5
+QUALITY_asr_ddp := --max-wall-s 360 --max-wer 0.05 --min-wer-drop 0.5
 quality: setup
 	$(MAKE) run RECIPE=$(RECIPE) RUN_NAME=quality-$(RUN_NAME)
 	$(PY) -m common.tools.check_run outputs/$(RECIPE)/quality-$(RUN_NAME) $(or $(QUALITY_$(RECIPE)),$(QUALITY_DEFAULT))

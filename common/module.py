@@ -29,10 +29,11 @@ from common.parallel.gradients import clip_grad_norm_, grad_norm, is_dtensor, to
 
 
 class TrainingModule(L.LightningModule):
-    def __init__(self, model, tokenizer, optim, parallel=None):
+    def __init__(self, model, tokenizer, optim, parallel=None, run_config: dict | None = None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        self.run_config = run_config
         self.optim_cfg = optim
         self.parallel_options = ParallelOptions(**(parallel or {}))
         self.val_loss = MeanMetric()
@@ -98,6 +99,15 @@ class TrainingModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A checkpoint explains itself: `python -m common.transcribe` rebuilds the model and
+        # tokenizer from it alone (plain strings and dicts, so it loads with weights_only=True).
+        if self.run_config is not None:
+            checkpoint["run_config"] = self.run_config
+        if hasattr(self.tokenizer, "to_json"):
+            checkpoint["tokenizer_json"] = self.tokenizer.to_json()
 
     # --- validation -----------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx):

@@ -26,6 +26,7 @@ from common.parallel import ConfigError, build_strategy, check_launch, check_ten
 
 log = logging.getLogger("common.train")
 RANK = int(os.environ.get("RANK", 0))
+NONZERO_RANK_ERROR_DELAY_S = 5.0
 
 
 def resolve_run_name() -> str:
@@ -60,7 +61,7 @@ def resolve_hardware(cfg: DictConfig) -> None:
         cfg.trainer.accelerator = "gpu" if gpu else "cpu"
     if cfg.trainer.precision == "auto":
         cfg.trainer.precision = "bf16-true" if cfg.trainer.accelerator == "gpu" else "32-true"
-    if cfg.parallel.get("mixed_precision") == "auto":
+    if cfg.get("parallel") and cfg.parallel.get("mixed_precision") == "auto":
         cfg.parallel.mixed_precision = cfg.trainer.accelerator == "gpu"
     if cfg.trainer.accelerator == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
@@ -78,20 +79,29 @@ def prepare_data(cfg: DictConfig) -> dict:
     return ensure_tone_corpus(cfg.data.dir, **cfg.data.generated)
 
 
-def build_tokenizer(cfg: DictConfig, manifests: dict):
-    from common.data.tokenizer import HFTokenizer, WordTokenizer
+MODELS = ("salm", "asr_ctc")
 
-    if cfg.model.get("pretrained_llm"):
-        return HFTokenizer.from_pretrained(cfg.model.pretrained_llm)
+
+def build_tokenizer(cfg: DictConfig, manifests: dict):
     from lhotse import CutSet
 
+    from common.data.tokenizer import BPETokenizer, HFTokenizer, WordTokenizer
+
+    if cfg.model.name not in MODELS:
+        raise ConfigError(f"model.name {cfg.model.name!r} is not known (known: {', '.join(MODELS)})")
+    if cfg.model.get("pretrained_llm"):
+        return HFTokenizer.from_pretrained(cfg.model.pretrained_llm)
     texts = (s.text for c in CutSet.from_file(manifests["train"]) for s in c.supervisions)
+    if cfg.model.name == "asr_ctc":
+        return BPETokenizer.build(texts, vocab_size=cfg.model.tokenizer.vocab_size)
     return WordTokenizer.build(texts, extra_words=cfg.model.prompt.split(), pad_to_multiple_of=8)
 
 
 def build_model(cfg: DictConfig, tokenizer):
-    if cfg.model.name != "salm":
-        raise ConfigError(f"model.name {cfg.model.name!r} is not known (known: salm)")
+    if cfg.model.name == "asr_ctc":
+        from common.models.asr_ctc import CTCASR
+
+        return CTCASR(cfg.model, tokenizer)
     from common.models.salm import SALM
 
     return SALM(cfg.model, tokenizer)
@@ -139,8 +149,12 @@ def main(cfg: DictConfig) -> None:
         train(cfg)
     except ConfigError as exc:
         # A clear one-line message instead of a traceback per rank; SystemExit passes through Hydra.
-        if RANK == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+        # torchrun kills every rank as soon as one exits, so the other ranks give rank 0 (which sees
+        # the same error) a moment to print first, and print themselves if still alive (an error
+        # only some ranks see, e.g. a manifest missing on one node).
+        if RANK != 0:
+            time.sleep(NONZERO_RANK_ERROR_DELAY_S)
+        print(f"error: {exc}" if RANK == 0 else f"error (rank {RANK}): {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
@@ -161,14 +175,17 @@ def train(cfg: DictConfig) -> None:
     manifests = prepare_data(cfg)
     tokenizer = build_tokenizer(cfg, manifests)
     model = build_model(cfg, tokenizer)
-    check_tensor_parallel(layout.tensor_parallel_size, model.llm.config, tokenizer.vocab_size,
-                          lora=bool(cfg.model.get("lora")))
+    if hasattr(model, "llm"):
+        check_tensor_parallel(layout.tensor_parallel_size, model.llm.config, tokenizer.vocab_size,
+                              lora=bool(cfg.model.get("lora")))
 
     from common.data.datamodule import SpeechDataModule
     from common.module import TrainingModule
     from common.recording import RunRecorder, summarize, write_summary
 
-    module = TrainingModule(model, tokenizer, optim=cfg.optim, parallel=OmegaConf.to_container(cfg.parallel))
+    parallel = OmegaConf.to_container(cfg.parallel) if cfg.get("parallel") else None  # ModelParallelStrategy only
+    module = TrainingModule(model, tokenizer, optim=cfg.optim, parallel=parallel,
+                            run_config=OmegaConf.to_container(cfg, resolve=True))
     datamodule = SpeechDataModule(cfg.data, tokenizer, manifests, seed=cfg.seed)
 
     # 3. Run directory: resolved config and tokenizer first, so a failed run still explains itself.
@@ -196,6 +213,8 @@ def train(cfg: DictConfig) -> None:
             write_summary(run_dir, summary)
             print(f"\nrun {status}: results in {run_dir}\n  summary.json, metrics.jsonl, validation.jsonl, "
                   f"config.yaml, checkpoints/ -- val {summary['val']}", flush=True)
+            if summary["checkpoint"]:
+                print(f"  transcribe: python -m common.transcribe {summary['checkpoint']} <audio file>", flush=True)
 
 
 def _skipped(trainer) -> int:

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -23,9 +22,19 @@ def tiny_corpus(tmp_path_factory) -> dict:
             **ensure_tone_corpus(data_dir, seed=0, num_train=120, num_val=16)}
 
 
+def recipe_config(recipe: str, overrides: list[str] = ()):
+    """A recipe's config composed exactly as `make run` composes it (base.yaml + family + recipe)."""
+    from hydra import compose, initialize_config_dir
+
+    import common.train  # noqa: F401 - registers the ${run_name:} resolver
+
+    with initialize_config_dir(str(ROOT / "recipes" / recipe), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
 @pytest.fixture(scope="session")
 def salm_cfg():
-    return OmegaConf.load(ROOT / "common" / "conf" / "salm.yaml")
+    return recipe_config("salm_tp_fsdp2")
 
 
 def run_recipe(recipe: str, nproc: int, overrides: list[str], run_dir_root: Path, timeout: int = 600,

@@ -37,6 +37,8 @@ class SpeechDataModule(L.LightningDataModule):
             num_workers=self.cfg.num_workers,
             num_mel_bins=self.cfg.num_mel_bins,
             sample_rate=self.cfg.sample_rate,
+            # Training only; plain dict (lhotse's SpecAugment kwargs) so DataLoader workers can pickle it.
+            spec_augment=_to_dict(self.cfg.get("spec_augment")) if train else None,
         )
 
     def train_dataloader(self):
@@ -44,3 +46,9 @@ class SpeechDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return self._loader("val", train=False)
+
+
+def _to_dict(cfg) -> dict | None:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg

@@ -109,21 +109,33 @@ class SpeechTextDataset(torch.utils.data.Dataset):
     over the global batch and throughput counted without a collective.
     """
 
-    def __init__(self, tokenizer, num_mel_bins: int = 64, sample_rate: int = 16000):
+    def __init__(self, tokenizer, num_mel_bins: int = 64, sample_rate: int = 16000, spec_augment: dict | None = None):
         self.tokenizer = tokenizer
         self.features = LogMel(num_mel_bins, sample_rate)
+        self.spec_augment = None
+        if spec_augment:
+            from lhotse.dataset import SpecAugment
+
+            self.spec_augment = SpecAugment(**spec_augment)
 
     def targets(self, cut) -> list[int]:
-        return self.tokenizer.encode(cut.supervisions[0].text) + [self.tokenizer.eos_id]
+        """Token ids of the transcript, plus ``<eos>`` for tokenizers that have one (not CTC's)."""
+        ids = self.tokenizer.encode(cut.supervisions[0].text)
+        return ids if self.tokenizer.eos_id is None else ids + [self.tokenizer.eos_id]
 
     def __getitem__(self, batch: GlobalBatch) -> dict:
+        all_targets = {c.id: self.targets(c) for c in batch.cuts}
         local = batch.local_cuts()
         feats = [torch.from_numpy(self.features(load_mono(c, self.features.sample_rate))) for c in local]
-        targets = [torch.tensor(self.targets(c), dtype=torch.long) for c in local]
+        targets = [torch.tensor(all_targets[c.id], dtype=torch.long) for c in local]
         num_frames = torch.tensor([f.shape[0] for f in feats])
-        features = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+        features = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).float()
+        if self.spec_augment is not None:
+            # Time warp stays inside each utterance (segment = its unpadded frames).
+            segments = torch.stack([torch.arange(len(feats)), torch.zeros_like(num_frames), num_frames], dim=1)
+            features = self.spec_augment(features, supervision_segments=segments)
         return {
-            "input_features": features.float(),
+            "input_features": features,
             "feature_mask": torch.arange(features.shape[1])[None, :] < num_frames[:, None],
             "target_ids": torch.nn.utils.rnn.pad_sequence(
                 targets, batch_first=True, padding_value=self.tokenizer.pad_id
@@ -131,7 +143,7 @@ class SpeechTextDataset(torch.utils.data.Dataset):
             "target_lens": torch.tensor([len(t) for t in targets]),
             "texts": [c.supervisions[0].text for c in local],
             "ids": [c.id for c in local],
-            "global_num_target_tokens": sum(len(self.targets(c)) for c in batch.cuts),
+            "global_num_target_tokens": sum(len(t) for t in all_targets.values()),
             "global_num_utterances": len(batch.cuts),
             "global_audio_s": float(sum(c.duration for c in batch.cuts)),
         }
@@ -150,6 +162,7 @@ def make_loader(
     num_workers: int = 0,
     num_mel_bins: int = 64,
     sample_rate: int = 16000,
+    spec_augment: dict | None = None,
 ) -> DataLoader:
     """A DataLoader of this rank's shards of duration-bucketed global batches."""
     from lhotse.dataset import DynamicBucketingSampler
@@ -165,7 +178,7 @@ def make_loader(
         rank=0,
     )
     return DataLoader(
-        SpeechTextDataset(tokenizer, num_mel_bins, sample_rate),
+        SpeechTextDataset(tokenizer, num_mel_bins, sample_rate, spec_augment=spec_augment),
         sampler=DataParallelBatchSampler(base, dp_rank, dp_size),
         batch_size=None,
         num_workers=num_workers,

@@ -1,7 +1,9 @@
 """Tokenizers with one small interface, saved next to every checkpoint.
 
 ``WordTokenizer`` is built from the training text (used by the generated corpus and tiny models);
-``HFTokenizer`` wraps a pretrained Hugging Face tokenizer (used with ``model.pretrained_llm``).
+``HFTokenizer`` wraps a pretrained Hugging Face tokenizer (used with ``model.pretrained_llm``);
+``BPETokenizer`` is a sentencepiece-style BPE trained on the training text (CTC models: id 0 is
+the blank).
 
 Usage::
 
@@ -9,6 +11,9 @@ Usage::
     ids = tok.encode("alpha charlie")        # [7, 9]
     tok.decode(ids)                          # "alpha charlie"
     tok.save("outputs/run/tokenizer"); load_tokenizer("outputs/run/tokenizer")
+
+    bpe = BPETokenizer.build(["alpha bravo", "charlie"], vocab_size=64)
+    bpe.decode(bpe.encode("alpha charlie"))  # "alpha charlie"
 """
 
 from __future__ import annotations
@@ -49,10 +54,69 @@ class WordTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return " ".join(self.vocab[i] for i in ids if i >= len(self.SPECIALS) and i < len(self.vocab))
 
+    def to_json(self) -> str:
+        return json.dumps({"type": "word", "vocab": self.vocab}, indent=0)
+
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / "word_tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"type": "word", "vocab": self.vocab}, indent=0))
+        path.write_text(self.to_json())
+        return path
+
+
+class BPETokenizer:
+    """Sentencepiece-style BPE (``▁`` marks a word start) from Hugging Face ``tokenizers``.
+
+    Id 0 is ``<blank>`` (CTC's blank, also used to pad targets) and id 1 is ``<unk>``; there is
+    no ``<eos>``: a CTC model emits no end token. A ``vocab_size`` at or below the number of
+    distinct characters gives a character tokenizer.
+    """
+
+    SPECIALS = ("<blank>", "<unk>")
+    blank_id = pad_id = 0
+    unk_id = 1
+    eos_id = bos_id = None
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        for i, special in enumerate(self.SPECIALS):
+            if tokenizer.token_to_id(special) != i:
+                raise ValueError(f"BPE tokenizer must have {special!r} at id {i}")
+
+    @classmethod
+    def build(cls, texts: Iterable[str], vocab_size: int = 128) -> BPETokenizer:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(cls.SPECIALS), show_progress=False)
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok)
+
+    @classmethod
+    def from_json(cls, text: str) -> BPETokenizer:
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_str(text))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True).strip()
+
+    def to_json(self) -> str:
+        return self.tok.to_str()
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / "bpe_tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
         return path
 
 
@@ -95,6 +159,18 @@ def load_tokenizer(directory: str | Path):
     word = directory / "word_tokenizer.json"
     if word.exists():
         return WordTokenizer(json.loads(word.read_text())["vocab"])
+    if (directory / "bpe_tokenizer.json").exists():
+        return BPETokenizer.from_json((directory / "bpe_tokenizer.json").read_text())
     if (directory / "tokenizer_config.json").exists():
         return HFTokenizer.from_pretrained(str(directory))
-    raise FileNotFoundError(f"no tokenizer in {directory} (expected word_tokenizer.json or tokenizer_config.json)")
+    raise FileNotFoundError(
+        f"no tokenizer in {directory} (expected word_tokenizer.json, bpe_tokenizer.json or tokenizer_config.json)"
+    )
+
+
+def tokenizer_from_json(text: str):
+    """The inverse of ``to_json()`` (used for the copy of the tokenizer kept inside checkpoints)."""
+    data = json.loads(text)
+    if data.get("type") == "word":
+        return WordTokenizer(data["vocab"])
+    return BPETokenizer.from_json(text)

@@ -31,26 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.models.encoder import build_encoder
 from common.parallel.spec import ParallelHooks, ParallelSpec
 
 log = logging.getLogger(__name__)
 IGNORE = -100
-
-
-class ChannelLayerNorm(nn.Module):
-    """LayerNorm over channels of a (batch, channels, time) tensor.
-
-    Replaces the conformer convolution module's BatchNorm: BatchNorm statistics depend on which
-    utterances (and how much padding) share a batch, so results would change with the
-    data-parallel layout; a per-frame norm does not.
-    """
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(channels)
-
-    def forward(self, x):
-        return self.norm(x.transpose(1, 2)).transpose(1, 2)
 
 
 class Projector(nn.Module):
@@ -70,28 +55,6 @@ class Projector(nn.Module):
         frames = F.pad(frames, (0, 0, 0, (-t) % k))
         stacked = frames.reshape(b, -1, d * k)
         return self.mlp(stacked), torch.div(lens + k - 1, k, rounding_mode="floor")
-
-
-def build_encoder(cfg) -> nn.Module:
-    from transformers import ParakeetEncoder, ParakeetEncoderConfig
-
-    if cfg.get("pretrained_encoder"):
-        encoder = ParakeetEncoder.from_pretrained(cfg.pretrained_encoder)
-    else:
-        from omegaconf import OmegaConf
-
-        enc_cfg = OmegaConf.to_container(cfg.encoder, resolve=True) if OmegaConf.is_config(cfg.encoder) else dict(cfg.encoder)
-        encoder = ParakeetEncoder(ParakeetEncoderConfig(**enc_cfg))
-        # HF initialises convolutions with std 0.02 (meant to be overwritten by pretrained weights);
-        # from scratch that makes the subsampled frames nearly constant, and the LayerNorm after them
-        # turns that into exploding gradients. PyTorch's fan-in initialisation trains well.
-        for module in encoder.modules():
-            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-                module.reset_parameters()
-    if cfg.get("encoder_conv_norm", "layer_norm") == "layer_norm":
-        for block in encoder.layers:
-            block.conv.norm = ChannelLayerNorm(block.conv.norm.num_features)
-    return encoder
 
 
 def build_llm(cfg, vocab_size: int) -> nn.Module:

@@ -16,7 +16,7 @@ out_dir, train_manifest, val_manifest, dp, tp = sys.argv[1], sys.argv[2], sys.ar
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("data_parallel", "tensor_parallel"))
-cfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "..", "common", "conf", "salm.yaml")).data
+cfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "..", "common", "conf", "base.yaml")).data
 cfg.max_duration_s = 15
 tok = WordTokenizer.build(["alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa"])
 dm = SpeechDataModule(cfg, tok, {"train": train_manifest, "val": val_manifest}, seed=0)

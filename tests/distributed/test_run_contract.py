@@ -2,10 +2,12 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import run_recipe
+from tests.conftest import ROOT, run_recipe
 
 SUMMARY_KEYS = {"recipe", "status", "world_size", "data_parallel_size", "tensor_parallel_size", "strategy",
                 "accelerator", "precision", "steps", "train_loss_first", "train_loss_last", "val", "throughput",
@@ -48,6 +50,15 @@ def test_recipe_run_writes_the_contract(recipe, nproc, dp, tp, tiny_corpus, tmp_
     assert s["checkpoint"] and os.path.isdir(s["checkpoint"]) and os.listdir(s["checkpoint"])
     assert (run_dir / "checkpoints" / "step000002.ckpt").exists()
     assert (run_dir / "tokenizer" / "word_tokenizer.json").exists()
+    # A sharded checkpoint (any layout) transcribes in one process, from the checkpoint alone.
+    from lhotse import CutSet
+
+    audio = tmp_path / "utt.flac"
+    CutSet.from_file(tiny_corpus["val"])[0].recording.to_cut().save_audio(audio)
+    out = subprocess.run([sys.executable, "-m", "common.transcribe", s["checkpoint"], str(audio)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith(f"{audio}\t"), out.stderr[-3000:]
+    assert "Warning" not in out.stderr
     if recipe == "salm_tp_fsdp2":
         runs = list((run_dir / "wandb").glob("offline-run-*"))
         assert runs, "wandb must log offline when no API key is set"

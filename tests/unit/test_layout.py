@@ -78,3 +78,19 @@ def test_tp_must_divide_vocab_and_needs_untied_embeddings():
     with pytest.raises(ConfigError, match=r"model.lora is set with tensor_parallel_size \(2\)"):
         check_tensor_parallel(2, cfg, 32, lora=True)
     check_tensor_parallel(1, cfg, 32, lora=True)  # LoRA with FSDP2 alone is fine
+
+
+def test_asr_ddp_yaml_builds_the_same_strategy_as_python():
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from common.parallel import build_strategy
+    from tests.conftest import recipe_config
+
+    cfg = recipe_config("asr_ddp")
+    from_yaml = build_strategy(cfg.trainer.strategy)
+    from_python = DDPStrategy(gradient_as_bucket_view=True, find_unused_parameters=False)
+    assert type(from_yaml) is DDPStrategy
+    assert from_yaml._ddp_kwargs == from_python._ddp_kwargs == {"gradient_as_bucket_view": True,
+                                                                 "find_unused_parameters": False}
+    layout = resolve_layout(cfg.trainer)
+    assert (layout.strategy, layout.data_parallel_size, layout.tensor_parallel_size) == ("ddp", 2, 1)

@@ -6,7 +6,8 @@ from lhotse import CutSet
 
 from common.data.loading import make_loader
 from common.data.tokenizer import WordTokenizer
-from common.models.salm import SALM, ChannelLayerNorm
+from common.models.encoder import ChannelLayerNorm
+from common.models.salm import SALM
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,73 @@
+"""CTC speech recognizer: transformers' ``ParakeetForCTC`` (FastConformer encoder + CTC head).
+
+The encoder comes from :func:`common.models.encoder.build_encoder` (random init from
+``model.encoder``, sized by config from a few hundred thousand parameters up to the 100M class,
+or ``model.pretrained_encoder``); the CTC head maps each encoder frame to the tokenizer's
+vocabulary, whose id 0 is the blank.
+
+Usage::
+
+    model = CTCASR(cfg.model, BPETokenizer.build(texts, vocab_size=64))
+    loss_sum, num_tokens = model(batch)     # summed CTC loss of this batch, and its target tokens
+    hyps = model.generate(batch["input_features"], batch["feature_mask"])   # greedy CTC decoding
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.models.encoder import build_encoder
+from common.parallel.spec import ParallelHooks
+
+
+def ctc_greedy_decode(log_probs: torch.Tensor, lens: torch.Tensor, blank_id: int) -> list[list[int]]:
+    """Best path per utterance: argmax per frame, repeated tokens merged, then blanks removed.
+
+    >>> ctc_greedy_decode(torch.eye(3)[[1, 1, 0, 1, 2, 2, 0]].log()[None], torch.tensor([7]), 0)
+    [[1, 1, 2]]
+    """
+    best = log_probs.argmax(-1)
+    out = []
+    for path, n in zip(best.tolist(), lens.tolist()):
+        path = path[:n]
+        out.append([t for i, t in enumerate(path) if t != blank_id and (i == 0 or t != path[i - 1])])
+    return out
+
+
+class CTCASR(nn.Module):
+    def __init__(self, cfg, tokenizer):
+        super().__init__()
+        from transformers import ParakeetCTCConfig, ParakeetForCTC
+
+        self.blank_id = tokenizer.blank_id
+        encoder = build_encoder(cfg)
+        config = ParakeetCTCConfig(
+            encoder_config=encoder.config.to_dict(), vocab_size=tokenizer.vocab_size, pad_token_id=self.blank_id
+        )
+        self.ctc = ParakeetForCTC(config)
+        # ParakeetForCTC builds its own encoder from the config; use ours (initialisation,
+        # conv norm and pretrained weights as the SALM recipes have them).
+        self.ctc.encoder = encoder
+        self.ctc.ctc_head.reset_parameters()  # a 1x1 Conv1d: fan-in init, as for the encoder
+        self.parallel_hooks = ParallelHooks()  # DDP replicates the model whole; no hooks needed
+
+    def encode(self, features: torch.Tensor, feature_mask: torch.Tensor):
+        out = self.ctc.encoder(input_features=features, attention_mask=feature_mask.long())
+        log_probs = self.ctc.ctc_head(out.last_hidden_state).float().log_softmax(-1)
+        return log_probs, out.attention_mask.sum(-1)
+
+    def forward(self, batch) -> tuple[torch.Tensor, int]:
+        """Summed CTC loss over this batch's utterances, and the number of target tokens."""
+        log_probs, lens = self.encode(batch["input_features"], batch["feature_mask"])
+        target_lens = batch["target_lens"]
+        targets = torch.cat([t[:n] for t, n in zip(batch["target_ids"], target_lens)])
+        loss_sum = F.ctc_loss(log_probs.transpose(0, 1), targets, lens, target_lens, blank=self.blank_id,
+                              reduction="sum", zero_infinity=True)
+        return loss_sum, int(target_lens.sum())
+
+    @torch.no_grad()
+    def generate(self, features: torch.Tensor, feature_mask: torch.Tensor) -> list[list[int]]:
+        log_probs, lens = self.encode(features, feature_mask)
+        return ctc_greedy_decode(log_probs, lens, self.blank_id)

@@ -1,0 +1,92 @@
+"""The CTC recognizer on one process: greedy decoding, loss, batch-composition independence."""
+
+import pytest
+import torch
+from lhotse import CutSet
+
+from common.data.loading import make_loader
+from common.data.tokenizer import BPETokenizer
+from common.models.asr_ctc import CTCASR, ctc_greedy_decode
+from tests.conftest import recipe_config
+
+
+def _log_probs(paths, vocab):
+    return torch.stack([torch.nn.functional.one_hot(torch.tensor(p), vocab).float() for p in paths]).add(1e-6).log()
+
+
+def test_greedy_decoding_merges_repeats_then_drops_blanks():
+    lp = _log_probs([[0, 3, 3, 0, 3, 2, 2, 0], [1, 1, 1, 0, 0, 0, 0, 0]], vocab=4)
+    assert ctc_greedy_decode(lp, torch.tensor([8, 8]), blank_id=0) == [[3, 3, 2], [1]]
+    # Frames past an utterance's length are ignored.
+    assert ctc_greedy_decode(lp, torch.tensor([3, 2]), blank_id=0) == [[3], [1]]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_corpus):
+    cfg = recipe_config("asr_ddp")
+    cuts = CutSet.from_file(tiny_corpus["train"])
+    tok = BPETokenizer.build((c.supervisions[0].text for c in cuts), vocab_size=cfg.model.tokenizer.vocab_size)
+    torch.manual_seed(0)
+    model = CTCASR(cfg.model, tok).eval()
+    batch = next(iter(make_loader(cuts, tok, dp_rank=0, dp_size=1, max_duration_s=12, shuffle=False, seed=0)))
+    return model, tok, batch
+
+
+def test_loss_sum_and_token_count(setup):
+    model, tok, batch = setup
+    loss_sum, num_tokens = model(batch)
+    assert num_tokens == sum(len(tok.encode(t)) for t in batch["texts"])  # no <eos> for CTC
+    assert torch.isfinite(loss_sum) and loss_sum > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
+
+
+def test_loss_does_not_depend_on_what_an_utterance_is_batched_with(setup):
+    model, _, batch = setup
+    n = batch["input_features"].shape[0]
+    with torch.no_grad():
+        whole, _ = model(batch)
+        parts = 0.0
+        for i in range(n):
+            frames = int(batch["feature_mask"][i].sum())
+            single = {"input_features": batch["input_features"][i : i + 1, :frames],
+                      "feature_mask": batch["feature_mask"][i : i + 1, :frames],
+                      "target_ids": batch["target_ids"][i : i + 1], "target_lens": batch["target_lens"][i : i + 1]}
+            parts += model(single)[0].item()
+    assert whole.item() == pytest.approx(parts, rel=1e-5)
+
+
+def test_generate_returns_token_ids_without_blanks(setup):
+    model, tok, batch = setup
+    hyps = model.generate(batch["input_features"], batch["feature_mask"])
+    assert len(hyps) == batch["input_features"].shape[0]
+    assert all(tok.blank_id not in h and all(0 <= t < tok.vocab_size for t in h) for h in hyps)
+
+
+def test_spec_augment_changes_training_features_only(tiny_corpus):
+    cuts = CutSet.from_file(tiny_corpus["train"])
+    tok = BPETokenizer.build((c.supervisions[0].text for c in cuts), vocab_size=32)
+    kw = dict(dp_rank=0, dp_size=1, max_duration_s=12, shuffle=False, seed=0)
+    plain = next(iter(make_loader(cuts, tok, **kw)))
+    torch.manual_seed(0)
+    masked = next(iter(make_loader(cuts, tok, **kw, spec_augment={"time_warp_factor": None, "num_frame_masks": 2,
+                                                                   "frames_mask_size": 10, "p": 1.0})))
+    assert plain["ids"] == masked["ids"]
+    assert not torch.equal(plain["input_features"], masked["input_features"])
+
+    def constant_frames(b):  # a time mask fills whole frames with one value
+        return int(((b["input_features"].std(-1) == 0) & b["feature_mask"]).sum())
+
+    assert constant_frames(masked) > constant_frames(plain) == 0
+
+
+def test_config_scales_to_the_100m_class():
+    """The documented large setting really is a ~100M-parameter FastConformer-CTC (built on the meta device)."""
+    cfg = recipe_config("asr_ddp", ["model.encoder.hidden_size=512", "model.encoder.num_hidden_layers=17",
+                                    "model.encoder.num_attention_heads=8", "model.encoder.intermediate_size=2048",
+                                    "model.encoder.subsampling_factor=8", "model.encoder.subsampling_conv_channels=256",
+                                    "data.num_mel_bins=80"])
+    tok = BPETokenizer.build(["alpha bravo"], vocab_size=1024)
+    with torch.device("meta"):
+        model = CTCASR(cfg.model, tok)
+    n = sum(p.numel() for p in model.parameters())
+    assert 90e6 < n < 130e6, n
