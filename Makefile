@@ -5,16 +5,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RECIPE ?= salm_tp_fsdp2
 ARGS ?=
-# Default processes per recipe (CPU: gloo processes; GPU: one per device).
+# Default processes per recipe (CPU: gloo processes; GPU: one per device). The DDP recipes
+# take every GPU of the node; the SALM recipes' defaults match their YAML layout (dp x tp).
+GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+NPROC_DDP := $(if $(filter-out 0,$(GPUS)),$(GPUS),2)
 NPROC_salm_tp_fsdp2 := 4
 NPROC_salm_fsdp2 := 2
-NPROC_asr_ddp := 2
+NPROC_asr_ddp := $(NPROC_DDP)
+NPROC_tts_ddp := $(NPROC_DDP)
 NPROC ?= $(or $(NPROC_$(RECIPE)),2)
 # One run name shared by every rank; override with ARGS="run.name=..." or RUN_NAME=...
 RUN_NAME ?= $(shell date +%Y%m%d-%H%M%S)
 export RUN_NAME
 
-.PHONY: help setup run transcribe test quality lint clean
+.PHONY: help setup run transcribe synthesize test quality lint clean
 
 help:
 	@echo "make setup                       create $(VENV) and install pinned dependencies"
@@ -22,6 +26,8 @@ help:
 	@echo "                                 recipes: $$(ls recipes | tr '\n' ' ')"
 	@echo "make transcribe RECIPE=<r> AUDIO=<file> [CKPT=<checkpoint>]"
 	@echo "                                 print the transcript (default CKPT: the latest run's last)"
+	@echo "make synthesize RECIPE=tts_ddp TEXT='...' [CKPT=...] [OUT=x.wav]"
+	@echo "                                 WAV (Griffin-Lim) + PNG of the predicted mel spectrogram"
 	@echo "make test                        unit + multi-process tests (CPU, gloo)"
 	@echo "make quality RECIPE=<r>          default run + check its time and WER goals"
 	@echo "make lint                        ruff"
@@ -45,6 +51,12 @@ transcribe: setup
 	@test -n "$(AUDIO)" || { echo "error: AUDIO is not set (make transcribe RECIPE=$(RECIPE) AUDIO=<file>)" >&2; exit 2; }
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m common.transcribe $(CKPT) $(AUDIO)
 
+TEXT ?=
+OUT ?= outputs/$(RECIPE)/latest/synthesized.wav
+synthesize: setup
+	@test -n "$(TEXT)" || { echo "error: TEXT is not set (make synthesize RECIPE=$(RECIPE) TEXT='alpha bravo')" >&2; exit 2; }
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m common.synthesize $(CKPT) "$(TEXT)" --out $(OUT)
+
 test: setup
 	$(PY) -m pytest -q tests
 
@@ -52,8 +64,12 @@ test: setup
 # Goals per recipe (QUALITY_<recipe> overrides); the SALM recipes share the issue's goals.
 QUALITY_DEFAULT := --max-wall-s 600 --max-wer 0.20 --min-wer-drop 0.5
 QUALITY_asr_ddp := --max-wall-s 360 --max-wer 0.05 --min-wer-drop 0.5
+QUALITY_tts_ddp := --max-wall-s 360 --min-mel-loss-drop-ratio 0.6
+# tts_ddp is also scored by an ASR model (val.asr_cer) when an asr_ddp run exists (CI runs it first).
+ASR_CKPT := outputs/asr_ddp/latest/checkpoints/last.ckpt
+QUALITY_ARGS_tts_ddp = $(if $(wildcard $(ASR_CKPT)),ARGS="eval.asr_checkpoint=$(CURDIR)/$(ASR_CKPT)")
 quality: setup
-	$(MAKE) run RECIPE=$(RECIPE) RUN_NAME=quality-$(RUN_NAME)
+	$(MAKE) run RECIPE=$(RECIPE) RUN_NAME=quality-$(RUN_NAME) $(QUALITY_ARGS_$(RECIPE))
 	$(PY) -m common.tools.check_run outputs/$(RECIPE)/quality-$(RUN_NAME) $(or $(QUALITY_$(RECIPE)),$(QUALITY_DEFAULT))
 
 lint: setup

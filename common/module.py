@@ -37,7 +37,11 @@ class TrainingModule(L.LightningModule):
         self.optim_cfg = optim
         self.parallel_options = ParallelOptions(**(parallel or {}))
         self.val_loss = MeanMetric()
-        self.val_wer = WordErrorRate()
+        # Recognizers (models with generate()) are scored by WER; other models may report extra
+        # per-value means (e.g. TTS "mel_loss") through `validation_metrics` + `last_sums`.
+        self.val_wer = WordErrorRate() if hasattr(model, "generate") else None
+        self.val_extra = torch.nn.ModuleDict({name: MeanMetric() for name in getattr(model, "validation_metrics", ())})
+        self.loss_normalizer = getattr(model, "loss_normalizer", "global_num_target_tokens")
         self.last_grad_norm = float("nan")
         self.last_lr = float("nan")
         self.last_validation: dict[str, float] = {}
@@ -55,7 +59,7 @@ class TrainingModule(L.LightningModule):
     # --- training -------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         loss_sum, _ = self.model(batch)
-        global_tokens = batch["global_num_target_tokens"]
+        global_tokens = batch[self.loss_normalizer]  # answer/target tokens, or mel frames for TTS
         dp = self.dp_size
         tp = self.trainer.world_size // dp
         # Global-batch loss: sum the per-rank shares over the world; TP ranks hold copies, hence / tp.
@@ -113,15 +117,23 @@ class TrainingModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         loss_sum, num_tokens = self.model(batch)
         self.val_loss.update(to_local(loss_sum).detach() / num_tokens, weight=num_tokens)
-        hyps = [self.tokenizer.decode(ids) for ids in self.model.generate(batch["input_features"], batch["feature_mask"])]
-        self.val_wer.update(hyps, batch["texts"])
+        for name, (total, count) in getattr(self.model, "last_sums", {}).items():
+            if name in self.val_extra:
+                self.val_extra[name].update(total / count, weight=count)
+        if self.val_wer is not None:
+            hyps = self.model.generate(batch["input_features"], batch["feature_mask"])
+            self.val_wer.update([self.tokenizer.decode(ids) for ids in hyps], batch["texts"])
 
     def on_validation_epoch_end(self) -> None:
         # torchmetrics syncs over all ranks; TP copies scale numerator and denominator alike.
         # Kept here too: Lightning discards what is logged during its sanity check, which this
         # project uses as the step-0 validation (the untrained model's WER).
-        self.last_validation = {"val_loss": float(self.val_loss.compute()), "val_wer": float(self.val_wer.compute())}
-        self.log("val_loss", self.last_validation["val_loss"], sync_dist=False)
-        self.log("val_wer", self.last_validation["val_wer"], sync_dist=False)
-        self.val_loss.reset()
-        self.val_wer.reset()
+        metrics = {"loss": self.val_loss}
+        if self.val_wer is not None:
+            metrics["wer"] = self.val_wer
+        metrics.update(self.val_extra.items())
+        self.last_validation = {}
+        for name, metric in metrics.items():
+            self.last_validation[f"val_{name}"] = float(metric.compute())
+            self.log(f"val_{name}", self.last_validation[f"val_{name}"], sync_dist=False)
+            metric.reset()

@@ -79,7 +79,7 @@ def prepare_data(cfg: DictConfig) -> dict:
     return ensure_tone_corpus(cfg.data.dir, **cfg.data.generated)
 
 
-MODELS = ("salm", "asr_ctc")
+MODELS = ("salm", "asr_ctc", "tts_speecht5")
 
 
 def build_tokenizer(cfg: DictConfig, manifests: dict):
@@ -92,7 +92,7 @@ def build_tokenizer(cfg: DictConfig, manifests: dict):
     if cfg.model.get("pretrained_llm"):
         return HFTokenizer.from_pretrained(cfg.model.pretrained_llm)
     texts = (s.text for c in CutSet.from_file(manifests["train"]) for s in c.supervisions)
-    if cfg.model.name == "asr_ctc":
+    if cfg.model.name in ("asr_ctc", "tts_speecht5"):
         return BPETokenizer.build(texts, vocab_size=cfg.model.tokenizer.vocab_size)
     return WordTokenizer.build(texts, extra_words=cfg.model.prompt.split(), pad_to_multiple_of=8)
 
@@ -102,6 +102,10 @@ def build_model(cfg: DictConfig, tokenizer):
         from common.models.asr_ctc import CTCASR
 
         return CTCASR(cfg.model, tokenizer)
+    if cfg.model.name == "tts_speecht5":
+        from common.models.tts_speecht5 import SpeechT5TTS
+
+        return SpeechT5TTS(cfg.model, tokenizer, num_mel_bins=cfg.data.num_mel_bins)
     from common.models.salm import SALM
 
     return SALM(cfg.model, tokenizer)
@@ -198,9 +202,10 @@ def train(cfg: DictConfig) -> None:
     trainer, checkpoint = build_trainer(cfg, run_dir, recorder)
 
     # 4. Train; the summary is written whether it completes or fails.
-    status, error = "failed", None
+    status, error, extra_val = "failed", None, {}
     try:
         trainer.fit(module, datamodule=datamodule)
+        extra_val = evaluate_intelligibility(cfg, model, manifests) if RANK == 0 else {}
         status = "completed"
     except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised
         error = f"{type(exc).__name__}: {exc}"
@@ -210,11 +215,26 @@ def train(cfg: DictConfig) -> None:
             summary = summarize(cfg, layout, recorder, status=status, error=error, wall_s=time.perf_counter() - t0,
                                 checkpoint=checkpoint.last_model_path or None,
                                 skipped_global_batches=_skipped(trainer))
+            summary["val"].update(extra_val if status == "completed" else {})
             write_summary(run_dir, summary)
             print(f"\nrun {status}: results in {run_dir}\n  summary.json, metrics.jsonl, validation.jsonl, "
                   f"config.yaml, checkpoints/ -- val {summary['val']}", flush=True)
             if summary["checkpoint"]:
                 print(f"  transcribe: python -m common.transcribe {summary['checkpoint']} <audio file>", flush=True)
+
+
+def evaluate_intelligibility(cfg: DictConfig, model, manifests: dict) -> dict:
+    """TTS only, when ``eval.asr_checkpoint`` is set: CER of that recognizer on synthesized held-out text."""
+    asr_checkpoint = cfg.get("eval", {}).get("asr_checkpoint")
+    if not asr_checkpoint or not hasattr(model, "synthesize"):
+        return {}
+    from lhotse import CutSet
+
+    from common.synthesize import intelligibility
+
+    texts = [c.supervisions[0].text for c in CutSet.from_file(manifests["val"])][: cfg.eval.num_sentences]
+    log.info("intelligibility: synthesizing %d held-out sentences, transcribing with %s", len(texts), asr_checkpoint)
+    return intelligibility(model.eval(), cfg, texts, asr_checkpoint)
 
 
 def _skipped(trainer) -> int:

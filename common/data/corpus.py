@@ -57,18 +57,22 @@ class ToneCorpusSpec:
     tone_s: float = 0.09
     pattern: str = "sequence"  # "sequence": a word's two tones one after the other; "chord": together
     snr_db: tuple[float, float] = (15.0, 30.0)
+    version: int = 2  # 2: word alignments in the supervisions (same audio as 1)
 
     def digest(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _render(words: list[str], rng: np.random.Generator, spec: ToneCorpusSpec) -> np.ndarray:
+def _render(words: list[str], rng: np.random.Generator, spec: ToneCorpusSpec) -> tuple[np.ndarray, list[tuple]]:
+    """(audio, [(word, start_s, duration_s), ...]); a word's span runs from its first tone to its last."""
     sr = spec.sample_rate
     patterns = word_patterns()
     rate = rng.uniform(0.8, 1.25)  # speaking rate: one factor per utterance
     pitch = rng.uniform(0.97, 1.03)  # speaker pitch: one factor per utterance
     pieces = [np.zeros(int(sr * rng.uniform(0.05, 0.15)))]
+    spans = []
     for word in words:
+        word_start = sum(len(p) for p in pieces)
         tones = [patterns[word]] if spec.pattern == "chord" else [(f,) for f in patterns[word]]
         for chord in tones:
             n = int(sr * spec.tone_s * (2 if spec.pattern == "chord" else 1) / rate * rng.uniform(0.9, 1.1))
@@ -83,6 +87,7 @@ def _render(words: list[str], rng: np.random.Generator, spec: ToneCorpusSpec) ->
             env[:fade] = np.linspace(0, 1, fade)
             env[n - fade :] = np.linspace(1, 0, fade)
             pieces.append(tone * env * rng.uniform(0.5, 1.0))
+        spans.append((word, word_start / sr, (sum(len(p) for p in pieces) - word_start) / sr))
         pieces.append(np.zeros(int(sr * rng.uniform(0.03, 0.08) / rate)))
     pieces.append(np.zeros(int(sr * rng.uniform(0.05, 0.15))))
     signal = np.concatenate(pieces)
@@ -90,11 +95,12 @@ def _render(words: list[str], rng: np.random.Generator, spec: ToneCorpusSpec) ->
     noise = rng.standard_normal(len(signal))
     noise *= np.sqrt(np.mean(signal**2) / 10 ** (snr_db / 10))
     audio = signal + noise
-    return (0.5 * audio / np.max(np.abs(audio))).astype(np.float32)
+    return (0.5 * audio / np.max(np.abs(audio))).astype(np.float32), spans
 
 
 def _write_split(root: Path, split: str, count: int, rng: np.random.Generator, spec: ToneCorpusSpec) -> Path:
     from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
+    from lhotse.supervision import AlignmentItem
     from lhotse.audio import AudioSource
 
     audio_dir = root / "audio" / split
@@ -102,7 +108,7 @@ def _write_split(root: Path, split: str, count: int, rng: np.random.Generator, s
     recordings, supervisions = [], []
     for i in range(count):
         words = list(rng.choice(WORDS, size=rng.integers(spec.min_words, spec.max_words + 1)))
-        audio = _render(words, rng, spec)
+        audio, spans = _render(words, rng, spec)
         rid = f"tone-{split}-{i:05d}"
         path = audio_dir / f"{rid}.wav"
         sf.write(path, audio, spec.sample_rate, subtype="PCM_16")
@@ -117,7 +123,9 @@ def _write_split(root: Path, split: str, count: int, rng: np.random.Generator, s
             )
         )
         supervisions.append(
-            SupervisionSegment(id=rid, recording_id=rid, start=0.0, duration=duration, text=" ".join(words))
+            SupervisionSegment(id=rid, recording_id=rid, start=0.0, duration=duration, text=" ".join(words),
+                               alignment={"word": [AlignmentItem(symbol=w, start=round(a, 4), duration=round(d, 4))
+                                                   for w, a, d in spans]})
         )
     cuts = CutSet.from_manifests(
         recordings=RecordingSet.from_recordings(recordings),

@@ -39,6 +39,8 @@ class SpeechDataModule(L.LightningDataModule):
             sample_rate=self.cfg.sample_rate,
             # Training only; plain dict (lhotse's SpecAugment kwargs) so DataLoader workers can pickle it.
             spec_augment=_to_dict(self.cfg.get("spec_augment")) if train else None,
+            normalize_features=self.cfg.get("feature_normalization", "utterance") == "utterance",
+            token_alignment=bool(self.cfg.get("token_alignment", False)),
         )
 
     def train_dataloader(self):

@@ -80,16 +80,30 @@ class DataParallelBatchSampler(Sampler):
 
 
 class LogMel:
-    """Log-mel filterbank features (lhotse's Kaldi-compatible Fbank), normalised per utterance."""
+    """Log-mel filterbank features (lhotse's Kaldi-compatible Fbank), 10 ms frames.
 
-    def __init__(self, num_mel_bins: int = 64, sample_rate: int = 16000):
+    ``normalize=True`` (recognizers) standardizes each bin per utterance; ``False`` (TTS targets)
+    keeps the raw log energies, which a vocoder can invert.
+    """
+
+    FRAME_SHIFT_S = 0.01
+
+    def __init__(self, num_mel_bins: int = 64, sample_rate: int = 16000, normalize: bool = True):
         from lhotse import Fbank, FbankConfig
 
-        self.sample_rate = sample_rate
-        self.extractor = Fbank(FbankConfig(num_mel_bins=num_mel_bins, sampling_rate=sample_rate))
+        self.sample_rate, self.normalize = sample_rate, normalize
+        self.extractor = Fbank(FbankConfig(num_mel_bins=num_mel_bins, sampling_rate=sample_rate,
+                                           frame_shift=self.FRAME_SHIFT_S))
+
+    def num_frames(self, duration_s: float) -> int:
+        from lhotse.utils import compute_num_frames
+
+        return compute_num_frames(duration_s, self.FRAME_SHIFT_S, self.sample_rate)
 
     def __call__(self, samples: np.ndarray) -> np.ndarray:
         feats = self.extractor.extract(samples, self.sample_rate)
+        if not self.normalize:
+            return feats
         return (feats - feats.mean(0, keepdims=True)) / (feats.std(0, keepdims=True) + 1e-5)
 
 
@@ -109,9 +123,11 @@ class SpeechTextDataset(torch.utils.data.Dataset):
     over the global batch and throughput counted without a collective.
     """
 
-    def __init__(self, tokenizer, num_mel_bins: int = 64, sample_rate: int = 16000, spec_augment: dict | None = None):
+    def __init__(self, tokenizer, num_mel_bins: int = 64, sample_rate: int = 16000, spec_augment: dict | None = None,
+                 normalize_features: bool = True, token_alignment: bool = False):
         self.tokenizer = tokenizer
-        self.features = LogMel(num_mel_bins, sample_rate)
+        self.token_alignment = token_alignment
+        self.features = LogMel(num_mel_bins, sample_rate, normalize=normalize_features)
         self.spec_augment = None
         if spec_augment:
             from lhotse.dataset import SpecAugment
@@ -122,6 +138,27 @@ class SpeechTextDataset(torch.utils.data.Dataset):
         """Token ids of the transcript, plus ``<eos>`` for tokenizers that have one (not CTC's)."""
         ids = self.tokenizer.encode(cut.supervisions[0].text)
         return ids if self.tokenizer.eos_id is None else ids + [self.tokenizer.eos_id]
+
+    def token_end_frames(self, cut, target_ids: list[int]) -> list[int] | None:
+        """Frame where each target token's audio ends, from the supervision's word alignment.
+
+        A word spans from its start to the next word's start (the first from frame 0, the last to
+        the end); a word of several tokens is split evenly. None when the cut has no word
+        alignment or its words do not tokenize to exactly ``target_ids``.
+        """
+        sup = cut.supervisions[0]
+        words = (sup.alignment or {}).get("word")
+        if not words:
+            return None
+        ids, ends = [], []
+        for i, item in enumerate(words):
+            pieces = self.tokenizer.encode(item.symbol)
+            start = 0.0 if i == 0 else item.start
+            end = words[i + 1].start if i + 1 < len(words) else cut.duration
+            f0, f1 = self.features.num_frames(start), self.features.num_frames(end)
+            ids += pieces
+            ends += [round(f0 + (f1 - f0) * (k + 1) / len(pieces)) for k in range(len(pieces))]
+        return ends if ids == list(target_ids) else None
 
     def __getitem__(self, batch: GlobalBatch) -> dict:
         all_targets = {c.id: self.targets(c) for c in batch.cuts}
@@ -144,9 +181,24 @@ class SpeechTextDataset(torch.utils.data.Dataset):
             "texts": [c.supervisions[0].text for c in local],
             "ids": [c.id for c in local],
             "global_num_target_tokens": sum(len(t) for t in all_targets.values()),
+            "global_num_frames": sum(self.features.num_frames(c.duration) for c in batch.cuts),
+            **self._alignment(local, all_targets),
             "global_num_utterances": len(batch.cuts),
             "global_audio_s": float(sum(c.duration for c in batch.cuts)),
         }
+
+
+    def _alignment(self, local, all_targets) -> dict:
+        if not self.token_alignment:
+            return {}
+        ends = [self.token_end_frames(c, all_targets[c.id]) for c in local]
+        if any(e is None for e in ends):
+            return {}
+        big = 10**9  # padding: "ends after everything", never inside a real span
+        padded = torch.full((len(ends), max(len(e) for e in ends)), big, dtype=torch.long)
+        for i, e in enumerate(ends):
+            padded[i, : len(e)] = torch.tensor(e)
+        return {"token_end_frames": padded}
 
 
 def make_loader(
@@ -163,6 +215,8 @@ def make_loader(
     num_mel_bins: int = 64,
     sample_rate: int = 16000,
     spec_augment: dict | None = None,
+    normalize_features: bool = True,
+    token_alignment: bool = False,
 ) -> DataLoader:
     """A DataLoader of this rank's shards of duration-bucketed global batches."""
     from lhotse.dataset import DynamicBucketingSampler
@@ -178,7 +232,8 @@ def make_loader(
         rank=0,
     )
     return DataLoader(
-        SpeechTextDataset(tokenizer, num_mel_bins, sample_rate, spec_augment=spec_augment),
+        SpeechTextDataset(tokenizer, num_mel_bins, sample_rate, spec_augment=spec_augment,
+                          normalize_features=normalize_features, token_alignment=token_alignment),
         sampler=DataParallelBatchSampler(base, dp_rank, dp_size),
         batch_size=None,
         num_workers=num_workers,

@@ -85,9 +85,15 @@ class BPETokenizer:
 
     @classmethod
     def build(cls, texts: Iterable[str], vocab_size: int = 128) -> BPETokenizer:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        # Text normalization travels with the tokenizer (saved in its JSON): Unicode NFKC,
+        # lower case, punctuation to spaces, single spaces.
+        tok.normalizer = normalizers.Sequence([
+            normalizers.NFKC(), normalizers.Lowercase(),
+            normalizers.Replace(Regex(r"[^\w' ]+"), " "), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip(),
+        ])
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(cls.SPECIALS), show_progress=False)
@@ -109,6 +115,9 @@ class BPETokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True).strip()
+
+    def normalize(self, text: str) -> str:
+        return self.tok.normalizer.normalize_str(text) if self.tok.normalizer else text
 
     def to_json(self) -> str:
         return self.tok.to_str()

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 
-def check(run_dir: Path, max_wall_s: float | None, max_wer: float | None, min_wer_drop: float | None) -> list[str]:
+def check(run_dir: Path, max_wall_s: float | None, max_wer: float | None, min_wer_drop: float | None,
+          min_mel_loss_drop_ratio: float | None = None) -> list[str]:
     path = run_dir / "summary.json"
     if not path.exists():
         return [f"{path}: no summary.json (did the run start?)"]
@@ -29,6 +30,11 @@ def check(run_dir: Path, max_wall_s: float | None, max_wer: float | None, min_we
     first = s.get("val_first", {}).get("wer")
     if min_wer_drop is not None and (wer is None or first is None or first - wer < min_wer_drop):
         problems.append(f"val.wer fell from {first} to {wer}: less than {min_wer_drop}")
+    mel, mel_first = s.get("val", {}).get("mel_loss"), s.get("val_first", {}).get("mel_loss")
+    if min_mel_loss_drop_ratio is not None and (
+        mel is None or mel_first is None or mel > (1 - min_mel_loss_drop_ratio) * mel_first
+    ):
+        problems.append(f"val.mel_loss fell from {mel_first} to {mel}: less than {min_mel_loss_drop_ratio:.0%}")
     return problems
 
 
@@ -38,8 +44,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-wall-s", type=float)
     p.add_argument("--max-wer", type=float)
     p.add_argument("--min-wer-drop", type=float)
+    p.add_argument("--min-mel-loss-drop-ratio", type=float, help="e.g. 0.6: val.mel_loss at most 40%% of the first")
     a = p.parse_args(argv)
-    problems = check(a.run_dir, a.max_wall_s, a.max_wer, a.min_wer_drop)
+    problems = check(a.run_dir, a.max_wall_s, a.max_wer, a.min_wer_drop, a.min_mel_loss_drop_ratio)
     summary = json.loads((a.run_dir / "summary.json").read_text()) if (a.run_dir / "summary.json").exists() else {}
     print(json.dumps({k: summary.get(k) for k in ("recipe", "status", "steps", "wall_s", "val", "val_first", "throughput")}, indent=2))
     for problem in problems:

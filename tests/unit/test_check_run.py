@@ -22,3 +22,16 @@ def test_fails_on_each_missed_goal(tmp_path, capsys):
     assert main([str(_summary(tmp_path, val_first={"wer": 0.3})), "--min-wer-drop", "0.5"]) == 1
     assert main([str(_summary(tmp_path, status="failed")), "--max-wer", "0.2"]) == 1
     assert main([str(tmp_path / "missing")]) == 1
+
+
+def test_mel_loss_drop_ratio(tmp_path):
+    import json as _json
+
+    from common.tools.check_run import check
+
+    summary = {"status": "completed", "wall_s": 100, "val": {"mel_loss": 0.5}, "val_first": {"mel_loss": 2.0}}
+    (tmp_path / "summary.json").write_text(_json.dumps(summary))
+    assert check(tmp_path, 360, None, None, 0.6) == []  # 0.5 <= 0.4 * 2.0
+    summary["val"]["mel_loss"] = 0.9
+    (tmp_path / "summary.json").write_text(_json.dumps(summary))
+    assert "val.mel_loss fell from 2.0 to 0.9: less than 60%" in check(tmp_path, 360, None, None, 0.6)[0]

@@ -40,3 +40,14 @@ def test_bpe_at_alphabet_size_is_a_character_tokenizer():
     tok = BPETokenizer.build(["ab ba", "abba"], vocab_size=2)
     assert tok.decode(tok.encode("abba ab")) == "abba ab"
     assert len(tok.encode("abba")) == 5  # "▁" + four characters: no merges
+
+
+def test_bpe_normalizes_text_and_keeps_normalization_when_saved(tmp_path):
+    from common.data.tokenizer import BPETokenizer, load_tokenizer
+
+    tok = BPETokenizer.build(["alpha bravo", "charlie"], vocab_size=2)
+    assert tok.normalize("  Alpha,  BRAVO!\tcharlie. ") == "alpha bravo charlie"
+    tok.save(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again.encode("ALPHA -- Bravo") == tok.encode("alpha bravo")
+    assert again.decode(again.encode("Charlie?")) == "charlie"

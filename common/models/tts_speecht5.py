@@ -1,0 +1,136 @@
+"""Text-to-speech acoustic model: transformers' SpeechT5 (text encoder -> autoregressive mel decoder).
+
+Why SpeechT5: it is a complete, trainable TTS model in transformers (text pre-net, transformer
+encoder-decoder, speech pre-net, post-net, stop-token head) that learns its own text-to-frame
+alignment through cross-attention, so it needs no external durations; a guided-attention loss
+makes that alignment form quickly from random init. Predicts raw log-mel frames
+(``data.feature_normalization: none``), which :mod:`common.models.vocoder` turns into audio.
+
+The loss is a *sum* over this batch's valid mel frames, normalized by the global batch's frame
+count in :class:`common.module.TrainingModule`, so DDP and one process agree step for step:
+
+    per frame: (L1(before post-net) + L1(after post-net)) / num_mel_bins + BCE(stop) [+ guided attention]
+
+Usage::
+
+    model = SpeechT5TTS(cfg.model, BPETokenizer.build(texts, vocab_size=1), num_mel_bins=64)
+    loss_sum, num_frames = model(batch)      # batch["target_ids"]: text, batch["input_features"]: mel
+    mels = model.synthesize(["alpha bravo"])   # list of (frames, num_mel_bins) tensors
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.models.encoder import ChannelLayerNorm
+from common.parallel.spec import ParallelHooks
+
+
+def guided_attention_weights(text_lens, frame_lens, max_text: int, max_frames: int, sigma: float):
+    """W[b, t, n] = 1 - exp(-(n/N - t/T)^2 / (2 sigma^2)): small near the diagonal, 0 off the valid area."""
+    n = torch.arange(max_text, device=text_lens.device)[None, None, :] / text_lens[:, None, None]
+    t = torch.arange(max_frames, device=text_lens.device)[None, :, None] / frame_lens[:, None, None]
+    weights = 1 - torch.exp(-((n - t) ** 2) / (2 * sigma**2))
+    valid = (n < 1) & (t < 1)
+    return weights * valid
+
+
+def aligned_attention_weights(token_end_frames, text_lens, frame_lens, num_steps: int, r: int, sigma_frames: float):
+    """Like the diagonal prior, but around each token's true frames (from word alignments).
+
+    W[b, step, n] grows with the distance (in frames) from the step's frames to token n's span:
+    0 inside the span, ~1 a few frames away.
+    """
+    ends = token_end_frames.float()  # (b, text); padding holds a huge value
+    starts = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], dim=1)
+    centre = (torch.arange(num_steps, device=ends.device).float() * r + (r - 1) / 2)[None, :, None]
+    distance = (starts[:, None, :] - centre).clamp(min=0) + (centre - ends[:, None, :] + 1).clamp(min=0)
+    weights = 1 - torch.exp(-(distance**2) / (2 * sigma_frames**2))
+    n = torch.arange(ends.shape[1], device=ends.device)[None, None, :]
+    steps = torch.arange(num_steps, device=ends.device)[None, :, None]
+    valid = (n < text_lens[:, None, None]) & (steps * r < frame_lens[:, None, None])
+    return weights * valid
+
+
+class SpeechT5TTS(nn.Module):
+    loss_normalizer = "global_num_frames"  # the TrainingModule divides loss sums by this batch figure
+    validation_metrics = ("mel_loss",)  # mean |predicted - target| log-mel, after the post-net
+
+    def __init__(self, cfg, tokenizer, num_mel_bins: int):
+        super().__init__()
+        from omegaconf import OmegaConf
+        from transformers import SpeechT5Config, SpeechT5ForTextToSpeech
+
+        arch = OmegaConf.to_container(cfg.speecht5, resolve=True) if OmegaConf.is_config(cfg.speecht5) else dict(cfg.speecht5)
+        self.config = SpeechT5Config(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
+                                     num_mel_bins=num_mel_bins, use_guided_attention_loss=False, **arch)
+        self.tts = SpeechT5ForTextToSpeech(self.config)
+        # The post-net's BatchNorm makes a frame's output depend on the rest of the batch (and on
+        # the data-parallel layout); a per-frame LayerNorm does not.
+        for layer in self.tts.speech_decoder_postnet.layers:
+            layer.batch_norm = ChannelLayerNorm(layer.batch_norm.num_features)
+        self.pad_id = tokenizer.pad_id
+        self.tokenizer = tokenizer
+        self.r = self.config.reduction_factor
+        self.guided_attention_weight = float(cfg.get("guided_attention_weight", 1.0))
+        self.guided_attention_sigma = float(cfg.get("guided_attention_sigma", 0.4))
+        self.max_frames_per_token = float(cfg.get("max_frames_per_token", 12.0))
+        self.stop_threshold = float(cfg.get("stop_threshold", 0.5))
+        # Single speaker: SpeechT5's decoder pre-net always concatenates a speaker embedding.
+        self.register_buffer("speaker", torch.zeros(1, self.config.speaker_embedding_dim), persistent=False)
+        self.parallel_hooks = ParallelHooks()
+        self.last_sums: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def forward(self, batch) -> tuple[torch.Tensor, int]:
+        text, text_lens = batch["target_ids"], batch["target_lens"]
+        text_mask = (torch.arange(text.shape[1], device=text.device)[None, :] < text_lens[:, None]).long()
+        mel, frame_mask = batch["input_features"], batch["feature_mask"]
+        pad = (-mel.shape[1]) % self.r  # whole decoder steps of r frames
+        mel, frame_mask = F.pad(mel, (0, 0, 0, pad)), F.pad(frame_mask, (0, pad))
+        from transformers.models.speecht5.modeling_speecht5 import shift_spectrograms_right
+
+        decoder_in, decoder_mask = shift_spectrograms_right(mel, self.r, frame_mask.long())
+        speaker = self.speaker.expand(mel.shape[0], -1)
+        out = self.tts.speecht5(
+            input_values=text, attention_mask=text_mask, decoder_input_values=decoder_in,
+            decoder_attention_mask=decoder_mask, speaker_embeddings=speaker,
+            output_attentions=self.guided_attention_weight > 0, return_dict=True,
+        )
+        before, after, stop_logits = self.tts.speech_decoder_postnet(out.last_hidden_state)
+        valid = frame_mask[..., None].float()
+        l1_before = ((before - mel).abs() * valid).sum()
+        l1_after = ((after - mel).abs() * valid).sum()
+        # Stop target: 1 on each utterance's last frame (predicted from that frame's state).
+        frame_lens = frame_mask.sum(1)
+        stop_target = F.one_hot(frame_lens - 1, mel.shape[1]).float()
+        bce = F.binary_cross_entropy_with_logits(stop_logits, stop_target, reduction="none",
+                                                 pos_weight=torch.tensor(5.0, device=mel.device))
+        loss_sum = (l1_before + l1_after) / mel.shape[-1] + (bce * frame_mask).sum()
+        if self.guided_attention_weight > 0:
+            steps = decoder_mask.sum(1)
+            attn = torch.stack([a[:, :2] for a in out.cross_attentions], 1)  # (b, layers, 2 heads, steps, text)
+            if "token_end_frames" in batch:  # true word timings: attention learns the alignment directly
+                w = aligned_attention_weights(batch["token_end_frames"], text_lens, frame_lens, decoder_in.shape[1],
+                                              self.r, sigma_frames=2.0)
+            else:
+                w = guided_attention_weights(text_lens, steps, text.shape[1], decoder_in.shape[1],
+                                             self.guided_attention_sigma)
+            # Per decoder step (r frames), averaged over the guided heads.
+            ga = (attn * w[:, None, None]).sum() / (attn.shape[1] * attn.shape[2]) * self.r
+            loss_sum = loss_sum + self.guided_attention_weight * ga
+        num_frames = int(frame_lens.sum())
+        self.last_sums = {"mel_loss": (l1_after.detach(), num_frames * mel.shape[-1])}
+        return loss_sum, num_frames
+
+    @torch.no_grad()
+    def synthesize(self, texts: list[str]) -> list[torch.Tensor]:
+        """Log-mel spectrograms (frames, bins) for each text, decoded until the stop token."""
+        out = []
+        for text in texts:
+            ids = torch.tensor([self.tokenizer.encode(text)], device=self.speaker.device)
+            ratio = self.max_frames_per_token  # frames allowed per input token
+            mel = self.tts.generate_speech(ids, self.speaker, threshold=self.stop_threshold, maxlenratio=ratio)
+            out.append(mel)
+        return out

@@ -1,0 +1,83 @@
+"""The SpeechT5 TTS model on one process: loss, batch independence, synthesis, vocoder, PNG."""
+
+import numpy as np
+import pytest
+import torch
+from lhotse import CutSet
+
+from common.data.loading import LogMel, make_loader
+from common.data.tokenizer import BPETokenizer
+from common.models.tts_speecht5 import SpeechT5TTS
+from tests.conftest import recipe_config
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_corpus):
+    cfg = recipe_config("tts_ddp", ["model.speecht5.speech_decoder_prenet_dropout=0.0"])
+    cuts = CutSet.from_file(tiny_corpus["train"])
+    tok = BPETokenizer.build((c.supervisions[0].text for c in cuts), vocab_size=cfg.model.tokenizer.vocab_size)
+    torch.manual_seed(0)
+    model = SpeechT5TTS(cfg.model, tok, num_mel_bins=cfg.data.num_mel_bins).eval()
+    batch = next(iter(make_loader(cuts, tok, dp_rank=0, dp_size=1, max_duration_s=8, shuffle=False, seed=0,
+                                  normalize_features=False)))
+    return model, tok, batch, cfg
+
+
+def test_targets_are_raw_log_mel_and_frame_counts_match_metadata(setup):
+    _, _, batch, _ = setup
+    frames = batch["feature_mask"].sum(1)
+    assert batch["global_num_frames"] == int(frames.sum())  # computed from cut durations alone
+    assert batch["input_features"][batch["feature_mask"]].mean() < -1  # raw log energies, not standardized
+
+
+def test_loss_is_a_sum_over_frames_independent_of_batch_composition(setup):
+    model, _, batch, _ = setup
+    with torch.no_grad():
+        whole, n = model(batch)
+        mel_sum, mel_count = model.last_sums["mel_loss"]
+        parts = 0.0
+        for i in range(batch["input_features"].shape[0]):
+            f, t = int(batch["feature_mask"][i].sum()), int(batch["target_lens"][i])
+            single = {"input_features": batch["input_features"][i : i + 1, :f],
+                      "feature_mask": batch["feature_mask"][i : i + 1, :f],
+                      "target_ids": batch["target_ids"][i : i + 1, :t], "target_lens": batch["target_lens"][i : i + 1]}
+            parts += model(single)[0].item()
+    assert n == int(batch["feature_mask"].sum()) and mel_count == n * batch["input_features"].shape[-1]
+    assert whole.item() == pytest.approx(parts, rel=1e-4)
+    assert 0 < mel_sum.item() / mel_count
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
+
+
+def test_synthesis_stops_within_its_frame_budget(setup):
+    model, tok, _, cfg = setup
+    mels = model.synthesize(["alpha bravo", "charlie"])
+    for text, mel in zip(["alpha bravo", "charlie"], mels):
+        assert mel.shape[1] == cfg.data.num_mel_bins
+        assert 0 < mel.shape[0] <= len(tok.encode(text)) * cfg.model.max_frames_per_token + 2
+
+
+def test_griffin_lim_inverts_the_training_features(tiny_corpus):
+    from common.models.vocoder import GriffinLim
+
+    audio = CutSet.from_file(tiny_corpus["val"])[0].load_audio()[0]
+    features = LogMel(64, 16000, normalize=False)
+    mel = torch.from_numpy(features(audio))
+    samples = GriffinLim(64, 16000)(mel)
+    again = torch.from_numpy(features(samples))
+    assert samples.dtype == np.float32 and np.abs(samples).max() <= 0.9 + 1e-6
+    assert again.shape == mel.shape
+    centered = lambda x: x - x.mean()  # noqa: E731 - the vocoder normalizes loudness
+    # Spectral shape survives (the exact error is bounded well below the features' own spread).
+    assert (centered(again) - centered(mel)).abs().mean() < 0.5 * centered(mel).abs().mean()
+
+
+def test_synthesize_writes_wav_and_png(setup, tmp_path):
+    import soundfile as sf
+
+    from common.synthesize import synthesize_to_files
+
+    model, _, _, cfg = setup
+    wav, png = synthesize_to_files(model, cfg, "Alpha, BRAVO!", tmp_path / "out.wav")
+    samples, rate = sf.read(wav)
+    assert rate == 16000 and len(samples) > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
