@@ -100,8 +100,8 @@ def _render(words: list[str], rng: np.random.Generator, spec: ToneCorpusSpec) ->
 
 def _write_split(root: Path, split: str, count: int, rng: np.random.Generator, spec: ToneCorpusSpec) -> Path:
     from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
-    from lhotse.supervision import AlignmentItem
     from lhotse.audio import AudioSource
+    from lhotse.supervision import AlignmentItem
 
     audio_dir = root / "audio" / split
     audio_dir.mkdir(parents=True, exist_ok=True)
