@@ -65,6 +65,8 @@ class TrainingModule(L.LightningModule):
         # Global-batch loss: sum the per-rank shares over the world; TP ranks hold copies, hence / tp.
         share = to_local(loss_sum).detach() / global_tokens / tp
         self.log("train_loss", share, reduce_fx="sum", sync_dist=True, on_step=True, prog_bar=False)
+        for name, (total, _) in getattr(self.model, "last_sums", {}).items():  # e.g. TTS mel_loss, stop_loss
+            self.log(f"train_{name}", total / global_tokens / tp, reduce_fx="sum", sync_dist=True, on_step=True)
         return loss_sum * (dp / global_tokens)
 
     def backward(self, loss, *args, **kwargs):

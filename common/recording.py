@@ -82,6 +82,8 @@ class RunRecorder(L.Callback):
             "utterances": batch["global_num_utterances"],
             "audio_s": round(batch["global_audio_s"], 3),
             "elapsed_s": round(time.perf_counter() - self.t_start, 3),
+            # Loss components a model reports besides the total (e.g. TTS train_mel_loss, train_stop_loss).
+            **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train_") and k != "train_loss"},
         }
         self.history.append(record)
         self._write("metrics.jsonl", record, trainer)

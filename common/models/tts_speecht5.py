@@ -56,7 +56,9 @@ def aligned_attention_weights(token_end_frames, text_lens, frame_lens, num_steps
 
 class SpeechT5TTS(nn.Module):
     loss_normalizer = "global_num_frames"  # the TrainingModule divides loss sums by this batch figure
-    validation_metrics = ("mel_loss",)  # mean |predicted - target| log-mel, after the post-net
+    # Per-frame means reported besides the total loss: |predicted - target| log-mel after the
+    # post-net (per value), and the stop-token BCE.
+    validation_metrics = ("mel_loss", "stop_loss")
 
     def __init__(self, cfg, tokenizer, num_mel_bins: int):
         super().__init__()
@@ -81,7 +83,7 @@ class SpeechT5TTS(nn.Module):
         # Single speaker: SpeechT5's decoder pre-net always concatenates a speaker embedding.
         self.register_buffer("speaker", torch.zeros(1, self.config.speaker_embedding_dim), persistent=False)
         self.parallel_hooks = ParallelHooks()
-        self.last_sums: dict[str, tuple[torch.Tensor, int]] = {}
+        self.last_sums: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (sum, frames) of the last forward
 
     def forward(self, batch) -> tuple[torch.Tensor, int]:
         text, text_lens = batch["target_ids"], batch["target_lens"]
@@ -107,7 +109,8 @@ class SpeechT5TTS(nn.Module):
         stop_target = F.one_hot(frame_lens - 1, mel.shape[1]).float()
         bce = F.binary_cross_entropy_with_logits(stop_logits, stop_target, reduction="none",
                                                  pos_weight=torch.tensor(5.0, device=mel.device))
-        loss_sum = (l1_before + l1_after) / mel.shape[-1] + (bce * frame_mask).sum()
+        bce_sum = (bce * frame_mask).sum()
+        loss_sum = (l1_before + l1_after) / mel.shape[-1] + bce_sum
         if self.guided_attention_weight > 0:
             steps = decoder_mask.sum(1)
             attn = torch.stack([a[:, :2] for a in out.cross_attentions], 1)  # (b, layers, 2 heads, steps, text)
@@ -121,7 +124,9 @@ class SpeechT5TTS(nn.Module):
             ga = (attn * w[:, None, None]).sum() / (attn.shape[1] * attn.shape[2]) * self.r
             loss_sum = loss_sum + self.guided_attention_weight * ga
         num_frames = int(frame_lens.sum())
-        self.last_sums = {"mel_loss": (l1_after.detach(), num_frames * mel.shape[-1])}
+        # Sums over this batch's frames (the TrainingModule divides by the global frame count).
+        self.last_sums = {"mel_loss": (l1_after.detach() / mel.shape[-1], num_frames),
+                          "stop_loss": (bce_sum.detach(), num_frames)}
         return loss_sum, num_frames
 
     @torch.no_grad()

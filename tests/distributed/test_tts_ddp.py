@@ -36,6 +36,7 @@ def test_ddp_two_processes_match_one_process(parity_runs):
     assert [m["step"] for m in two] == [m["step"] for m in one] == list(range(1, STEPS + 1))
     for a, b in zip(one, two):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4), a["step"]
+        assert b["train_mel_loss"] == pytest.approx(a["train_mel_loss"], rel=1e-4), a["step"]
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), a["step"]
     assert abs(one[-1]["train_loss"] - one[0]["train_loss"]) > 1e-3
 
@@ -65,7 +66,12 @@ def test_run_contract_mel_loss_and_intelligibility(trained):
     assert s["val"]["mel_loss"] > 0 and s["val_first"]["mel_loss"] > s["val"]["mel_loss"]
     assert 0 <= s["val"]["asr_cer"] and s["val"]["asr_num_sentences"] == 3
     validations = [json.loads(x) for x in (trained / "validation.jsonl").read_text().splitlines()]
-    assert [v["step"] for v in validations] == [0, 4] and all("val_mel_loss" in v for v in validations)
+    assert [v["step"] for v in validations] == [0, 4]
+    assert all(v["val_mel_loss"] > 0 and v["val_stop_loss"] > 0 for v in validations)
+    metrics = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["train_mel_loss"] > 0 and m["train_stop_loss"] > 0 for m in metrics)
+    # The components are per-frame means of the global batch, so they are below the total.
+    assert all(m["train_mel_loss"] < m["train_loss"] for m in metrics)
     ckpt = torch.load(s["checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["run_config"]["model"]["name"] == "tts_speecht5" and ckpt["tokenizer_json"]
 

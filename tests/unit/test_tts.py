@@ -35,6 +35,7 @@ def test_loss_is_a_sum_over_frames_independent_of_batch_composition(setup):
     with torch.no_grad():
         whole, n = model(batch)
         mel_sum, mel_count = model.last_sums["mel_loss"]
+        stop_count = model.last_sums["stop_loss"][1]
         parts = 0.0
         for i in range(batch["input_features"].shape[0]):
             f, t = int(batch["feature_mask"][i].sum()), int(batch["target_lens"][i])
@@ -42,7 +43,7 @@ def test_loss_is_a_sum_over_frames_independent_of_batch_composition(setup):
                       "feature_mask": batch["feature_mask"][i : i + 1, :f],
                       "target_ids": batch["target_ids"][i : i + 1, :t], "target_lens": batch["target_lens"][i : i + 1]}
             parts += model(single)[0].item()
-    assert n == int(batch["feature_mask"].sum()) and mel_count == n * batch["input_features"].shape[-1]
+    assert n == int(batch["feature_mask"].sum()) and mel_count == stop_count == n
     assert whole.item() == pytest.approx(parts, rel=1e-4)
     assert 0 < mel_sum.item() / mel_count
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
@@ -81,3 +82,16 @@ def test_synthesize_writes_wav_and_png(setup, tmp_path):
     samples, rate = sf.read(wav)
     assert rate == 16000 and len(samples) > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_scales_to_speecht5_base_size():
+    cfg = recipe_config("tts_ddp", ["model.speecht5.hidden_size=768", "model.speecht5.encoder_layers=12",
+                                    "model.speecht5.decoder_layers=6", "model.speecht5.encoder_attention_heads=12",
+                                    "model.speecht5.decoder_attention_heads=12", "model.speecht5.encoder_ffn_dim=3072",
+                                    "model.speecht5.decoder_ffn_dim=3072", "model.speecht5.speech_decoder_prenet_units=256",
+                                    "model.speecht5.speech_decoder_postnet_units=256"])
+    tok = BPETokenizer.build(["alpha bravo"], vocab_size=2)
+    with torch.device("meta"):
+        model = SpeechT5TTS(cfg.model, tok, num_mel_bins=80)
+    n = sum(p.numel() for p in model.parameters())
+    assert 120e6 < n < 160e6, n
