@@ -46,3 +46,37 @@ def run_recipe(recipe: str, nproc: int, overrides: list[str], run_dir_root: Path
            f"--config-path={ROOT / 'recipes' / recipe}", "--config-name=config",
            f"run.output_dir={run_dir_root}", *overrides]
     return subprocess.run(cmd, cwd=run_dir_root.parent, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_overrides(tiny_corpus: dict, nproc: int, *extra: str) -> list[str]:
+    """Overrides for a short real run on the tiny corpus (no wandb, small batches)."""
+    return [f"trainer.devices={nproc}", "logger.wandb=false", "data.max_duration_s=12",
+            f"data.dir={tiny_corpus['dir']}", "data.generated.num_train=120", "data.generated.num_val=16", *extra]
+
+
+def ddp_parity_metrics(recipe: str, tiny_corpus: dict, root: Path, steps: int, *extra: str) -> dict[int, list[dict]]:
+    """metrics.jsonl rows of the same short run with 1 and with 2 DDP processes."""
+    import json
+
+    out = {}
+    for nproc in (1, 2):
+        run_dir = root / f"ddp{nproc}"
+        proc = run_recipe(recipe, nproc, tiny_overrides(tiny_corpus, nproc, f"trainer.max_steps={steps}",
+                                                        "trainer.limit_val_batches=0", *extra), run_dir)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        out[nproc] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return out
+
+
+def assert_ddp_parity(runs: dict[int, list[dict]], steps: int, keys=("train_loss",)) -> None:
+    """Same steps, same global batches, losses to 1e-4 and gradient norms to 1e-3; and it trained."""
+    import pytest
+
+    one, two = runs[1], runs[2]
+    assert [m["step"] for m in two] == [m["step"] for m in one] == list(range(1, steps + 1))
+    for a, b in zip(one, two):
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (key, a["step"])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), a["step"]
+        assert b["utterances"] == a["utterances"]
+    assert abs(one[-1]["train_loss"] - one[0]["train_loss"]) > 1e-3  # the optimizer really stepped

@@ -10,44 +10,25 @@ import soundfile as sf
 import torch
 from lhotse import CutSet
 
-from tests.conftest import ROOT, run_recipe
+from tests.conftest import ROOT, assert_ddp_parity, ddp_parity_metrics, run_recipe, tiny_overrides
 
 STEPS = 6
 
 
-def _overrides(tiny_corpus, nproc, *extra):
-    return [f"trainer.devices={nproc}", "logger.wandb=false", "data.max_duration_s=12",
-            f"data.dir={tiny_corpus['dir']}", "data.generated.num_train=120", "data.generated.num_val=16", *extra]
-
-
 @pytest.fixture(scope="module")
 def parity_runs(tiny_corpus, tmp_path_factory):
-    out = {}
-    for nproc in (1, 2):
-        run_dir = tmp_path_factory.mktemp("asr_parity") / f"ddp{nproc}"
-        # SpecAugment draws random masks per worker: off, so both runs see identical features.
-        proc = run_recipe("asr_ddp", nproc, _overrides(tiny_corpus, nproc, f"trainer.max_steps={STEPS}",
-                                                       "trainer.limit_val_batches=0", "data.spec_augment=null"),
-                          run_dir)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        out[nproc] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return out
+    # SpecAugment draws random masks per worker: off, so both runs see identical features.
+    return ddp_parity_metrics("asr_ddp", tiny_corpus, tmp_path_factory.mktemp("asr_ddp_parity"), STEPS, "data.spec_augment=null")
 
 
 def test_ddp_two_processes_match_one_process(parity_runs):
-    one, two = parity_runs[1], parity_runs[2]
-    assert [m["step"] for m in two] == [m["step"] for m in one] == list(range(1, STEPS + 1))
-    for a, b in zip(one, two):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4), a["step"]
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), a["step"]
-        assert b["utterances"] == a["utterances"]
-    assert abs(one[-1]["train_loss"] - one[0]["train_loss"]) > 1e-3  # it really trained
+    assert_ddp_parity(parity_runs, STEPS)
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("asr_run") / "outputs" / "asr_ddp" / "contract"
-    proc = run_recipe("asr_ddp", 2, _overrides(tiny_corpus, 2, "trainer.max_steps=4", "trainer.val_check_interval=4",
+    proc = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, "trainer.max_steps=4", "trainer.val_check_interval=4",
                                                "checkpoint.every_n_steps=2"), run_dir)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir

@@ -7,44 +7,25 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_recipe
+from tests.conftest import ROOT, assert_ddp_parity, ddp_parity_metrics, run_recipe, tiny_overrides
 
 STEPS = 6
 
 
-def _overrides(tiny_corpus, nproc, *extra):
-    return [f"trainer.devices={nproc}", "logger.wandb=false", "data.max_duration_s=12",
-            f"data.dir={tiny_corpus['dir']}", "data.generated.num_train=120", "data.generated.num_val=16", *extra]
-
-
 @pytest.fixture(scope="module")
 def parity_runs(tiny_corpus, tmp_path_factory):
-    out = {}
-    for nproc in (1, 2):
-        run_dir = tmp_path_factory.mktemp("tts_parity") / f"ddp{nproc}"
-        # The decoder pre-net's dropout is random per process: off, as the parity goal states.
-        proc = run_recipe("tts_ddp", nproc, _overrides(tiny_corpus, nproc, f"trainer.max_steps={STEPS}",
-                                                       "trainer.limit_val_batches=0",
-                                                       "model.speecht5.speech_decoder_prenet_dropout=0.0"), run_dir)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        out[nproc] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return out
+    # The decoder pre-net's dropout is random per process: off, as the parity goal states.
+    return ddp_parity_metrics("tts_ddp", tiny_corpus, tmp_path_factory.mktemp("tts_ddp_parity"), STEPS, "model.speecht5.speech_decoder_prenet_dropout=0.0")
 
 
 def test_ddp_two_processes_match_one_process(parity_runs):
-    one, two = parity_runs[1], parity_runs[2]
-    assert [m["step"] for m in two] == [m["step"] for m in one] == list(range(1, STEPS + 1))
-    for a, b in zip(one, two):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4), a["step"]
-        assert b["train_mel_loss"] == pytest.approx(a["train_mel_loss"], rel=1e-4), a["step"]
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), a["step"]
-    assert abs(one[-1]["train_loss"] - one[0]["train_loss"]) > 1e-3
+    assert_ddp_parity(parity_runs, STEPS, ("train_loss", "train_mel_loss"))
 
 
 @pytest.fixture(scope="module")
 def asr_checkpoint(tiny_corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("asr_for_tts") / "asr"
-    proc = run_recipe("asr_ddp", 2, _overrides(tiny_corpus, 2, "trainer.max_steps=2", "trainer.limit_val_batches=0"),
+    proc = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, "trainer.max_steps=2", "trainer.limit_val_batches=0"),
                       run_dir)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir / "checkpoints" / "last.ckpt"
@@ -53,7 +34,7 @@ def asr_checkpoint(tiny_corpus, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tiny_corpus, asr_checkpoint, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tts_run") / "outputs" / "tts_ddp" / "contract"
-    proc = run_recipe("tts_ddp", 2, _overrides(tiny_corpus, 2, "trainer.max_steps=4", "trainer.val_check_interval=4",
+    proc = run_recipe("tts_ddp", 2, tiny_overrides(tiny_corpus, 2, "trainer.max_steps=4", "trainer.val_check_interval=4",
                                                f"eval.asr_checkpoint={asr_checkpoint}", "eval.num_sentences=3",
                                                "model.max_frames_per_token=3"), run_dir)
     assert proc.returncode == 0, proc.stderr[-4000:]
