@@ -80,13 +80,14 @@ def test_tp_must_divide_vocab_and_needs_untied_embeddings():
     check_tensor_parallel(1, cfg, 32, lora=True)  # LoRA with FSDP2 alone is fine
 
 
-def test_asr_ddp_yaml_builds_the_same_strategy_as_python():
+@pytest.mark.parametrize("recipe", ["asr_ddp", "tts_ddp"])
+def test_ddp_yaml_builds_the_same_strategy_as_python(recipe):
     from lightning.pytorch.strategies import DDPStrategy
 
     from common.parallel import build_strategy
     from tests.conftest import recipe_config
 
-    cfg = recipe_config("asr_ddp")
+    cfg = recipe_config(recipe)
     from_yaml = build_strategy(cfg.trainer.strategy)
     from_python = DDPStrategy(gradient_as_bucket_view=True, find_unused_parameters=False)
     assert type(from_yaml) is DDPStrategy
