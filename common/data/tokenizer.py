@@ -25,7 +25,20 @@ from pathlib import Path
 AUDIO_TOKEN = "<|audio|>"
 
 
-class WordTokenizer:
+class _SavedAsJson:
+    """``save(dir)`` writes ``to_json()`` to ``dir/FILENAME`` (what ``load_tokenizer`` looks for)."""
+
+    FILENAME: str
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / self.FILENAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
+        return path
+
+
+class WordTokenizer(_SavedAsJson):
+    FILENAME = "word_tokenizer.json"
     SPECIALS = ("<pad>", "<bos>", "<eos>", AUDIO_TOKEN, "<unk>")
 
     def __init__(self, vocab: list[str]):
@@ -57,14 +70,9 @@ class WordTokenizer:
     def to_json(self) -> str:
         return json.dumps({"type": "word", "vocab": self.vocab}, indent=0)
 
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / "word_tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json())
-        return path
 
 
-class BPETokenizer:
+class BPETokenizer(_SavedAsJson):
     """Sentencepiece-style BPE (``▁`` marks a word start) from Hugging Face ``tokenizers``.
 
     Id 0 is ``<blank>`` (CTC's blank, also used to pad targets) and id 1 is ``<unk>``; there is
@@ -72,6 +80,7 @@ class BPETokenizer:
     distinct characters gives a character tokenizer.
     """
 
+    FILENAME = "bpe_tokenizer.json"
     SPECIALS = ("<blank>", "<unk>")
     blank_id = pad_id = 0
     unk_id = 1
@@ -122,11 +131,6 @@ class BPETokenizer:
     def to_json(self) -> str:
         return self.tok.to_str()
 
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / "bpe_tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json())
-        return path
 
 
 class HFTokenizer:
@@ -165,11 +169,9 @@ class HFTokenizer:
 
 def load_tokenizer(directory: str | Path):
     directory = Path(directory)
-    word = directory / "word_tokenizer.json"
-    if word.exists():
-        return WordTokenizer(json.loads(word.read_text())["vocab"])
-    if (directory / "bpe_tokenizer.json").exists():
-        return BPETokenizer.from_json((directory / "bpe_tokenizer.json").read_text())
+    for cls in (WordTokenizer, BPETokenizer):
+        if (directory / cls.FILENAME).exists():
+            return tokenizer_from_json((directory / cls.FILENAME).read_text())
     if (directory / "tokenizer_config.json").exists():
         return HFTokenizer.from_pretrained(str(directory))
     raise FileNotFoundError(
