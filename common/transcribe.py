@@ -80,19 +80,15 @@ def read_features(audio_path: str | Path, sample_rate: int, num_mel_bins: int) -
     """Log-mel features (frames, bins) of an audio file, as the training data loader computes them."""
     from lhotse import Recording
 
-    from common.data.loading import LogMel
+    from common.data.loading import LogMel, load_mono
 
     path = Path(audio_path)
     if not path.is_file():
         raise ConfigError(f"audio file {path}: no such file")
-    try:
-        recording = Recording.from_file(path)
-        if recording.sampling_rate != sample_rate:
-            recording = recording.resample(sample_rate)
-        samples = recording.load_audio()
+    try:  # the data loader's own resample + downmix, on a cut of the whole file
+        mono = load_mono(Recording.from_file(path).to_cut(), sample_rate)
     except Exception as exc:  # noqa: BLE001 - whatever the decoder raises, name the file
         raise ConfigError(f"audio file {path}: cannot be read as audio ({type(exc).__name__}: {exc})") from exc
-    mono = samples.mean(axis=0) if samples.ndim == 2 else samples
     if mono.size == 0:
         raise ConfigError(f"audio file {path}: contains no samples")
     return torch.from_numpy(LogMel(num_mel_bins, sample_rate)(mono)).float()

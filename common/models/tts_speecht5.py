@@ -69,6 +69,9 @@ class SpeechT5TTS(nn.Module):
         self.config = SpeechT5Config(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
                                      num_mel_bins=num_mel_bins, use_guided_attention_loss=False, **arch)
         self.tts = SpeechT5ForTextToSpeech(self.config)
+        from transformers.models.speecht5.modeling_speecht5 import shift_spectrograms_right
+
+        self._shift_right = shift_spectrograms_right  # teacher forcing: decoder input = previous step's frame
         # The post-net's BatchNorm makes a frame's output depend on the rest of the batch (and on
         # the data-parallel layout); a per-frame LayerNorm does not.
         for layer in self.tts.speech_decoder_postnet.layers:
@@ -91,9 +94,7 @@ class SpeechT5TTS(nn.Module):
         mel, frame_mask = batch["input_features"], batch["feature_mask"]
         pad = (-mel.shape[1]) % self.r  # whole decoder steps of r frames
         mel, frame_mask = F.pad(mel, (0, 0, 0, pad)), F.pad(frame_mask, (0, pad))
-        from transformers.models.speecht5.modeling_speecht5 import shift_spectrograms_right
-
-        decoder_in, decoder_mask = shift_spectrograms_right(mel, self.r, frame_mask.long())
+        decoder_in, decoder_mask = self._shift_right(mel, self.r, frame_mask.long())
         speaker = self.speaker.expand(mel.shape[0], -1)
         out = self.tts.speecht5(
             input_values=text, attention_mask=text_mask, decoder_input_values=decoder_in,
