@@ -18,7 +18,7 @@ NPROC ?= $(or $(NPROC_$(RECIPE)),2)
 RUN_NAME ?= $(shell date +%Y%m%d-%H%M%S)
 export RUN_NAME
 
-.PHONY: help setup run transcribe synthesize test quality lint clean
+.PHONY: help setup run transcribe synthesize data-check to-shar test quality lint clean
 
 help:
 	@echo "make setup                       create $(VENV) and install pinned dependencies"
@@ -28,6 +28,9 @@ help:
 	@echo "                                 print the transcript (default CKPT: the latest run's last)"
 	@echo "make synthesize RECIPE=tts_ddp TEXT='...' [CKPT=...] [OUT=x.wav]"
 	@echo "                                 WAV (Griffin-Lim) + PNG of the predicted mel spectrogram"
+	@echo "make data-check MANIFEST=<file|dir> [ARGS='--tokenizer DIR --max-duration-s 30']"
+	@echo "                                 report missing/corrupt audio, bad durations, bad text; non-zero if any"
+	@echo "make to-shar MANIFEST=<file> OUT=<dir>   export a manifest (cuts, NeMo, ...) to Lhotse Shar shards"
 	@echo "make test                        unit + multi-process tests (CPU, gloo)"
 	@echo "make quality RECIPE=<r>          default run + check its time and WER goals"
 	@echo "make lint                        ruff"
@@ -56,6 +59,15 @@ OUT ?= outputs/$(RECIPE)/latest/synthesized.wav
 synthesize: setup
 	@test -n "$(TEXT)" || { echo "error: TEXT is not set (make synthesize RECIPE=$(RECIPE) TEXT='alpha bravo')" >&2; exit 2; }
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m common.synthesize $(CKPT) "$(TEXT)" --out $(OUT)
+
+MANIFEST ?=
+data-check: setup
+	@test -n "$(MANIFEST)" || { echo "error: MANIFEST is not set (make data-check MANIFEST=data/train_cuts.jsonl.gz)" >&2; exit 2; }
+	$(PY) -m common.data check $(MANIFEST) $(ARGS)
+
+to-shar: setup
+	@test -n "$(MANIFEST)" -a -n "$(OUT)" || { echo "error: set MANIFEST and OUT (make to-shar MANIFEST=cuts.jsonl.gz OUT=shar/)" >&2; exit 2; }
+	$(PY) -m common.data to-shar $(MANIFEST) $(OUT) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -62,6 +62,10 @@ class TrainingModule(L.LightningModule):
         global_tokens = batch[self.loss_normalizer]  # answer/target tokens, or mel frames for TTS
         dp = self.dp_size
         tp = self.trainer.world_size // dp
+        if batch.get("substitute"):
+            # This rank's shard was unreadable (see common.data.checks): the step runs on silence so that
+            # every collective matches, and contributes nothing.
+            loss_sum = loss_sum * 0.0
         # Global-batch loss: sum the per-rank shares over the world; TP ranks hold copies, hence / tp.
         share = to_local(loss_sum).detach() / global_tokens / tp
         self.log("train_loss", share, reduce_fx="sum", sync_dist=True, on_step=True, prog_bar=False)
@@ -118,6 +122,8 @@ class TrainingModule(L.LightningModule):
     # --- validation -----------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx):
         loss_sum, num_tokens = self.model(batch)
+        if batch.get("substitute"):  # silence standing in for an unreadable shard: run, but do not score
+            return
         self.val_loss.update(to_local(loss_sum).detach() / num_tokens, weight=num_tokens)
         for name, (total, count) in getattr(self.model, "last_sums", {}).items():
             if name in self.val_extra:

@@ -81,6 +81,8 @@ class RunRecorder(L.Callback):
             "grad_norm": pl_module.last_grad_norm,
             "utterances": batch["global_num_utterances"],
             "audio_s": round(batch["global_audio_s"], 3),
+            "padding_efficiency": round(batch["padding_efficiency"], 4),
+            "batch": batch["batch_fingerprint"],  # hash of the global batch's cut ids: same data order?
             "elapsed_s": round(time.perf_counter() - self.t_start, 3),
             # Loss components a model reports besides the total (e.g. TTS train_mel_loss, train_stop_loss).
             **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train_") and k != "train_loss"},
@@ -128,7 +130,7 @@ def _val(record: dict | None) -> dict:
 
 
 def summarize(cfg, layout, recorder: RunRecorder, *, status: str, error: str | None, wall_s: float,
-              checkpoint: str | None, skipped_global_batches: int) -> dict:
+              checkpoint: str | None, skipped_global_batches: int, bad_items: list[dict] | None = None) -> dict:
     """The ``summary.json`` of the run contract."""
     history, validations = recorder.history, recorder.validations
     return {
@@ -149,10 +151,23 @@ def summarize(cfg, layout, recorder: RunRecorder, *, status: str, error: str | N
         "val_first": _val(validations[0] if validations else None),
         "throughput": recorder.throughput(),
         "memory": {"per_rank": recorder.per_rank},
-        "data": {"skipped_global_batches": skipped_global_batches},
+        "data": {
+            "skipped_global_batches": skipped_global_batches,
+            "skipped": skipped_summary(bad_items or []),
+            "padding_efficiency": (round(sum(h["padding_efficiency"] for h in history) / len(history), 4)
+                                   if history else None),
+        },
         "wall_s": round(wall_s, 2),
         "checkpoint": checkpoint,
     }
+
+
+def skipped_summary(bad_items: list[dict], num_examples: int = 10) -> dict:
+    """``summary.json``'s ``data.skipped``: total, count per kind, the first few items with their paths."""
+    by_kind: dict[str, int] = {}
+    for item in bad_items:
+        by_kind[item["kind"]] = by_kind.get(item["kind"], 0) + 1
+    return {"total": len(bad_items), "by_kind": by_kind, "examples": bad_items[:num_examples]}
 
 
 def write_summary(run_dir: Path, summary: dict) -> Path:

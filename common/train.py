@@ -12,6 +12,7 @@ summary.json, checkpoints/, tokenizer/, wandb/ (and an ``outputs/<recipe>/latest
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -68,30 +69,38 @@ def resolve_hardware(cfg: DictConfig) -> None:
 
 
 def prepare_data(cfg: DictConfig) -> dict:
-    if cfg.data.get("train_manifest"):
-        manifests = {"train": Path(cfg.data.train_manifest), "val": Path(cfg.data.val_manifest)}
-        for split, path in manifests.items():
-            if not path.exists():
-                raise ConfigError(f"data.{split}_manifest: no such file: {path}")
-        return manifests
+    """``{"train": [SourceSpec, ...], "val": [...]}`` from ``data.train`` / ``data.val``
+    (lhotse cuts, recordings + supervisions, Shar, NeMo); both empty = the generated tone corpus."""
+    from common.data.sources import SourceError, parse_sources
+
+    try:
+        sources = {split: parse_sources(cfg.data.get(split), setting=f"data.{split}") for split in ("train", "val")}
+    except SourceError as exc:
+        raise ConfigError(str(exc)) from exc
+    if sources["train"] and sources["val"]:
+        return sources
+    if sources["train"] or sources["val"]:
+        missing = "val" if sources["train"] else "train"
+        raise ConfigError(f"data.{missing} is empty: set both data.train and data.val (or neither, for the "
+                          "generated tone corpus)")
     from common.data.corpus import ensure_tone_corpus
 
-    return ensure_tone_corpus(cfg.data.dir, **cfg.data.generated)
+    generated = ensure_tone_corpus(cfg.data.dir, **cfg.data.generated)
+    return {split: parse_sources([str(generated[split])], setting=f"data.{split}") for split in ("train", "val")}
 
 
 MODELS = ("salm", "asr_ctc", "tts_speecht5")
 
 
-def build_tokenizer(cfg: DictConfig, manifests: dict):
-    from lhotse import CutSet
-
+def build_tokenizer(cfg: DictConfig, sources: dict):
+    from common.data.sources import iter_texts
     from common.data.tokenizer import BPETokenizer, HFTokenizer, WordTokenizer
 
     if cfg.model.name not in MODELS:
         raise ConfigError(f"model.name {cfg.model.name!r} is not known (known: {', '.join(MODELS)})")
     if cfg.model.get("pretrained_llm"):
         return HFTokenizer.from_pretrained(cfg.model.pretrained_llm)
-    texts = (s.text for c in CutSet.from_file(manifests["train"]) for s in c.supervisions)
+    texts = iter_texts(sources["train"])  # transcripts from metadata; no audio is read
     if cfg.model.name in ("asr_ctc", "tts_speecht5"):
         return BPETokenizer.build(texts, vocab_size=cfg.model.tokenizer.vocab_size)
     return WordTokenizer.build(texts, extra_words=cfg.model.prompt.split(), pad_to_multiple_of=8)
@@ -149,9 +158,14 @@ def link_latest(run_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=None, config_name=None)
 def main(cfg: DictConfig) -> None:
+    from common.data.checks import BadItemError
+
     try:
         train(cfg)
-    except ConfigError as exc:
+    except (ConfigError, BadItemError) as exc:
+        if isinstance(exc, BadItemError):  # re-raised from a DataLoader worker: keep its own message
+            exc = next((line.split("BadItemError: ", 1)[1] for line in str(exc).splitlines()
+                        if "BadItemError: " in line), str(exc))
         # A clear one-line message instead of a traceback per rank; SystemExit passes through Hydra.
         # torchrun kills every rank as soon as one exits, so the other ranks give rank 0 (which sees
         # the same error) a moment to print first, and print themselves if still alive (an error
@@ -176,8 +190,8 @@ def train(cfg: DictConfig) -> None:
     import lightning as L
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    manifests = prepare_data(cfg)
-    tokenizer = build_tokenizer(cfg, manifests)
+    sources = prepare_data(cfg)
+    tokenizer = build_tokenizer(cfg, sources)
     model = build_model(cfg, tokenizer)
     if hasattr(model, "llm"):
         check_tensor_parallel(layout.tensor_parallel_size, model.llm.config, tokenizer.vocab_size,
@@ -190,7 +204,9 @@ def train(cfg: DictConfig) -> None:
     parallel = OmegaConf.to_container(cfg.parallel) if cfg.get("parallel") else None  # ModelParallelStrategy only
     module = TrainingModule(model, tokenizer, optim=cfg.optim, parallel=parallel,
                             run_config=OmegaConf.to_container(cfg, resolve=True))
-    datamodule = SpeechDataModule(cfg.data, tokenizer, manifests, seed=cfg.seed)
+    check_data_options(cfg)
+    datamodule = SpeechDataModule(cfg.data, tokenizer, sources, seed=cfg.seed,
+                                  audio_frames_per_token=audio_frames_per_token(cfg))
 
     # 3. Run directory: resolved config and tokenizer first, so a failed run still explains itself.
     if RANK == 0:
@@ -203,9 +219,11 @@ def train(cfg: DictConfig) -> None:
 
     # 4. Train; the summary is written whether it completes or fails.
     status, error, extra_val = "failed", None, {}
+    bad_items = datamodule.bad_items
     try:
-        trainer.fit(module, datamodule=datamodule)
-        extra_val = evaluate_intelligibility(cfg, model, manifests) if RANK == 0 else {}
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.run.get("resume_from"))
+        bad_items = gather_bad_items(datamodule.bad_items)
+        extra_val = evaluate_intelligibility(cfg, model, sources) if RANK == 0 else {}
         status = "completed"
     except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised
         error = f"{type(exc).__name__}: {exc}"
@@ -214,7 +232,8 @@ def train(cfg: DictConfig) -> None:
         if RANK == 0:
             summary = summarize(cfg, layout, recorder, status=status, error=error, wall_s=time.perf_counter() - t0,
                                 checkpoint=checkpoint.last_model_path or None,
-                                skipped_global_batches=_skipped(trainer))
+                                skipped_global_batches=_skipped(trainer), bad_items=list(bad_items.values()))
+            write_bad_items(run_dir, bad_items)
             summary["val"].update(extra_val if status == "completed" else {})
             write_summary(run_dir, summary)
             print(f"\nrun {status}: results in {run_dir}\n  summary.json, metrics.jsonl, validation.jsonl, "
@@ -223,16 +242,55 @@ def train(cfg: DictConfig) -> None:
                 print(f"  transcribe: python -m common.transcribe {summary['checkpoint']} <audio file>", flush=True)
 
 
-def evaluate_intelligibility(cfg: DictConfig, model, manifests: dict) -> dict:
+def check_data_options(cfg: DictConfig) -> None:
+    from common.data.checks import ON_BAD_ITEM
+
+    if cfg.data.get("on_bad_item", "skip") not in ON_BAD_ITEM:
+        raise ConfigError(f"data.on_bad_item must be one of {', '.join(ON_BAD_ITEM)}, got {cfg.data.on_bad_item!r}")
+    if cfg.data.get("max_tokens") and not audio_frames_per_token(cfg):
+        raise ConfigError("data.max_tokens bounds speech-LLM batches by LLM positions; "
+                          f"model {cfg.model.name!r} has none (use data.max_duration_s)")
+
+
+def audio_frames_per_token(cfg: DictConfig) -> int | None:
+    """Feature frames per LLM position of a speech-LLM (encoder subsampling x projector stacking)."""
+    if cfg.model.name != "salm":
+        return None
+    return int(cfg.model.encoder.subsampling_factor) * int(cfg.model.projector.stack_frames)
+
+
+def gather_bad_items(local: dict) -> dict:
+    """Every rank's skipped items, merged by cut id (TP peers and all ranks see metadata problems alike)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return dict(local)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    merged: dict = {}
+    for items in gathered:
+        for cut_id, item in items.items():
+            merged.setdefault(cut_id, item)
+    return merged
+
+
+def write_bad_items(run_dir: Path, bad_items: dict) -> None:
+    if bad_items:
+        with open(run_dir / "skipped_items.jsonl", "w") as f:
+            f.writelines(json.dumps(item) + "\n" for item in bad_items.values())
+
+
+def evaluate_intelligibility(cfg: DictConfig, model, sources: dict) -> dict:
     """TTS only, when ``eval.asr_checkpoint`` is set: CER of that recognizer on synthesized held-out text."""
     asr_checkpoint = cfg.get("eval", {}).get("asr_checkpoint")
     if not asr_checkpoint or not hasattr(model, "synthesize"):
         return {}
-    from lhotse import CutSet
+    from itertools import islice
 
+    from common.data.sources import iter_texts
     from common.synthesize import intelligibility
 
-    texts = [c.supervisions[0].text for c in CutSet.from_file(manifests["val"])][: cfg.eval.num_sentences]
+    texts = list(islice(iter_texts(sources["val"]), cfg.eval.num_sentences))
     log.info("intelligibility: synthesizing %d held-out sentences, transcribing with %s", len(texts), asr_checkpoint)
     return intelligibility(model.eval(), cfg, texts, asr_checkpoint)
 

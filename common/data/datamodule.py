@@ -1,53 +1,104 @@
-"""LightningDataModule over lhotse manifests; data sharded by data-parallel rank (never by TP rank).
+"""LightningDataModule over the configured sources; data sharded by data-parallel rank (never by TP rank).
 
 Usage::
 
-    dm = SpeechDataModule(cfg.data, tokenizer, manifests={"train": ..., "val": ...}, seed=0)
+    dm = SpeechDataModule(cfg.data, tokenizer, sources={"train": [...], "val": [...]}, seed=0)
     trainer.fit(module, dm)   # with use_distributed_sampler=False: sharding is done here
+
+Besides the batches it keeps what a run must report and resume:
+
+* ``bad_items``: every item skipped on this rank (metadata problems found identically on all
+  ranks, audio problems found by this rank), by cut id, each logged with its path;
+* ``state_dict()``: the training sampler's position (epoch, global batches trained on), saved in
+  every checkpoint by Lightning, so that a resumed run continues the same data order.
 """
 
 from __future__ import annotations
+
+import logging
 
 import lightning as L
 
 from common.parallel import data_parallel_rank_size
 
-from .loading import make_loader
+from .loading import TokenBudget, make_loader
+from .sources import open_sources
+
+log = logging.getLogger(__name__)
 
 
 class SpeechDataModule(L.LightningDataModule):
-    def __init__(self, cfg, tokenizer, manifests: dict, seed: int):
+    def __init__(self, cfg, tokenizer, sources: dict, seed: int, audio_frames_per_token: int | None = None):
         super().__init__()
-        self.cfg, self.tokenizer, self.manifests, self.seed = cfg, tokenizer, manifests, seed
+        self.cfg, self.tokenizer, self.sources, self.seed = cfg, tokenizer, sources, seed
+        self.audio_frames_per_token = audio_frames_per_token
+        self.bad_items: dict[str, dict] = {}
+        self._train_sampler = None
+        self._resume_state: dict | None = None
 
     def _loader(self, split: str, train: bool):
-        from lhotse import CutSet
-
         dp_rank, dp_size = data_parallel_rank_size(self.trainer)
-        cuts = CutSet.from_file(self.manifests[split])
-        return make_loader(
-            cuts,
+        cfg = self.cfg
+        max_tokens = cfg.get("max_tokens") if train else None
+        budget = None
+        if max_tokens:
+            budget = TokenBudget(self.tokenizer, audio_frames_per_token=self.audio_frames_per_token or 1)
+        loader = make_loader(
+            open_sources(self.sources[split], seed=self.seed, mix=train),
             self.tokenizer,
             dp_rank=dp_rank,
             dp_size=dp_size,
-            max_duration_s=self.cfg.max_duration_s if train else self.cfg.val_max_duration_s,
+            max_duration_s=cfg.max_duration_s if train else cfg.val_max_duration_s,
             shuffle=train,
             seed=self.seed,
-            num_buckets=self.cfg.num_buckets,
-            num_workers=self.cfg.num_workers,
-            num_mel_bins=self.cfg.num_mel_bins,
-            sample_rate=self.cfg.sample_rate,
+            num_buckets=cfg.num_buckets,
+            num_workers=cfg.num_workers,
+            num_mel_bins=cfg.num_mel_bins,
+            sample_rate=cfg.sample_rate,
             # Training only; plain dict (lhotse's SpecAugment kwargs) so DataLoader workers can pickle it.
-            spec_augment=_to_dict(self.cfg.get("spec_augment")) if train else None,
-            normalize_features=self.cfg.get("feature_normalization", "utterance") == "utterance",
-            token_alignment=bool(self.cfg.get("token_alignment", False)),
+            spec_augment=_to_dict(cfg.get("spec_augment")) if train else None,
+            normalize_features=cfg.get("feature_normalization", "utterance") == "utterance",
+            token_alignment=bool(cfg.get("token_alignment", False)),
+            on_bad_item=cfg.get("on_bad_item", "skip"),
+            max_utterance_s=cfg.get("max_utterance_s"),
+            token_budget=budget,
+            max_tokens=max_tokens,
+            buffer_size=cfg.get("bucket_buffer_size", 20000),
+            check_tokens=train,
         )
+        self.bad_items.update(loader.metadata_filter.bad_items)
+        loader.metadata_filter.bad_items = self.bad_items  # later finds (lazy sources) land here too
+        if train:
+            self._train_sampler = loader.sampler
+            if self._resume_state is not None:
+                loader.sampler.load_state_dict(self._resume_state)
+                log.info("resuming the data order at epoch %d after %d global batches",
+                         self._resume_state["epoch"], self._resume_state["consumed"])
+                self._resume_state = None
+        return loader
 
     def train_dataloader(self):
         return self._loader("train", train=True)
 
     def val_dataloader(self):
         return self._loader("val", train=False)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        for item in batch.pop("bad_items", ()):
+            if item["cut_id"] not in self.bad_items:
+                self.bad_items[item["cut_id"]] = item
+                log.warning("skipped bad data item %s (%s): %s", item["cut_id"], item["path"], item["detail"])
+        position = batch.pop("data_position", None)
+        if position is not None and self.trainer is not None and self.trainer.training and self._train_sampler:
+            self._train_sampler.mark_consumed(*position)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"train_sampler": self._train_sampler.state_dict()} if self._train_sampler else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Lightning restores checkpoints before it builds the dataloaders: applied in _loader().
+        self._resume_state = state.get("train_sampler")
 
 
 def _to_dict(cfg) -> dict | None:

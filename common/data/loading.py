@@ -19,13 +19,17 @@ Usage::
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
+
+from .checks import ON_BAD_ITEM, BadItem, BadItemError, load_checked, metadata_problem
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,8 @@ class GlobalBatch:
     cuts: Any  # lhotse CutSet of the whole global batch
     dp_rank: int
     dp_size: int
+    epoch: int = 0
+    index: int = 0  # position in the epoch's sequence of global batches (for exact resume)
 
     def local_cuts(self) -> list:
         return shard_cuts(self.cuts, self.dp_size)[self.dp_rank]
@@ -51,6 +57,12 @@ class DataParallelBatchSampler(Sampler):
 
     A global batch with fewer cuts than ``dp_size`` cannot give every rank a shard; it is skipped on
     every rank alike (so step counts stay equal) and counted in ``num_skipped_batches``.
+
+    Resumable: the state is (epoch, number of global batches already *trained on*), which the
+    training loop reports through :meth:`mark_consumed`; :meth:`load_state_dict` makes the next
+    iteration of that epoch replay the lhotse sampler (metadata only, no audio) past those
+    batches, so a resumed run sees exactly the batches the uninterrupted run would have.
+    The sampler's own position cannot be used: DataLoader workers prefetch batches ahead of training.
     """
 
     def __init__(self, sampler, dp_rank: int, dp_size: int):
@@ -59,24 +71,68 @@ class DataParallelBatchSampler(Sampler):
             raise ValueError(f"dp_rank ({dp_rank}) must be in [0, dp_size={dp_size})")
         self.sampler, self.dp_rank, self.dp_size = sampler, dp_rank, dp_size
         self.num_skipped_batches = 0
+        self.epoch = 0
+        self.consumed = 0  # global batches of `epoch` trained on
+        self._skip_on_next_iter = 0
 
     def __iter__(self):
+        skip, self._skip_on_next_iter = self._skip_on_next_iter, 0
+        index = 0
         for cuts in self.sampler:
             if len(cuts) < self.dp_size:
                 self.num_skipped_batches += 1
                 log.warning("skipping a global batch of %d cut(s) < data_parallel_size %d", len(cuts), self.dp_size)
                 continue
-            yield GlobalBatch(cuts, self.dp_rank, self.dp_size)
+            if index >= skip:
+                yield GlobalBatch(cuts, self.dp_rank, self.dp_size, epoch=self.epoch, index=index)
+            index += 1
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.consumed = 0
+        self.epoch = epoch
         self.sampler.set_epoch(epoch)
 
+    def mark_consumed(self, epoch: int, index: int) -> None:
+        self.epoch, self.consumed = epoch, index + 1
+
     def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict(), "num_skipped_batches": self.num_skipped_batches}
+        return {"epoch": self.epoch, "consumed": self.consumed, "num_skipped_batches": self.num_skipped_batches}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state["sampler"])
+        self.set_epoch(state["epoch"])
+        self.consumed = self._skip_on_next_iter = state["consumed"]
         self.num_skipped_batches = state["num_skipped_batches"]
+
+
+class TokenBudget:
+    """Length of an utterance in LLM positions (for speech-LLM batches bounded by tokens):
+    audio frames / ``audio_frames_per_token`` + transcript tokens + ``extra_tokens`` (prompt, eos).
+
+    Usage::
+
+        measure = TokenBudget(tokenizer, audio_frames_per_token=8, extra_tokens=2)
+        DynamicBucketingSampler(cuts, constraint=measure.constraint(max_tokens=640), ...)
+    """
+
+    def __init__(self, tokenizer, audio_frames_per_token: int, extra_tokens: int = 2, frame_shift_s: float = 0.01):
+        self.tokenizer, self.frames_per_token = tokenizer, audio_frames_per_token
+        self.extra_tokens, self.frame_shift_s = extra_tokens, frame_shift_s
+
+    def __call__(self, cut) -> int:
+        audio = math.ceil(cut.duration / self.frame_shift_s / self.frames_per_token)
+        return audio + len(self.tokenizer.encode(cut.supervisions[0].text or "")) + self.extra_tokens
+
+    def constraint(self, max_tokens: int):
+        from lhotse.dataset.sampling.base import TokenConstraint
+
+        measure = self
+
+        class LLMTokenConstraint(TokenConstraint):  # lhotse measures TextExamples; ours are cuts
+            def measure_length(self, example) -> float:
+                return measure(example)
+
+        return LLMTokenConstraint(max_tokens=max_tokens)
 
 
 class LogMel:
@@ -91,7 +147,7 @@ class LogMel:
     def __init__(self, num_mel_bins: int = 64, sample_rate: int = 16000, normalize: bool = True):
         from lhotse import Fbank, FbankConfig
 
-        self.sample_rate, self.normalize = sample_rate, normalize
+        self.sample_rate, self.normalize, self.num_mel_bins = sample_rate, normalize, num_mel_bins
         self.extractor = Fbank(FbankConfig(num_mel_bins=num_mel_bins, sampling_rate=sample_rate,
                                            frame_shift=self.FRAME_SHIFT_S))
 
@@ -124,8 +180,11 @@ class SpeechTextDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, tokenizer, num_mel_bins: int = 64, sample_rate: int = 16000, spec_augment: dict | None = None,
-                 normalize_features: bool = True, token_alignment: bool = False):
+                 normalize_features: bool = True, token_alignment: bool = False, on_bad_item: str = "skip"):
+        if on_bad_item not in ON_BAD_ITEM:
+            raise ValueError(f"data.on_bad_item must be one of {ON_BAD_ITEM}, got {on_bad_item!r}")
         self.tokenizer = tokenizer
+        self.on_bad_item = on_bad_item
         self.token_alignment = token_alignment
         self.features = LogMel(num_mel_bins, sample_rate, normalize=normalize_features)
         self.spec_augment = None
@@ -162,12 +221,28 @@ class SpeechTextDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, batch: GlobalBatch) -> dict:
         all_targets = {c.id: self.targets(c) for c in batch.cuts}
-        local = batch.local_cuts()
-        feats = [torch.from_numpy(self.features(load_mono(c, self.features.sample_rate))) for c in local]
+        planned = batch.local_cuts()
+        local, feats, bad_items = [], [], []
+        for cut in planned:
+            try:
+                audio = load_checked(cut, self.features.sample_rate)
+            except BadItem as bad:
+                if self.on_bad_item == "error":
+                    raise BadItemError(f"{bad} (data.on_bad_item=error; 'skip' skips and counts such items)") from bad
+                bad_items.append(bad.to_dict())
+                continue
+            local.append(cut)
+            feats.append(torch.from_numpy(self.features(audio)))
+        substitute = not local
+        if substitute:
+            # This rank's whole shard is unreadable. It still takes the step (every collective must
+            # run on every rank): silence of the first item's length, with zero loss weight.
+            local = planned[:1]
+            feats = [torch.zeros(self.features.num_frames(local[0].duration), self.features.num_mel_bins)]
         targets = [torch.tensor(all_targets[c.id], dtype=torch.long) for c in local]
         num_frames = torch.tensor([f.shape[0] for f in feats])
         features = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).float()
-        if self.spec_augment is not None:
+        if self.spec_augment is not None and not substitute:
             # Time warp stays inside each utterance (segment = its unpadded frames).
             segments = torch.stack([torch.arange(len(feats)), torch.zeros_like(num_frames), num_frames], dim=1)
             features = self.spec_augment(features, supervision_segments=segments)
@@ -185,8 +260,20 @@ class SpeechTextDataset(torch.utils.data.Dataset):
             **self._alignment(local, all_targets),
             "global_num_utterances": len(batch.cuts),
             "global_audio_s": float(sum(c.duration for c in batch.cuts)),
+            "padding_efficiency": self.padding_efficiency(batch),
+            "batch_fingerprint": hashlib.sha1(" ".join(sorted(c.id for c in batch.cuts)).encode()).hexdigest()[:12],
+            "data_position": (batch.epoch, batch.index),
+            "bad_items": bad_items,
+            "substitute": substitute,
         }
 
+    def padding_efficiency(self, batch: GlobalBatch) -> float:
+        """Real feature frames / padded frames over the global batch's dp shards (from metadata)."""
+        real = padded = 0
+        for shard in shard_cuts(batch.cuts, batch.dp_size):
+            frames = [self.features.num_frames(c.duration) for c in shard]
+            real, padded = real + sum(frames), padded + len(frames) * max(frames, default=0)
+        return real / padded if padded else 1.0
 
     def _alignment(self, local, all_targets) -> dict:
         if not self.token_alignment:
@@ -199,6 +286,31 @@ class SpeechTextDataset(torch.utils.data.Dataset):
         for i, e in enumerate(ends):
             padded[i, : len(e)] = torch.tensor(e)
         return {"token_end_frames": padded}
+
+
+class MetadataFilter:
+    """Drops bad items (see :mod:`common.data.checks`) from the cut stream before batching.
+
+    Runs in the main process of every rank on the same stream, so every rank drops the same
+    items. Each bad item is counted once (by id) in ``bad_items`` and logged with its path;
+    in ``error`` mode the first one stops the run with :class:`BadItemError`.
+    """
+
+    def __init__(self, tokenizer, max_duration_s=None, measure=None, max_measure=None, on_bad_item="skip"):
+        self.tokenizer, self.max_duration_s, self.on_bad_item = tokenizer, max_duration_s, on_bad_item
+        self.measure, self.max_measure = measure, max_measure
+        self.bad_items: dict[str, dict] = {}
+
+    def __call__(self, cut) -> bool:
+        bad = metadata_problem(cut, self.tokenizer, self.max_duration_s, self.measure, self.max_measure)
+        if bad is None:
+            return True
+        if self.on_bad_item == "error":
+            raise BadItemError(f"{bad} (data.on_bad_item=error; 'skip' skips and counts such items)")
+        if bad.cut_id not in self.bad_items:
+            self.bad_items[bad.cut_id] = bad.to_dict()
+            log.warning("skipping %s", bad)
+        return False
 
 
 def make_loader(
@@ -217,25 +329,46 @@ def make_loader(
     spec_augment: dict | None = None,
     normalize_features: bool = True,
     token_alignment: bool = False,
+    on_bad_item: str = "skip",
+    max_utterance_s: float | None = None,
+    token_budget: TokenBudget | None = None,
+    max_tokens: int | None = None,
+    buffer_size: int = 20000,
+    check_tokens: bool = True,
 ) -> DataLoader:
-    """A DataLoader of this rank's shards of duration-bucketed global batches."""
+    """A DataLoader of this rank's shards of bucketed global batches, bad items filtered out.
+
+    Global batches hold ``max_duration_s`` of audio, or, with ``token_budget`` and ``max_tokens``,
+    at most ``max_tokens`` LLM positions (padded). Bucket bins are estimated from the data.
+    The filter (``loader.metadata_filter``) holds the items it dropped; ``check_tokens`` also drops
+    text that encodes to ``<unk>`` (for training targets; validation keeps unseen words as errors).
+    """
     from lhotse.dataset import DynamicBucketingSampler
 
+    if on_bad_item not in ON_BAD_ITEM:
+        raise ValueError(f"data.on_bad_item must be one of {ON_BAD_ITEM}, got {on_bad_item!r}")
+    by_tokens = token_budget is not None and max_tokens is not None
+    keep = MetadataFilter(tokenizer if check_tokens else None, max_utterance_s or max_duration_s, token_budget if by_tokens else None,
+                          max_tokens if by_tokens else None, on_bad_item)
     base = DynamicBucketingSampler(
-        cuts,
-        max_duration=max_duration_s,
+        cuts.filter(keep),
+        **({"constraint": token_budget.constraint(max_tokens)} if by_tokens else {"max_duration": max_duration_s}),
         num_buckets=num_buckets,
         shuffle=shuffle,
         drop_last=shuffle,  # training drops the ragged tail; validation keeps every cut
         seed=seed,
+        buffer_size=buffer_size,
         world_size=1,  # deliberately: every rank draws the same global batches (see module docstring)
         rank=0,
     )
-    return DataLoader(
+    loader = DataLoader(
         SpeechTextDataset(tokenizer, num_mel_bins, sample_rate, spec_augment=spec_augment,
-                          normalize_features=normalize_features, token_alignment=token_alignment),
+                          normalize_features=normalize_features, token_alignment=token_alignment,
+                          on_bad_item=on_bad_item),
         sampler=DataParallelBatchSampler(base, dp_rank, dp_size),
         batch_size=None,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )
+    loader.metadata_filter = keep
+    return loader
