@@ -163,11 +163,13 @@ def summarize(cfg, layout, recorder: RunRecorder, *, status: str, error: str | N
 
 
 def skipped_summary(bad_items: list[dict], num_examples: int = 10) -> dict:
-    """``summary.json``'s ``data.skipped``: total, count per kind, the first few items with their paths."""
+    """``summary.json``'s ``data.skipped``: distinct bad items (``total``), how many times they were met
+    (``times``: a mixed source repeats), count per kind, the first few items with their paths."""
     by_kind: dict[str, int] = {}
     for item in bad_items:
         by_kind[item["kind"]] = by_kind.get(item["kind"], 0) + 1
-    return {"total": len(bad_items), "by_kind": by_kind, "examples": bad_items[:num_examples]}
+    return {"total": len(bad_items), "times": sum(item.get("times", 1) for item in bad_items),
+            "by_kind": by_kind, "examples": bad_items[:num_examples]}
 
 
 def write_summary(run_dir: Path, summary: dict) -> Path:

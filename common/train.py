@@ -219,10 +219,10 @@ def train(cfg: DictConfig) -> None:
 
     # 4. Train; the summary is written whether it completes or fails.
     status, error, extra_val = "failed", None, {}
-    bad_items = datamodule.bad_items
+    data_report = {"items": datamodule.bad_items, "substituted_batches": datamodule.substituted_batches}
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.run.get("resume_from"))
-        bad_items = gather_bad_items(datamodule.bad_items)
+        data_report = gather_data_report(datamodule)
         extra_val = evaluate_intelligibility(cfg, model, sources) if RANK == 0 else {}
         status = "completed"
     except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised
@@ -232,8 +232,10 @@ def train(cfg: DictConfig) -> None:
         if RANK == 0:
             summary = summarize(cfg, layout, recorder, status=status, error=error, wall_s=time.perf_counter() - t0,
                                 checkpoint=checkpoint.last_model_path or None,
-                                skipped_global_batches=_skipped(trainer), bad_items=list(bad_items.values()))
-            write_bad_items(run_dir, bad_items)
+                                skipped_global_batches=_skipped(trainer),
+                                bad_items=list(data_report["items"].values()))
+            summary["data"]["substituted_batches"] = data_report["substituted_batches"]
+            write_bad_items(run_dir, data_report["items"])
             summary["val"].update(extra_val if status == "completed" else {})
             write_summary(run_dir, summary)
             print(f"\nrun {status}: results in {run_dir}\n  summary.json, metrics.jsonl, validation.jsonl, "
@@ -259,19 +261,22 @@ def audio_frames_per_token(cfg: DictConfig) -> int | None:
     return int(cfg.model.encoder.subsampling_factor) * int(cfg.model.projector.stack_frames)
 
 
-def gather_bad_items(local: dict) -> dict:
-    """Every rank's skipped items, merged by cut id (TP peers and all ranks see metadata problems alike)."""
+def gather_data_report(datamodule) -> dict:
+    """Every rank's skipped items, merged by cut id (TP peers and all ranks see metadata problems
+    alike), and the number of steps some rank trained on silence (summed over ranks)."""
     import torch.distributed as dist
 
+    local = {"items": datamodule.bad_items, "substituted_batches": datamodule.substituted_batches}
     if not (dist.is_available() and dist.is_initialized()):
-        return dict(local)
+        return local
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     merged: dict = {}
-    for items in gathered:
-        for cut_id, item in items.items():
+    for report in gathered:
+        for cut_id, item in report["items"].items():
+            # Metadata problems are found by every rank alike: count those once, not once per rank.
             merged.setdefault(cut_id, item)
-    return merged
+    return {"items": merged, "substituted_batches": sum(r["substituted_batches"] for r in gathered)}
 
 
 def write_bad_items(run_dir: Path, bad_items: dict) -> None:

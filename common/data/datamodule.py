@@ -8,7 +8,9 @@ Usage::
 Besides the batches it keeps what a run must report and resume:
 
 * ``bad_items``: every item skipped on this rank (metadata problems found identically on all
-  ranks, audio problems found by this rank), by cut id, each logged with its path;
+  ranks, audio problems found by this rank), by cut id, each logged with its path, and
+  ``substituted_batches``: steps whose whole local shard was unreadable (trained on silence
+  with zero loss weight);
 * ``state_dict()``: the training sampler's position (epoch, global batches trained on), saved in
   every checkpoint by Lightning, so that a resumed run continues the same data order.
 """
@@ -33,6 +35,7 @@ class SpeechDataModule(L.LightningDataModule):
         self.cfg, self.tokenizer, self.sources, self.seed = cfg, tokenizer, sources, seed
         self.audio_frames_per_token = audio_frames_per_token
         self.bad_items: dict[str, dict] = {}
+        self.substituted_batches = 0  # steps this rank trained on silence (its whole shard unreadable)
         self._train_sampler = None
         self._resume_state: dict | None = None
 
@@ -86,8 +89,13 @@ class SpeechDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         for item in batch.pop("bad_items", ()):
             if item["cut_id"] not in self.bad_items:
-                self.bad_items[item["cut_id"]] = item
+                self.bad_items[item["cut_id"]] = {**item, "times": 0}
                 log.warning("skipped bad data item %s (%s): %s", item["cut_id"], item["path"], item["detail"])
+            self.bad_items[item["cut_id"]]["times"] += 1
+        if batch.get("substitute"):
+            self.substituted_batches += 1
+            log.warning("every item of this rank's shard was unreadable: this step trains on silence with "
+                        "zero loss weight (so all ranks take the same steps)")
         position = batch.pop("data_position", None)
         if position is not None and self.trainer is not None and self.trainer.training and self._train_sampler:
             self._train_sampler.mark_consumed(*position)

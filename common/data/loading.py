@@ -308,8 +308,9 @@ class MetadataFilter:
         if self.on_bad_item == "error":
             raise BadItemError(f"{bad} (data.on_bad_item=error; 'skip' skips and counts such items)")
         if bad.cut_id not in self.bad_items:
-            self.bad_items[bad.cut_id] = bad.to_dict()
+            self.bad_items[bad.cut_id] = {**bad.to_dict(), "times": 0}
             log.warning("skipping %s", bad)
+        self.bad_items[bad.cut_id]["times"] += 1  # a mixed (repeated) source meets the same item again
         return False
 
 

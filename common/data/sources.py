@@ -176,7 +176,8 @@ def open_sources(specs: list[SourceSpec], *, seed: int, mix: bool):
         return cutsets[0]
     if mix:
         log.info("mixing %d sources with weights %s", len(specs), [s.weight for s in specs])
-        return CutSet.mux(*[c.repeat() for c in cutsets], weights=[s.weight for s in specs], seed=seed)
+        # preserve_id: a repeated item keeps its id, so a bad one is reported once, not once per pass.
+        return CutSet.mux(*[c.repeat(preserve_id=True) for c in cutsets], weights=[s.weight for s in specs], seed=seed)
     return CutSet.from_cuts(c for cs in cutsets for c in cs)
 
 

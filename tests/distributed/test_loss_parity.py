@@ -24,7 +24,7 @@ def losses(tiny_corpus, tmp_path_factory):
         proc = run_recipe("salm_tp_fsdp2", nproc, [
             f"trainer.devices={nproc}", f"trainer.strategy.data_parallel_size={dp}",
             f"trainer.strategy.tensor_parallel_size={tp}", f"trainer.max_steps={STEPS}",
-            "trainer.limit_val_batches=0", "logger.wandb=false", "data.max_duration_s=12",
+            "trainer.limit_val_batches=0", "logger.wandb=false", "data.max_tokens=216",
             f"data.dir={tiny_corpus['dir']}", "data.generated.num_train=120", "data.generated.num_val=16", *extra,
         ], run_dir)
         assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-4000:]}"

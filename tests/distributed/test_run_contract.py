@@ -19,7 +19,7 @@ def test_recipe_run_writes_the_contract(recipe, nproc, dp, tp, tiny_corpus, tmp_
     run_dir = tmp_path / "outputs" / recipe / "contract"
     proc = run_recipe(recipe, nproc, [
         f"trainer.devices={nproc}", "trainer.max_steps=4", "trainer.val_check_interval=4",
-        "checkpoint.every_n_steps=2", "data.max_duration_s=12", "data.num_workers=1",
+        "checkpoint.every_n_steps=2", "data.max_tokens=216", "data.num_workers=1",
         f"data.dir={tiny_corpus['dir']}", "data.generated.num_train=120", "data.generated.num_val=16",
         "logger.wandb=" + ("true" if recipe == "salm_tp_fsdp2" else "false"),
     ], run_dir, extra_env={"WANDB_MODE": "online"})  # no API key: must still stay offline

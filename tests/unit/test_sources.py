@@ -12,7 +12,14 @@ import pytest
 
 from common.data.__main__ import main as data_cli
 from common.data.loading import load_mono
-from common.data.sources import SourceError, iter_texts, nemo_to_cuts, open_source, open_sources, parse_sources
+from common.data.sources import (
+    SourceError,
+    iter_texts,
+    nemo_to_cuts,
+    open_source,
+    open_sources,
+    parse_sources,
+)
 from tests.corpora import tone_cuts, write_librispeech_tree, write_nemo_corpus
 
 
@@ -51,9 +58,8 @@ def test_librispeech_prepared_by_lhotse_recipe(tmp_path, originals):
 
 
 def test_long_recording_with_several_supervisions_is_cut_per_supervision(tmp_path, originals):
-    from lhotse import CutSet, Recording, SupervisionSegment
-
     import soundfile as sf
+    from lhotse import CutSet, Recording, SupervisionSegment
 
     audio = np.concatenate([c.load_audio()[0] for c in originals[:3]])
     sf.write(tmp_path / "lecture.wav", audio, 16000)
