@@ -49,6 +49,11 @@ def test_recipe_run_writes_the_contract(recipe, nproc, dp, tp, tiny_corpus, tmp_
     # Sharded checkpoint (a directory with per-rank shards), every 2 steps and at the end.
     assert s["checkpoint"] and os.path.isdir(s["checkpoint"]) and os.listdir(s["checkpoint"])
     assert (run_dir / "checkpoints" / "step000002.ckpt").exists()
+    # The data position (epoch, global batches trained on) travels in the sharded checkpoint's metadata.
+    import torch
+
+    meta = torch.load(run_dir / "checkpoints" / "step000002.ckpt" / "meta.pt", weights_only=True)
+    assert meta["SpeechDataModule"]["train_sampler"]["consumed"] == 2, meta.keys()
     assert (run_dir / "tokenizer" / "word_tokenizer.json").exists()
     # A sharded checkpoint (any layout) transcribes in one process, from the checkpoint alone.
     from lhotse import CutSet
