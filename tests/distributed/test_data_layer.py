@@ -54,6 +54,18 @@ def test_bad_items_are_skipped_counted_and_all_ranks_keep_step(user_data, tiny_c
     assert all(0 < m["padding_efficiency"] <= 1 for m in metrics)
 
 
+def test_unreadable_shards_under_fsdp2_keep_every_collective(user_data, tiny_corpus, tmp_path):
+    """The speech-LLM under FSDP2: a rank whose whole shard is unreadable still runs forward/backward
+    (all-gathers and reduce-scatters match), with LLM-token-bounded batches."""
+    run_dir = tmp_path / "fsdp2"
+    proc = run_recipe("salm_fsdp2", 2, tiny_overrides(tiny_corpus, 2, "trainer.max_steps=8", "trainer.limit_val_batches=0",
+                                                      *_sources(user_data)[:3], "data.max_tokens=60"), run_dir)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["data"]["substituted_batches"] >= 1, summary["data"]
+    assert {"missing_file", "unreadable_audio"} <= set(summary["data"]["skipped"]["by_kind"])
+
+
 def test_error_mode_stops_and_names_the_file(user_data, tiny_corpus, tmp_path):
     corrupt_only = tmp_path / "corrupt.json"
     corrupt_only.write_text("".join(line + "\n" for line in user_data["bad"].read_text().splitlines()
