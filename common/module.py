@@ -21,7 +21,7 @@ import math
 
 import lightning as L
 import torch
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.text import WordErrorRate
 
 from common.parallel import ParallelOptions, data_parallel_rank_size, parallelize
@@ -45,6 +45,16 @@ class TrainingModule(L.LightningModule):
         self.last_grad_norm = float("nan")
         self.last_lr = float("nan")
         self.last_validation: dict[str, float] = {}
+
+    def _apply(self, fn, *args, **kwargs):
+        # Lightning's bf16-true precision converts the whole module with .to(bfloat16), and
+        # torchmetrics lets that convert metric states too: bf16 counts are not exact above 256, so
+        # the WER's word counts and the summed validation loss would be wrong. Metrics stay fp32.
+        super()._apply(fn, *args, **kwargs)
+        for metric in self.modules():
+            if isinstance(metric, Metric) and metric.dtype != torch.float32:
+                metric.set_dtype(torch.float32)
+        return self
 
     # --- parallelism (ModelParallelStrategy calls this once the device mesh exists) -------------
     def configure_model(self) -> None:

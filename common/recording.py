@@ -48,6 +48,19 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def device_info(device: torch.device) -> dict:
+    """What the run really ran on: device name, torch/CUDA versions, the process group's backend."""
+    dist = torch.distributed
+    info = {
+        "type": device.type,
+        "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "distributed_backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
+    }
+    return info
+
+
 class RunRecorder(L.Callback):
     def __init__(self, run_dir: Path, print_every_n_steps: int = 10, warmup_steps: int = 3):
         self.run_dir = Path(run_dir)
@@ -58,6 +71,7 @@ class RunRecorder(L.Callback):
         self.t_start = self.t_warm = None
         self.utts_warm = self.audio_warm = 0.0
         self.per_rank: list[dict] = []
+        self.device_info: dict = {}
 
     def _write(self, name: str, record: dict, trainer) -> None:
         if trainer.is_global_zero:
@@ -66,6 +80,7 @@ class RunRecorder(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self.t_start = time.perf_counter()
+        self.device_info = device_info(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -144,6 +159,7 @@ def summarize(cfg, layout, recorder: RunRecorder, *, status: str, error: str | N
         "strategy": cfg.trainer.strategy._target_.rsplit(".", 1)[-1],
         "accelerator": cfg.trainer.accelerator,
         "precision": cfg.trainer.precision,
+        "device": recorder.device_info,
         "steps": history[-1]["step"] if history else 0,
         "train_loss_first": history[0]["train_loss"] if history else None,
         "train_loss_last": history[-1]["train_loss"] if history else None,

@@ -1,0 +1,381 @@
+"""GPU benchmark: model FLOPs utilization of the SALM LLM backbone, and ASR / TTS training throughput.
+
+Usage (on a machine with a CUDA GPU, from the repository root)::
+
+    python -m bench.gpu --out bench/results/h100-80gb          # everything, a few minutes on an H100
+    python -m bench.gpu --out /tmp/b --only llm --llm-sizes qwen3-0.6b --no-compile
+
+Writes ``<out>/gpu.json`` (every figure, plus device name, torch and CUDA versions) and
+``<out>/gpu.md`` (the same as Markdown tables). Without CUDA it prints why and exits with status 2.
+
+(a) LLM backbone MFU. The Qwen3 backbone is built by the SALM recipe's own code
+(``common.models.salm.build_llm`` with ``common/conf/salm.yaml``'s ``model.llm`` block), at the
+published Qwen3-0.6B / Qwen3-1.7B shapes (random init, no download), in pure bf16 (parameters,
+activations and gradients in bf16, as ``precision: bf16-true`` gives; the loss in fp32). One measured step
+is forward + backward of a causal-LM cross-entropy on random tokens (no optimizer step), timed
+after warm-up, with and without ``torch.compile`` of every decoder block (what
+``parallel.compile: true`` does in the recipes).
+
+Model FLOPs per token, the formula of the PaLM paper (appendix B), also used by torchtitan::
+
+    flops_per_token = 6 * N + 12 * L * H * Q * S
+
+* ``N``: parameters of every matrix multiply (all ``nn.Linear`` weights incl. the LM head; the
+  input-embedding lookup and the norms are not matrix multiplies). ``6 N``: 2 N forward, 4 N backward.
+* ``12 L H Q S``: attention scores and weighted values (``L`` layers, ``H`` query heads, head
+  dimension ``Q``, sequence length ``S``), forward + backward, counted over the full ``S x S``
+  matrix as PaLM does (a causal kernel skips about half of it; that saving is not credited).
+
+``MFU = flops_per_token * tokens / step_time / peak``, with the dense bf16 peak of the device
+without sparsity: 989.4 TFLOP/s for an H100 SXM (and H200), 756 for H100 PCIe (``--peak-tflops``
+overrides). Results are labelled with ``torch.cuda.get_device_name()``.
+
+(b) ASR and TTS training throughput. The ``asr_ddp`` and ``tts_ddp`` models are built from their
+recipe configs exactly as ``common.train`` builds them (default size, and a larger documented
+size), with the recipe's own data pipeline (``SpeechDataModule``: lhotse, log-mel, bucketing) on
+the generated corpus. A number of global batches is computed first and kept on the GPU, so the
+figures are the model's training-step throughput (forward, backward, gradient clipping, AdamW),
+not the data loader's: utterances/s and audio seconds/s. Precision through Lightning's own plugins:
+by default what ``precision: auto`` gives on a GPU (bf16-true), ``--speech-precision`` for others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Dense bf16 tensor-core peaks, TFLOP/s, without sparsity (vendor data sheets).
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
+
+# Published Qwen3 shapes (config.json of Qwen/Qwen3-0.6B and Qwen/Qwen3-1.7B); weights are random.
+LLM_SIZES = {
+    "qwen3-0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128, intermediate_size=3072, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128, intermediate_size=6144, tie_word_embeddings=True),
+}
+QWEN3_VOCAB = 151936
+
+# Recipe model sizes: "default" is the recipe's config; "large" the size its README documents.
+# Each is measured at the recipes' default global batch (30 s of audio) and at a GPU-sized one.
+SPEECH_CASES = (("asr_ddp", "default", 30.0), ("asr_ddp", "large", 240.0),
+                ("tts_ddp", "default", 30.0), ("tts_ddp", "large", 240.0))
+SPEECH_SIZES = {
+    ("asr_ddp", "default"): [],
+    ("asr_ddp", "large"): ["model.encoder.hidden_size=512", "model.encoder.num_hidden_layers=17",
+                           "model.encoder.num_attention_heads=8", "model.encoder.intermediate_size=2048",
+                           "model.encoder.subsampling_factor=8", "model.encoder.subsampling_conv_channels=256",
+                           "data.num_mel_bins=80"],
+    ("tts_ddp", "default"): [],
+    ("tts_ddp", "large"): ["model.speecht5.hidden_size=768", "model.speecht5.encoder_layers=12",
+                           "model.speecht5.decoder_layers=6", "model.speecht5.encoder_attention_heads=12",
+                           "model.speecht5.decoder_attention_heads=12", "model.speecht5.encoder_ffn_dim=3072",
+                           "model.speecht5.decoder_ffn_dim=3072", "model.speecht5.speech_decoder_prenet_units=256",
+                           "model.speecht5.speech_decoder_postnet_units=256", "data.num_mel_bins=80"],
+}
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak for a device name (first match in PEAK_BF16_TFLOPS), None if unknown."""
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if all(part in device_name for part in key.split()):
+            return tflops
+    return None
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """N of the formula: weights of every nn.Linear (a tied LM head counts once, as the matmul it is)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def flops_per_token(n_matmul: int, layers: int, heads: int, head_dim: int, seq_len: int) -> int:
+    """Training (forward + backward) model FLOPs per token: 6 N + 12 L H Q S (PaLM, appendix B)."""
+    return 6 * n_matmul + 12 * layers * heads * head_dim * seq_len
+
+
+def build_salm_llm(size: dict, vocab_size: int, max_positions: int):
+    """The SALM recipe's backbone (its own builder and config block), resized."""
+    from omegaconf import OmegaConf
+
+    from common.models.salm import build_llm
+
+    model_cfg = OmegaConf.load(ROOT / "common" / "conf" / "salm.yaml").model
+    llm = OmegaConf.merge(model_cfg.llm, size, {"max_position_embeddings": max_positions, "initializer_range": 0.02})
+    return build_llm(OmegaConf.create({"llm": llm, "pretrained_llm": None, "lora": None}), vocab_size)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_llm(size_name: str, size: dict, *, batch: int, seq_len: int, compile: bool, warmup: int, steps: int,
+                device="cuda", vocab_size: int = QWEN3_VOCAB, peak_tflops: float | None = None) -> dict:
+    """Forward + backward of the bf16 backbone; tokens/s, TFLOP/s and MFU after ``warmup`` steps."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_salm_llm(size, vocab_size, seq_len)
+    model.to(torch.bfloat16).train()
+    cfg = model.config
+    if compile:
+        for layer in model.get_decoder().layers:
+            layer.compile()
+    n_matmul = matmul_params(model)
+    fpt = flops_per_token(n_matmul, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim, seq_len)
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, vocab_size, (batch, seq_len + 1), device=device, generator=gen)
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+
+    def step():
+        logits = model(input_ids=inputs, use_cache=False).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    _sync(device)
+    step_s = (time.perf_counter() - t0) / steps
+    tokens = batch * seq_len
+    tflops = fpt * tokens / step_s / 1e12
+    result = {
+        "model": size_name, "compile": compile, "batch": batch, "seq_len": seq_len, "tokens_per_step": tokens,
+        "params_total": sum(p.numel() for p in model.parameters()), "params_matmul": n_matmul,
+        "attn_implementation": getattr(cfg, "_attn_implementation", None),
+        "flops_per_token": fpt, "step_s": round(step_s, 5), "warmup_s": round(warmup_s, 2),
+        "tokens_per_s": round(tokens / step_s, 1), "model_tflops_per_s": round(tflops, 2),
+        "mfu": round(tflops / peak_tflops, 4) if peak_tflops else None,
+        "loss": round(float(loss), 4),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if torch.device(device).type == "cuda" else None,
+    }
+    return result
+
+
+def recipe_config(recipe: str, overrides: list[str]):
+    """A recipe's config composed exactly as ``make run`` composes it."""
+    from hydra import compose, initialize_config_dir
+
+    import common.train  # noqa: F401 - registers the ${run_name:} resolver
+
+    with initialize_config_dir(str(ROOT / "recipes" / recipe), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def precision_plugin(precision: str, device):
+    """The Lightning precision plugin a Trainer would use for ``precision`` (bf16-true, bf16-mixed, 32-true)."""
+    from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
+
+    if precision.endswith("-true") and precision != "32-true":
+        return HalfPrecision(precision)
+    if precision.endswith("-mixed"):
+        return MixedPrecision(precision, device=torch.device(device).type)
+    return Precision()
+
+
+def default_gpu_precision() -> str:
+    """What ``trainer.precision: auto`` becomes on a GPU (common.train.resolve_hardware)."""
+    from omegaconf import OmegaConf
+
+    from common.train import resolve_hardware
+
+    cfg = OmegaConf.create({"trainer": {"accelerator": "gpu", "precision": "auto"}})
+    resolve_hardware(cfg)
+    return cfg.trainer.precision
+
+
+def measure_speech(recipe: str, size_name: str, overrides: list[str], *, batch_s: float, warmup: int, steps: int,
+                   num_batches: int = 16, num_workers: int = 4, device="cuda", precision: str = "bf16-true") -> dict:
+    """Training-step throughput of a recipe model on GPU-resident global batches of its own data pipeline."""
+    from types import SimpleNamespace
+
+    from common.data.datamodule import SpeechDataModule
+    from common.parallel.gradients import clip_grad_norm_
+    from common.train import build_model, build_tokenizer, prepare_data
+
+    cfg = recipe_config(recipe, [*overrides, f"data.max_duration_s={batch_s}", f"data.num_workers={num_workers}"])
+    torch.manual_seed(cfg.seed)
+    manifests = prepare_data(cfg)
+    tokenizer = build_tokenizer(cfg, manifests)
+    model = build_model(cfg, tokenizer)
+    prec = precision_plugin(precision, device)
+    model = prec.convert_module(model.to(device)).train()
+    data = SpeechDataModule(cfg.data, tokenizer, manifests, seed=cfg.seed)
+    # One process, one data-parallel rank: what data_parallel_rank_size() reads from a trainer.
+    data.trainer = SimpleNamespace(strategy=SimpleNamespace(), global_rank=0, world_size=1)
+    batches = []
+    for batch in data.train_dataloader():
+        batches.append(prec.convert_input({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}))
+        if len(batches) == num_batches:
+            break
+    normalizer = getattr(model, "loss_normalizer", "global_num_target_tokens")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                            weight_decay=cfg.optim.weight_decay, foreach=True)
+
+    def step(batch):
+        with prec.forward_context():
+            loss_sum, _ = model(batch)
+        (loss_sum / batch[normalizer]).backward()
+        clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss_sum.detach()
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    _sync(device)
+    utts = audio = 0.0
+    t0 = time.perf_counter()
+    for i in range(steps):
+        batch = batches[(warmup + i) % len(batches)]
+        loss_sum = step(batch)
+        utts += batch["global_num_utterances"]
+        audio += batch["global_audio_s"]
+    _sync(device)
+    dt = time.perf_counter() - t0
+    return {
+        "recipe": recipe, "size": size_name, "precision": precision,
+        "params": sum(p.numel() for p in model.parameters()), "batch_audio_s": batch_s,
+        "distinct_batches": len(batches), "steps": steps, "step_s": round(dt / steps, 5),
+        "utterances_per_s": round(utts / dt, 1), "audio_s_per_s": round(audio / dt, 1),
+        "mean_utterances_per_batch": round(utts / steps, 1), "last_loss_sum": round(float(loss_sum), 3),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if torch.device(device).type == "cuda" else None,
+    }
+
+
+def to_markdown(report: dict) -> str:
+    env = report["env"]
+    lines = [f"# GPU benchmark: {env['device']}", "",
+             f"torch {env['torch']}, CUDA {env['cuda']}, transformers {env['transformers']}, "
+             f"peak dense bf16 {env['peak_bf16_tflops']} TFLOP/s, {env['date']}", ""]
+    if report.get("llm"):
+        lines += ["## SALM LLM backbone (Qwen3 shapes), bf16, forward + backward", "",
+                  "| model | params | compile | batch x seq | step (ms) | tokens/s | model TFLOP/s | MFU | peak mem (GB) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in report["llm"]:
+            if "error" in r:
+                lines.append(f"| {r['model']} | | {r['compile']} | {r['batch']} x {r['seq_len']} | {r['error']} | | | | |")
+                continue
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            lines.append(f"| {r['model']} | {r['params_total'] / 1e6:.0f} M | {r['compile']} | {r['batch']} x {r['seq_len']} "
+                         f"| {1000 * r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | {r['model_tflops_per_s']:.1f} | {mfu} "
+                         f"| {r['peak_memory_gb']} |")
+        lines.append("")
+    if report.get("speech"):
+        lines += ["## ASR / TTS training steps (GPU-resident batches of the recipe pipeline)", "",
+                  "| recipe | size | params | precision | batch audio (s) | step (ms) | utterances/s | audio s/s "
+                  "| peak mem (GB) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in report["speech"]:
+            if "error" in r:
+                lines.append(f"| {r['recipe']} | {r['size']} | | {r['precision']} | {r['batch_audio_s']} | {r['error']} "
+                             "| | | |")
+                continue
+            lines.append(f"| {r['recipe']} | {r['size']} | {r['params'] / 1e6:.2f} M | {r['precision']} | {r['batch_audio_s']} "
+                         f"| {1000 * r['step_s']:.1f} | {r['utterances_per_s']:,.1f} | {r['audio_s_per_s']:,.1f} "
+                         f"| {r['peak_memory_gb']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _guard(fn, base: dict, **kwargs) -> dict:
+    """Run one measurement; an out-of-memory or other failure is recorded, the rest still runs."""
+    try:
+        return fn(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - recorded in the report
+        print(f"  failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return {**base, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for gpu.json and gpu.md")
+    parser.add_argument("--only", choices=["llm", "speech"], action="append", help="run only these parts")
+    parser.add_argument("--llm-sizes", nargs="+", default=list(LLM_SIZES), choices=list(LLM_SIZES))
+    parser.add_argument("--llm-batch", type=int, nargs="+", default=[8, 4], help="batch per size, in order")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--speech-batch-s", type=float, nargs="+",
+                        help="global-batch audio seconds for every speech case (default: 30 for the default "
+                             "sizes, the recipes' batch; 240 for the large ones)")
+    parser.add_argument("--speech-precision", nargs="+",
+                        help="Lightning precisions for the speech models (default: what `auto` gives on a GPU)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of this device (default: by name)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: bench.gpu needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured",
+              file=sys.stderr)
+        return 2
+    parts = args.only or ["llm", "speech"]
+    name = torch.cuda.get_device_name(0)
+    import transformers
+
+    peak = args.peak_tflops or peak_bf16_tflops(name)
+    report = {"env": {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+                      "transformers": transformers.__version__, "peak_bf16_tflops": peak,
+                      "date": time.strftime("%Y-%m-%d")}, "llm": [], "speech": []}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save(part: str, result: dict) -> None:  # after every case: a run cut short keeps what it measured
+        print(f"  {json.dumps(result)}", flush=True)
+        report[part].append(result)
+        (args.out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / "gpu.md").write_text(to_markdown(report))
+
+    if "llm" in parts:
+        for i, size_name in enumerate(args.llm_sizes):
+            batch = args.llm_batch[min(i, len(args.llm_batch) - 1)]
+            for compile_ in ([False] if args.no_compile else [False, True]):
+                print(f"llm {size_name} batch {batch} x {args.seq_len} compile={compile_}", flush=True)
+                base = {"model": size_name, "compile": compile_, "batch": batch, "seq_len": args.seq_len}
+                r = _guard(measure_llm, base, size_name=size_name, size=LLM_SIZES[size_name], batch=batch,
+                           seq_len=args.seq_len, compile=compile_, warmup=args.warmup, steps=args.steps,
+                           peak_tflops=peak)
+                save("llm", r)
+                with contextlib.suppress(Exception):
+                    torch._dynamo.reset()
+    if "speech" in parts:
+        for recipe, size_name, default_batch_s in SPEECH_CASES:
+            for batch_s in args.speech_batch_s or [default_batch_s]:
+                for precision in args.speech_precision or [default_gpu_precision()]:
+                    print(f"{recipe} {size_name} batch {batch_s} s {precision}", flush=True)
+                    base = {"recipe": recipe, "size": size_name, "batch_audio_s": batch_s, "precision": precision}
+                    r = _guard(measure_speech, base, recipe=recipe, size_name=size_name,
+                               overrides=SPEECH_SIZES[recipe, size_name], batch_s=batch_s, warmup=args.warmup,
+                               steps=args.steps, precision=precision)
+                    save("speech", r)
+    print(to_markdown(report))
+    print(f"wrote {args.out / 'gpu.json'} and {args.out / 'gpu.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""bench.gpu on a CPU: the FLOPs formula, the peak table, and its measuring code on tiny models (no figures kept)."""
+
+import math
+
+import pytest
+import torch
+
+from bench import gpu
+
+TINY_QWEN3 = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  intermediate_size=96, tie_word_embeddings=True)
+
+
+def test_flops_formula_counts_every_matmul_weight():
+    h, L, H, kv, Q, inter, V, S = 64, 2, 4, 2, 16, 96, 40, 32
+    model = gpu.build_salm_llm(TINY_QWEN3, vocab_size=V, max_positions=S)
+    per_layer = h * H * Q + 2 * h * kv * Q + H * Q * h + 3 * h * inter  # q, k, v, o, gate, up, down
+    assert gpu.matmul_params(model) == L * per_layer + V * h  # tied head: one V x h matmul, embedding lookup not
+    assert gpu.flops_per_token(1000, L, H, Q, S) == 6 * 1000 + 12 * L * H * Q * S
+    assert type(model.model.layers[0]).__name__ == "Qwen3DecoderLayer"  # the SALM recipe's backbone family
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
+                                       ("NVIDIA H200", 989.4), ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", None)])
+def test_peak_by_device_name(name, peak):
+    assert gpu.peak_bf16_tflops(name) == peak
+
+
+def test_measure_llm_runs_on_cpu():
+    r = gpu.measure_llm("tiny", TINY_QWEN3, batch=2, seq_len=16, compile=False, warmup=1, steps=1, device="cpu",
+                        vocab_size=40, peak_tflops=100.0)
+    assert r["tokens_per_step"] == 32 and r["tokens_per_s"] > 0 and math.isfinite(r["loss"])
+    assert r["mfu"] == pytest.approx(r["model_tflops_per_s"] / 100.0, abs=1e-4)
+
+
+def test_measure_speech_runs_on_cpu_in_bf16(tiny_corpus):
+    data = [f"data.dir={tiny_corpus['dir']}", "data.generated.num_train=120", "data.generated.num_val=16"]
+    r = gpu.measure_speech("asr_ddp", "default", data, batch_s=12, warmup=1, steps=2, num_batches=2, num_workers=0,
+                           device="cpu")
+    assert r["utterances_per_s"] > 0 and r["audio_s_per_s"] > 0 and math.isfinite(r["last_loss_sum"])
+    assert r["distinct_batches"] == 2 and r["precision"] == "bf16-true"
+
+
+def test_without_cuda_exits_with_a_message(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu.main(["--out", str(tmp_path / "r")]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
