@@ -18,7 +18,28 @@ NPROC ?= $(or $(NPROC_$(RECIPE)),2)
 RUN_NAME ?= $(shell date +%Y%m%d-%H%M%S)
 export RUN_NAME
 
-.PHONY: help setup run transcribe synthesize test quality lint clean
+.PHONY: help setup run transcribe synthesize test quality lint clean \
+        docker-build docker-run cpu-base container-test k8s-render k8s-apply
+
+# Containers: docker where it exists, else podman (CI). podman runs with runc and the host's
+# ulimits (its defaults differ per distribution; torch's shared-memory tensors need many fds).
+CONTAINER_TOOL ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null || echo docker)
+CONTAINER := $(CONTAINER_TOOL)$(if $(findstring podman,$(CONTAINER_TOOL)), --runtime runc)
+CONTAINER_RUN_FLAGS := $(if $(findstring podman,$(CONTAINER_TOOL)),--ulimit host)
+IMAGE ?= speech-recipes:0.1.0
+BASE_IMAGE ?=
+CPU_BASE_IMAGE ?= localhost/speech-recipes-cpu-base:bookworm-py311-torch2.13.0
+# The image's user (containers/Dockerfile); a root host hands it the mounted directories.
+IMAGE_UID := 10001
+# Kubernetes (k8s/): cluster shape of `make k8s-render` / `make k8s-apply`.
+NODES ?= 4
+GPUS_PER_NODE ?= 8
+JOB ?=
+ELASTIC ?=
+MIN_NODES ?=
+K8S_RENDER_ARGS = --recipe $(RECIPE) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) \
+  $(if $(filter-out speech-recipes:0.1.0,$(IMAGE)),--image $(IMAGE)) $(if $(JOB),--job $(JOB)) \
+  $(if $(filter 1 true yes,$(ELASTIC)),--elastic) $(if $(MIN_NODES),--min-nodes $(MIN_NODES))
 
 help:
 	@echo "make setup                       create $(VENV) and install pinned dependencies"
@@ -30,7 +51,16 @@ help:
 	@echo "                                 WAV (Griffin-Lim) + PNG of the predicted mel spectrogram"
 	@echo "make test                        unit + multi-process tests (CPU, gloo)"
 	@echo "make quality RECIPE=<r>          default run + check its time and WER goals"
-	@echo "make lint                        ruff"
+	@echo "make lint                        ruff + hadolint (containers/Dockerfile)"
+	@echo "make docker-build [IMAGE=name:tag] [BASE_IMAGE=...]"
+	@echo "                                 training image (default base: the pinned NVIDIA PyTorch container)"
+	@echo "make docker-run RECIPE=<r> [NPROC=n] [ARGS=...]"
+	@echo "                                 run a recipe in the image (all GPUs, or CPU); outputs/ and data/ mounted"
+	@echo "make cpu-base                    bootstrap the CPU base image (mmdebstrap + CPU torch; cached)"
+	@echo "make container-test              CPU image from the same Dockerfile, 4-process salm_tp_fsdp2 in it (podman)"
+	@echo "make k8s-render RECIPE=<r> NODES=4 GPUS_PER_NODE=8 IMAGE=<registry/name:tag> [JOB=name] [ELASTIC=1 MIN_NODES=2]"
+	@echo "                                 print the validated Kubeflow PyTorchJob (offline: kubectl kustomize)"
+	@echo "make k8s-apply  (same variables) render, then kubectl apply -f -"
 
 # Re-running is cheap: pip only installs what changed, the stamp tracks the inputs.
 setup: $(VENV)/.setup-stamp
@@ -57,8 +87,9 @@ synthesize: setup
 	@test -n "$(TEXT)" || { echo "error: TEXT is not set (make synthesize RECIPE=$(RECIPE) TEXT='alpha bravo')" >&2; exit 2; }
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m common.synthesize $(CKPT) "$(TEXT)" --out $(OUT)
 
+# The container build and run has its own target (make container-test): minutes, and needs podman.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/containers
 
 # Full default run of a recipe, then its goals (time, WER) are checked; non-zero exit if one is missed.
 # Goals per recipe (QUALITY_<recipe> overrides); the SALM recipes share the issue's goals.
@@ -74,6 +105,36 @@ quality: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint containers/Dockerfile
+
+docker-build:
+	$(CONTAINER) build $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -f containers/Dockerfile -t $(IMAGE) .
+
+# Same entry point as `make run`, inside the image; as root the mounted directories are handed to
+# the image's non-root user, otherwise the container runs with your uid so files stay yours.
+docker-run:
+	@test -f recipes/$(RECIPE)/config.yaml || { echo "error: unknown RECIPE '$(RECIPE)': no recipes/$(RECIPE)/config.yaml (have: $$(ls recipes | tr '\n' ' '))" >&2; exit 2; }
+	mkdir -p outputs data
+	$(if $(filter 0,$(shell id -u)),chown $(IMAGE_UID):$(IMAGE_UID) outputs data)
+	$(CONTAINER) run --rm $(CONTAINER_RUN_FLAGS) $(if $(filter-out 0,$(GPUS)),--gpus all) --shm-size=16g \
+	  $(if $(filter 0,$(shell id -u)),,--user $(shell id -u):$(shell id -g)) \
+	  -v $(CURDIR)/outputs:/workspace/outputs -v $(CURDIR)/data:/workspace/data -e RUN_NAME=$(RUN_NAME) \
+	  $(if $(WANDB_API_KEY),-e WANDB_API_KEY -e WANDB_MODE) $(IMAGE) \
+	  torchrun --standalone --nproc-per-node=$(NPROC) -m common.train \
+	  --config-path=/app/recipes/$(RECIPE) --config-name=config trainer.devices=$(NPROC) $(ARGS)
+
+cpu-base:
+	CPU_BASE_IMAGE=$(CPU_BASE_IMAGE) PODMAN=$(CONTAINER_TOOL) containers/build-cpu-base.sh
+
+container-test: setup
+	CPU_BASE_IMAGE=$(CPU_BASE_IMAGE) $(PY) -m pytest -q tests/containers
+
+k8s-render: setup
+	@$(PY) k8s/render.py $(K8S_RENDER_ARGS)
+
+k8s-apply: setup
+	$(PY) k8s/render.py $(K8S_RENDER_ARGS) > .k8s-rendered.yaml
+	kubectl apply -f .k8s-rendered.yaml && rm -f .k8s-rendered.yaml
 
 clean:
 	rm -rf outputs wandb lightning_logs .pytest_cache
