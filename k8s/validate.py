@@ -196,7 +196,13 @@ def lint_problems(job: dict) -> list[str]:
 def validate_job(job: dict, crd_schema: dict | None = None) -> list[str]:
     """All problems of one PyTorchJob (schema only when ``crd_schema`` is given)."""
     problems = schema_problems(job, crd_schema) if crd_schema is not None else []
-    return problems + admission_problems(job) + lint_problems(job)
+    for check in (admission_problems, lint_problems):
+        try:
+            problems += check(job)
+        except (AttributeError, TypeError, KeyError, ValueError) as exc:
+            # A field of the wrong type (the schema, when given, has already said which).
+            problems.append(f"[malformed] {check.__name__} could not read the manifest: {exc!r}")
+    return problems
 
 
 def pytorchjobs(text: str) -> list[dict]:
