@@ -24,8 +24,18 @@ export RUN_NAME
 # Containers: docker where it exists, else podman (CI). podman runs with runc and the host's
 # ulimits (its defaults differ per distribution; torch's shared-memory tensors need many fds).
 CONTAINER_TOOL ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null || echo docker)
-CONTAINER := $(CONTAINER_TOOL)$(if $(findstring podman,$(CONTAINER_TOOL)), --runtime runc)
-CONTAINER_RUN_FLAGS := $(if $(findstring podman,$(CONTAINER_TOOL)),--ulimit host)
+PODMAN := $(findstring podman,$(CONTAINER_TOOL))
+CONTAINER := $(CONTAINER_TOOL)$(if $(PODMAN), --runtime runc)
+# podman: explicit limits (its `--ulimit host` and its defaults ask for more than an unprivileged
+# sandbox may set; nproc above 32768 was refused on the CI machine) and the docker image format,
+# whose SHELL instruction (pipefail) the OCI format drops.
+PODMAN_ULIMITS = --ulimit nofile=$(shell ulimit -Sn):$(shell ulimit -Hn) \
+  --ulimit nproc=$(shell n=$$(ulimit -Su); { [ "$$n" = unlimited ] || [ "$$n" -gt 32768 ]; } && n=32768; echo $$n:$$n)
+CONTAINER_BUILD_FLAGS = $(if $(PODMAN),--format docker $(PODMAN_ULIMITS))
+CONTAINER_RUN_FLAGS = $(if $(PODMAN),$(PODMAN_ULIMITS))
+# Where `make docker-run` mounts outputs/ and data/ (the repository's, like `make run`).
+OUTPUTS_DIR ?= $(CURDIR)/outputs
+DATA_DIR ?= $(CURDIR)/data
 IMAGE ?= speech-recipes:0.1.0
 BASE_IMAGE ?=
 CPU_BASE_IMAGE ?= localhost/speech-recipes-cpu-base:bookworm-py311-torch2.13.0
@@ -108,17 +118,18 @@ lint: setup
 	$(VENV)/bin/hadolint containers/Dockerfile
 
 docker-build:
-	$(CONTAINER) build $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -f containers/Dockerfile -t $(IMAGE) .
+	$(CONTAINER) build $(CONTAINER_BUILD_FLAGS) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+	  -f containers/Dockerfile -t $(IMAGE) .
 
 # Same entry point as `make run`, inside the image; as root the mounted directories are handed to
 # the image's non-root user, otherwise the container runs with your uid so files stay yours.
 docker-run:
 	@test -f recipes/$(RECIPE)/config.yaml || { echo "error: unknown RECIPE '$(RECIPE)': no recipes/$(RECIPE)/config.yaml (have: $$(ls recipes | tr '\n' ' '))" >&2; exit 2; }
-	mkdir -p outputs data
-	$(if $(filter 0,$(shell id -u)),chown $(IMAGE_UID):$(IMAGE_UID) outputs data)
+	mkdir -p $(OUTPUTS_DIR) $(DATA_DIR)
+	$(if $(filter 0,$(shell id -u)),chown $(IMAGE_UID):$(IMAGE_UID) $(OUTPUTS_DIR) $(DATA_DIR))
 	$(CONTAINER) run --rm $(CONTAINER_RUN_FLAGS) $(if $(filter-out 0,$(GPUS)),--gpus all) --shm-size=16g \
 	  $(if $(filter 0,$(shell id -u)),,--user $(shell id -u):$(shell id -g)) \
-	  -v $(CURDIR)/outputs:/workspace/outputs -v $(CURDIR)/data:/workspace/data -e RUN_NAME=$(RUN_NAME) \
+	  -v $(OUTPUTS_DIR):/workspace/outputs -v $(DATA_DIR):/workspace/data -e RUN_NAME=$(RUN_NAME) \
 	  $(if $(WANDB_API_KEY),-e WANDB_API_KEY -e WANDB_MODE) $(IMAGE) \
 	  torchrun --standalone --nproc-per-node=$(NPROC) -m common.train \
 	  --config-path=/app/recipes/$(RECIPE) --config-name=config trainer.devices=$(NPROC) $(ARGS)
