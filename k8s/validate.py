@@ -49,6 +49,9 @@ SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN")
 JOB_NAME_LABEL = "metadata.labels['training.kubeflow.org/job-name']"
 
 
+TRAINJOB_CRD_FILE = "trainer-v2.3.0/trainer.kubeflow.org_trainjobs.yaml"
+
+
 def crds_dir() -> Path:
     return Path(os.environ.get("K8S_CRDS_DIR", DEFAULT_CRDS))
 
@@ -66,12 +69,12 @@ def strict(schema):
     return schema
 
 
-def load_crd_schema(directory: Path | None = None, version: str = "v1") -> dict:
-    """The strict openAPIV3Schema of the PyTorchJob CRD; FileNotFoundError names the missing file."""
-    path = Path(directory or crds_dir()) / CRD_FILE
+def load_crd_schema(directory: Path | None = None, version: str = "v1", crd_file: str = CRD_FILE) -> dict:
+    """The strict openAPIV3Schema of the PyTorchJob CRD (or ``crd_file``, e.g. TRAINJOB_CRD_FILE with
+    version "v1alpha1"); FileNotFoundError names the missing file."""
+    path = Path(directory or crds_dir()) / crd_file
     if not path.exists():
-        raise FileNotFoundError(f"PyTorchJob CRD not found: {path} (set K8S_CRDS_DIR to the directory holding "
-                                f"{CRD_FILE})")
+        raise FileNotFoundError(f"CRD not found: {path} (set K8S_CRDS_DIR to the directory holding {crd_file})")
     crd = yaml.safe_load(path.read_text())
     for v in crd["spec"]["versions"]:
         if v["name"] == version:
@@ -202,6 +205,33 @@ def validate_job(job: dict, crd_schema: dict | None = None) -> list[str]:
         except (AttributeError, TypeError, KeyError, ValueError) as exc:
             # A field of the wrong type (the schema, when given, has already said which).
             problems.append(f"[malformed] {check.__name__} could not read the manifest: {exc!r}")
+    return problems
+
+
+def validate_trainjob(tj: dict, crd_schema: dict | None = None) -> list[str]:
+    """A Kubeflow Trainer v2 TrainJob: its CRD schema and the same lint as the PyTorchJob's container."""
+    problems = schema_problems(tj, crd_schema) if crd_schema is not None else []
+    trainer = (tj.get("spec") or {}).get("trainer") or {}
+    pod_patch = {}
+    for patch in (tj.get("spec") or {}).get("runtimePatches") or []:
+        for rj in ((((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {})
+                   .get("replicatedJobs") or []):
+            pod_patch = ((rj.get("template") or {}).get("spec") or {}).get("template", {}).get("spec") or {}
+    mounts = next((c.get("volumeMounts") for c in pod_patch.get("containers") or [] if c.get("name") == "node"), [])
+    # Seen as a one-pod PyTorchJob, so every rule above applies to the trainer container too.
+    as_job = {"metadata": tj.get("metadata"), "spec": {"nprocPerNode": str(trainer.get("numProcPerNode")),
+              "pytorchReplicaSpecs": {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": {"spec": {
+                  "volumes": pod_patch.get("volumes"), "containers": [{
+                      "name": "pytorch", "image": trainer.get("image"), "command": trainer.get("command"),
+                      "args": trainer.get("args"), "env": trainer.get("env"), "workingDir": "/workspace",
+                      "resources": trainer.get("resourcesPerNode"), "volumeMounts": mounts}]}}}}}}
+    for p in admission_problems(as_job) + lint_problems(as_job):
+        if p.startswith("[run-name]"):  # Trainer v2: the JobSet's name label, not the v1 operator's
+            env = {e.get("name"): e for e in trainer.get("env") or []}
+            field = (((env.get("RUN_NAME") or {}).get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+            if field == "metadata.labels['jobset.sigs.k8s.io/jobset-name']":
+                continue
+        problems.append(p.replace("Master/pytorch", "trainer"))
     return problems
 
 

@@ -178,3 +178,37 @@ def test_validate_cli_reports_rules(tmp_path):
 def test_committed_yaml_parses():
     for path in (ROOT / "k8s").rglob("*.yaml"):
         assert list(yaml.safe_load_all(path.read_text())), path
+
+
+# ---- Kubeflow Trainer v2: one TrainJob per recipe ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def trainjob_schema():
+    try:
+        return validate.load_crd_schema(version="v1alpha1", crd_file=validate.TRAINJOB_CRD_FILE)
+    except FileNotFoundError as exc:
+        pytest.skip(f"Trainer v2 CRD absent: {exc}")
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_trainjob_is_valid_and_runs_what_the_pytorchjob_runs(recipe, trainjob_schema):
+    tj = yaml.safe_load((ROOT / "k8s" / "trainjob" / f"{recipe}.yaml").read_text())
+    assert validate.validate_trainjob(tj, trainjob_schema) == []
+    job = job_of(render.render(recipe))
+    c = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    t = tj["spec"]["trainer"]
+    assert (t["image"], t["command"], t["args"]) == (c["image"], c["command"], c["args"])
+    assert [e for e in t["env"] if e["name"] != "RUN_NAME"] == [e for e in c["env"] if e["name"] != "RUN_NAME"]
+    assert tj["metadata"]["name"] == job["metadata"]["name"]
+
+
+@pytest.mark.parametrize("breaker,rule", [
+    (lambda t: t["spec"]["trainer"]["env"].append({"name": "PET_NNODES", "value": "2"}), "operator-env"),
+    (lambda t: t["spec"]["trainer"].update(numProcPerNode=4), "nproc-gpus"),
+    (lambda t: t["spec"]["trainer"].update(image="ghcr.io/example/speech-recipes:latest"), "image-tag"),
+    (lambda t: t["spec"]["trainer"].update(numNode=2), "schema"),
+])
+def test_trainjob_rules_reject_broken_manifests(breaker, rule, trainjob_schema):
+    tj = yaml.safe_load((ROOT / "k8s" / "trainjob" / "salm_tp_fsdp2.yaml").read_text())
+    breaker(tj)
+    assert any(p.startswith(f"[{rule}]") for p in validate.validate_trainjob(tj, trainjob_schema))
