@@ -36,6 +36,8 @@ CONTAINER_RUN_FLAGS = $(if $(PODMAN),$(PODMAN_ULIMITS))
 # Where `make docker-run` mounts outputs/ and data/ (the repository's, like `make run`).
 OUTPUTS_DIR ?= $(CURDIR)/outputs
 DATA_DIR ?= $(CURDIR)/data
+# More `docker run` flags, e.g. DOCKER_RUN_ARGS="-v /models:/models:ro" for local pretrained weights.
+DOCKER_RUN_ARGS ?=
 IMAGE ?= speech-recipes:0.1.0
 BASE_IMAGE ?=
 CPU_BASE_IMAGE ?= localhost/speech-recipes-cpu-base:bookworm-py311-torch2.13.0
@@ -130,7 +132,7 @@ docker-run:
 	$(CONTAINER) run --rm $(CONTAINER_RUN_FLAGS) $(if $(filter-out 0,$(GPUS)),--gpus all) --shm-size=16g \
 	  $(if $(filter 0,$(shell id -u)),,--user $(shell id -u):$(shell id -g)) \
 	  -v $(OUTPUTS_DIR):/workspace/outputs -v $(DATA_DIR):/workspace/data -e RUN_NAME=$(RUN_NAME) \
-	  $(if $(WANDB_API_KEY),-e WANDB_API_KEY -e WANDB_MODE) $(IMAGE) \
+	  $(if $(WANDB_API_KEY),-e WANDB_API_KEY -e WANDB_MODE) $(DOCKER_RUN_ARGS) $(IMAGE) \
 	  torchrun --standalone --nproc-per-node=$(NPROC) -m common.train \
 	  --config-path=/app/recipes/$(RECIPE) --config-name=config trainer.devices=$(NPROC) $(ARGS)
 
