@@ -21,8 +21,7 @@ export RUN_NAME
 .PHONY: help setup run transcribe synthesize test quality lint clean \
         docker-build docker-run cpu-base container-test k8s-render k8s-apply
 
-# Containers: docker where it exists, else podman (CI). podman runs with runc and the host's
-# ulimits (its defaults differ per distribution; torch's shared-memory tensors need many fds).
+# Containers: docker where it exists, else podman (CI); the CPU base and make container-test use podman.
 CONTAINER_TOOL ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null || echo docker)
 PODMAN := $(findstring podman,$(CONTAINER_TOOL))
 CONTAINER := $(CONTAINER_TOOL)$(if $(PODMAN), --runtime runc)
@@ -137,7 +136,7 @@ docker-run:
 	  --config-path=/app/recipes/$(RECIPE) --config-name=config trainer.devices=$(NPROC) $(ARGS)
 
 cpu-base:
-	CPU_BASE_IMAGE=$(CPU_BASE_IMAGE) PODMAN=$(CONTAINER_TOOL) containers/build-cpu-base.sh
+	CPU_BASE_IMAGE=$(CPU_BASE_IMAGE) PODMAN=podman containers/build-cpu-base.sh
 
 container-test: setup
 	CPU_BASE_IMAGE=$(CPU_BASE_IMAGE) $(PY) -m pytest -q tests/containers
