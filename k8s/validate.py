@@ -30,6 +30,7 @@ run-name        RUN_NAME is the job name (downward API), so every node and every
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 import sys
@@ -75,7 +76,13 @@ def load_crd_schema(directory: Path | None = None, version: str = "v1", crd_file
     path = Path(directory or crds_dir()) / crd_file
     if not path.exists():
         raise FileNotFoundError(f"CRD not found: {path} (set K8S_CRDS_DIR to the directory holding {crd_file})")
-    crd = yaml.safe_load(path.read_text())
+    return _strict_schema(path, version)
+
+
+@functools.lru_cache(maxsize=4)
+def _strict_schema(path: Path, version: str) -> dict:
+    # Parsing the 600 kB CRD takes seconds; tests and render ask for it many times.
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     for v in crd["spec"]["versions"]:
         if v["name"] == version:
             return strict(v["schema"]["openAPIV3Schema"])
