@@ -105,3 +105,12 @@ def test_salm_tp_fsdp2_trains_in_the_container(image, tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     if os.getuid() == 0:  # written by the image's user, not by root
         assert (run_dir / "summary.json").stat().st_uid == 10001
+
+
+def test_cpu_base_script_names_a_bad_wheel(tmp_path):
+    if shutil.which("mmdebstrap") is None:
+        pytest.skip("mmdebstrap is not installed")
+    proc = subprocess.run([str(ROOT / "containers" / "build-cpu-base.sh")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "FORCE": "1", "TORCH_WHEEL": str(tmp_path / "nope.whl"),
+                               "CPU_BASE_IMAGE": "localhost/speech-recipes-cpu-base:never-built"})
+    assert proc.returncode == 2 and f"error: TORCH_WHEEL={tmp_path / 'nope.whl'} is not a file" in proc.stderr
