@@ -18,7 +18,39 @@ NPROC ?= $(or $(NPROC_$(RECIPE)),2)
 RUN_NAME ?= $(shell date +%Y%m%d-%H%M%S)
 export RUN_NAME
 
-.PHONY: help setup run transcribe synthesize data-check to-shar test quality lint clean
+.PHONY: help setup run transcribe synthesize data-check to-shar test quality lint clean \
+        docker-build docker-run cpu-base container-test k8s-render k8s-apply
+
+# Containers: docker where it exists, else podman (CI); the CPU base and make container-test use podman.
+CONTAINER_TOOL ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null || echo docker)
+PODMAN := $(findstring podman,$(CONTAINER_TOOL))
+CONTAINER := $(CONTAINER_TOOL)$(if $(PODMAN), --runtime runc)
+# podman: explicit limits (its `--ulimit host` and its defaults ask for more than an unprivileged
+# sandbox may set; nproc above 32768 was refused on the CI machine) and the docker image format,
+# whose SHELL instruction (pipefail) the OCI format drops.
+PODMAN_ULIMITS = --ulimit nofile=$(shell ulimit -Sn):$(shell ulimit -Hn) \
+  --ulimit nproc=$(shell n=$$(ulimit -Su); { [ "$$n" = unlimited ] || [ "$$n" -gt 32768 ]; } && n=32768; echo $$n:$$n)
+CONTAINER_BUILD_FLAGS = $(if $(PODMAN),--format docker $(PODMAN_ULIMITS))
+CONTAINER_RUN_FLAGS = $(if $(PODMAN),$(PODMAN_ULIMITS))
+# Where `make docker-run` mounts outputs/ and data/ (the repository's, like `make run`).
+OUTPUTS_DIR ?= $(CURDIR)/outputs
+DATA_DIR ?= $(CURDIR)/data
+# More `docker run` flags, e.g. DOCKER_RUN_ARGS="-v /models:/models:ro" for local pretrained weights.
+DOCKER_RUN_ARGS ?=
+IMAGE ?= speech-recipes:0.1.0
+BASE_IMAGE ?=
+CPU_BASE_IMAGE ?= localhost/speech-recipes-cpu-base:bookworm-py311-torch2.13.0
+# The image's user (containers/Dockerfile); a root host hands it the mounted directories.
+IMAGE_UID := 10001
+# Kubernetes (k8s/): cluster shape of `make k8s-render` / `make k8s-apply`.
+NODES ?= 4
+GPUS_PER_NODE ?= 8
+JOB ?=
+ELASTIC ?=
+MIN_NODES ?=
+K8S_RENDER_ARGS = --recipe $(RECIPE) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) \
+  $(if $(filter-out speech-recipes:0.1.0,$(IMAGE)),--image $(IMAGE)) $(if $(JOB),--job $(JOB)) \
+  $(if $(filter 1 true yes,$(ELASTIC)),--elastic) $(if $(MIN_NODES),--min-nodes $(MIN_NODES))
 
 help:
 	@echo "make setup                       create $(VENV) and install pinned dependencies"
@@ -30,10 +62,19 @@ help:
 	@echo "                                 WAV (Griffin-Lim) + PNG of the predicted mel spectrogram"
 	@echo "make data-check MANIFEST=<file|dir> [ARGS='--tokenizer DIR --max-duration-s 30']"
 	@echo "                                 report missing/corrupt audio, bad durations, bad text; non-zero if any"
-	@echo "make to-shar MANIFEST=<file> OUT=<dir>   export a manifest (cuts, NeMo, ...) to Lhotse Shar shards"
+	@echo "make to-shar MANIFEST=<file> SHAR=<dir>  export a manifest (cuts, NeMo, ...) to Lhotse Shar shards"
 	@echo "make test                        unit + multi-process tests (CPU, gloo)"
 	@echo "make quality RECIPE=<r>          default run + check its time and WER goals"
-	@echo "make lint                        ruff"
+	@echo "make lint                        ruff + hadolint (containers/Dockerfile)"
+	@echo "make docker-build [IMAGE=name:tag] [BASE_IMAGE=...]"
+	@echo "                                 training image (default base: the pinned NVIDIA PyTorch container)"
+	@echo "make docker-run RECIPE=<r> [NPROC=n] [ARGS=...]"
+	@echo "                                 run a recipe in the image (all GPUs, or CPU); outputs/ and data/ mounted"
+	@echo "make cpu-base                    bootstrap the CPU base image (mmdebstrap + CPU torch; cached)"
+	@echo "make container-test              CPU image from the same Dockerfile, 4-process salm_tp_fsdp2 in it (podman)"
+	@echo "make k8s-render RECIPE=<r> NODES=4 GPUS_PER_NODE=8 IMAGE=<registry/name:tag> [JOB=name] [ELASTIC=1 MIN_NODES=2]"
+	@echo "                                 print the validated Kubeflow PyTorchJob (offline: kubectl kustomize)"
+	@echo "make k8s-apply  (same variables) render, then kubectl apply -f -"
 
 # Re-running is cheap: pip only installs what changed, the stamp tracks the inputs.
 setup: $(VENV)/.setup-stamp
@@ -61,16 +102,18 @@ synthesize: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m common.synthesize $(CKPT) "$(TEXT)" --out $(OUT)
 
 MANIFEST ?=
+SHAR ?=
 data-check: setup
 	@test -n "$(MANIFEST)" || { echo "error: MANIFEST is not set (make data-check MANIFEST=data/train_cuts.jsonl.gz)" >&2; exit 2; }
 	$(PY) -m common.data check $(MANIFEST) $(ARGS)
 
 to-shar: setup
-	@test -n "$(MANIFEST)" -a -n "$(OUT)" || { echo "error: set MANIFEST and OUT (make to-shar MANIFEST=cuts.jsonl.gz OUT=shar/)" >&2; exit 2; }
-	$(PY) -m common.data to-shar $(MANIFEST) $(OUT) $(ARGS)
+	@test -n "$(MANIFEST)" -a -n "$(SHAR)" || { echo "error: set MANIFEST and SHAR (make to-shar MANIFEST=cuts.jsonl.gz SHAR=shar/)" >&2; exit 2; }
+	$(PY) -m common.data to-shar $(MANIFEST) $(SHAR) $(ARGS)
 
+# The container build and run has its own target (make container-test): minutes, and needs podman.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/containers
 
 # Full default run of a recipe, then its goals (time, WER) are checked; non-zero exit if one is missed.
 # Goals per recipe (QUALITY_<recipe> overrides); the SALM recipes share the issue's goals.
@@ -86,6 +129,37 @@ quality: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint containers/Dockerfile
+
+docker-build:
+	$(CONTAINER) build $(CONTAINER_BUILD_FLAGS) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+	  -f containers/Dockerfile -t $(IMAGE) .
+
+# Same entry point as `make run`, inside the image; as root the mounted directories are handed to
+# the image's non-root user, otherwise the container runs with your uid so files stay yours.
+docker-run:
+	@test -f recipes/$(RECIPE)/config.yaml || { echo "error: unknown RECIPE '$(RECIPE)': no recipes/$(RECIPE)/config.yaml (have: $$(ls recipes | tr '\n' ' '))" >&2; exit 2; }
+	mkdir -p $(OUTPUTS_DIR) $(DATA_DIR)
+	$(if $(filter 0,$(shell id -u)),chown $(IMAGE_UID):$(IMAGE_UID) $(OUTPUTS_DIR) $(DATA_DIR))
+	$(CONTAINER) run --rm $(CONTAINER_RUN_FLAGS) $(if $(filter-out 0,$(GPUS)),--gpus all) --shm-size=16g \
+	  $(if $(filter 0,$(shell id -u)),,--user $(shell id -u):$(shell id -g)) \
+	  -v $(OUTPUTS_DIR):/workspace/outputs -v $(DATA_DIR):/workspace/data -e RUN_NAME=$(RUN_NAME) \
+	  $(if $(WANDB_API_KEY),-e WANDB_API_KEY -e WANDB_MODE) $(DOCKER_RUN_ARGS) $(IMAGE) \
+	  torchrun --standalone --nproc-per-node=$(NPROC) -m common.train \
+	  --config-path=/app/recipes/$(RECIPE) --config-name=config trainer.devices=$(NPROC) $(ARGS)
+
+cpu-base:
+	CPU_BASE_IMAGE=$(CPU_BASE_IMAGE) PODMAN=podman containers/build-cpu-base.sh
+
+container-test: setup
+	CPU_BASE_IMAGE=$(CPU_BASE_IMAGE) $(PY) -m pytest -q tests/containers
+
+k8s-render: setup
+	@$(PY) k8s/render.py $(K8S_RENDER_ARGS)
+
+k8s-apply: setup
+	$(PY) k8s/render.py $(K8S_RENDER_ARGS) > .k8s-rendered.yaml
+	kubectl apply -f .k8s-rendered.yaml && rm -f .k8s-rendered.yaml
 
 clean:
 	rm -rf outputs wandb lightning_logs .pytest_cache

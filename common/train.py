@@ -184,6 +184,10 @@ def train(cfg: DictConfig) -> None:
     # 1. Validate the layout before anything expensive (every rank raises the same error; no hang).
     layout = resolve_layout(cfg.trainer)
     check_launch(layout)
+    if layout.strategy == "model_parallel":
+        # "auto" means world // tp (as resolve_layout computes it); Lightning's own "auto" would be
+        # num_nodes, so hand it the number. Kubernetes manifests rely on this for any node count.
+        cfg.trainer.strategy.data_parallel_size = layout.data_parallel_size
     resolve_hardware(cfg)
 
     # 2. Data, tokenizer, model: same seed on every rank, so every rank starts from identical weights.

@@ -34,3 +34,28 @@ def test_ddp_recipes_take_every_gpu_of_the_node(tmp_path):
     assert "--nproc-per-node=4" in dry_run("salm_tp_fsdp2", gpu_path)  # its YAML layout is dp 2 x tp 2
     cpu_path = ":".join(p for p in os.environ["PATH"].split(":") if not os.path.exists(os.path.join(p, "nvidia-smi")))
     assert "--nproc-per-node=2" in dry_run("asr_ddp", cpu_path)
+
+
+def test_container_and_k8s_targets_are_listed_and_wired(tmp_path):
+    import os
+
+    help_text = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    for target in ("docker-build", "docker-run", "cpu-base", "container-test", "k8s-render", "k8s-apply"):
+        assert f"make {target}" in help_text, target
+    fake = tmp_path / "nvidia-smi"  # an 8-GPU node, as above
+    fake.write_text("#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: NVIDIA H100 (UUID: GPU-$i)\"; done\n")
+    fake.chmod(0o755)
+
+    def dry(*args, path=os.environ["PATH"]):
+        return subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PATH": path}).stdout
+
+    gpu = dry("docker-run", "RECIPE=asr_ddp", "IMAGE=reg.io/sr:1", path=f"{tmp_path}:{os.environ['PATH']}")
+    assert "--gpus all" in gpu and "--nproc-per-node=8" in gpu and "--config-path=/app/recipes/asr_ddp" in gpu
+    cpu_path = ":".join(p for p in os.environ["PATH"].split(":") if not os.path.exists(os.path.join(p, "nvidia-smi")))
+    cpu = dry("docker-run", "RECIPE=asr_ddp", "IMAGE=reg.io/sr:1", "CONTAINER_TOOL=podman", path=cpu_path)
+    assert "--gpus" not in cpu and "--nproc-per-node=2" in cpu and "--ulimit nofile=" in cpu
+    build = dry("docker-build", "IMAGE=reg.io/sr:1", "BASE_IMAGE=localhost/base:1", "CONTAINER_TOOL=podman")
+    assert "--build-arg BASE_IMAGE=localhost/base:1" in build and "--format docker" in build
+    apply = dry("k8s-apply", "RECIPE=asr_ddp", "NODES=2", "IMAGE=reg.io/sr:1")
+    assert "k8s/render.py --recipe asr_ddp --nodes 2 --gpus-per-node 8" in apply and "kubectl apply -f" in apply

@@ -1,0 +1,152 @@
+"""Render a recipe's Kubeflow PyTorchJob for a given cluster shape, with ``kubectl kustomize`` (offline).
+
+Usage (what ``make k8s-render`` runs)::
+
+    python k8s/render.py --recipe salm_tp_fsdp2 --nodes 4 --gpus-per-node 8 \\
+        --image registry.example.com/speech-recipes:0.1.0 [--job my-run-1] [--elastic --min-nodes 2]
+
+The overlay ``k8s/overlays/<recipe>`` is rendered through a throw-away kustomization that adds
+only what the command line sets: the image (kustomize ``images:``), Worker replicas (nodes - 1),
+``nprocPerNode`` and the ``nvidia.com/gpu`` request/limit of every pod, the job name, and for
+``--elastic`` the ``k8s/components/elastic`` component with its node range. The result is
+validated (CRD schema, operator admission, our lint: ``k8s/validate.py``) before it is printed,
+so a bad combination fails here rather than in the cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+K8S = Path(__file__).resolve().parent
+BASE_IMAGE_NAME = "ghcr.io/example/speech-recipes"  # the placeholder in k8s/base/pytorchjob.yaml
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+ROLES = ("Master", "Worker")
+
+
+class RenderError(ValueError):
+    """A render parameter that cannot work; the message names it and its value."""
+
+
+def recipes() -> list[str]:
+    return sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+
+
+def split_image(image: str) -> dict:
+    """``name:tag`` or ``name@sha256:...`` -> kustomize ``images:`` fields; no ``latest``, no bare name."""
+    if "@" in image:
+        name, digest = image.split("@", 1)
+        if not digest.startswith("sha256:"):
+            raise RenderError(f"IMAGE {image!r}: a digest must look like name@sha256:<hex>")
+        return {"name": BASE_IMAGE_NAME, "newName": name, "digest": digest}
+    name, _, tag = image.rpartition(":")
+    if not name or "/" in tag:  # "host:5000/img" has a colon but no tag
+        raise RenderError(f"IMAGE {image!r} has no tag; pin one, e.g. {image}:0.1.0")
+    if tag == "latest":
+        raise RenderError(f"IMAGE {image!r}: 'latest' is not a pinned version; use a release tag or a digest")
+    return {"name": BASE_IMAGE_NAME, "newName": name, "newTag": tag}
+
+
+def build_kustomization(recipe: str, nodes: int, gpus_per_node: int, image: str, job: str | None,
+                        elastic: bool, min_nodes: int | None, max_nodes: int | None, tmp: Path) -> dict:
+    if recipe not in recipes():
+        raise RenderError(f"unknown RECIPE {recipe!r}: no k8s/overlays/{recipe}/kustomization.yaml "
+                          f"(have: {', '.join(recipes())})")
+    if nodes < 1:
+        raise RenderError(f"NODES must be >= 1, got {nodes}")
+    if gpus_per_node < 1:
+        raise RenderError(f"GPUS_PER_NODE must be >= 1, got {gpus_per_node}")
+    if job is not None and (not DNS1035.match(job) or len(job) > 63):
+        raise RenderError(f"JOB {job!r} is not a DNS-1035 label (lower-case letters, digits, '-', "
+                          "starting with a letter, at most 63 characters)")
+    ops: list[dict] = [{"op": "replace", "path": "/spec/nprocPerNode", "value": str(gpus_per_node)}]
+    if job:
+        ops.append({"op": "replace", "path": "/metadata/name", "value": job})
+    for role in ROLES:
+        res = f"/spec/pytorchReplicaSpecs/{role}/template/spec/containers/0/resources"
+        for kind in ("limits", "requests"):
+            ops.append({"op": "replace", "path": f"{res}/{kind}/nvidia.com~1gpu", "value": gpus_per_node})
+    if nodes == 1:
+        if elastic:
+            raise RenderError("ELASTIC=1 needs NODES >= 2 (the operator requires a Worker for elasticPolicy)")
+        ops.append({"op": "remove", "path": "/spec/pytorchReplicaSpecs/Worker"})
+    else:
+        ops.append({"op": "replace", "path": "/spec/pytorchReplicaSpecs/Worker/replicas", "value": nodes - 1})
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "overlays" / recipe, tmp)],
+        "images": [split_image(image)],
+        "patches": [{"target": {"kind": "PyTorchJob"}, "patch": json.dumps(ops)}],
+    }
+    if elastic:
+        lo, hi = min_nodes or nodes, max_nodes or nodes
+        if not 1 <= lo <= hi or hi != nodes:
+            raise RenderError(f"elastic range MIN_NODES={lo} MAX_NODES={hi} must satisfy 1 <= MIN_NODES <= "
+                              f"MAX_NODES = NODES ({nodes}): the job is created with NODES pods")
+        kustomization["components"] = [os.path.relpath(K8S / "components" / "elastic", tmp)]
+        kustomization["patches"].append({"target": {"kind": "PyTorchJob"}, "patch": json.dumps([
+            {"op": "replace", "path": "/spec/elasticPolicy/minReplicas", "value": lo},
+            {"op": "replace", "path": "/spec/elasticPolicy/maxReplicas", "value": hi},
+        ])})
+    return kustomization
+
+
+def kustomize(directory: Path) -> str:
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        raise RenderError("kubectl not found on PATH: it renders the manifests (`kubectl kustomize`, offline)")
+    proc = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True)
+    if proc.returncode:
+        raise RenderError(f"kubectl kustomize {directory} failed:\n{proc.stderr.strip()}")
+    return proc.stdout
+
+
+def render(recipe: str, nodes: int = 4, gpus_per_node: int = 8, image: str = f"{BASE_IMAGE_NAME}:0.1.0",
+           job: str | None = None, elastic: bool = False, min_nodes: int | None = None,
+           max_nodes: int | None = None) -> str:
+    """The rendered manifests (YAML stream: the volume claim and the PyTorchJob)."""
+    with tempfile.TemporaryDirectory(prefix="k8s-render-") as tmp:
+        kustomization = build_kustomization(recipe, nodes, gpus_per_node, image, job, elastic, min_nodes,
+                                            max_nodes, Path(tmp))
+        # JSON is YAML: no dependency needed to write it.
+        (Path(tmp) / "kustomization.yaml").write_text(json.dumps(kustomization, indent=2))
+        return kustomize(Path(tmp))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipe", required=True)
+    ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--image", default=f"{BASE_IMAGE_NAME}:0.1.0")
+    ap.add_argument("--job", default=None, help="PyTorchJob name = run name (default: the recipe's)")
+    ap.add_argument("--elastic", action="store_true", help="c10d rendezvous, MIN_NODES..NODES nodes")
+    ap.add_argument("--min-nodes", type=int, default=None)
+    ap.add_argument("--max-nodes", type=int, default=None)
+    a = ap.parse_args(argv)
+    try:
+        text = render(a.recipe, a.nodes, a.gpus_per_node, a.image, a.job, a.elastic, a.min_nodes, a.max_nodes)
+        sys.path.insert(0, str(K8S))
+        from validate import validate_stream
+
+        problems = validate_stream(text)
+    except RenderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if problems:
+        print("error: the rendered manifest is invalid:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
