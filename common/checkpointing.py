@@ -7,7 +7,7 @@ data sampler's position and every rank's RNG states.
 
 * Atomic: a checkpoint is written as ``.partial-step<N>.ckpt`` and renamed by rank 0 once every
   rank has finished writing; a name matching ``step<N>.ckpt`` is always complete, and resume
-  never looks at anything else.
+  never looks at anything else. ``last.ckpt`` links to the newest.
 * Every ``checkpoint.every_n_steps`` steps and at the last step, keeping the newest
   ``checkpoint.keep_last``.
 * Auto-resume: starting a run with the same ``run.name`` continues from its newest complete
@@ -47,6 +47,7 @@ log = logging.getLogger("common.train")
 
 CHECKPOINT_NAME = re.compile(r"^step(\d+)\.ckpt$")
 PARTIAL_PREFIX = ".partial-"
+LAST_LINK = "last.ckpt"  # -> the newest complete checkpoint (make transcribe's default); resume reads names
 
 
 class Preempted(Exception):
@@ -162,6 +163,7 @@ class RunCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             _remove(final)  # the same step saved before (a re-run of a step after a crash)
             os.replace(partial, final)  # the moment the checkpoint becomes visible, complete
+            _link(final, final.with_name(LAST_LINK))
         trainer.strategy.barrier("checkpoint.publish")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = str(final)
@@ -176,6 +178,13 @@ class RunCheckpoint(ModelCheckpoint):
             doomed = Path(filepath).with_name(PARTIAL_PREFIX + "old-" + Path(filepath).name)
             os.replace(filepath, doomed)
             _remove(doomed)
+
+
+def _link(target: Path, link: Path) -> None:
+    tmp = link.with_name(f".{link.name}.{os.getpid()}")
+    _remove(tmp)
+    tmp.symlink_to(target.name)
+    os.replace(tmp, link)  # atomic: last.ckpt always names a complete checkpoint
 
 
 def _remove(path: Path) -> None:

@@ -152,9 +152,9 @@ def wandb_run_id(run_dir: Path) -> str | None:
     path = run_dir / "wandb_run_id"
     if path.exists():
         return path.read_text().strip()
-    import wandb
+    import uuid
 
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:12]  # wandb run ids: lowercase letters and digits
     path.write_text(run_id + "\n")
     return run_id
 

@@ -16,7 +16,9 @@ def _metrics(run_dir) -> list[dict]:
 
 
 def _ckpts(run_dir) -> list[str]:
-    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name != "last.ckpt")
+    assert (run_dir / "checkpoints" / "last.ckpt").resolve().name == names[-1]  # links the newest
+    return names
 
 
 def _assert_same_losses(expected: list[dict], got: list[dict], rel: float) -> None:
@@ -41,6 +43,11 @@ def test_ddp_auto_resume_is_exact_and_ignores_an_incomplete_checkpoint(tiny_corp
     assert _ckpts(full_dir) == ["step000003.ckpt", "step000006.ckpt"]  # every 3 steps, and the last one
     summary = json.loads((full_dir / "summary.json").read_text())
     assert summary["checkpoint"].endswith("step000006.ckpt") and summary["resumed_from"] is None
+    import torch
+
+    ckpt = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)  # plain types only
+    assert ckpt["global_step"] == 6 and ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+    assert len(ckpt["rng_states"]) == 2 and {"epoch", "consumed"} <= ckpt["SpeechDataModule"]["train_sampler"].keys()
 
     # The interrupted attempt: its complete step-3 checkpoint, its records up to step 4, and the
     # debris of a writer killed while saving step 6 (half of the bytes, under the partial name).
@@ -68,3 +75,24 @@ def test_ddp_auto_resume_is_exact_and_ignores_an_incomplete_checkpoint(tiny_corp
     _assert_same_losses(_metrics(full_dir), _metrics(run_dir), rel=1e-6)  # also: a fresh run is deterministic
     assert _ckpts(run_dir) == ["step000006.ckpt"]
     assert len(list(tmp_path.glob("attempt/checkpoints.replaced-*/step000003.ckpt"))) == 1
+
+
+SALM = ("trainer.max_steps=6", "trainer.limit_val_batches=0", "checkpoint.every_n_steps=3", "data.max_tokens=216")
+
+
+def test_tp_fsdp2_resume_from_a_sharded_checkpoint_is_exact(tiny_corpus, tmp_path):
+    """salm_tp_fsdp2 (TP=2 x FSDP2 dp=2, 4 processes): DCP checkpoint directories, resumed
+    under the same run name, steps 4..6 equal the uninterrupted run's to 1e-6."""
+    full_dir = tmp_path / "full"
+    full = run_recipe("salm_tp_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM), full_dir)
+    assert full.returncode == 0, full.stderr[-4000:]
+    step3 = full_dir / "checkpoints" / "step000003.ckpt"
+    assert step3.is_dir() and (step3 / "meta.pt").exists() and _ckpts(full_dir) == ["step000003.ckpt",
+                                                                                     "step000006.ckpt"]
+    run_dir = tmp_path / "attempt"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step3, run_dir / "checkpoints" / step3.name)
+    again = run_recipe("salm_tp_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM), run_dir)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"].endswith("step000003.ckpt")
+    _assert_same_losses(_metrics(full_dir)[3:], _metrics(run_dir), rel=1e-6)
