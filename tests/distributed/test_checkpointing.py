@@ -96,3 +96,20 @@ def test_tp_fsdp2_resume_from_a_sharded_checkpoint_is_exact(tiny_corpus, tmp_pat
     assert again.returncode == 0, again.stderr[-4000:]
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from"].endswith("step000003.ckpt")
     _assert_same_losses(_metrics(full_dir)[3:], _metrics(run_dir), rel=1e-6)
+
+
+def test_fsdp2_checkpoint_resumes_resharded_under_tp_x_fsdp2(tiny_corpus, tmp_path):
+    """A salm checkpoint written by FSDP2 over 4 ranks resumes under TP=2 x FSDP2 dp=2 (DCP
+    reshards model and optimizer state on load); steps 4..6 match the FSDP2 run to 1e-4."""
+    fsdp_dir = tmp_path / "fsdp2_dp4"
+    first = run_recipe("salm_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM, "trainer.strategy.data_parallel_size=4"),
+                       fsdp_dir)
+    assert first.returncode == 0, first.stderr[-4000:]
+    run_dir = tmp_path / "tp2_dp2"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(fsdp_dir / "checkpoints" / "step000003.ckpt", run_dir / "checkpoints" / "step000003.ckpt")
+    again = run_recipe("salm_tp_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM), run_dir)
+    assert again.returncode == 0, again.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step000003.ckpt") and summary["tensor_parallel_size"] == 2
+    _assert_same_losses(_metrics(fsdp_dir)[3:], _metrics(run_dir), rel=1e-4)
