@@ -126,7 +126,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, recorder, resuming: bool):
     from common.checkpointing import ExactResume, RunCheckpoint
 
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_kwargs["strategy"] = build_strategy(cfg.trainer.strategy)
+    trainer_kwargs["strategy"] = build_strategy(cfg.trainer.strategy, cfg.run.get("collective_timeout_s"))
     if resuming:
         trainer_kwargs["num_sanity_val_steps"] = 0  # the step-0 validation is in validation.jsonl already
     checkpoint = RunCheckpoint(run_dir / "checkpoints", every_n_steps=cfg.checkpoint.every_n_steps,
