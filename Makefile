@@ -18,7 +18,7 @@ NPROC ?= $(or $(NPROC_$(RECIPE)),2)
 RUN_NAME ?= $(shell date +%Y%m%d-%H%M%S)
 export RUN_NAME
 
-.PHONY: help setup run transcribe synthesize data-check to-shar test quality lint clean \
+.PHONY: help setup run transcribe export synthesize data-check to-shar test quality lint clean \
         docker-build docker-run cpu-base container-test k8s-render k8s-apply
 
 # Containers: docker where it exists, else podman (CI); the CPU base and make container-test use podman.
@@ -58,6 +58,8 @@ help:
 	@echo "                                 recipes: $$(ls recipes | tr '\n' ' ')"
 	@echo "make transcribe RECIPE=<r> AUDIO=<file> [CKPT=<checkpoint>]"
 	@echo "                                 print the transcript (default CKPT: the latest run's last)"
+	@echo "make export RECIPE=<r> [CKPT=<checkpoint>] [OUT=<dir>]"
+	@echo "                                 consolidated model (safetensors + config.json + tokenizer) from a checkpoint"
 	@echo "make synthesize RECIPE=tts_ddp TEXT='...' [CKPT=...] [OUT=x.wav]"
 	@echo "                                 WAV (Griffin-Lim) + PNG of the predicted mel spectrogram"
 	@echo "make data-check MANIFEST=<file|dir> [ARGS='--tokenizer DIR --max-duration-s 30']"
@@ -94,6 +96,11 @@ CKPT ?= outputs/$(RECIPE)/latest/checkpoints/last.ckpt
 transcribe: setup
 	@test -n "$(AUDIO)" || { echo "error: AUDIO is not set (make transcribe RECIPE=$(RECIPE) AUDIO=<file>)" >&2; exit 2; }
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m common.transcribe $(CKPT) $(AUDIO)
+
+# OUT given by the user, else the run's export/ (OUT's own default below is synthesize's WAV).
+EXPORT_OUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),outputs/$(RECIPE)/latest/export)
+export: setup
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m common.export $(CKPT) $(EXPORT_OUT)
 
 TEXT ?=
 OUT ?= outputs/$(RECIPE)/latest/synthesized.wav

@@ -62,8 +62,14 @@ def device_info(device: torch.device) -> dict:
 
 
 class RunRecorder(L.Callback):
-    def __init__(self, run_dir: Path, print_every_n_steps: int = 10, warmup_steps: int = 3):
+    def __init__(self, run_dir: Path, print_every_n_steps: int = 10, warmup_steps: int = 3,
+                 resume_step: int | None = None):
         self.run_dir = Path(run_dir)
+        if int(os.environ.get("RANK", 0)) == 0:
+            # A resumed run appends to the earlier attempt's records, minus the steps after its
+            # checkpoint (trained again now); a fresh run starts them empty.
+            for name in ("metrics.jsonl", "validation.jsonl"):
+                _keep_rows_up_to(self.run_dir / name, resume_step)
         self.print_every = print_every_n_steps
         self.warmup_steps = warmup_steps
         self.history: list[dict] = []
@@ -140,12 +146,23 @@ class RunRecorder(L.Callback):
         }
 
 
+def _keep_rows_up_to(path: Path, step: int | None) -> None:
+    if not path.exists():
+        return
+    rows = path.read_text().splitlines() if step is not None else []
+    kept = [row for row in rows if json.loads(row)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(row + "\n" for row in kept))
+    os.replace(tmp, path)
+
+
 def _val(record: dict | None) -> dict:
     return {k.removeprefix("val_"): v for k, v in (record or {}).items() if k != "step"}
 
 
 def summarize(cfg, layout, recorder: RunRecorder, *, status: str, error: str | None, wall_s: float,
-              checkpoint: str | None, skipped_global_batches: int, bad_items: list[dict] | None = None) -> dict:
+              checkpoint: str | None, skipped_global_batches: int, bad_items: list[dict] | None = None,
+              resumed_from: str | None = None) -> dict:
     """The ``summary.json`` of the run contract."""
     history, validations = recorder.history, recorder.validations
     return {
@@ -175,6 +192,7 @@ def summarize(cfg, layout, recorder: RunRecorder, *, status: str, error: str | N
         },
         "wall_s": round(wall_s, 2),
         "checkpoint": checkpoint,
+        "resumed_from": resumed_from,
     }
 
 

@@ -120,32 +120,43 @@ def build_model(cfg: DictConfig, tokenizer):
     return SALM(cfg.model, tokenizer)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, recorder):
+def build_trainer(cfg: DictConfig, run_dir: Path, recorder, resuming: bool):
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from common.checkpointing import ExactResume, RunCheckpoint
 
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_kwargs["strategy"] = build_strategy(cfg.trainer.strategy)
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="step{step:06d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=cfg.checkpoint.every_n_steps,
-        save_top_k=cfg.checkpoint.keep_last,
-        monitor="step",
-        mode="max",
-        save_last=True,
-    )
+    trainer_kwargs["strategy"] = build_strategy(cfg.trainer.strategy, cfg.run.get("collective_timeout_s"))
+    if resuming:
+        trainer_kwargs["num_sanity_val_steps"] = 0  # the step-0 validation is in validation.jsonl already
+    checkpoint = RunCheckpoint(run_dir / "checkpoints", every_n_steps=cfg.checkpoint.every_n_steps,
+                               keep_last=cfg.checkpoint.keep_last,
+                               preemption_grace_s=cfg.checkpoint.get("preemption_grace_s", 60))
     loggers = []
     if cfg.logger.wandb:
         from lightning.pytorch.loggers import WandbLogger
 
         # Offline unless the user opts in: logging must never need a network or a secret in a file.
         online = bool(os.environ.get("WANDB_API_KEY")) and os.environ.get("WANDB_MODE") == "online"
-        loggers.append(
-            WandbLogger(project=cfg.logger.project, name=cfg.run.name, save_dir=str(run_dir), offline=not online)
-        )
-    return L.Trainer(**trainer_kwargs, callbacks=[recorder, checkpoint], logger=loggers or False), checkpoint
+        loggers.append(WandbLogger(project=cfg.logger.project, name=cfg.run.name, save_dir=str(run_dir),
+                                   offline=not online, id=wandb_run_id(run_dir), resume="allow"))
+    trainer = L.Trainer(**trainer_kwargs, callbacks=[recorder, ExactResume(), checkpoint], logger=loggers or False)
+    return trainer, checkpoint
+
+
+def wandb_run_id(run_dir: Path) -> str | None:
+    """The run's wandb id, kept in ``<run_dir>/wandb_run_id`` so that a resumed run continues the
+    same wandb run. Rank 0 only (other ranks log nothing)."""
+    if RANK != 0:
+        return None
+    path = run_dir / "wandb_run_id"
+    if path.exists():
+        return path.read_text().strip()
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]  # wandb run ids: lowercase letters and digits
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 def link_latest(run_dir: Path) -> None:
@@ -213,29 +224,37 @@ def train(cfg: DictConfig) -> None:
                                   audio_frames_per_token=audio_frames_per_token(cfg))
 
     # 3. Run directory: resolved config and tokenizer first, so a failed run still explains itself.
+    #    The same run.name again continues from its newest complete checkpoint (common.checkpointing).
+    from common.checkpointing import Preempted, resolve_resume
+
+    ckpt_path, resume_step = resolve_resume(cfg, run_dir, rank=RANK)
     if RANK == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         tokenizer.save(run_dir / "tokenizer")
         link_latest(run_dir)
-    recorder = RunRecorder(run_dir, print_every_n_steps=cfg.run.print_every_n_steps)
-    trainer, checkpoint = build_trainer(cfg, run_dir, recorder)
+    recorder = RunRecorder(run_dir, print_every_n_steps=cfg.run.print_every_n_steps,
+                           resume_step=resume_step if ckpt_path else None)
+    trainer, checkpoint = build_trainer(cfg, run_dir, recorder, resuming=ckpt_path is not None)
 
     # 4. Train; the summary is written whether it completes or fails.
     status, error, extra_val = "failed", None, {}
     data_report = {"items": datamodule.bad_items, "substituted_batches": datamodule.substituted_batches}
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.run.get("resume_from"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         data_report = gather_data_report(datamodule)
         extra_val = evaluate_intelligibility(cfg, model, sources) if RANK == 0 else {}
         status = "completed"
+    except Preempted as exc:  # SIGTERM: every rank saved at the same step; exit 0, a restart resumes
+        status, error = "preempted", str(exc)
+        log.info("%s", exc)
     except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised
         error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
         if RANK == 0:
             summary = summarize(cfg, layout, recorder, status=status, error=error, wall_s=time.perf_counter() - t0,
-                                checkpoint=checkpoint.last_model_path or None,
+                                checkpoint=checkpoint.latest_path, resumed_from=ckpt_path,
                                 skipped_global_batches=_skipped(trainer),
                                 bad_items=list(data_report["items"].values()))
             summary["data"]["substituted_batches"] = data_report["substituted_batches"]

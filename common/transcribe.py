@@ -7,6 +7,7 @@ Usage::
 
     make transcribe RECIPE=asr_ddp AUDIO=my.wav          # the latest run's last checkpoint
     python -m common.transcribe outputs/asr_ddp/latest/checkpoints/last.ckpt a.wav b.flac
+    python -m common.transcribe outputs/salm_tp_fsdp2/latest/export a.wav   # a `make export` directory
 
 Prints one line per file: ``<path>\\t<transcript>``. Exit status 2 with an ``error:`` line for a
 missing or unreadable checkpoint or audio file.
@@ -42,13 +43,17 @@ def _read_checkpoint(path: Path) -> tuple[dict, dict | None]:
 
 
 def load_model(checkpoint: str | Path):
-    """(model in eval mode, tokenizer, resolved run config) rebuilt from a checkpoint."""
+    """(model in eval mode, tokenizer, resolved run config) rebuilt from a checkpoint, or from an
+    exported model directory (``common.export``)."""
     from omegaconf import OmegaConf
 
     from common.data.tokenizer import load_tokenizer, tokenizer_from_json
+    from common.export import is_export, load_exported
     from common.train import build_model
 
     path = Path(checkpoint)
+    if is_export(path):
+        return load_exported(path)
     meta, state = _read_checkpoint(path)
     if "run_config" not in meta:
         raise ConfigError(f"checkpoint {path}: no run_config inside (not written by common.train)")
@@ -103,7 +108,8 @@ def transcribe(model, tokenizer, cfg, audio_path) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a .ckpt file (DDP) or a sharded checkpoint directory (FSDP2/TP)")
+    parser.add_argument("checkpoint", help="a .ckpt file (DDP), a sharded checkpoint directory (FSDP2/TP) "
+                                           "or an exported model directory (make export)")
     parser.add_argument("audio", nargs="+", help="WAV/FLAC/... files, any sample rate, mono or multi-channel")
     args = parser.parse_args(argv)
     try:

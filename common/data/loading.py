@@ -19,9 +19,12 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
+import random
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,11 +183,13 @@ class SpeechTextDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, tokenizer, num_mel_bins: int = 64, sample_rate: int = 16000, spec_augment: dict | None = None,
-                 normalize_features: bool = True, token_alignment: bool = False, on_bad_item: str = "skip"):
+                 normalize_features: bool = True, token_alignment: bool = False, on_bad_item: str = "skip",
+                 seed: int = 0):
         if on_bad_item not in ON_BAD_ITEM:
             raise ValueError(f"data.on_bad_item must be one of {ON_BAD_ITEM}, got {on_bad_item!r}")
         self.tokenizer = tokenizer
         self.on_bad_item = on_bad_item
+        self.seed = seed
         self.token_alignment = token_alignment
         self.features = LogMel(num_mel_bins, sample_rate, normalize=normalize_features)
         self.spec_augment = None
@@ -245,7 +250,10 @@ class SpeechTextDataset(torch.utils.data.Dataset):
         if self.spec_augment is not None and not substitute:
             # Time warp stays inside each utterance (segment = its unpadded frames).
             segments = torch.stack([torch.arange(len(feats)), torch.zeros_like(num_frames), num_frames], dim=1)
-            features = self.spec_augment(features, supervision_segments=segments)
+            # Masks are a function of (seed, epoch, global batch index, dp rank) only: a resumed run
+            # (new DataLoader workers, other worker seeds) draws exactly the masks the first run drew.
+            with seeded_rngs(self.seed, batch.epoch, batch.index, batch.dp_rank):
+                features = self.spec_augment(features, supervision_segments=segments)
         return {
             "input_features": features,
             "feature_mask": torch.arange(features.shape[1])[None, :] < num_frames[:, None],
@@ -314,6 +322,37 @@ class MetadataFilter:
         return False
 
 
+@contextlib.contextmanager
+def seeded_rngs(*key: int):
+    """Run a block with python/numpy/torch RNGs seeded from ``key``, then put the previous states
+    back (with ``num_workers=0`` this runs in the training process, whose RNG streams must not move).
+
+    Usage::
+
+        with seeded_rngs(seed, epoch, index, dp_rank):
+            features = spec_augment(features)
+    """
+    seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:4], "little")
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _worker_init(worker_id: int) -> None:
+    # torchrun delivers SIGTERM to a rank's whole process group, DataLoader workers included. A
+    # worker dying of it would fail the rank mid-step; it keeps working instead, and exits with
+    # its rank (which saves a checkpoint first, see common.checkpointing). Augmentation RNGs are
+    # seeded per batch (seeded_rngs), so worker seeds need no setting here.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(
     cuts,
     tokenizer,
@@ -365,10 +404,14 @@ def make_loader(
     loader = DataLoader(
         SpeechTextDataset(tokenizer, num_mel_bins, sample_rate, spec_augment=spec_augment,
                           normalize_features=normalize_features, token_alignment=token_alignment,
-                          on_bad_item=on_bad_item),
+                          on_bad_item=on_bad_item, seed=seed),
         sampler=DataParallelBatchSampler(base, dp_rank, dp_size),
         batch_size=None,
         num_workers=num_workers,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        # Worker base seeds come from this generator, not the process's RNG, so that starting a
+        # DataLoader iterator (at the start of a run or of an epoch) never moves the training RNG.
+        generator=torch.Generator().manual_seed(seed),
         persistent_workers=num_workers > 0,
     )
     loader.metadata_filter = keep

@@ -114,10 +114,18 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def build_strategy(strategy_cfg):
-    """Instantiate the Lightning strategy exactly as written in YAML (``_target_`` + its arguments)."""
+def build_strategy(strategy_cfg, collective_timeout_s: float | None = None):
+    """Instantiate the Lightning strategy exactly as written in YAML (``_target_`` + its arguments).
+
+    ``collective_timeout_s`` (``run.collective_timeout_s``) bounds every collective: a rank whose
+    peer died (or hangs) raises after that long instead of waiting forever.
+    """
+    from datetime import timedelta
+
     from hydra.utils import instantiate
 
+    if collective_timeout_s:
+        return instantiate(strategy_cfg, timeout=timedelta(seconds=float(collective_timeout_s)))
     return instantiate(strategy_cfg)
 
 

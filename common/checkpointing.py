@@ -1,0 +1,262 @@
+"""Checkpoints that survive faults: atomic, auto-resumed, exact, and written on preemption.
+
+A run's checkpoints live in ``<run_dir>/checkpoints/step<NNNNNN>.ckpt``: a file under DDP, a
+torch.distributed.checkpoint directory (one shard per rank + ``meta.pt``) under
+ModelParallelStrategy. Each holds the model, optimizer, LR scheduler, loop progress (step), the
+data sampler's position and every rank's RNG states.
+
+* Atomic: a checkpoint is written as ``.partial-step<N>.ckpt`` and renamed by rank 0 once every
+  rank has finished writing; a name matching ``step<N>.ckpt`` is always complete, and resume
+  never looks at anything else. ``last.ckpt`` links to the newest.
+* Every ``checkpoint.every_n_steps`` steps and at the last step, keeping the newest
+  ``checkpoint.keep_last``.
+* Auto-resume: starting a run with the same ``run.name`` continues from its newest complete
+  checkpoint (``run.resume=false`` starts afresh; ``run.resume_from=<ckpt>`` picks one).
+* Preemption: on SIGTERM every rank saves at the next step boundary and the run exits 0 (within
+  ``checkpoint.preemption_grace_s``, else it exits 1 and the last complete checkpoint stands).
+
+Usage (what ``common/train.py`` does)::
+
+    ckpt_path, resume_step = resolve_resume(cfg, run_dir)
+    callbacks = [recorder, ExactResume(), RunCheckpoint(run_dir / "checkpoints", every_n_steps=250,
+                                                        keep_last=2, preemption_grace_s=60)]
+    try:
+        trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except Preempted:
+        ...  # checkpoint written: exit 0, the restarted job resumes from it
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+log = logging.getLogger("common.train")
+
+CHECKPOINT_NAME = re.compile(r"^step(\d+)\.ckpt$")
+PARTIAL_PREFIX = ".partial-"
+LAST_LINK = "last.ckpt"  # -> the newest complete checkpoint (make transcribe's default); resume reads names
+
+
+class Preempted(Exception):
+    """Raised on every rank after the preemption checkpoint is written (SIGTERM)."""
+
+
+def complete_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """``[(step, path), ...]`` of the complete checkpoints in ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_NAME.match(p.name))]
+    return sorted(found)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    m = CHECKPOINT_NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def resolve_resume(cfg, run_dir: Path, rank: int = 0) -> tuple[str | None, int]:
+    """The checkpoint this run continues from (``None``: from scratch) and its step.
+
+    ``run.resume_from`` if set; else, with ``run.resume`` (default true), the newest complete
+    checkpoint of this run directory. A fresh start (``run.resume=false``) moves an earlier
+    attempt's checkpoints aside (rank 0), so that they are neither resumed nor pruned as ours.
+    """
+    from common.parallel import ConfigError
+
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    explicit = cfg.run.get("resume_from")
+    if explicit:
+        path = Path(explicit)
+        if not path.exists():
+            raise ConfigError(f"run.resume_from={explicit}: no such checkpoint")
+        if path.name.startswith(PARTIAL_PREFIX):
+            raise ConfigError(f"run.resume_from={explicit} is an incomplete checkpoint (its writer was stopped); "
+                              "use a step<N>.ckpt one")
+        return str(path), checkpoint_step(path) or 0
+    found = complete_checkpoints(ckpt_dir)
+    if cfg.run.get("resume", True):
+        if found:
+            step, path = found[-1]
+            log.info("resuming %s from its latest complete checkpoint %s (step %d)", cfg.run.name, path, step)
+            return str(path), step
+        return None, 0
+    if rank == 0 and ckpt_dir.exists():
+        aside = ckpt_dir.with_name(f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        ckpt_dir.rename(aside)
+        log.info("run.resume=false: starting afresh; the earlier checkpoints are kept in %s", aside)
+    return None, 0
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint, atomic; also saves at the last step and on SIGTERM (then raises ``Preempted``)."""
+
+    def __init__(self, dirpath: Path, every_n_steps: int, keep_last: int, preemption_grace_s: float = 60.0):
+        super().__init__(dirpath=dirpath, filename="step{step:06d}", auto_insert_metric_name=False,
+                         every_n_train_steps=every_n_steps, save_top_k=keep_last, monitor="step", mode="max",
+                         save_last=False)
+        self.preemption_grace_s = preemption_grace_s
+        self._sigterm_at: float | None = None
+
+    @property
+    def latest_path(self) -> str | None:
+        """The checkpoint written last by this run (``None``: none yet)."""
+        return self._last_checkpoint_saved or None
+
+    # --- preemption ---------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Replaces Lightning's SIGTERM handler (registered just before), which broadcasts from
+        # inside the handler, i.e. at an arbitrary point of a collective on whichever rank got the
+        # signal. Ours only sets a flag; ranks agree on it at the next step boundary.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if self._sigterm_at is not None:
+            return
+        self._sigterm_at = time.monotonic()
+        print(f"SIGTERM: saving a checkpoint at the next step boundary, then exiting "
+              f"(grace {self.preemption_grace_s:g}s)", file=sys.stderr, flush=True)
+        timer = threading.Timer(self.preemption_grace_s, _grace_expired, args=(self.preemption_grace_s,))
+        timer.daemon = True
+        timer.start()
+
+    def _stop_requested(self, trainer) -> bool:
+        """True on every rank if any rank got SIGTERM (one tiny all-reduce per step)."""
+        flag = torch.tensor([1.0 if self._sigterm_at is not None else 0.0], device=trainer.strategy.root_device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        preempted = self._stop_requested(trainer)
+        if preempted or trainer.global_step >= trainer.max_steps > 0:
+            if self._last_global_step_saved != trainer.global_step:
+                self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+            if preempted:
+                raise Preempted(f"stopped by SIGTERM after step {trainer.global_step}; "
+                                f"checkpoint {self._last_checkpoint_saved}")
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    # --- atomic writes --------------------------------------------------------------------------
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        final = Path(filepath)
+        partial = final.with_name(PARTIAL_PREFIX + final.name)
+        if trainer.is_global_zero:
+            _remove(partial)  # left by a writer that was killed
+        trainer.strategy.barrier("checkpoint.clean")
+        trainer.save_checkpoint(partial, self.save_weights_only)  # every rank; returns after a barrier
+        if trainer.is_global_zero:
+            _remove(final)  # the same step saved before (a re-run of a step after a crash)
+            os.replace(partial, final)  # the moment the checkpoint becomes visible, complete
+            _link(final, final.with_name(LAST_LINK))
+        trainer.strategy.barrier("checkpoint.publish")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = str(final)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(self)
+
+    def _remove_checkpoint(self, trainer, filepath: str) -> None:
+        # Renamed out of the complete names first: a crash while deleting leaves no half checkpoint
+        # that resume could pick.
+        if trainer.is_global_zero and Path(filepath).exists():
+            doomed = Path(filepath).with_name(PARTIAL_PREFIX + "old-" + Path(filepath).name)
+            os.replace(filepath, doomed)
+            _remove(doomed)
+
+
+def _link(target: Path, link: Path) -> None:
+    tmp = link.with_name(f".{link.name}.{os.getpid()}")
+    _remove(tmp)
+    tmp.symlink_to(target.name)
+    os.replace(tmp, link)  # atomic: last.ckpt always names a complete checkpoint
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _grace_expired(grace_s: float) -> None:
+    print(f"error: no checkpoint within checkpoint.preemption_grace_s={grace_s:g}s of SIGTERM; exiting "
+          "(the last complete checkpoint is kept)", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+class ExactResume(Callback):
+    """Every rank's python/numpy/torch RNG states in the checkpoint, put back at the first resumed step.
+
+    Together with the data sampler's position (common.data.datamodule) and per-batch seeded
+    augmentation (common.data.loading.seeded_rngs) a resumed run repeats the uninterrupted run's
+    losses exactly (CPU, fp32). States are plain tensors/lists, loadable with ``weights_only=True``.
+    States of another world size (a resharded resume) are not applied.
+    """
+
+    def __init__(self):
+        self._pending: dict | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        mine = rng_states()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, mine)  # every rank is saving: a collective is safe
+        else:
+            gathered = [mine]
+        checkpoint["rng_states"] = gathered
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states and len(states) == trainer.world_size:
+            self._pending = states[trainer.global_rank]
+        elif states:
+            log.warning("checkpoint has RNG states of %d ranks, this run has %d: not restored (losses will not "
+                        "repeat bit for bit)", len(states), trainer.world_size)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # Applied here, not at load time: between loading and the first step Lightning runs the
+        # sanity check and starts the DataLoader, which the uninterrupted run did not do at this point.
+        if self._pending is not None:
+            set_rng_states(self._pending)
+            self._pending = None
+
+
+def rng_states() -> dict:
+    np_state = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(_as_tuples(states["python"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def _as_tuples(x):
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x

@@ -1,0 +1,110 @@
+"""Export a checkpoint (a DDP ``.ckpt`` file or a sharded DCP directory) as a consolidated,
+Hugging Face-style model directory, for evaluation and inference in one process.
+
+Writes ``<out_dir>/``:
+
+* ``model.safetensors``: every weight as one full (unsharded) tensor; tied/shared tensors are
+  stored once (``safetensors.torch.save_model``) and tied again on load;
+* ``config.json``: what rebuilds the model: the model section of the run config, the data
+  feature settings (sample rate, mel bins, normalization), the recipe and the source checkpoint;
+* the tokenizer files (``word_tokenizer.json``, ``bpe_tokenizer.json`` or a HF tokenizer's).
+
+Usage (what ``make export`` does)::
+
+    python -m common.export outputs/salm_tp_fsdp2/latest/checkpoints/last.ckpt outputs/salm_tp_fsdp2/latest/export
+    python -m common.transcribe outputs/salm_tp_fsdp2/latest/export a.wav    # an export loads like a checkpoint
+
+``load_exported(dir)`` returns ``(model in eval mode, tokenizer, config)`` as
+``common.transcribe.load_model`` does for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from common.parallel import ConfigError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "speech-recipes-export/1"
+DATA_KEYS = ("sample_rate", "num_mel_bins", "feature_normalization")  # what turns audio into model inputs
+
+
+def is_export(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Consolidate ``checkpoint`` into ``out_dir`` (written under a temporary name, then renamed)."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_model
+
+    from common.transcribe import _read_checkpoint, load_model
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    model, tokenizer, cfg = load_model(checkpoint)  # a DCP directory: full tensors, read in this process
+    meta, _ = _read_checkpoint(checkpoint)
+    tmp = out_dir.with_name(f".partial-{out_dir.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    config = {
+        "format": FORMAT,
+        "model_type": cfg.model.name,
+        "recipe": cfg.get("recipe"),
+        "source_checkpoint": str(checkpoint.resolve()),
+        "global_step": meta.get("global_step"),
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "data": {k: cfg.data[k] for k in DATA_KEYS if k in cfg.data},
+    }
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def load_exported(directory: str | Path):
+    """(model in eval mode, tokenizer, config) from an ``export`` directory."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_model as load_weights
+
+    from common.data.tokenizer import load_tokenizer
+    from common.train import build_model
+
+    directory = Path(directory)
+    if not is_export(directory):
+        raise ConfigError(f"{directory}: not an exported model (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    if config.get("format") != FORMAT:
+        raise ConfigError(f"{directory}/{CONFIG_FILE}: format {config.get('format')!r}, expected {FORMAT!r}")
+    cfg = OmegaConf.create({"recipe": config.get("recipe"), "model": config["model"], "data": config["data"]})
+    tokenizer = load_tokenizer(directory)
+    model = build_model(cfg, tokenizer)
+    load_weights(model, directory / WEIGHTS_FILE, strict=True)  # re-ties shared tensors
+    return model.eval(), tokenizer, cfg
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a .ckpt file (DDP) or a sharded checkpoint directory (FSDP2/TP)")
+    parser.add_argument("out_dir", help="the directory to write (replaced if it exists)")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out_dir)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} -> {out} ({WEIGHTS_FILE}, {CONFIG_FILE}, tokenizer)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Checkpoints and faults with real multi-process runs: atomic checkpoints, auto-resume, exact
+resume (DDP and TP x FSDP2), preemption by a real SIGTERM, wandb run id continuity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import run_recipe, tiny_overrides
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _ckpts(run_dir) -> list[str]:
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name != "last.ckpt")
+    assert (run_dir / "checkpoints" / "last.ckpt").resolve().name == names[-1]  # links the newest
+    return names
+
+
+def _assert_same_losses(expected: list[dict], got: list[dict], rel: float) -> None:
+    assert [m["step"] for m in got] == [m["step"] for m in expected]
+    assert [m["batch"] for m in got] == [m["batch"] for m in expected]  # the same global batches
+    for x, y in zip(expected, got):
+        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=rel), x["step"]
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=rel), x["step"]
+        assert y["lr"] == pytest.approx(x["lr"], rel=rel), x["step"]
+
+
+ASR = ("trainer.max_steps=6", "trainer.limit_val_batches=0", "checkpoint.every_n_steps=3", "data.max_duration_s=8")
+
+
+def test_ddp_auto_resume_is_exact_and_ignores_an_incomplete_checkpoint(tiny_corpus, tmp_path):
+    """asr_ddp (SpecAugment in a DataLoader worker, p=0.5): stopped after step 3 and started again
+    under the same run name (no flag), steps 4..6 repeat the uninterrupted run's losses to 1e-6.
+    The interrupted attempt also left a half-written step-6 checkpoint: it is never resumed from."""
+    full_dir = tmp_path / "full"
+    full = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *ASR), full_dir)
+    assert full.returncode == 0, full.stderr[-4000:]
+    assert _ckpts(full_dir) == ["step000003.ckpt", "step000006.ckpt"]  # every 3 steps, and the last one
+    summary = json.loads((full_dir / "summary.json").read_text())
+    assert summary["checkpoint"].endswith("step000006.ckpt") and summary["resumed_from"] is None
+    import torch
+
+    ckpt = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)  # plain types only
+    assert ckpt["global_step"] == 6 and ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+    assert len(ckpt["rng_states"]) == 2 and {"epoch", "consumed"} <= ckpt["SpeechDataModule"]["train_sampler"].keys()
+
+    # The interrupted attempt: its complete step-3 checkpoint, its records up to step 4, and the
+    # debris of a writer killed while saving step 6 (half of the bytes, under the partial name).
+    run_dir = tmp_path / "attempt"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(full_dir / "checkpoints" / "step000003.ckpt", run_dir / "checkpoints")
+    half = (full_dir / "checkpoints" / "step000006.ckpt").read_bytes()
+    (run_dir / "checkpoints" / ".partial-step000006.ckpt").write_bytes(half[: len(half) // 2])
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in _metrics(full_dir)[:4]))
+
+    again = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *ASR), run_dir)
+    assert again.returncode == 0, again.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step000003.ckpt") and summary["status"] == "completed"
+    # The records continue: steps 1..3 of the attempt, then 4..6 trained again (step 4's old row dropped).
+    _assert_same_losses(_metrics(full_dir), _metrics(run_dir), rel=1e-6)
+    assert _ckpts(run_dir) == ["step000003.ckpt", "step000006.ckpt"]  # debris replaced by a complete one
+
+    # run.resume=false: the same name starts afresh (step 1), the old checkpoints moved aside.
+    fresh = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *ASR, "run.resume=false",
+                                                    "checkpoint.every_n_steps=1000"), run_dir)
+    assert fresh.returncode == 0, fresh.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"] is None
+    _assert_same_losses(_metrics(full_dir), _metrics(run_dir), rel=1e-6)  # also: a fresh run is deterministic
+    assert _ckpts(run_dir) == ["step000006.ckpt"]
+    assert len(list(tmp_path.glob("attempt/checkpoints.replaced-*/step000003.ckpt"))) == 1
+
+
+SALM = ("trainer.max_steps=6", "trainer.limit_val_batches=0", "checkpoint.every_n_steps=3", "data.max_tokens=216")
+
+
+def test_tp_fsdp2_resume_from_a_sharded_checkpoint_is_exact(tiny_corpus, tmp_path):
+    """salm_tp_fsdp2 (TP=2 x FSDP2 dp=2, 4 processes): DCP checkpoint directories, resumed
+    under the same run name, steps 4..6 equal the uninterrupted run's to 1e-6."""
+    full_dir = tmp_path / "full"
+    full = run_recipe("salm_tp_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM), full_dir)
+    assert full.returncode == 0, full.stderr[-4000:]
+    step3 = full_dir / "checkpoints" / "step000003.ckpt"
+    assert step3.is_dir() and (step3 / "meta.pt").exists() and _ckpts(full_dir) == ["step000003.ckpt",
+                                                                                     "step000006.ckpt"]
+    run_dir = tmp_path / "attempt"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step3, run_dir / "checkpoints" / step3.name)
+    again = run_recipe("salm_tp_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM), run_dir)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"].endswith("step000003.ckpt")
+    _assert_same_losses(_metrics(full_dir)[3:], _metrics(run_dir), rel=1e-6)
+
+
+def test_fsdp2_checkpoint_resumes_resharded_under_tp_x_fsdp2(tiny_corpus, tmp_path):
+    """A salm checkpoint written by FSDP2 over 4 ranks resumes under TP=2 x FSDP2 dp=2 (DCP
+    reshards model and optimizer state on load); steps 4..6 match the FSDP2 run to 1e-4."""
+    fsdp_dir = tmp_path / "fsdp2_dp4"
+    first = run_recipe("salm_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM, "trainer.strategy.data_parallel_size=4"),
+                       fsdp_dir)
+    assert first.returncode == 0, first.stderr[-4000:]
+    run_dir = tmp_path / "tp2_dp2"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(fsdp_dir / "checkpoints" / "step000003.ckpt", run_dir / "checkpoints" / "step000003.ckpt")
+    again = run_recipe("salm_tp_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM), run_dir)
+    assert again.returncode == 0, again.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step000003.ckpt") and summary["tensor_parallel_size"] == 2
+    _assert_same_losses(_metrics(fsdp_dir)[3:], _metrics(run_dir), rel=1e-4)

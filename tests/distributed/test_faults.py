@@ -1,0 +1,148 @@
+"""A rank killed with SIGKILL (a lost node, the OOM killer): under `torchrun --max-restarts` the
+group restarts and resumes from the last complete checkpoint, repeating the uninterrupted run's
+losses; without restarts the whole job fails fast instead of hanging."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, TORCHRUN, recipe_config, run_recipe, tiny_overrides
+
+ASR = ("trainer.max_steps=10", "trainer.limit_val_batches=0", "checkpoint.every_n_steps=3", "data.max_duration_s=8")
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _launch(run_dir: Path, overrides: list[str], max_restarts: int) -> subprocess.Popen:
+    """`make run`'s torchrun command, with an elastic restart budget (what a job would pass)."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node=2", f"--max-restarts={max_restarts}", "--monitor-interval=1",
+           "-m", "common.train", f"--config-path={ROOT / 'recipes' / 'asr_ddp'}", "--config-name=config",
+           f"run.output_dir={run_dir}", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN_NAME": ""}
+    log = open(run_dir.parent / f"{run_dir.name}.log", "w")  # a file: a full pipe would block the run
+    return subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _output(run_dir: Path) -> str:
+    return (run_dir.parent / f"{run_dir.name}.log").read_text()[-6000:]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(x.split("=", 1) for x in raw.decode(errors="replace").split("\0") if "=" in x)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _worker(agent_pid: int, rank: int) -> int | None:
+    """The training process of ``rank`` launched by torchrun (not one of its DataLoader workers)."""
+    stack = [(agent_pid, False)]
+    while stack:
+        pid, parent_is_rank = stack.pop()
+        env = _environ(pid)
+        is_rank = env.get("RANK") == str(rank) and "TORCHELASTIC_RUN_ID" in env
+        if is_rank and not parent_is_rank:
+            return pid
+        stack += [(c, is_rank) for c in _children(pid)]
+    return None
+
+
+def _kill_rank_after(proc: subprocess.Popen, run_dir: Path, ckpt_name: str, rank: int,
+                     deadline_s: float) -> tuple[int, int | None]:
+    """SIGKILL ``rank`` (of 2) once ``ckpt_name`` is complete: (steps recorded then, the other rank's pid)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < deadline_s:
+        assert proc.poll() is None, "the run ended before the rank could be killed:\n" + _output(run_dir)
+        if (run_dir / "checkpoints" / ckpt_name).exists():
+            pid = _worker(proc.pid, rank)
+            if pid is not None:
+                survivor = _worker(proc.pid, 1 - rank)
+                os.kill(pid, signal.SIGKILL)
+                return len((run_dir / "metrics.jsonl").read_text().splitlines()), survivor
+        time.sleep(0.05)
+    raise AssertionError(f"no {ckpt_name} within {deadline_s}s")
+
+
+def test_a_sigkilled_rank_restarts_the_group_and_the_run_resumes_exactly(tiny_corpus, tmp_path):
+    full_dir = tmp_path / "full"
+    full = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *ASR), full_dir)
+    assert full.returncode == 0, full.stderr[-4000:]
+    expected = _metrics(full_dir)
+    assert [m["step"] for m in expected] == list(range(1, 11))
+
+    run_dir = tmp_path / "faulted"
+    proc = _launch(run_dir, tiny_overrides(tiny_corpus, 2, *ASR), max_restarts=1)
+    try:
+        rows_at_kill, _ = _kill_rank_after(proc, run_dir, "step000003.ckpt", rank=1, deadline_s=300)
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, _output(run_dir)
+    assert rows_at_kill < 10  # killed mid-run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["resumed_from"] and summary["resumed_from"].endswith(("step000003.ckpt", "step000006.ckpt",
+                                                                        "step000009.ckpt"))
+    got = _metrics(run_dir)
+    assert [m["step"] for m in got] == list(range(1, 11))  # every step once
+    assert [m["batch"] for m in got] == [m["batch"] for m in expected]
+    for x, y in zip(expected, got):
+        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-6), x["step"]
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-6), x["step"]
+
+
+def test_a_sigkilled_rank_fails_the_job_fast_without_restarts(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _launch(run_dir, tiny_overrides(tiny_corpus, 2, *ASR, "trainer.max_steps=1000",
+                                           "run.collective_timeout_s=30"), max_restarts=0)
+    try:
+        _, survivor = _kill_rank_after(proc, run_dir, "step000003.ckpt", rank=1, deadline_s=300)
+        t0 = time.monotonic()
+        proc.wait(timeout=180)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, _output(run_dir)
+    assert took < 120, took
+    assert survivor and not _alive(survivor)  # no rank left behind
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()  # a zombie is dead, not yet reaped
+    except OSError:
+        return False
+
+
+def test_collective_timeout_reaches_the_strategy():
+    from common.parallel import build_strategy
+
+    for recipe in ("asr_ddp", "salm_tp_fsdp2"):
+        cfg = recipe_config(recipe, ["run.collective_timeout_s=42"])
+        assert build_strategy(cfg.trainer.strategy, cfg.run.collective_timeout_s)._timeout == timedelta(seconds=42)
+    assert recipe_config("asr_ddp").run.collective_timeout_s == 600

@@ -1,0 +1,51 @@
+"""Preemption: a real SIGTERM to torchrun (what Kubernetes sends to the pod) during training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from tests.conftest import ROOT, TORCHRUN, run_recipe, tiny_overrides
+
+STEPS = 30
+OVERRIDES = (f"trainer.max_steps={STEPS}", "trainer.limit_val_batches=0", "checkpoint.every_n_steps=1000",
+             "data.max_duration_s=8", "logger.wandb=true")
+
+
+def test_sigterm_saves_at_a_step_boundary_exits_0_and_the_run_resumes(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "preempted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN_NAME": "", "WANDB_MODE": "offline"}
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "common.train",
+           f"--config-path={ROOT / 'recipes' / 'asr_ddp'}", "--config-name=config", f"run.output_dir={run_dir}",
+           *tiny_overrides(tiny_corpus, 2, *OVERRIDES)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-4000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to every rank's process group
+    out, err = proc.communicate(timeout=120)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "preempted", err[-4000:]
+    stopped_at = summary["steps"]
+    assert 3 <= stopped_at < STEPS
+    # Every rank stopped after the same step, and the checkpoint of that step is complete.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt", f"step{stopped_at:06d}.ckpt"]
+    assert "SIGTERM: saving a checkpoint at the next step boundary" in err
+    print("torchrun exit code after SIGTERM:", proc.returncode)
+    wandb_id = (run_dir / "wandb_run_id").read_text().strip()
+
+    resumed = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *OVERRIDES), run_dir,
+                         extra_env={"WANDB_MODE": "offline"})
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from"].endswith(f"step{stopped_at:06d}.ckpt")
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, STEPS + 1))
+    # The resumed run continues the same wandb run (offline: one run directory per attempt, one id).
+    assert (run_dir / "wandb_run_id").read_text().strip() == wandb_id
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(wandb_id) for r in runs), runs
