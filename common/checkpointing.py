@@ -184,6 +184,10 @@ def _link(target: Path, link: Path) -> None:
     tmp = link.with_name(f".{link.name}.{os.getpid()}")
     _remove(tmp)
     tmp.symlink_to(target.name)
+    if link.is_dir() and not link.is_symlink():
+        # A copy that Lightning's save_last wrote in a run directory of an earlier version: a
+        # duplicate of a step checkpoint; a link cannot replace a directory.
+        _remove(link)
     os.replace(tmp, link)  # atomic: last.ckpt always names a complete checkpoint
 
 
