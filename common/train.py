@@ -173,6 +173,11 @@ def main(cfg: DictConfig) -> None:
 
     try:
         train(cfg)
+        # Tear the process group down here, not in interpreter shutdown, where the order in which
+        # gloo's threads are destroyed once aborted a finished rank ("terminate called without an
+        # active exception").
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     except (ConfigError, BadItemError) as exc:
         if isinstance(exc, BadItemError):  # re-raised from a DataLoader worker: keep its own message
             exc = next((line.split("BadItemError: ", 1)[1] for line in str(exc).splitlines()
