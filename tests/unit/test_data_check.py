@@ -85,3 +85,11 @@ def test_cli_runs_as_a_module(bad_manifest):
     proc = subprocess.run([sys.executable, "-m", "common.data", "check", str(bad_manifest[0])], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "unreadable_audio" in proc.stdout
+
+
+def test_make_to_shar_writes_where_shar_says(tiny_corpus, tmp_path):
+    out = tmp_path / "shar"
+    proc = subprocess.run(["make", "-s", "to-shar", f"MANIFEST={tiny_corpus['val']}", f"SHAR={out}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in out.glob("cuts.*.jsonl.gz")) == ["cuts.000000.jsonl.gz"]
