@@ -173,11 +173,7 @@ def main(cfg: DictConfig) -> None:
 
     try:
         train(cfg)
-        # Tear the process group down here, not in interpreter shutdown, where the order in which
-        # gloo's threads are destroyed once aborted a finished rank ("terminate called without an
-        # active exception").
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        leave_process_group()
     except (ConfigError, BadItemError) as exc:
         if isinstance(exc, BadItemError):  # re-raised from a DataLoader worker: keep its own message
             exc = next((line.split("BadItemError: ", 1)[1] for line in str(exc).splitlines()
@@ -190,6 +186,29 @@ def main(cfg: DictConfig) -> None:
             time.sleep(NONZERO_RANK_ERROR_DELAY_S)
         print(f"error: {exc}" if RANK == 0 else f"error (rank {RANK}): {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def leave_process_group() -> None:
+    """End a finished distributed run: wait for every rank, tear the process group down, and exit
+    without running the interpreter's and C++ static destructors.
+
+    Finished ranks were seen aborting in that teardown (SIGABRT, "terminate called without an
+    active exception", about one run in a hundred, even after an explicit destroy_process_group):
+    gloo's worker threads and the tensors they hold are destroyed while the interpreter is going
+    away (pytorch/pytorch#179291). A run whose results are all written must not turn into a failed
+    job for that, so the process leaves with ``os._exit`` once its outputs are flushed.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return  # one process, no process group: a normal interpreter exit
+    dist.barrier()  # nobody tears its connections down while a peer may still be talking
+    dist.destroy_process_group()
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()  # os._exit skips wandb's own atexit hook
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def train(cfg: DictConfig) -> None:
