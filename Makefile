@@ -18,7 +18,7 @@ NPROC ?= $(or $(NPROC_$(RECIPE)),2)
 RUN_NAME ?= $(shell date +%Y%m%d-%H%M%S)
 export RUN_NAME
 
-.PHONY: help setup run transcribe export synthesize data-check to-shar test quality lint clean \
+.PHONY: help setup run transcribe export synthesize data-check to-shar test quality bench plan lint clean \
         docker-build docker-run cpu-base container-test k8s-render k8s-apply
 
 # Containers: docker where it exists, else podman (CI); the CPU base and make container-test use podman.
@@ -67,6 +67,9 @@ help:
 	@echo "make to-shar MANIFEST=<file> SHAR=<dir>  export a manifest (cuts, NeMo, ...) to Lhotse Shar shards"
 	@echo "make test                        unit + multi-process tests (CPU, gloo)"
 	@echo "make quality RECIPE=<r>          default run + check its time and WER goals"
+	@echo "make bench [BENCH_LABEL=name]    every recipe and layout measured -> bench/results/<label>/ (~15 min on 2 cores)"
+	@echo "make plan RECIPE=<r> GPUS_PER_NODE=8 NODES=2 [ARGS='model size overrides']"
+	@echo "                                 per-GPU memory of every valid layout, and which to pick"
 	@echo "make lint                        ruff + hadolint (containers/Dockerfile)"
 	@echo "make docker-build [IMAGE=name:tag] [BASE_IMAGE=...]"
 	@echo "                                 training image (default base: the pinned NVIDIA PyTorch container)"
@@ -133,6 +136,16 @@ QUALITY_ARGS_tts_ddp = $(if $(wildcard $(ASR_CKPT)),ARGS="eval.asr_checkpoint=$(
 quality: setup
 	$(MAKE) run RECIPE=$(RECIPE) RUN_NAME=quality-$(RUN_NAME) $(QUALITY_ARGS_$(RECIPE))
 	$(PY) -m common.tools.check_run outputs/$(RECIPE)/quality-$(RUN_NAME) $(or $(QUALITY_$(RECIPE)),$(QUALITY_DEFAULT))
+
+# Benchmarks (bench/README.md): the CPU bench everywhere, the GPU bench too where a GPU is visible.
+BENCH_LABEL ?= $(shell uname -n)
+bench: setup
+	$(PY) -m bench.cpu --out bench/results/$(BENCH_LABEL)
+	$(if $(filter-out 0,$(GPUS)),$(PY) -m bench.gpu --out bench/results/$(BENCH_LABEL))
+
+# Memory planner: predicted per-GPU bytes of each (data x tensor parallel) layout before renting GPUs.
+plan: setup
+	@$(PY) -m common.plan --recipe $(RECIPE) --gpus-per-node $(GPUS_PER_NODE) --nodes $(NODES) $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

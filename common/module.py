@@ -95,29 +95,8 @@ class TrainingModule(L.LightningModule):
         self.last_grad_norm = float(clip_grad_norm_(params, max_norm) if max_norm else grad_norm(params))
 
     def configure_optimizers(self):
-        cfg = self.optim_cfg
-        params = [p for p in self.parameters() if p.requires_grad]
-        # Two groups: DTensor parameters (TP and/or FSDP2) and plain ones (e.g. the encoder under TP
-        # alone); a foreach kernel cannot mix the two.
-        groups = [{"params": [p for p in params if is_dtensor(p) == kind]} for kind in (True, False)]
-        opt = torch.optim.AdamW(
-            [g for g in groups if g["params"]],
-            lr=cfg.lr,
-            betas=tuple(cfg.get("betas", (0.9, 0.98))),
-            weight_decay=cfg.get("weight_decay", 0.0),
-            # One multi-tensor kernel per update instead of one per parameter: the per-parameter path
-            # pays DTensor dispatch for every tensor on every step.
-            foreach=True,
-        )
-        warmup, total, min_ratio = cfg.warmup_steps, self.trainer.max_steps, cfg.get("min_lr_ratio", 0.1)
-
-        def lr_lambda(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / max(1, warmup)
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        opt, sched = build_optimizer([p for p in self.parameters() if p.requires_grad], self.optim_cfg,
+                                     max_steps=self.trainer.max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- checkpoints ------------------------------------------------------------------------------
@@ -155,3 +134,31 @@ class TrainingModule(L.LightningModule):
             self.last_validation[f"val_{name}"] = float(metric.compute())
             self.log(f"val_{name}", self.last_validation[f"val_{name}"], sync_dist=False)
             metric.reset()
+
+
+def build_optimizer(params: list, cfg, max_steps: int):
+    """AdamW and its per-step schedule (linear warm-up, cosine decay to ``min_lr_ratio``)::
+
+        opt, sched = build_optimizer(params, cfg.optim, max_steps=cfg.trainer.max_steps)
+    """
+    # Two groups: DTensor parameters (TP and/or FSDP2) and plain ones (e.g. the encoder under TP
+    # alone); a foreach kernel cannot mix the two.
+    groups = [{"params": [p for p in params if is_dtensor(p) == kind]} for kind in (True, False)]
+    opt = torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=cfg.lr,
+        betas=tuple(cfg.get("betas", (0.9, 0.98))),
+        weight_decay=cfg.get("weight_decay", 0.0),
+        # One multi-tensor kernel per update instead of one per parameter: the per-parameter path
+        # pays DTensor dispatch for every tensor on every step.
+        foreach=True,
+    )
+    warmup, min_ratio = cfg.warmup_steps, cfg.get("min_lr_ratio", 0.1)
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)

@@ -75,7 +75,11 @@ class RunRecorder(L.Callback):
         self.history: list[dict] = []
         self.validations: list[dict] = []
         self.t_start = self.t_warm = None
-        self.utts_warm = self.audio_warm = 0.0
+        self.utts_warm = self.audio_warm = self.tokens_warm = 0.0
+        # Per-step split after warm-up: waiting between steps (the next batch; plus the loop's own
+        # bookkeeping) and the step itself (forward, backward, optimizer, with their collectives).
+        self.t_batch_start = self.t_prev_end = None
+        self.data_wait_warm = self.compute_warm = 0.0
         self.per_rank: list[dict] = []
         self.device_info: dict = {}
 
@@ -88,13 +92,21 @@ class RunRecorder(L.Callback):
         self.t_start = time.perf_counter()
         self.device_info = device_info(pl_module.device)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.t_batch_start = time.perf_counter()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
+        now = time.perf_counter()
         if step == self.warmup_steps:
-            self.t_warm = time.perf_counter()
+            self.t_warm = now
         elif step > self.warmup_steps:
             self.utts_warm += batch["global_num_utterances"]
             self.audio_warm += batch["global_audio_s"]
+            self.tokens_warm += batch.get("global_num_llm_tokens", 0)
+            self.compute_warm += now - self.t_batch_start
+            self.data_wait_warm += self.t_batch_start - (self.t_prev_end or self.t_batch_start)
+        self.t_prev_end = now
         record = {
             "step": step,
             "train_loss": float(trainer.callback_metrics["train_loss"]),
@@ -141,7 +153,10 @@ class RunRecorder(L.Callback):
         return {
             "utterances_per_s": round(self.utts_warm / dt, 3) if dt > 0 else None,
             "audio_s_per_s": round(self.audio_warm / dt, 3) if dt > 0 else None,
+            "tokens_per_s": round(self.tokens_warm / dt, 3) if dt > 0 and self.tokens_warm else None,
             "step_time_s": round(dt / steps, 4) if steps > 0 else None,
+            "data_wait_s": round(self.data_wait_warm / steps, 4) if steps > 0 else None,
+            "compute_s": round(self.compute_warm / steps, 4) if steps > 0 else None,
             "measured_steps": steps,
         }
 

@@ -44,7 +44,7 @@ class SpeechDataModule(L.LightningDataModule):
         cfg = self.cfg
         max_tokens = cfg.get("max_tokens") if train else None
         budget = None
-        if max_tokens:
+        if max_tokens or self.audio_frames_per_token:  # also counts a speech-LLM's tokens/s
             budget = TokenBudget(self.tokenizer, audio_frames_per_token=self.audio_frames_per_token or 1)
         loader = make_loader(
             open_sources(self.sources[split], seed=self.seed, mix=train),

@@ -184,13 +184,14 @@ class SpeechTextDataset(torch.utils.data.Dataset):
 
     def __init__(self, tokenizer, num_mel_bins: int = 64, sample_rate: int = 16000, spec_augment: dict | None = None,
                  normalize_features: bool = True, token_alignment: bool = False, on_bad_item: str = "skip",
-                 seed: int = 0):
+                 seed: int = 0, token_budget: TokenBudget | None = None):
         if on_bad_item not in ON_BAD_ITEM:
             raise ValueError(f"data.on_bad_item must be one of {ON_BAD_ITEM}, got {on_bad_item!r}")
         self.tokenizer = tokenizer
         self.on_bad_item = on_bad_item
         self.seed = seed
         self.token_alignment = token_alignment
+        self.token_budget = token_budget  # speech-LLMs: count the global batch's LLM positions (tokens/s)
         self.features = LogMel(num_mel_bins, sample_rate, normalize=normalize_features)
         self.spec_augment = None
         if spec_augment:
@@ -268,6 +269,7 @@ class SpeechTextDataset(torch.utils.data.Dataset):
             **self._alignment(local, all_targets),
             "global_num_utterances": len(batch.cuts),
             "global_audio_s": float(sum(c.duration for c in batch.cuts)),
+            **({"global_num_llm_tokens": sum(self.token_budget(c) for c in batch.cuts)} if self.token_budget else {}),
             "padding_efficiency": self.padding_efficiency(batch),
             "batch_fingerprint": hashlib.sha1(" ".join(sorted(c.id for c in batch.cuts)).encode()).hexdigest()[:12],
             "data_position": (batch.epoch, batch.index),
@@ -404,7 +406,7 @@ def make_loader(
     loader = DataLoader(
         SpeechTextDataset(tokenizer, num_mel_bins, sample_rate, spec_augment=spec_augment,
                           normalize_features=normalize_features, token_alignment=token_alignment,
-                          on_bad_item=on_bad_item, seed=seed),
+                          on_bad_item=on_bad_item, seed=seed, token_budget=token_budget),
         sampler=DataParallelBatchSampler(base, dp_rank, dp_size),
         batch_size=None,
         num_workers=num_workers,

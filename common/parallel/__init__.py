@@ -6,7 +6,8 @@
 1. tensor + sequence parallel on the LLM backbone (plan from its HF ``base_model_tp_plan``);
 2. activation checkpointing of each block (optional);
 3. ``torch.compile`` of each block (optional);
-4. FSDP2 ``fully_shard`` of each block, of the extra units, then of the root, over the dp mesh.
+4. FSDP2 ``fully_shard`` of each block, of the extra units, then of the root: units holding TP
+   DTensors over the dp mesh, units TP left whole over all dp x tp ranks.
 
 Usage (inside ``LightningModule.configure_model``)::
 
@@ -43,6 +44,7 @@ __all__ = [
     "check_launch",
     "check_tensor_parallel",
     "data_parallel_rank_size",
+    "fsdp_units",
     "parallelize",
     "resolve_layout",
 ]
@@ -79,7 +81,7 @@ def parallelize(model: nn.Module, mesh, options: ParallelOptions) -> nn.Module:
             for block in blocks:
                 block.compile()
     if dp_size > 1:
-        _apply_fsdp(model, spec, mesh["data_parallel"], options)
+        _apply_fsdp(model, spec, mesh, options)
     log.info("parallelized %s: tp=%d (sp=%s) dp=%d (FSDP2)", type(model).__name__, tp_size,
              options.sequence_parallel and tp_size > 1, dp_size)
     return model
@@ -103,15 +105,34 @@ def _apply_tensor_parallel(model, spec: ParallelSpec, tp_mesh, options: Parallel
     )
 
 
-def _apply_fsdp(model, spec: ParallelSpec, dp_mesh, options: ParallelOptions) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def fsdp_units(model: nn.Module, spec: ParallelSpec) -> list[tuple]:
+    """``[(unit, parameters it manages)]`` in the order ``fully_shard`` is applied: every block, every
+    extra unit, then the root with whatever parameters are left (``common.plan`` counts bytes with it)."""
+    units = [block for blocks in spec.block_lists for block in blocks] + list(spec.extra_fsdp_units) + [model]
+    seen: set[int] = set()
+    out = []
+    for unit in units:
+        params = [p for m in (unit if isinstance(unit, list) else [unit]) for p in m.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        out.append((unit, params))
+    return out
 
-    kwargs = {"mesh": dp_mesh, "reshard_after_forward": options.reshard_after_forward}
+
+def _apply_fsdp(model, spec: ParallelSpec, mesh, options: ParallelOptions) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    dp_mesh = mesh["data_parallel"]
+    # Units the TP plan left alone (the speech encoder, the projector) hold the same values on every TP
+    # rank of a dp group; sharded over all dp x tp ranks, each rank keeps 1/world of them instead of
+    # 1/dp. Gradients stay right: TP peers see the same batch, so the average over dp x tp ranks equals
+    # the average over dp.
+    flat_mesh = mesh._flatten("data_tensor_parallel") if mesh["tensor_parallel"].size() > 1 else dp_mesh
+    kwargs = {"reshard_after_forward": options.reshard_after_forward}
     if options.mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for blocks in spec.block_lists:
-        for block in blocks:
-            fully_shard(block, **kwargs)
-    for unit in spec.extra_fsdp_units:
-        fully_shard(unit, **kwargs)
-    fully_shard(model, **kwargs)
+    # Decided before any fully_shard: sharding turns every parameter into a DTensor.
+    plan = [(unit, dp_mesh if any(isinstance(p, DTensor) for p in params) else flat_mesh)
+            for unit, params in fsdp_units(model, spec)]
+    for unit, unit_mesh in plan:
+        fully_shard(unit, mesh=unit_mesh, **kwargs)

@@ -14,6 +14,7 @@ LAYOUTS = {  # name: (processes, data_parallel_size, tensor_parallel_size, extra
     "tp2_x_fsdp2_dp2_checkpointed": (4, 2, 2, ["parallel.activation_checkpointing=true"]),
 }
 STEPS = 6
+RUN_DIRS: dict = {}  # layout name -> its run directory (filled by the `losses` fixture)
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,7 @@ def losses(tiny_corpus, tmp_path_factory):
             f"data.dir={tiny_corpus['dir']}", "data.generated.num_train=120", "data.generated.num_val=16", *extra,
         ], run_dir)
         assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-4000:]}"
+        RUN_DIRS[name] = run_dir
         out[name] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((run_dir / "summary.json").read_text())
         assert (summary["data_parallel_size"], summary["tensor_parallel_size"]) == (dp, tp)
@@ -50,3 +52,33 @@ def test_gradient_norms_match_across_layouts(losses):
     ref = [r["grad_norm"] for r in losses["single"]]
     for layout in ("fsdp2_dp2", "tp2_x_fsdp2_dp2"):
         assert [g["grad_norm"] for g in losses[layout]] == pytest.approx(ref, rel=1e-3), layout
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_memory_plan_matches_measured_bytes(losses, layout):
+    """`make plan`'s parameter, gradient and optimizer-state bytes are what each rank really held (within 10%)."""
+    from common.plan import plan
+
+    nproc, dp, tp, extra = LAYOUTS[layout]
+    summary = json.loads((RUN_DIRS[layout] / "summary.json").read_text())
+    result = plan("salm_tp_fsdp2", gpus_per_node=nproc, nodes=1, overrides=["data.max_tokens=216", *extra],
+                  precision=summary["precision"], tokenizer=RUN_DIRS[layout] / "tokenizer")
+    predicted = next(lay for lay in result["layouts"] if (lay["dp"], lay["tp"]) == (dp, tp))["per_rank"]
+    measured = sorted(summary["memory"]["per_rank"], key=lambda r: r["rank"])
+    assert [r["rank"] for r in measured] == [r["rank"] for r in predicted] == list(range(nproc))
+    for m, p in zip(measured, predicted):
+        for key in ("param_bytes", "grad_bytes", "optimizer_state_bytes"):
+            assert abs(p[key] - m[key]) / m[key] <= 0.10, (layout, m["rank"], key, p[key], m[key])
+
+
+def test_every_rank_holds_about_a_world_share_of_the_training_state(losses):
+    """FSDP2 and TP x FSDP2 split parameters, gradients and optimizer state over all ranks: the encoder,
+    which TP leaves whole, is sharded over dp x tp ranks, not kept once per TP rank."""
+    def state(layout):
+        summary = json.loads((RUN_DIRS[layout] / "summary.json").read_text())
+        return [r["param_bytes"] + r["grad_bytes"] + r["optimizer_state_bytes"] for r in summary["memory"]["per_rank"]]
+
+    (total,) = state("single")
+    for layout in ("fsdp2_dp2", "tp2_x_fsdp2_dp2"):
+        world = LAYOUTS[layout][0]
+        assert max(state(layout)) <= 1.05 * total / world, (layout, state(layout), total)

@@ -44,7 +44,11 @@ def test_recipe_run_writes_the_contract(recipe, nproc, dp, tp, tiny_corpus, tmp_
     validations = [json.loads(x) for x in (run_dir / "validation.jsonl").read_text().splitlines()]
     assert [v["step"] for v in validations] == [0, 4]  # the untrained model first, then every val_check_interval
     assert s["val_first"] == {"loss": validations[0]["val_loss"], "wer": validations[0]["val_wer"]}
-    assert s["throughput"]["utterances_per_s"] > 0 and s["throughput"]["audio_s_per_s"] > 0
+    t = s["throughput"]
+    assert t["utterances_per_s"] > 0 and t["audio_s_per_s"] > 0 and t["tokens_per_s"] > t["utterances_per_s"]
+    # The step-time split (data wait between steps + the step itself) adds up to the measured step.
+    assert t["data_wait_s"] >= 0 and t["compute_s"] > 0
+    assert 0.8 * t["step_time_s"] <= t["data_wait_s"] + t["compute_s"] <= 1.05 * t["step_time_s"] + 1e-3, t
     ranks = s["memory"]["per_rank"]
     assert len(ranks) == nproc and all(r["param_bytes"] > 0 and r["optimizer_state_bytes"] > 0 for r in ranks)
     assert s["train_loss_first"] == metrics[0]["train_loss"] and s["train_loss_last"] == metrics[-1]["train_loss"]

@@ -59,3 +59,22 @@ def test_container_and_k8s_targets_are_listed_and_wired(tmp_path):
     assert "--build-arg BASE_IMAGE=localhost/base:1" in build and "--format docker" in build
     apply = dry("k8s-apply", "RECIPE=asr_ddp", "NODES=2", "IMAGE=reg.io/sr:1")
     assert "k8s/render.py --recipe asr_ddp --nodes 2 --gpus-per-node 8" in apply and "kubectl apply -f" in apply
+
+
+def test_bench_and_plan_targets_are_wired(tmp_path):
+    import os
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-0)'\n")
+    fake.chmod(0o755)
+    cpu_path = ":".join(p for p in os.environ["PATH"].split(":") if not os.path.exists(os.path.join(p, "nvidia-smi")))
+
+    def dry_run(*args, path=cpu_path):
+        return subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PATH": path}).stdout
+
+    cpu_only = dry_run("bench", "BENCH_LABEL=lab")
+    assert "-m bench.cpu --out bench/results/lab" in cpu_only and "bench.gpu" not in cpu_only
+    assert "-m bench.gpu --out bench/results/lab" in dry_run("bench", "BENCH_LABEL=lab", path=f"{tmp_path}:{cpu_path}")
+    plan = dry_run("plan", "RECIPE=salm_fsdp2", "GPUS_PER_NODE=4", "NODES=2", "ARGS=model.llm.num_hidden_layers=4")
+    assert "-m common.plan --recipe salm_fsdp2 --gpus-per-node 4 --nodes 2 model.llm.num_hidden_layers=4" in plan

@@ -1,0 +1,452 @@
+"""`make bench`: every recipe and parallel layout measured on this machine, in one run, with ratios.
+
+Usage::
+
+    python -m bench.cpu --out bench/results/<label>          # ~15 minutes on 2 CPU cores
+    python -m bench.cpu --out /tmp/b --steps 8 --only asr_ddp  # one recipe, shorter runs
+
+Every figure comes from a real run: recipe runs are ``torchrun`` launches of ``common.train``
+exactly as ``make run`` does them (gloo on CPU, one thread per process), read back from their
+``summary.json``; the other measurements run the recipes' own code in this process or a child.
+Writes ``<out>/cpu.json`` (after every measurement, so an interrupted bench keeps what it has),
+``<out>/cpu.md`` (tables, goals met or missed with the reason) and ``<out>/*.png``.
+
+What is measured (after ``RunRecorder``'s 3 warm-up steps):
+
+* per recipe and layout: throughput (utterances/s, audio s/s, LLM tokens/s for SALM), the step
+  split into data wait (between steps) and the step itself; for 2-process DDP/FSDP2 layouts the
+  communication + synchronization share, estimated as the step minus the 1-process step of the
+  same per-rank batch (gloo runs its collectives inside the step; they cannot be timed apart);
+  peak RSS per rank; parameter, gradient and optimizer-state bytes per rank.
+* ratios against a baseline measured in the same run, each with its goal (``GOALS``).
+
+Data-parallel layouts keep the per-rank batch fixed (``data.max_duration_s`` is the *global*
+batch, so it grows with dp): throughput ratios are weak scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+PER_RANK_BATCH_S = 30  # audio seconds per data-parallel rank and step
+CORPUS = ["data.generated.num_val=16"]  # the recipes' default generated training corpus (2000 utterances)
+
+# name: (recipe, processes, data_parallel_size, tensor_parallel_size)
+LAYOUTS = {
+    "asr_ddp/1": ("asr_ddp", 1, 1, 1),
+    "asr_ddp/2": ("asr_ddp", 2, 2, 1),
+    "tts_ddp/1": ("tts_ddp", 1, 1, 1),
+    "tts_ddp/2": ("tts_ddp", 2, 2, 1),
+    "salm_fsdp2/1": ("salm_fsdp2", 1, 1, 1),
+    "salm_fsdp2/2": ("salm_fsdp2", 2, 2, 1),
+    "salm_fsdp2/4": ("salm_fsdp2", 4, 4, 1),
+    "salm_tp_fsdp2/tp2xdp2": ("salm_tp_fsdp2", 4, 2, 2),
+}
+
+# ratio name: (goal, "<=" or ">=", what it compares)
+GOALS = {
+    "framework_overhead": (1.05, "<=", "recipe training step / bare PyTorch loop (same model, batch, optimizer; 1 process)"),
+    "fsdp2_memory_dp2": (1.05, "<=", "per-rank training state / (1-process total / 2)"),
+    "fsdp2_memory_dp4": (1.05, "<=", "per-rank training state / (1-process total / 4)"),
+    "ddp_memory_dp2": (None, "", "per-rank training state / (total / 2): DDP replicates, so 2.0"),
+    "tp_fsdp2_memory": (1.10, "<=", "per-rank training state of TP2 x FSDP2 dp2 / (total / 4)"),
+    "bucketing_padding_efficiency": (0.95, ">=", "real / padded frames of the recipe's sampler (random batching beside it)"),
+    "data_loading_headroom": (3.0, ">=", "loader audio s/s alone / audio s/s one rank's training consumes"),
+    "ddp_scaling_2x1": (None, "", "2 processes x 1 thread / 1 process x 1 thread throughput (ideal 2.0)"),
+}
+
+
+# --- recipe runs ----------------------------------------------------------------------------------
+def run_layout(name: str, runs_dir: Path, steps: int, data_dir: Path) -> dict:
+    recipe, nproc, dp, tp = LAYOUTS[name]
+    run_dir = runs_dir / name.replace("/", "_")  # checkpoints and all: kept out of the results directory
+    overrides = [
+        f"trainer.devices={nproc}", f"trainer.max_steps={steps}", "trainer.limit_val_batches=0",
+        "trainer.num_sanity_val_steps=0", "logger.wandb=false", f"checkpoint.every_n_steps={10 * steps}",
+        f"data.max_duration_s={PER_RANK_BATCH_S * dp}", f"data.dir={data_dir}", *CORPUS,
+        f"run.output_dir={run_dir}", "run.resume=false",
+    ]
+    if recipe.startswith("salm"):
+        overrides += [f"trainer.strategy.data_parallel_size={dp}", f"trainer.strategy.tensor_parallel_size={tp}"]
+    cmd = [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", "-m", "common.train",
+           f"--config-path={ROOT / 'recipes' / recipe}", "--config-name=config", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN_NAME": ""}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name}: torchrun exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    s = json.loads((run_dir / "summary.json").read_text())
+    state = [r["param_bytes"] + r["grad_bytes"] + r["optimizer_state_bytes"] for r in s["memory"]["per_rank"]]
+    return {
+        "recipe": recipe, "processes": nproc, "data_parallel_size": dp, "tensor_parallel_size": tp,
+        "strategy": s["strategy"], "global_batch_audio_s": PER_RANK_BATCH_S * dp, "steps": s["steps"],
+        **s["throughput"], "padding_efficiency": s["data"]["padding_efficiency"],
+        "peak_rss_bytes_per_rank": [r["peak_memory_bytes"] for r in s["memory"]["per_rank"]],
+        "training_state_bytes_per_rank": state,
+        "param_bytes_per_rank": [r["param_bytes"] for r in s["memory"]["per_rank"]],
+        "grad_bytes_per_rank": [r["grad_bytes"] for r in s["memory"]["per_rank"]],
+        "optimizer_state_bytes_per_rank": [r["optimizer_state_bytes"] for r in s["memory"]["per_rank"]],
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+# --- in-process measurements ---------------------------------------------------------------------
+def recipe_config(recipe: str, overrides: list[str]):
+    from bench.gpu import recipe_config as compose
+    from common.train import resolve_hardware
+
+    cfg = compose(recipe, overrides)
+    resolve_hardware(cfg)
+    return cfg
+
+
+def _data(cfg):
+    """Sources, tokenizer and a 1-rank datamodule of a recipe config (the recipe's own pipeline)."""
+    from types import SimpleNamespace
+
+    from common.data.datamodule import SpeechDataModule
+    from common.train import audio_frames_per_token, build_tokenizer, prepare_data
+
+    sources = prepare_data(cfg)
+    tokenizer = build_tokenizer(cfg, sources)
+    data = SpeechDataModule(cfg.data, tokenizer, sources, seed=cfg.seed, audio_frames_per_token=audio_frames_per_token(cfg))
+    data.trainer = SimpleNamespace(strategy=SimpleNamespace(), global_rank=0, world_size=1)  # one dp rank
+    return sources, tokenizer, data
+
+
+def measure_overhead(recipe: str, data_dir: Path, warmup: int, steps: int) -> dict:
+    """Seconds per step of the recipe's Lightning training step (TrainingModule, its strategy with
+    one process, its callbacks) and of a bare PyTorch loop, on the same batch, model and optimizer."""
+    import lightning as L
+
+    from common.checkpointing import ExactResume
+    from common.module import TrainingModule, build_optimizer
+    from common.parallel import build_strategy
+    from common.parallel.gradients import clip_grad_norm_
+    from common.recording import RunRecorder
+    from common.train import build_model
+
+    over = [f"data.max_duration_s={PER_RANK_BATCH_S}", f"data.dir={data_dir}", *CORPUS, "trainer.devices=1"]
+    if recipe.startswith("salm"):
+        over += ["trainer.strategy.data_parallel_size=1", "trainer.strategy.tensor_parallel_size=1"]
+    cfg = recipe_config(recipe, over)
+    _, tokenizer, data = _data(cfg)
+    batch = next(iter(data.train_dataloader()))
+    batch.pop("bad_items"), batch.pop("data_position")
+
+    torch.manual_seed(cfg.seed)
+    bare = build_model(cfg, tokenizer).train()
+    params = [p for p in bare.parameters() if p.requires_grad]
+    opt, sched = build_optimizer(params, cfg.optim, max_steps=warmup + steps)  # the recipe's AdamW + schedule
+    normalizer = getattr(bare, "loss_normalizer", "global_num_target_tokens")
+
+    def bare_step():
+        loss_sum, _ = bare(batch)
+        (loss_sum / batch[normalizer]).backward()
+        clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        bare_step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        bare_step()
+    bare_s = (time.perf_counter() - t0) / steps
+
+    class Clock(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == warmup:
+                self.t0 = time.perf_counter()
+            elif trainer.global_step == warmup + steps:
+                self.dt = time.perf_counter() - self.t0
+
+    torch.manual_seed(cfg.seed)
+    parallel = dict(cfg.parallel) if cfg.get("parallel") else None
+    module = TrainingModule(build_model(cfg, tokenizer), tokenizer, optim=cfg.optim, parallel=parallel)
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(accelerator="cpu", devices=1, precision=cfg.trainer.precision,
+                            strategy=build_strategy(cfg.trainer.strategy), max_steps=warmup + steps,
+                            callbacks=[RunRecorder(Path(tmp), print_every_n_steps=10**9), ExactResume(), clock],
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                            use_distributed_sampler=False)
+        same_batch = torch.utils.data.DataLoader([batch] * (warmup + steps), batch_size=None)
+        trainer.fit(module, train_dataloaders=same_batch)
+    recipe_s = clock.dt / steps
+    return {"recipe": recipe, "batch_utterances": batch["global_num_utterances"], "steps": steps,
+            "bare_step_s": round(bare_s, 4), "recipe_step_s": round(recipe_s, 4),
+            "ratio": round(recipe_s / bare_s, 4)}
+
+
+def measure_loader(recipe: str, data_dir: Path, num_batches: int) -> dict:
+    """Audio seconds/s the recipe's train loader delivers alone (its configured workers)."""
+    cfg = recipe_config(recipe, [f"data.max_duration_s={PER_RANK_BATCH_S}", f"data.dir={data_dir}", *CORPUS])
+    _, _, data = _data(cfg)
+    it = iter(data.train_dataloader())
+    for _ in range(3):  # worker start-up, first bucket fill
+        next(it)
+    audio = 0.0
+    t0 = time.perf_counter()
+    for _ in range(num_batches):
+        audio += next(it)["global_audio_s"]
+    dt = time.perf_counter() - t0
+    return {"recipe": recipe, "num_workers": cfg.data.num_workers, "batches": num_batches,
+            "audio_s_per_s": round(audio / dt, 2)}
+
+
+def measure_padding(recipe: str, data_dir: Path, num_buckets=(10, 20, 30)) -> dict:
+    """Padding efficiency over one epoch: the recipe's bucketing sampler vs plain random batches,
+    and what more duration buckets would give (with the share of utterances an epoch still uses:
+    lhotse drops each bucket's ragged tail)."""
+    from lhotse import CutSet
+    from lhotse.dataset import SimpleCutSampler
+
+    from common.data.loading import DataParallelBatchSampler, SpeechTextDataset
+
+    def epoch(sampler, ds):
+        batches = list(sampler)
+        eff = sum(ds.padding_efficiency(b) for b in batches) / len(batches)
+        return round(eff, 4), sum(len(b.cuts) for b in batches)
+
+    result = {"recipe": recipe}
+    for n in (None, *num_buckets):
+        over = [f"data.max_duration_s={PER_RANK_BATCH_S}", f"data.dir={data_dir}", *CORPUS]
+        cfg = recipe_config(recipe, over + ([f"data.num_buckets={n}"] if n else []))
+        sources, tokenizer, data = _data(cfg)
+        ds = SpeechTextDataset(tokenizer)
+        eff, used = epoch(data.train_dataloader().sampler, ds)
+        if n is None:
+            cuts = CutSet.from_file(sources["train"][0].path)
+            plain = SimpleCutSampler(cuts, max_duration=PER_RANK_BATCH_S, shuffle=True, seed=0)
+            result.update(bucketed=eff, num_buckets=cfg.data.num_buckets, utterances=len(cuts),
+                          used_share=round(used / len(cuts), 3),
+                          random=epoch(DataParallelBatchSampler(plain, 0, 1), ds)[0], sweep={})
+        else:
+            result["sweep"][n] = {"efficiency": eff, "used_share": round(used / result["utterances"], 3)}
+    return result
+
+
+def _child(kind: str, recipe: str, data_dir: Path, **kwargs) -> dict:
+    """One in-process measurement in a fresh interpreter (each strategy inits its own process group)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN_NAME": "", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(29600 + os.getpid() % 300)}
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, "-m", "bench.cpu", "--child", kind, recipe, str(data_dir), f.name, json.dumps(kwargs)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{kind} {recipe} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+        return json.loads(Path(f.name).read_text())
+
+
+CHILDREN = {"overhead": measure_overhead, "loader": measure_loader, "padding": measure_padding}
+
+
+# --- ratios and report -----------------------------------------------------------------------------
+def _max(values):
+    return max(values) if values else None
+
+
+def ratios(report: dict) -> dict:
+    """Every ratio of ``GOALS`` that the measured layouts allow, with its goal and verdict."""
+    runs, out = report["runs"], {}
+
+    def put(name, value, detail):
+        goal, op, what = GOALS[name]
+        met = None if goal is None or value is None else (value <= goal if op == "<=" else value >= goal)
+        out[name] = {"value": None if value is None else round(value, 4), "goal": f"{op} {goal}" if goal else None,
+                     "met": met, "what": what, "detail": detail}
+
+    over = report.get("overhead", {})
+    if over:
+        worst = max(over.values(), key=lambda r: r["ratio"])
+        put("framework_overhead", worst["ratio"],
+            {k: {"recipe_step_s": v["recipe_step_s"], "bare_step_s": v["bare_step_s"], "ratio": v["ratio"]}
+             for k, v in over.items()})
+    total = _max(runs.get("salm_fsdp2/1", {}).get("training_state_bytes_per_rank", []))
+    for n, name in ((2, "salm_fsdp2/2"), (4, "salm_fsdp2/4")):
+        if total and name in runs:
+            put(f"fsdp2_memory_dp{n}", _max(runs[name]["training_state_bytes_per_rank"]) / (total / n),
+                {"total_bytes": total, "per_rank_bytes": runs[name]["training_state_bytes_per_rank"]})
+    if total and "salm_tp_fsdp2/tp2xdp2" in runs:
+        per_rank = runs["salm_tp_fsdp2/tp2xdp2"]["training_state_bytes_per_rank"]
+        put("tp_fsdp2_memory", _max(per_rank) / (total / 4), {"total_bytes": total, "per_rank_bytes": per_rank})
+    if "asr_ddp/1" in runs and "asr_ddp/2" in runs:
+        t1 = runs["asr_ddp/1"]["training_state_bytes_per_rank"][0]
+        put("ddp_memory_dp2", _max(runs["asr_ddp/2"]["training_state_bytes_per_rank"]) / (t1 / 2), {"total_bytes": t1})
+        put("ddp_scaling_2x1", runs["asr_ddp/2"]["audio_s_per_s"] / runs["asr_ddp/1"]["audio_s_per_s"],
+            {"1x1_audio_s_per_s": runs["asr_ddp/1"]["audio_s_per_s"],
+             "2x1_audio_s_per_s": runs["asr_ddp/2"]["audio_s_per_s"],
+             **{f"{r}_2x1": round(runs[f"{r}/2"]["audio_s_per_s"] / runs[f"{r}/1"]["audio_s_per_s"], 3)
+                for r in ("tts_ddp", "salm_fsdp2") if f"{r}/1" in runs and f"{r}/2" in runs}})
+    pad = report.get("padding", {})
+    if pad:
+        worst = min(pad.values(), key=lambda r: r["bucketed"])
+        put("bucketing_padding_efficiency", worst["bucketed"], pad)
+        more = [(n, v) for n, v in worst["sweep"].items() if v["efficiency"] >= 0.95]
+        out["bucketing_padding_efficiency"]["holds_back"] = (
+            f"{worst['num_buckets']} duration buckets (data.num_buckets) over this corpus leave that much spread "
+            f"inside a bucket; random batches: {worst['random']}. "
+            + (f"{more[0][0]} buckets reach {more[0][1]['efficiency']} but an epoch then uses "
+               f"{more[0][1]['used_share']:.0%} of the utterances instead of {worst['used_share']:.0%} "
+               "(each bucket drops its ragged tail); the default keeps the data." if more else ""))
+    loaders = report.get("loader", {})
+    if loaders:
+        # One rank's loader featurizes that rank's shard only: it must keep up with audio_s_per_s / dp.
+        need = {r: max(v["audio_s_per_s"] / v["data_parallel_size"] for v in runs.values() if v["recipe"] == r)
+                for r in loaders if any(v["recipe"] == r for v in runs.values())}
+        if need:
+            heads = {r: loaders[r]["audio_s_per_s"] / need[r] for r in need}
+            put("data_loading_headroom", min(heads.values()),
+                {r: {"loader_audio_s_per_s": loaders[r]["audio_s_per_s"], "consumed_per_rank": round(need[r], 2),
+                     "ratio": round(heads[r], 2)} for r in need})
+    return out
+
+
+def communication_estimates(runs: dict) -> None:
+    """Adds ``communication_s`` to 2-process DDP/FSDP2 runs: step minus the 1-process step of the same
+    per-rank batch (2 processes on >= 2 cores; with more processes than cores the difference is contention)."""
+    for run in runs.values():
+        base = runs.get(f"{run['recipe']}/1")
+        if run["processes"] == 2 and run["tensor_parallel_size"] == 1 and base and run.get("compute_s"):
+            run["communication_s"] = round(max(0.0, run["compute_s"] - base["compute_s"]), 4)
+
+
+def _gib(b) -> str:
+    return f"{b / 2**20:.2f} MiB"
+
+
+def to_markdown(report: dict) -> str:
+    env = report["env"]
+    lines = [f"Machine: {env['machine']}, {env['cpus']} CPU cores, torch {env['torch']}, {env['date']}; "
+             f"gloo, 1 thread per process, {PER_RANK_BATCH_S} s of audio per data-parallel rank and step.", "",
+             "| layout | procs | dp x tp | utt/s | audio s/s | tokens/s | step s | data wait s | compute s "
+             "| comm s (est.) | state/rank | peak RSS/rank | padding eff. |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in report["runs"].items():
+        lines.append(
+            f"| {name} | {r['processes']} | {r['data_parallel_size']} x {r['tensor_parallel_size']} "
+            f"| {r['utterances_per_s']} | {r['audio_s_per_s']} | {r.get('tokens_per_s') or '-'} | {r['step_time_s']} "
+            f"| {r.get('data_wait_s')} | {r.get('compute_s')} | {r.get('communication_s', '-')} "
+            f"| {_gib(_max(r['training_state_bytes_per_rank']))} | {_gib(_max(r['peak_rss_bytes_per_rank']))} "
+            f"| {r['padding_efficiency']} |")
+    lines += ["", "| ratio | measured | goal | met | what |", "|---|---|---|---|---|"]
+    for name, r in report.get("ratios", {}).items():
+        met = {True: "yes", False: "**no**", None: "-"}[r["met"]]
+        lines.append(f"| {name} | {r['value']} | {r['goal'] or 'report'} | {met} | {r['what']} |")
+    missed = [(n, r) for n, r in report.get("ratios", {}).items() if r["met"] is False]
+    if missed:
+        lines += ["", "Goals missed:"]
+        lines += [f"* **{n}** = {r['value']} (goal {r['goal']}): {r.get('holds_back') or 'see cpu.json'}"
+                  for n, r in missed]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    names = list(runs)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    wait = [runs[n].get("data_wait_s") or 0 for n in names]
+    comm = [runs[n].get("communication_s") or 0 for n in names]
+    compute = [max(0.0, (runs[n].get("compute_s") or 0) - c) for n, c in zip(names, comm)]
+    axes[0].barh(names, compute, label="compute")
+    axes[0].barh(names, comm, left=compute, label="communication (est.)")
+    axes[0].barh(names, wait, left=[a + b for a, b in zip(compute, comm)], label="data wait")
+    axes[0].set_xlabel("seconds per step")
+    axes[0].invert_yaxis()
+    axes[0].legend()
+    axes[0].set_title("Step time split")
+    state = [_max(runs[n]["training_state_bytes_per_rank"]) / 2**20 for n in names]
+    axes[1].barh(names, state, color="tab:purple")
+    axes[1].set_xlabel("MiB per rank (parameters + gradients + optimizer state)")
+    axes[1].invert_yaxis()
+    axes[1].set_title("Training state per rank")
+    fig.tight_layout()
+    fig.savefig(out / "cpu_layouts.png", dpi=110)
+    plt.close(fig)
+
+    rat = {k: v for k, v in report.get("ratios", {}).items() if v["value"] is not None}
+    if rat:
+        fig, ax = plt.subplots(figsize=(9, 4))
+        colors = ["tab:green" if v["met"] else "tab:red" if v["met"] is False else "tab:gray" for v in rat.values()]
+        ax.barh(list(rat), [v["value"] for v in rat.values()], color=colors)
+        for i, v in enumerate(rat.values()):
+            if v["goal"]:
+                ax.plot([float(v["goal"].split()[1])] * 2, [i - 0.4, i + 0.4], "k--")
+        ax.invert_yaxis()
+        ax.set_title("Ratios (dashed: goal; green met, red missed, grey reported)")
+        fig.tight_layout()
+        fig.savefig(out / "cpu_ratios.png", dpi=110)
+        plt.close(fig)
+
+
+def save(report: dict, out: Path) -> None:
+    communication_estimates(report["runs"])
+    report["ratios"] = ratios(report)
+    (out / "cpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "cpu.md").write_text(to_markdown(report))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, help="results directory, e.g. bench/results/<label>")
+    ap.add_argument("--steps", type=int, default=15, help="training steps per recipe run (3 are warm-up)")
+    ap.add_argument("--only", nargs="*", default=None, help="recipes to measure (default: all)")
+    ap.add_argument("--data-dir", type=Path, default=ROOT / "data", help="generated corpus cache")
+    ap.add_argument("--runs-dir", type=Path, default=None, help="where recipe runs write (default: a temporary directory)")
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        kind, recipe, data_dir, path, kwargs = args.child
+        result = CHILDREN[kind](recipe, Path(data_dir), **json.loads(kwargs))
+        Path(path).write_text(json.dumps(result))
+        return 0
+    if args.out is None:
+        ap.error("--out is required")
+    args.out.mkdir(parents=True, exist_ok=True)
+    recipes = args.only or sorted({r for r, *_ in LAYOUTS.values()})
+    report = {"env": {"machine": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                      "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+                      "per_rank_batch_audio_s": PER_RANK_BATCH_S, "steps": args.steps},
+              "runs": {}, "overhead": {}, "loader": {}, "padding": {}}
+    t0 = time.perf_counter()
+    todo = [("padding", r, {}) for r in recipes] + [("loader", r, {"num_batches": 20}) for r in recipes]
+    todo += [("overhead", r, {"warmup": 3, "steps": 10}) for r in recipes if r != "salm_tp_fsdp2"]
+    for kind, recipe, kwargs in todo:
+        print(f"[{time.perf_counter() - t0:6.0f}s] {kind} {recipe}", flush=True)
+        report[kind][recipe] = _child(kind, recipe, args.data_dir, **kwargs)
+        save(report, args.out)
+    with tempfile.TemporaryDirectory(prefix="bench-runs-") as tmp:
+        for name, (recipe, *_rest) in LAYOUTS.items():
+            if recipe in recipes:
+                print(f"[{time.perf_counter() - t0:6.0f}s] run {name}", flush=True)
+                report["runs"][name] = run_layout(name, args.runs_dir or Path(tmp), args.steps, args.data_dir)
+                save(report, args.out)
+    report["env"]["bench_wall_s"] = round(time.perf_counter() - t0, 1)
+    save(report, args.out)
+    plot(report, args.out)
+    print((args.out / "cpu.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

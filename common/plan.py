@@ -1,0 +1,387 @@
+"""Memory planner: predicted per-GPU memory of every valid parallel layout of a recipe, and a pick.
+
+Usage (what ``make plan RECIPE=... GPUS_PER_NODE=... NODES=... ARGS=...`` runs)::
+
+    python -m common.plan --recipe salm_tp_fsdp2 --gpus-per-node 8 --nodes 2 \\
+        [--gpu-memory-gib 80] [--precision bf16-true] [--tokenizer RUN_DIR/tokenizer] [--json] \\
+        model.llm.hidden_size=2048 model.llm.num_hidden_layers=28 ...   # any Hydra overrides
+
+The model is built exactly as ``common.train`` builds it, but on the ``meta`` device (no weights
+are allocated, nothing is downloaded), so the byte counts come from the real parameter shapes.
+The vocabulary is the one the run would build from its training text (the generated corpus is
+created under ``data.dir`` first if missing, as ``make run`` would), or ``--tokenizer`` (a run's
+saved ``tokenizer/``). ``trainer.devices``/``num_nodes``/strategy sizes are ignored: every layout
+of ``gpus_per_node x nodes`` GPUs is enumerated.
+
+Per rank (the numbers ``common.recording.training_state_bytes`` measures in ``summary.json``):
+
+* parameters: DDP holds every parameter. Under ``ModelParallelStrategy`` tensor parallel splits
+  the parameters its plan (``backbone_tp_plan`` + the LM head) names colwise/rowwise, then FSDP2
+  splits each local tensor's dim 0 as ``torch.chunk`` does (rank r gets ``min(ceil(n/k),
+  n - r*ceil(n/k))`` rows of k shards: FSDP2's padding is not part of the local shard), k = dp for
+  units with TP parameters and k = dp x tp for units TP leaves whole (``common.parallel``);
+* gradients: the trainable parameters (``model.freeze``, LoRA), same shards and dtype;
+* optimizer state: AdamW's ``exp_avg`` + ``exp_avg_sq`` (parameter dtype) and a 4-byte ``step``;
+* activations: an ESTIMATE (not validated to 10%) of what backward keeps for one batch of
+  ``data.max_duration_s / dp`` seconds (or ``data.max_tokens / dp`` LLM positions): per token and
+  layer, ~19h+4i values for a Conformer layer, 4h+5q+4kv+4i for a Qwen3 layer (q/kv: query and
+  key/value widths), 8h+2i / 12h+2i for SpeechT5 encoder/decoder layers, memory-efficient LLM
+  attention, eager encoder attention scores, logits kept twice in fp32 for the loss; TP + sequence
+  parallel divide the LLM part by tp; activation checkpointing keeps one input per layer plus one
+  layer. Text is assumed at 4 tokens per audio second;
+* buffers: FSDP2 gathers a unit's parameters (and its gradients before reduce-scatter); two
+  gathered units of the largest size are counted (the current one and the prefetched one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 1024**3
+# precision -> (parameter bytes, activation bytes); "-mixed" keeps fp32 weights, computes in 16 bit.
+PRECISIONS = {"bf16-true": (2, 2), "16-true": (2, 2), "bf16-mixed": (4, 2), "16-mixed": (4, 2),
+              "32-true": (4, 4), "32": (4, 4), "64-true": (8, 8)}
+ADAM_STEP_BYTES = 4  # AdamW's per-parameter `step`: a float32 scalar tensor
+TEXT_TOKENS_PER_S = 4
+
+
+class PlanError(ValueError):
+    """A request the planner cannot answer; the message names the bad value."""
+
+
+def known_recipes() -> list[str]:
+    return sorted(p.parent.name for p in (ROOT / "recipes").glob("*/config.yaml"))
+
+
+def compose(recipe: str, overrides=()):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    import common.train  # noqa: F401 - registers the ${run_name:} resolver
+
+    if recipe not in known_recipes():
+        raise PlanError(f"unknown recipe {recipe!r}; known recipes: {', '.join(known_recipes())}")
+
+    def attempt(ovr):
+        with initialize_config_dir(str(ROOT / "recipes" / recipe), version_base="1.3"):
+            return hydra_compose("config", overrides=list(ovr))
+
+    try:
+        return attempt(overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        for one in overrides:  # name the culprit, not just Hydra's message
+            try:
+                attempt([one])
+            except (HydraException, OmegaConfBaseException) as single:
+                raise PlanError(f"bad override {one!r}: {single}") from None
+        raise PlanError(f"bad overrides {list(overrides)}: {exc}") from None
+
+
+def _local_config_dict(path, setting: str, config_cls) -> dict:
+    """A pretrained model's architecture from its local config.json (the planner never downloads)."""
+    if not (Path(path) / "config.json").exists():
+        raise PlanError(f"{setting}={path!r} is not a local directory with a config.json; the planner "
+                        "never downloads: pass a local copy of the model (or its config.json)")
+    d = config_cls.from_pretrained(str(path)).to_dict()
+    return {k: v for k, v in d.items() if not k.startswith("_") and k not in ("vocab_size", "transformers_version")}
+
+
+def build_meta_model(cfg, tokenizer_dir=None):
+    """(model on the meta device, tokenizer), as ``common.train`` builds them."""
+    from common.data.tokenizer import load_tokenizer
+    from common.train import build_model, build_tokenizer, prepare_data
+
+    pretrained = cfg.model.get("pretrained_llm")
+    if pretrained:
+        from transformers import AutoConfig
+
+        cfg.model.llm = _local_config_dict(pretrained, "model.pretrained_llm", AutoConfig)
+        cfg.model.pretrained_llm = None  # the architecture alone: from_config below, no weights
+    if cfg.model.get("pretrained_encoder"):
+        from transformers import ParakeetEncoderConfig
+
+        cfg.model.encoder = _local_config_dict(cfg.model.pretrained_encoder, "model.pretrained_encoder",
+                                               ParakeetEncoderConfig)
+        cfg.model.pretrained_encoder = None
+    if tokenizer_dir:
+        tokenizer = load_tokenizer(tokenizer_dir)
+    elif pretrained:
+        from common.data.tokenizer import HFTokenizer
+
+        tokenizer = HFTokenizer.from_pretrained(pretrained)
+    else:
+        tokenizer = build_tokenizer(cfg, prepare_data(cfg))
+    with torch.device("meta"):
+        model = build_model(cfg, tokenizer)
+        if pretrained:  # as build_llm's resize_token_embeddings(vocab, pad_to_multiple_of=8)
+            model.llm.resize_token_embeddings(tokenizer.vocab_size, pad_to_multiple_of=8)
+    return model, tokenizer
+
+
+def tp_split_dims(model, sequence_parallel: bool = True) -> tuple[dict[int, int], set[int]]:
+    """({id(parameter): dim} for the parameters tensor parallel splits, {id} of every parameter TP turns
+    into a DTensor, split or replicated), read from the real plan."""
+    from torch import nn
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from common.parallel.tensor_parallel import backbone_tp_plan
+
+    spec = model.parallel_spec()
+    styles = [(spec.tp_backbone.get_submodule(path), style)
+              for path, style in backbone_tp_plan(spec.tp_backbone, sequence_parallel).items()]
+    styles.append((spec.lm_head, ColwiseParallel()))  # common.parallel.tensor_parallel.lm_head_style
+    dims, touched = {}, set()
+    for module, style in styles:
+        emb = isinstance(module, nn.Embedding)
+        if isinstance(style, ColwiseParallel):  # Linear: out features (and bias); Embedding: width
+            split = {"weight": 1 if emb else 0, "bias": 0}
+        elif isinstance(style, RowwiseParallel):  # Linear: in features, bias replicated; Embedding: vocab
+            split = {"weight": 0 if emb else 1}
+        else:
+            split = {}  # norms, q/k norms: replicated over tp
+        for name, param in module.named_parameters(recurse=False):
+            touched.add(id(param))
+            if name in split:
+                dims[id(param)] = split[name]
+    return dims, touched
+
+
+def _chunk(n: int, parts: int, index: int) -> int:
+    """Size of ``torch.chunk(range(n), parts)[index]`` (0 where chunk returns fewer pieces)."""
+    size = math.ceil(n / parts)
+    return max(0, min(size, n - index * size))
+
+
+def _local_shape(shape, tp_dim, tp, tp_rank, dp, dp_rank) -> list[int]:
+    shape = list(shape)
+    if tp > 1 and tp_dim is not None:
+        shape[tp_dim] = _chunk(shape[tp_dim], tp, tp_rank)
+    if dp > 1 and shape:
+        shape[0] = _chunk(shape[0], dp, dp_rank)
+    return shape
+
+
+def state_bytes(model, strategy: str, dp: int, tp: int, param_bytes: int, sequence_parallel=True) -> list[dict]:
+    """Per-rank parameter, gradient and AdamW state bytes (ranks row-major over the (dp, tp) mesh).
+
+    FSDP2 units are those of ``common.parallel.fsdp_units``: a unit holding TP parameters is sharded
+    over dp, a unit TP leaves whole (speech encoder, projector) over all dp x tp ranks."""
+    from common.parallel import fsdp_units
+
+    sharded = strategy == "model_parallel"
+    dims, touched = tp_split_dims(model, sequence_parallel) if sharded and tp > 1 else ({}, set())
+    fsdp = sharded and dp > 1  # common.parallel applies FSDP2 only with more than one dp group
+    units = fsdp_units(model, model.parallel_spec()) if fsdp else [(model, list(model.parameters()))]
+    ranks = []
+    for rank in range(dp * tp):
+        dp_rank, tp_rank = divmod(rank, tp) if sharded else (0, 0)
+        p_bytes = g_bytes = o_bytes = 0
+        for _, params in units:
+            on_tp = any(id(p) in touched for p in params)
+            shards, index = (dp, dp_rank) if on_tp or tp == 1 else (dp * tp, rank)
+            for p in params:
+                n = math.prod(_local_shape(p.shape, dims.get(id(p)), tp, tp_rank, shards if fsdp else 1, index))
+                p_bytes += n * param_bytes
+                if p.requires_grad:
+                    g_bytes += n * param_bytes
+                    o_bytes += 2 * n * param_bytes + ADAM_STEP_BYTES
+        ranks.append({"rank": rank, "param_bytes": p_bytes, "grad_bytes": g_bytes, "optimizer_state_bytes": o_bytes})
+    return ranks
+
+
+def fsdp_buffer_bytes(model, dp: int, tp: int, param_bytes: int) -> int:
+    """Two gathered copies of the largest FSDP2 unit (params + grads of the TP-local tensors)."""
+    if dp == 1:
+        return 0
+    spec = model.parallel_spec()
+    units = [[b] for blocks in spec.block_lists for b in blocks]
+    units += [u if isinstance(u, list) else [u] for u in spec.extra_fsdp_units]
+    seen: set[int] = set()
+    sizes = []
+    for unit in units:
+        ps = [p for m in unit for p in m.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in ps)
+        sizes.append(sum(p.numel() * (1 + p.requires_grad) for p in ps))
+    sizes.append(sum(p.numel() * (1 + p.requires_grad) for p in model.parameters() if id(p) not in seen))  # root
+    tp_div = tp if spec.tp_backbone is not None else 1  # an upper bound: the encoder is not TP-split
+    return 2 * max(sizes) * param_bytes // tp_div
+
+
+def _stack(tokens, layers, per_token, hidden, ckpt, scores=0.0) -> float:
+    """Values a stack of layers keeps for backward: all of them, or (checkpointed) one input per layer + one layer."""
+    one_layer = tokens * per_token + scores
+    return tokens * hidden * layers + one_layer if ckpt else one_layer * layers
+
+
+def activation_bytes(cfg, model, dp: int, tp: int, act_bytes: int) -> int:
+    """Rough estimate of the activations of one training step per rank (see the module docstring)."""
+    ckpt = bool(cfg.get("parallel", {}).get("activation_checkpointing", False))
+    d = cfg.data
+    utt_s = float(d.get("max_utterance_s") or d.max_duration_s)
+    if d.get("max_tokens") and cfg.model.name == "salm":  # positions -> audio seconds (upper bound)
+        fpt = cfg.model.encoder.subsampling_factor * cfg.model.projector.stack_frames
+        audio_s = d.max_tokens / dp * fpt * 0.01
+    else:
+        audio_s = float(d.max_duration_s) / dp  # the global batch splits evenly over dp ranks
+    utt_s = min(utt_s, audio_s)  # attention spans one utterance, at most the rank's whole batch
+    frames, vals, vocab = audio_s / 0.01, 0.0, None
+    if cfg.model.name in ("salm", "asr_ctc"):
+        enc = model.encoder.config if cfg.model.name == "salm" else model.ctc.encoder.config
+        h, i, sub = enc.hidden_size, enc.intermediate_size, enc.subsampling_factor
+        t_enc, t_utt = frames / sub, utt_s / 0.01 / sub
+        vals += frames * enc.num_mel_bins * enc.subsampling_conv_channels / 2  # conv subsampling
+        vals += _stack(t_enc, enc.num_hidden_layers, 19 * h + 4 * i, h, ckpt, 2 * enc.num_attention_heads * t_enc * t_utt)
+        vocab = model.ctc.config.vocab_size if cfg.model.name == "asr_ctc" else None
+        if cfg.model.name == "salm" and getattr(model, "ctc_head", None) is not None:
+            vocab = model.ctc_head.out_features
+        if vocab:
+            vals += t_enc * vocab * (1 + 8 / act_bytes)
+    if cfg.model.name == "salm":
+        c = model.llm.config
+        sp = tp if cfg.parallel.get("sequence_parallel", True) else 1
+        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        pos = t_enc / cfg.model.projector.stack_frames + TEXT_TOKENS_PER_S * audio_s
+        if d.get("max_tokens"):
+            pos = d.max_tokens / dp
+        vals += pos * (enc.hidden_size * 2 + 2 * c.hidden_size)  # projector
+        per_token = 4 * c.hidden_size / sp + (5 * q + 4 * kv + 4 * c.intermediate_size) / tp
+        vals += _stack(pos, c.num_hidden_layers, per_token, c.hidden_size / sp, ckpt)
+        lp = tp if cfg.parallel.get("loss_parallel", True) else 1
+        vals += pos * c.vocab_size / lp * (1 + 8 / act_bytes)
+    elif cfg.model.name == "tts_speecht5":
+        c = model.config
+        h, text = c.hidden_size, TEXT_TOKENS_PER_S * audio_s
+        steps, text_utt, steps_utt = frames / c.reduction_factor, TEXT_TOKENS_PER_S * utt_s, utt_s / 0.01 / c.reduction_factor
+        vals += _stack(text, c.encoder_layers, 8 * h + 2 * c.encoder_ffn_dim, h, ckpt,
+                       2 * c.encoder_attention_heads * text * text_utt)
+        vals += _stack(steps, c.decoder_layers, 12 * h + 2 * c.decoder_ffn_dim, h, ckpt,
+                       2 * c.decoder_attention_heads * steps * (steps_utt + text_utt))
+        vals += frames * c.speech_decoder_postnet_units * c.speech_decoder_postnet_layers * 3
+    return int(vals * act_bytes)
+
+
+def enumerate_layouts(cfg, model, vocab_size: int, gpus_per_node: int, nodes: int):
+    """([(strategy, dp, tp)], [{dp, tp, reason}]): DDP is one layout; TP stays inside a node."""
+    from common.parallel import ConfigError, check_tensor_parallel, resolve_layout
+
+    world = gpus_per_node * nodes
+    strategy = resolve_layout(cfg.trainer).strategy
+    if strategy == "ddp":
+        return [("ddp", world, 1)], []
+    valid, skipped = [], []
+    for tp in (t for t in range(1, world + 1) if world % t == 0):
+        reason = None
+        if gpus_per_node % tp:
+            reason = f"tp={tp} does not divide gpus-per-node {gpus_per_node}: a TP group would span nodes"
+        else:
+            try:
+                check_tensor_parallel(tp, model.llm.config, vocab_size, lora=bool(cfg.model.get("lora")))
+            except ConfigError as exc:
+                reason = str(exc)
+        if reason:
+            skipped.append({"dp": world // tp, "tp": tp, "reason": reason})
+        else:
+            valid.append(("model_parallel", world // tp, tp))
+    return valid, skipped
+
+
+def recommend(layouts: list[dict], gpu_memory_gib: float) -> tuple[str | None, str]:
+    """The layout that fits with the smallest tp: TP communicates inside every layer, FSDP2 per unit."""
+    fits = [lay for lay in layouts if lay["fits"]]
+    if fits:
+        best = min(fits, key=lambda lay: lay["tp"])
+        why = {"ddp": "the recipe's one layout (DDP)"}.get(best["strategy"], "smallest tp that fits")
+        why = "FSDP2 alone fits" if best["name"] == f"dp{best['dp']} x tp1" else why
+        return best["name"], (f"recommended: {best['name']} ({best['total_bytes'] / GIB:.2f} GiB of "
+                              f"{gpu_memory_gib:g} GiB per GPU; {why})")
+    if not layouts:
+        return None, "no valid layout for this GPU count"
+    least = min(layouts, key=lambda lay: lay["total_bytes"])
+    return None, (f"nothing fits in {gpu_memory_gib:g} GiB per GPU (smallest: {least['name']}, "
+                  f"{least['total_bytes'] / GIB:.2f} GiB): add GPUs (more dp shards parameters, gradients and "
+                  "optimizer state), set parallel.activation_checkpointing=true, or lower data.max_duration_s "
+                  "/ data.max_tokens")
+
+
+def plan(recipe: str, gpus_per_node: int, nodes: int = 1, overrides=(), precision: str = "bf16-true",
+         gpu_memory_gib: float = 80.0, tokenizer=None) -> dict:
+    if precision not in PRECISIONS:
+        raise PlanError(f"--precision {precision!r} is not known (known: {', '.join(PRECISIONS)})")
+    if gpus_per_node < 1 or nodes < 1:
+        raise PlanError(f"--gpus-per-node ({gpus_per_node}) and --nodes ({nodes}) must be positive")
+    cfg = compose(recipe, overrides)
+    model, tok = build_meta_model(cfg, tokenizer)
+    param_b, act_b = PRECISIONS[precision]
+    if cfg.get("parallel") and cfg.parallel.get("mixed_precision") is True:
+        act_b = min(act_b, 2)  # FSDP2's bf16 compute policy
+    seq_par = bool(cfg.get("parallel", {}).get("sequence_parallel", True))
+    valid, skipped = enumerate_layouts(cfg, model, tok.vocab_size, gpus_per_node, nodes)
+    layouts = []
+    for strategy, dp, tp in valid:
+        ranks = state_bytes(model, strategy, dp, tp, param_b, seq_par)
+        row = {"name": f"DDP x{dp}" if strategy == "ddp" else f"dp{dp} x tp{tp}", "strategy": strategy,
+               "dp": dp, "tp": tp, "per_rank": ranks,
+               **{k: max(r[k] for r in ranks) for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes")},
+               "activation_bytes": activation_bytes(cfg, model, dp, tp, act_b),
+               "buffer_bytes": fsdp_buffer_bytes(model, dp, tp, param_b) if strategy == "model_parallel" else 0}
+        row["total_bytes"] = max(r["param_bytes"] + r["grad_bytes"] + r["optimizer_state_bytes"] for r in ranks) \
+            + row["activation_bytes"] + row["buffer_bytes"]
+        row["fits"] = row["total_bytes"] <= gpu_memory_gib * GIB
+        layouts.append(row)
+    best, text = recommend(layouts, gpu_memory_gib)
+    return {"recipe": recipe, "gpus_per_node": gpus_per_node, "nodes": nodes, "world_size": gpus_per_node * nodes,
+            "precision": precision, "gpu_memory_gib": gpu_memory_gib, "vocab_size": tok.vocab_size,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "layouts": layouts, "skipped": skipped, "recommended": best, "recommendation": text}
+
+
+def format_plan(result: dict) -> str:
+    lines = [f"{result['recipe']}: {result['parameters']:,} parameters ({result['trainable_parameters']:,} trainable), "
+             f"vocab {result['vocab_size']}, {result['world_size']} GPUs ({result['nodes']} x "
+             f"{result['gpus_per_node']}), {result['precision']}, {result['gpu_memory_gib']:g} GiB per GPU",
+             "per GPU, GiB (activations and buffers are estimates):",
+             f"{'layout':<14}{'dp':>4}{'tp':>4}{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'buffers':>9}"
+             f"{'total':>9}  fits"]
+    for lay in result["layouts"]:
+        gib = [lay[k] / GIB for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes", "activation_bytes",
+                                      "buffer_bytes", "total_bytes")]
+        lines.append(f"{lay['name']:<14}{lay['dp']:>4}{lay['tp']:>4}" + "".join(f"{g:>9.3f}" for g in gib)
+                     + f"  {'yes' if lay['fits'] else 'no'}")
+    lines += [f"  not offered: dp{s['dp']} x tp{s['tp']}: {s['reason']}" for s in result["skipped"]]
+    lines.append(result["recommendation"])
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m common.plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--gpus-per-node", type=int, required=True)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    parser.add_argument("--precision", default="bf16-true", help=f"one of {', '.join(PRECISIONS)}")
+    parser.add_argument("--tokenizer", help="a run's saved tokenizer/ directory (default: built as the run would)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.llm.num_hidden_layers=28")
+    args = parser.parse_args(argv)
+    try:
+        result = plan(args.recipe, args.gpus_per_node, args.nodes, args.overrides, args.precision,
+                      args.gpu_memory_gib, args.tokenizer)
+    except (PlanError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
