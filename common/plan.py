@@ -28,7 +28,8 @@ Per rank (the numbers ``common.recording.training_state_bytes`` measures in ``su
   key/value widths), 8h+2i / 12h+2i for SpeechT5 encoder/decoder layers, memory-efficient LLM
   attention, eager encoder attention scores, logits kept twice in fp32 for the loss; TP + sequence
   parallel divide the LLM part by tp; activation checkpointing keeps one input per layer plus one
-  layer. Text is assumed at 4 tokens per audio second;
+  layer. Text is assumed at 4 tokens per audio second, utterances at most ``data.max_utterance_s``
+  (40 s when unset);
 * buffers: FSDP2 gathers a unit's parameters (and its gradients before reduce-scatter); two
   gathered units of the largest size are counted (the current one and the prefetched one).
 """
@@ -50,6 +51,7 @@ PRECISIONS = {"bf16-true": (2, 2), "16-true": (2, 2), "bf16-mixed": (4, 2), "16-
               "32-true": (4, 4), "32": (4, 4), "64-true": (8, 8)}
 ADAM_STEP_BYTES = 4  # AdamW's per-parameter `step`: a float32 scalar tensor
 TEXT_TOKENS_PER_S = 4
+MAX_UTTERANCE_S_UNSET = 40.0
 
 
 class PlanError(ValueError):
@@ -226,7 +228,9 @@ def activation_bytes(cfg, model, dp: int, tp: int, act_bytes: int) -> int:
     """Rough estimate of the activations of one training step per rank (see the module docstring)."""
     ckpt = bool(cfg.get("parallel", {}).get("activation_checkpointing", False))
     d = cfg.data
-    utt_s = float(d.get("max_utterance_s") or d.max_duration_s)
+    # Attention spans one utterance: data.max_utterance_s, or when unset (it then defaults to the
+    # whole batch) 40 s, longer than the utterances of common ASR corpora. Set it for long-form data.
+    utt_s = float(d.get("max_utterance_s") or min(float(d.max_duration_s), MAX_UTTERANCE_S_UNSET))
     if d.get("max_tokens") and cfg.model.name == "salm":  # positions -> audio seconds (upper bound)
         fpt = cfg.model.encoder.subsampling_factor * cfg.model.projector.stack_frames
         audio_s = d.max_tokens / dp * fpt * 0.01
@@ -313,13 +317,20 @@ def recommend(layouts: list[dict], gpu_memory_gib: float) -> tuple[str | None, s
 
 
 def plan(recipe: str, gpus_per_node: int, nodes: int = 1, overrides=(), precision: str = "bf16-true",
-         gpu_memory_gib: float = 80.0, tokenizer=None) -> dict:
+         gpu_memory_gib: float = 80.0, tokenizer=None, vocab_size: int | None = None) -> dict:
     if precision not in PRECISIONS:
         raise PlanError(f"--precision {precision!r} is not known (known: {', '.join(PRECISIONS)})")
     if gpus_per_node < 1 or nodes < 1:
         raise PlanError(f"--gpus-per-node ({gpus_per_node}) and --nodes ({nodes}) must be positive")
     cfg = compose(recipe, overrides)
     model, tok = build_meta_model(cfg, tokenizer)
+    if vocab_size:
+        if not hasattr(model, "llm"):
+            raise PlanError(f"--vocab-size is for the speech-LLM recipes; {recipe} sets its vocabulary with "
+                            "model.tokenizer.vocab_size")
+        with torch.device("meta"):  # the backbone's real vocabulary (e.g. Qwen3: 151936), not the corpus's words
+            model.llm.resize_token_embeddings(vocab_size, mean_resizing=False)
+        tok = type("Vocab", (), {"vocab_size": vocab_size})()
     param_b, act_b = PRECISIONS[precision]
     if cfg.get("parallel") and cfg.parallel.get("mixed_precision") is True:
         act_b = min(act_b, 2)  # FSDP2's bf16 compute policy
@@ -370,12 +381,14 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
     parser.add_argument("--precision", default="bf16-true", help=f"one of {', '.join(PRECISIONS)}")
     parser.add_argument("--tokenizer", help="a run's saved tokenizer/ directory (default: built as the run would)")
+    parser.add_argument("--vocab-size", type=int, help="SALM: the backbone's vocabulary (e.g. 151936 for Qwen3) "
+                        "instead of the generated corpus's words")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.llm.num_hidden_layers=28")
     args = parser.parse_args(argv)
     try:
         result = plan(args.recipe, args.gpus_per_node, args.nodes, args.overrides, args.precision,
-                      args.gpu_memory_gib, args.tokenizer)
+                      args.gpu_memory_gib, args.tokenizer, args.vocab_size)
     except (PlanError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -77,6 +77,15 @@ def test_model_size_overrides_change_the_parameter_count(corpus_overrides):
     assert _layout(four, 2, 1)["total_bytes"] > _layout(two, 2, 1)["total_bytes"]
 
 
+def test_vocab_size_stands_for_the_backbones_real_vocabulary(corpus_overrides):
+    small = plan("salm_tp_fsdp2", 2, overrides=corpus_overrides)
+    qwen = plan("salm_tp_fsdp2", 2, overrides=corpus_overrides, vocab_size=151936)
+    hidden = 128  # salm.yaml's backbone; untied embedding and LM head both grow
+    assert qwen["parameters"] - small["parameters"] == 2 * hidden * (151936 - small["vocab_size"])
+    with pytest.raises(PlanError, match="model.tokenizer.vocab_size"):
+        plan("asr_ddp", 2, overrides=corpus_overrides, vocab_size=1000)
+
+
 def test_frozen_parameters_have_no_gradients_or_optimizer_state(corpus_overrides):
     result = plan("salm_fsdp2", 2, overrides=[*corpus_overrides, "model.freeze=[encoder.*]"])
     lay = _layout(result, 2, 1)
