@@ -17,6 +17,8 @@ NPROC ?= $(or $(NPROC_$(RECIPE)),2)
 # One run name shared by every rank; override with ARGS="run.name=..." or RUN_NAME=...
 RUN_NAME ?= $(shell date +%Y%m%d-%H%M%S)
 export RUN_NAME
+# torchrun --max-restarts: a fresh rendezvous store per restart (see common/train.py).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE := 1
 
 .PHONY: help setup run transcribe export synthesize data-check to-shar test quality bench plan lint clean \
         docker-build docker-run cpu-base container-test k8s-render k8s-apply

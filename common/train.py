@@ -188,6 +188,22 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def warn_if_restarts_reuse_the_store() -> None:
+    """torchrun's in-place restarts (``--max-restarts``) need a fresh rendezvous store per attempt.
+
+    By default torchrun's agent hands every restarted group the store of the first one, without a
+    per-attempt key prefix, so the new gloo/NCCL group reads the peer addresses of the killed
+    generation ("Connection refused") and the next attempt hangs in ``init_process_group``.
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's environment gives each attempt its own
+    store; ``make run``, the image and the tests set it.
+    """
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if RANK == 0 and restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        log.warning("torchrun --max-restarts=%d with its shared rendezvous store: a restarted group would "
+                    "reach the peers of the failed one and hang; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                    "in torchrun's environment (make run and the image do)", restarts)
+
+
 def leave_process_group() -> None:
     """End a finished distributed run: wait for every rank, tear the process group down, and exit
     without running the interpreter's and C++ static destructors.
@@ -219,6 +235,7 @@ def train(cfg: DictConfig) -> None:
     # 1. Validate the layout before anything expensive (every rank raises the same error; no hang).
     layout = resolve_layout(cfg.trainer)
     check_launch(layout)
+    warn_if_restarts_reuse_the_store()
     if layout.strategy == "model_parallel":
         # "auto" means world // tp (as resolve_layout computes it); Lightning's own "auto" would be
         # num_nodes, so hand it the number. Kubernetes manifests rely on this for any node count.

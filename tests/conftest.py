@@ -40,7 +40,8 @@ def salm_cfg():
 def run_recipe(recipe: str, nproc: int, overrides: list[str], run_dir_root: Path, timeout: int = 600,
                extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """Launch the real entry point exactly as `make run` does (torchrun standalone, gloo on CPU)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN_NAME": "", **(extra_env or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN_NAME": "", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+           **(extra_env or {})}
     run_dir_root.parent.mkdir(parents=True, exist_ok=True)
     cmd = [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", "-m", "common.train",
            f"--config-path={ROOT / 'recipes' / recipe}", "--config-name=config",

@@ -30,3 +30,19 @@ def test_explicit_settings_win(monkeypatch):
     cfg = _cfg(precision="32-true")
     resolve_hardware(cfg)
     assert cfg.trainer.precision == "32-true"
+
+
+def test_restarts_with_the_shared_rendezvous_store_are_warned_about(monkeypatch, caplog):
+    import logging
+
+    from common import train
+
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # what torchrun sets unless told otherwise
+    with caplog.at_level(logging.WARNING, logger="common.train"):
+        train.warn_if_restarts_reuse_the_store()
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    train.warn_if_restarts_reuse_the_store()
+    assert not caplog.text
