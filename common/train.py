@@ -12,6 +12,7 @@ summary.json, checkpoints/, tokenizer/, wandb/ (and an ``outputs/<recipe>/latest
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -228,6 +229,8 @@ def leave_process_group() -> None:
 
 
 def train(cfg: DictConfig) -> None:
+    # A rank that dies of a signal (SIGSEGV, SIGABRT from C++) prints every thread's Python stack.
+    faulthandler.enable()
     setup_logging()
     t0 = time.perf_counter()
     run_dir = Path(cfg.run.output_dir).resolve()
