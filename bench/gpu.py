@@ -173,12 +173,9 @@ def measure_llm(size_name: str, size: dict, *, batch: int, seq_len: int, compile
 
 def recipe_config(recipe: str, overrides: list[str]):
     """A recipe's config composed exactly as ``make run`` composes it."""
-    from hydra import compose, initialize_config_dir
+    from common.plan import compose
 
-    import common.train  # noqa: F401 - registers the ${run_name:} resolver
-
-    with initialize_config_dir(str(ROOT / "recipes" / recipe), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose(recipe, overrides)
 
 
 def precision_plugin(precision: str, device):

@@ -63,6 +63,8 @@ def known_recipes() -> list[str]:
 
 
 def compose(recipe: str, overrides=()):
+    """A recipe's config composed exactly as ``make run`` composes it; a bad recipe or override is a
+    ``PlanError`` naming it. (The benchmarks and the tests compose through this too.)"""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -204,16 +206,10 @@ def fsdp_buffer_bytes(model, dp: int, tp: int, param_bytes: int) -> int:
     """Two gathered copies of the largest FSDP2 unit (params + grads of the TP-local tensors)."""
     if dp == 1:
         return 0
+    from common.parallel import fsdp_units
+
     spec = model.parallel_spec()
-    units = [[b] for blocks in spec.block_lists for b in blocks]
-    units += [u if isinstance(u, list) else [u] for u in spec.extra_fsdp_units]
-    seen: set[int] = set()
-    sizes = []
-    for unit in units:
-        ps = [p for m in unit for p in m.parameters() if id(p) not in seen]
-        seen.update(id(p) for p in ps)
-        sizes.append(sum(p.numel() * (1 + p.requires_grad) for p in ps))
-    sizes.append(sum(p.numel() * (1 + p.requires_grad) for p in model.parameters() if id(p) not in seen))  # root
+    sizes = [sum(p.numel() * (1 + p.requires_grad) for p in params) for _, params in fsdp_units(model, spec)]
     tp_div = tp if spec.tp_backbone is not None else 1  # an upper bound: the encoder is not TP-split
     return 2 * max(sizes) * param_bytes // tp_div
 

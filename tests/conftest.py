@@ -24,12 +24,9 @@ def tiny_corpus(tmp_path_factory) -> dict:
 
 def recipe_config(recipe: str, overrides: list[str] = ()):
     """A recipe's config composed exactly as `make run` composes it (base.yaml + family + recipe)."""
-    from hydra import compose, initialize_config_dir
+    from common.plan import compose
 
-    import common.train  # noqa: F401 - registers the ${run_name:} resolver
-
-    with initialize_config_dir(str(ROOT / "recipes" / recipe), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose(recipe, overrides)
 
 
 @pytest.fixture(scope="session")
