@@ -78,3 +78,13 @@ def test_bench_and_plan_targets_are_wired(tmp_path):
     assert "-m bench.gpu --out bench/results/lab" in dry_run("bench", "BENCH_LABEL=lab", path=f"{tmp_path}:{cpu_path}")
     plan = dry_run("plan", "RECIPE=salm_fsdp2", "GPUS_PER_NODE=4", "NODES=2", "ARGS=model.llm.num_hidden_layers=4")
     assert "-m common.plan --recipe salm_fsdp2 --gpus-per-node 4 --nodes 2 model.llm.num_hidden_layers=4" in plan
+
+
+def test_every_launcher_gives_torchrun_restarts_a_fresh_store():
+    # Without it a group restarted by torchrun --max-restarts hangs (tests/distributed/test_faults.py).
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE := 1" in (ROOT / "Makefile").read_text()
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in (ROOT / "containers" / "Dockerfile").read_text()
+    proc = subprocess.run(["make", "-s", "--no-print-directory", "-f", "Makefile", "-f", "-", "show"], cwd=ROOT,
+                          input="show:\n\t@echo $$TORCH_DISABLE_SHARE_RDZV_TCP_STORE\n", capture_output=True,
+                          text=True, timeout=60)
+    assert proc.stdout.strip() == "1", proc.stderr
