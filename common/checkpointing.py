@@ -12,7 +12,7 @@ data sampler's position and every rank's RNG states.
   ``checkpoint.keep_last``.
 * Auto-resume: starting a run with the same ``run.name`` continues from its newest complete
   checkpoint (``run.resume=false`` starts afresh; ``run.resume_from=<ckpt>`` picks one).
-* Preemption: on SIGTERM every rank saves at the next step boundary and the run exits 0 (within
+* Preemption: on SIGTERM (or Ctrl-C, SIGINT) every rank saves at the next step boundary and the run exits 0 (within
   ``checkpoint.preemption_grace_s``, else it exits 1 and the last complete checkpoint stands).
 
 Usage (what ``common/train.py`` does)::
@@ -51,7 +51,12 @@ LAST_LINK = "last.ckpt"  # -> the newest complete checkpoint (make transcribe's 
 
 
 class Preempted(Exception):
-    """Raised on every rank after the preemption checkpoint is written (SIGTERM)."""
+    """Raised on every rank after the checkpoint of a SIGTERM (``status`` preempted) or a Ctrl-C
+    (SIGINT, ``status`` interrupted) is written."""
+
+    def __init__(self, message: str, status: str = "preempted"):
+        super().__init__(message)
+        self.status = status
 
 
 def complete_checkpoints(directory: Path) -> list[tuple[int, Path]]:
@@ -68,12 +73,65 @@ def checkpoint_step(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from, or None if it reads as complete.
+
+    A file (DDP): every zip member's CRC-32 (torch.save writes them) and the pickled object.
+    A sharded directory (DCP): ``meta.pt`` loads, ``.metadata`` loads, and every shard file
+    it names exists and is long enough for the byte ranges it lists. Reads every byte of a file
+    checkpoint (about a second per GB); a directory's shards are only sized.
+    """
+    import zipfile
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            from torch.distributed.checkpoint import FileSystemReader
+
+            if not (path / "meta.pt").is_file():
+                return "no meta.pt"
+            torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+            metadata = FileSystemReader(str(path)).read_metadata()
+            need: dict[str, int] = {}
+            for info in (metadata.storage_data or {}).values():
+                need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+            for name, size in need.items():
+                shard = path / name
+                if not shard.is_file():
+                    return f"shard {name} is missing"
+                if shard.stat().st_size < size:
+                    return f"shard {name} has {shard.stat().st_size} bytes, its index needs {size}"
+            return None
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+        if bad is not None:
+            return f"member {bad} fails its CRC-32 check"
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read means: not resumable
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    return None
+
+
+def checkpoint_run_config(path: Path) -> dict | None:
+    """The resolved run config saved inside a checkpoint (``None``: not one of ours)."""
+    path = Path(path)
+    meta = path / "meta.pt" if path.is_dir() else path
+    try:
+        ckpt = torch.load(meta, map_location="cpu", weights_only=True, mmap=not path.is_dir())
+    except Exception:  # noqa: BLE001
+        return None
+    return ckpt.get("run_config") if isinstance(ckpt, dict) else None
+
+
 def resolve_resume(cfg, run_dir: Path, rank: int = 0) -> tuple[str | None, int]:
     """The checkpoint this run continues from (``None``: from scratch) and its step.
 
-    ``run.resume_from`` if set; else, with ``run.resume`` (default true), the newest complete
-    checkpoint of this run directory. A fresh start (``run.resume=false``) moves an earlier
-    attempt's checkpoints aside (rank 0), so that they are neither resumed nor pruned as ours.
+    ``run.resume_from`` if set (it must be a complete checkpoint of the same model); else, with
+    ``run.resume`` (default true), the newest complete checkpoint of this run directory that can
+    be read: a newer one that cannot (cut short by a full disk, damaged) is moved aside into
+    ``checkpoints/unreadable/`` by rank 0, with the reason logged, and the next older one is used.
+    A fresh start (``run.resume=false``) moves an earlier attempt's checkpoints aside (rank 0),
+    so that they are neither resumed nor pruned as ours.
     """
     from common.parallel import ConfigError
 
@@ -86,13 +144,40 @@ def resolve_resume(cfg, run_dir: Path, rank: int = 0) -> tuple[str | None, int]:
         if path.name.startswith(PARTIAL_PREFIX):
             raise ConfigError(f"run.resume_from={explicit} is an incomplete checkpoint (its writer was stopped); "
                               "use a step<N>.ckpt one")
+        if path.is_dir() and (path / "checkpoints").is_dir():
+            raise ConfigError(f"run.resume_from={explicit} is a run directory; give one of its checkpoints, "
+                              f"e.g. {path / 'checkpoints' / LAST_LINK}")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise ConfigError(f"run.resume_from={explicit} cannot be read: {problem}")
+        run_config = checkpoint_run_config(path)
+        if run_config is None:
+            raise ConfigError(f"run.resume_from={explicit} holds no run_config: not a checkpoint written by "
+                              "common.train")
+        theirs, ours = run_config.get("model", {}).get("name"), cfg.model.name
+        if theirs != ours:
+            raise ConfigError(f"run.resume_from={explicit} is a {theirs!r} checkpoint (recipe "
+                              f"{run_config.get('recipe')!r}); this run trains {ours!r} (recipe {cfg.recipe!r})")
+        if path.is_dir() and "DDPStrategy" in str(cfg.trainer.strategy.get("_target_")):
+            raise ConfigError(f"run.resume_from={explicit} is a sharded (FSDP2/TP) checkpoint directory; "
+                              f"recipe {cfg.recipe!r} uses DDPStrategy, which reads only single-file checkpoints "
+                              "(make export gives consolidated weights)")
         return str(path), checkpoint_step(path) or 0
     found = complete_checkpoints(ckpt_dir)
     if cfg.run.get("resume", True):
-        if found:
-            step, path = found[-1]
-            log.info("resuming %s from its latest complete checkpoint %s (step %d)", cfg.run.name, path, step)
-            return str(path), step
+        for step, path in reversed(found):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                log.info("resuming %s from its latest complete checkpoint %s (step %d)", cfg.run.name, path, step)
+                if rank == 0 and path != found[-1][1]:
+                    _link(path, ckpt_dir / LAST_LINK)
+                return str(path), step
+            log.warning("checkpoint %s cannot be read (%s): %s", path, problem,
+                        "moved to checkpoints/unreadable/, trying the one before" if rank == 0 else "skipped")
+            if rank == 0:
+                aside = ckpt_dir / "unreadable"
+                aside.mkdir(exist_ok=True)
+                os.replace(path, aside / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
         return None, 0
     if rank == 0 and ckpt_dir.exists():
         aside = ckpt_dir.with_name(f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -110,45 +195,56 @@ class RunCheckpoint(ModelCheckpoint):
                          save_last=False)
         self.preemption_grace_s = preemption_grace_s
         self._sigterm_at: float | None = None
+        self.stop_signal: str | None = None  # "SIGTERM" | "SIGINT" once one arrived
 
     @property
     def latest_path(self) -> str | None:
         """The checkpoint written last by this run (``None``: none yet)."""
         return self._last_checkpoint_saved or None
 
-    # --- preemption ---------------------------------------------------------------------------
+    # --- preemption and interrupts ---------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
         # Replaces Lightning's SIGTERM handler (registered just before), which broadcasts from
         # inside the handler, i.e. at an arbitrary point of a collective on whichever rank got the
-        # signal. Ours only sets a flag; ranks agree on it at the next step boundary.
+        # signal. Ours only sets a flag; ranks agree on it at the next step boundary. Ctrl-C
+        # (SIGINT, which torchrun forwards to every rank) is handled the same way; a second
+        # Ctrl-C stops at once (KeyboardInterrupt), keeping the last complete checkpoint.
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_sigterm)
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
 
-    def _on_sigterm(self, signum, frame) -> None:
+    def _on_signal(self, signum, frame) -> None:
         if self._sigterm_at is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
             return
         self._sigterm_at = time.monotonic()
-        print(f"SIGTERM: saving a checkpoint at the next step boundary, then exiting "
+        self.stop_signal = signal.Signals(signum).name
+        print(f"{self.stop_signal}: saving a checkpoint at the next step boundary, then exiting "
               f"(grace {self.preemption_grace_s:g}s)", file=sys.stderr, flush=True)
         timer = threading.Timer(self.preemption_grace_s, _grace_expired, args=(self.preemption_grace_s,))
         timer.daemon = True
         timer.start()
 
-    def _stop_requested(self, trainer) -> bool:
-        """True on every rank if any rank got SIGTERM (one tiny all-reduce per step)."""
-        flag = torch.tensor([1.0 if self._sigterm_at is not None else 0.0], device=trainer.strategy.root_device)
+    def _stop_requested(self, trainer) -> int:
+        """On every rank: 0 (go on), 1 (some rank got SIGTERM) or 2 (some rank got SIGINT); one tiny
+        all-reduce per step."""
+        mine = 0.0 if self._sigterm_at is None else (2.0 if self.stop_signal == "SIGINT" else 1.0)
+        flag = torch.tensor([mine], device=trainer.strategy.root_device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        preempted = self._stop_requested(trainer)
-        if preempted or trainer.global_step >= trainer.max_steps > 0:
+        stop = self._stop_requested(trainer)
+        if stop or trainer.global_step >= trainer.max_steps > 0:
             if self._last_global_step_saved != trainer.global_step:
                 self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
-            if preempted:
-                raise Preempted(f"stopped by SIGTERM after step {trainer.global_step}; "
-                                f"checkpoint {self._last_checkpoint_saved}")
+            if stop:
+                name = "SIGINT (Ctrl-C)" if stop == 2 else "SIGTERM"
+                raise Preempted(f"stopped by {name} after step {trainer.global_step}; checkpoint "
+                                f"{self._last_checkpoint_saved}; the same command resumes",
+                                status="interrupted" if stop == 2 else "preempted")
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 

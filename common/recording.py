@@ -65,11 +65,15 @@ class RunRecorder(L.Callback):
     def __init__(self, run_dir: Path, print_every_n_steps: int = 10, warmup_steps: int = 3,
                  resume_step: int | None = None):
         self.run_dir = Path(run_dir)
+        # Rows of earlier attempts that this run continues (the summary describes the whole run).
+        self.earlier_history: list[dict] = []
+        self.earlier_validations: list[dict] = []
         if int(os.environ.get("RANK", 0)) == 0:
             # A resumed run appends to the earlier attempt's records, minus the steps after its
-            # checkpoint (trained again now); a fresh run starts them empty.
-            for name in ("metrics.jsonl", "validation.jsonl"):
-                _keep_rows_up_to(self.run_dir / name, resume_step)
+            # checkpoint (trained again now; the earlier files are kept whole in history/); a
+            # fresh run starts them empty.
+            self.earlier_history = _keep_rows_up_to(self.run_dir / "metrics.jsonl", resume_step)
+            self.earlier_validations = _keep_rows_up_to(self.run_dir / "validation.jsonl", resume_step)
         self.print_every = print_every_n_steps
         self.warmup_steps = warmup_steps
         self.history: list[dict] = []
@@ -161,14 +165,16 @@ class RunRecorder(L.Callback):
         }
 
 
-def _keep_rows_up_to(path: Path, step: int | None) -> None:
+def _keep_rows_up_to(path: Path, step: int | None) -> list[dict]:
+    """Drop the rows after ``step`` (all rows for ``None``); returns the rows kept."""
     if not path.exists():
-        return
+        return []
     rows = path.read_text().splitlines() if step is not None else []
-    kept = [row for row in rows if json.loads(row)["step"] <= step]
+    kept = [row for row in rows if row.strip() and json.loads(row)["step"] <= step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(row + "\n" for row in kept))
     os.replace(tmp, path)
+    return [json.loads(row) for row in kept]
 
 
 def _val(record: dict | None) -> dict:
@@ -177,36 +183,47 @@ def _val(record: dict | None) -> dict:
 
 def summarize(cfg, layout, recorder: RunRecorder, *, status: str, error: str | None, wall_s: float,
               checkpoint: str | None, skipped_global_batches: int, bad_items: list[dict] | None = None,
-              resumed_from: str | None = None) -> dict:
-    """The ``summary.json`` of the run contract."""
-    history, validations = recorder.history, recorder.validations
+              resumed_from: str | None = None, previous: dict | None = None, attempt: int = 1) -> dict:
+    """The ``summary.json`` of the run contract, for the whole run: a resumed attempt adds its steps
+    and validations to the earlier attempts' (``previous``: their summary). Throughput, memory
+    and device are this attempt's when it measured them, else the previous summary's; ``wall_s``
+    adds up the attempts (``attempt_wall_s``: this one)."""
+    history = recorder.earlier_history + recorder.history
+    validations = recorder.earlier_validations + recorder.validations
+    previous = previous or {}
+    throughput = recorder.throughput()
+    if not throughput.get("measured_steps") and previous.get("throughput"):
+        throughput = previous["throughput"]
     return {
         "recipe": cfg.recipe,
         "run_name": cfg.run.name,
         "status": status,
         "error": error,
+        "attempt": attempt,
         "world_size": layout.world_size,
         "data_parallel_size": layout.data_parallel_size,
         "tensor_parallel_size": layout.tensor_parallel_size,
         "strategy": cfg.trainer.strategy._target_.rsplit(".", 1)[-1],
         "accelerator": cfg.trainer.accelerator,
         "precision": cfg.trainer.precision,
-        "device": recorder.device_info,
+        "device": recorder.device_info or previous.get("device", {}),
         "steps": history[-1]["step"] if history else 0,
+        "attempt_steps": len(recorder.history),
         "train_loss_first": history[0]["train_loss"] if history else None,
         "train_loss_last": history[-1]["train_loss"] if history else None,
         "val": _val(validations[-1] if validations else None),
         "val_first": _val(validations[0] if validations else None),
-        "throughput": recorder.throughput(),
-        "memory": {"per_rank": recorder.per_rank},
+        "throughput": throughput,
+        "memory": {"per_rank": recorder.per_rank or previous.get("memory", {}).get("per_rank", [])},
         "data": {
             "skipped_global_batches": skipped_global_batches,
             "skipped": skipped_summary(bad_items or []),
             "padding_efficiency": (round(sum(h["padding_efficiency"] for h in history) / len(history), 4)
                                    if history else None),
         },
-        "wall_s": round(wall_s, 2),
-        "checkpoint": checkpoint,
+        "wall_s": round(wall_s + (previous.get("wall_s") or 0.0), 2),
+        "attempt_wall_s": round(wall_s, 2),
+        "checkpoint": checkpoint or resumed_from,  # a relaunch that trained no step: the one it resumed
         "resumed_from": resumed_from,
     }
 

@@ -32,8 +32,17 @@ NONZERO_RANK_ERROR_DELAY_S = 5.0
 
 
 def resolve_run_name() -> str:
-    """``RUN_NAME`` (set once by ``make run`` for all ranks), else a timestamp."""
-    return os.environ.get("RUN_NAME") or time.strftime("%Y%m%d-%H%M%S")
+    """``RUN_NAME`` (``make run`` sets ``<timestamp>-<random>`` once for all ranks). Without it: one
+    name for all ranks of a torchrun launch from its run id, else a timestamp with a random
+    suffix, so that two launches in the same second never share a run directory."""
+    if os.environ.get("RUN_NAME"):
+        return os.environ["RUN_NAME"]
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and run_id and run_id != "none":
+        return "torchrun-" + "".join(c for c in run_id if c.isalnum() or c in "-_")[:24]
+    import secrets
+
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 OmegaConf.register_new_resolver("run_name", resolve_run_name, replace=True)
@@ -121,7 +130,7 @@ def build_model(cfg: DictConfig, tokenizer):
     return SALM(cfg.model, tokenizer)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, recorder, resuming: bool):
+def build_trainer(cfg: DictConfig, run_dir: Path, recorder, resuming: bool, callbacks: list = ()):
     import lightning as L
 
     from common.checkpointing import ExactResume, RunCheckpoint
@@ -141,7 +150,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, recorder, resuming: bool):
         online = bool(os.environ.get("WANDB_API_KEY")) and os.environ.get("WANDB_MODE") == "online"
         loggers.append(WandbLogger(project=cfg.logger.project, name=cfg.run.name, save_dir=str(run_dir),
                                    offline=not online, id=wandb_run_id(run_dir), resume="allow"))
-    trainer = L.Trainer(**trainer_kwargs, callbacks=[recorder, ExactResume(), checkpoint], logger=loggers or False)
+    trainer = L.Trainer(**trainer_kwargs, callbacks=[recorder, ExactResume(), *callbacks, checkpoint],
+                        logger=loggers or False)
     return trainer, checkpoint
 
 
@@ -235,7 +245,10 @@ def train(cfg: DictConfig) -> None:
     t0 = time.perf_counter()
     run_dir = Path(cfg.run.output_dir).resolve()
 
-    # 1. Validate the layout before anything expensive (every rank raises the same error; no hang).
+    # 1. Validate settings and layout before anything expensive (every rank raises the same error; no hang).
+    from common.settings import check_settings
+
+    check_settings(cfg)
     layout = resolve_layout(cfg.trainer)
     check_launch(layout)
     warn_if_restarts_reuse_the_store()
@@ -245,41 +258,34 @@ def train(cfg: DictConfig) -> None:
         cfg.trainer.strategy.data_parallel_size = layout.data_parallel_size
     resolve_hardware(cfg)
 
-    # 2. Data, tokenizer, model: same seed on every rank, so every rank starts from identical weights.
-    import lightning as L
+    # 2. One writer per run directory: a second launch on it stops here, naming the holder.
+    from common.rundir import RunDirectory
 
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    sources = prepare_data(cfg)
-    tokenizer = build_tokenizer(cfg, sources)
-    model = build_model(cfg, tokenizer)
-    if hasattr(model, "llm"):
-        check_tensor_parallel(layout.tensor_parallel_size, model.llm.config, tokenizer.vocab_size,
-                              lora=bool(cfg.model.get("lora")))
+    rundir = RunDirectory(run_dir)
+    if RANK == 0:
+        rundir.lock()
+    try:
+        prepared = prepare_run(cfg, layout, run_dir)
+    except BaseException:
+        rundir.release_if_unused()  # a launch that failed its checks leaves no empty run directory
+        raise
+    module, datamodule, tokenizer, model, sources, ckpt_path, resume_step = prepared
 
-    from common.data.datamodule import SpeechDataModule
-    from common.module import TrainingModule
+    # 3. Run directory: the previous launch's record goes to history/ before anything changes;
+    #    resolved config and tokenizer first, so a failed run still explains itself.
+    from common.checkpointing import Preempted
+    from common.data.guard import DataGuard
     from common.recording import RunRecorder, summarize, write_summary
 
-    parallel = OmegaConf.to_container(cfg.parallel) if cfg.get("parallel") else None  # ModelParallelStrategy only
-    module = TrainingModule(model, tokenizer, optim=cfg.optim, parallel=parallel,
-                            run_config=OmegaConf.to_container(cfg, resolve=True))
-    check_data_options(cfg)
-    datamodule = SpeechDataModule(cfg.data, tokenizer, sources, seed=cfg.seed,
-                                  audio_frames_per_token=audio_frames_per_token(cfg))
-
-    # 3. Run directory: resolved config and tokenizer first, so a failed run still explains itself.
-    #    The same run.name again continues from its newest complete checkpoint (common.checkpointing).
-    from common.checkpointing import Preempted, resolve_resume
-
-    ckpt_path, resume_step = resolve_resume(cfg, run_dir, rank=RANK)
     if RANK == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.begin_attempt(sys.argv[1:])
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         tokenizer.save(run_dir / "tokenizer")
         link_latest(run_dir)
     recorder = RunRecorder(run_dir, print_every_n_steps=cfg.run.print_every_n_steps,
                            resume_step=resume_step if ckpt_path else None)
-    trainer, checkpoint = build_trainer(cfg, run_dir, recorder, resuming=ckpt_path is not None)
+    guard = DataGuard(datamodule, max_bad_item_fraction=cfg.data.get("max_bad_item_fraction", 0.5))
+    trainer, checkpoint = build_trainer(cfg, run_dir, recorder, resuming=ckpt_path is not None, callbacks=[guard])
 
     # 4. Train; the summary is written whether it completes or fails.
     status, error, extra_val = "failed", None, {}
@@ -289,26 +295,60 @@ def train(cfg: DictConfig) -> None:
         data_report = gather_data_report(datamodule)
         extra_val = evaluate_intelligibility(cfg, model, sources) if RANK == 0 else {}
         status = "completed"
-    except Preempted as exc:  # SIGTERM: every rank saved at the same step; exit 0, a restart resumes
-        status, error = "preempted", str(exc)
+    except Preempted as exc:  # SIGTERM/SIGINT: every rank saved at the same step; a relaunch resumes
+        status, error = exc.status, str(exc)
         log.info("%s", exc)
     except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised
         error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
         if RANK == 0:
-            summary = summarize(cfg, layout, recorder, status=status, error=error, wall_s=time.perf_counter() - t0,
+            wall_s = time.perf_counter() - t0
+            summary = summarize(cfg, layout, recorder, status=status, error=error, wall_s=wall_s,
                                 checkpoint=checkpoint.latest_path, resumed_from=ckpt_path,
                                 skipped_global_batches=_skipped(trainer),
-                                bad_items=list(data_report["items"].values()))
+                                bad_items=list(data_report["items"].values()),
+                                previous=rundir.previous_summary if ckpt_path else None, attempt=rundir.attempt)
             summary["data"]["substituted_batches"] = data_report["substituted_batches"]
+            summary["data"]["coverage"] = datamodule.coverage
+            summary["data"]["bad_item_share"] = guard.last_share
             write_bad_items(run_dir, data_report["items"])
             summary["val"].update(extra_val if status == "completed" else {})
             write_summary(run_dir, summary)
+            rundir.end_attempt(status, wall_s, steps=summary["steps"], error=error)
             print(f"\nrun {status}: results in {run_dir}\n  summary.json, metrics.jsonl, validation.jsonl, "
-                  f"config.yaml, checkpoints/ -- val {summary['val']}", flush=True)
+                  f"config.yaml, attempts.jsonl, history/, checkpoints/ -- val {summary['val']}", flush=True)
             if summary["checkpoint"]:
                 print(f"  transcribe: python -m common.transcribe {summary['checkpoint']} <audio file>", flush=True)
+
+
+def prepare_run(cfg: DictConfig, layout, run_dir: Path) -> tuple:
+    """Data sources, tokenizer, model, training module, data module and the checkpoint to resume,
+    every check included; nothing in the run directory changes but moving unusable checkpoints aside."""
+    import lightning as L
+
+    # Same seed on every rank, so every rank starts from identical weights.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    sources = prepare_data(cfg)
+    tokenizer = build_tokenizer(cfg, sources)
+    model = build_model(cfg, tokenizer)
+    if hasattr(model, "llm"):
+        check_tensor_parallel(layout.tensor_parallel_size, model.llm.config, tokenizer.vocab_size,
+                              lora=bool(cfg.model.get("lora")))
+
+    from common.checkpointing import resolve_resume
+    from common.data.datamodule import SpeechDataModule
+    from common.module import TrainingModule
+
+    parallel = OmegaConf.to_container(cfg.parallel) if cfg.get("parallel") else None  # ModelParallelStrategy only
+    module = TrainingModule(model, tokenizer, optim=cfg.optim, parallel=parallel,
+                            run_config=OmegaConf.to_container(cfg, resolve=True))
+    check_data_options(cfg)
+    datamodule = SpeechDataModule(cfg.data, tokenizer, sources, seed=cfg.seed,
+                                  audio_frames_per_token=audio_frames_per_token(cfg))
+    # The same run.name again continues from its newest readable checkpoint (common.checkpointing).
+    ckpt_path, resume_step = resolve_resume(cfg, run_dir, rank=RANK)
+    return module, datamodule, tokenizer, model, sources, ckpt_path, resume_step
 
 
 def check_data_options(cfg: DictConfig) -> None:

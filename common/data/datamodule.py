@@ -35,6 +35,10 @@ class SpeechDataModule(L.LightningDataModule):
         self.cfg, self.tokenizer, self.sources, self.seed = cfg, tokenizer, sources, seed
         self.audio_frames_per_token = audio_frames_per_token
         self.bad_items: dict[str, dict] = {}
+        # [unreadable, planned] items of this rank (training: whole run; val: the latest validation),
+        # and each split's metadata filter: what common.data.guard.DataGuard judges the run by.
+        self.counts = {"train": [0, 0], "val": [0, 0]}
+        self.filters: dict = {}
         self.substituted_batches = 0  # steps this rank trained on silence (its whole shard unreadable)
         self._train_sampler = None
         self._resume_state: dict | None = None
@@ -69,6 +73,7 @@ class SpeechDataModule(L.LightningDataModule):
             buffer_size=cfg.get("bucket_buffer_size", 20000),
             check_tokens=train,
         )
+        self.filters[split] = loader.metadata_filter
         self.bad_items.update(loader.metadata_filter.bad_items)
         loader.metadata_filter.bad_items = self.bad_items  # later finds (lazy sources) land here too
         if train:
@@ -87,6 +92,10 @@ class SpeechDataModule(L.LightningDataModule):
         return self._loader("val", train=False)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        training = self.trainer is not None and self.trainer.training
+        counts = self.counts["train" if training else "val"]
+        counts[0] += len(batch.get("bad_items", ()))
+        counts[1] += batch.pop("num_planned", 0)
         for item in batch.pop("bad_items", ()):
             if item["cut_id"] not in self.bad_items:
                 self.bad_items[item["cut_id"]] = {**item, "times": 0}
@@ -97,9 +106,14 @@ class SpeechDataModule(L.LightningDataModule):
             log.warning("every item of this rank's shard was unreadable: this step trains on silence with "
                         "zero loss weight (so all ranks take the same steps)")
         position = batch.pop("data_position", None)
-        if position is not None and self.trainer is not None and self.trainer.training and self._train_sampler:
+        if position is not None and training and self._train_sampler:
             self._train_sampler.mark_consumed(*position)
         return batch
+
+    @property
+    def coverage(self) -> list[dict]:
+        """Per finished pass over the training data: items in its batches, items that passed the checks."""
+        return list(self._train_sampler.coverage) if self._train_sampler else []
 
     def state_dict(self) -> dict:
         return {"train_sampler": self._train_sampler.state_dict()} if self._train_sampler else {}

@@ -68,27 +68,52 @@ class DataParallelBatchSampler(Sampler):
     The sampler's own position cannot be used: DataLoader workers prefetch batches ahead of training.
     """
 
-    def __init__(self, sampler, dp_rank: int, dp_size: int):
+    def __init__(self, sampler, dp_rank: int, dp_size: int, metadata_filter=None):
         super().__init__()
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank ({dp_rank}) must be in [0, dp_size={dp_size})")
         self.sampler, self.dp_rank, self.dp_size = sampler, dp_rank, dp_size
+        self.metadata_filter = metadata_filter  # counts the items that passed the checks (coverage)
         self.num_skipped_batches = 0
         self.epoch = 0
         self.consumed = 0  # global batches of `epoch` trained on
         self._skip_on_next_iter = 0
+        self.coverage: list[dict] = []  # per finished pass: items in batches / items that passed the checks
+
+    def _batches(self):
+        """The lhotse sampler's batches, a batch too small to give every dp rank a cut (a bucket's
+        ragged tail) merged into its neighbour instead of dropped: one batch is held back so that
+        a small one after it can join it."""
+        held = None
+        for cuts in self.sampler:
+            cuts = list(cuts)
+            if held is not None and len(cuts) < self.dp_size:
+                held += cuts
+                continue
+            if held is not None:
+                yield held
+            held = cuts
+        if held is not None:
+            if len(held) >= self.dp_size:
+                yield held
+            else:  # the whole pass holds fewer items than data-parallel ranks
+                self.num_skipped_batches += 1
+                log.warning("skipping a global batch of %d cut(s) < data_parallel_size %d", len(held), self.dp_size)
 
     def __iter__(self):
         skip, self._skip_on_next_iter = self._skip_on_next_iter, 0
-        index = 0
-        for cuts in self.sampler:
-            if len(cuts) < self.dp_size:
-                self.num_skipped_batches += 1
-                log.warning("skipping a global batch of %d cut(s) < data_parallel_size %d", len(cuts), self.dp_size)
-                continue
+        index = items = 0
+        passed_before = self.metadata_filter.num_passed if self.metadata_filter is not None else None
+        for cuts in self._batches():
+            items += len(cuts)
             if index >= skip:
                 yield GlobalBatch(cuts, self.dp_rank, self.dp_size, epoch=self.epoch, index=index)
             index += 1
+        if passed_before is not None:
+            passed = self.metadata_filter.num_passed - passed_before
+            self.coverage.append({"epoch": self.epoch, "items": items, "passed_checks": passed})
+            log.info("data pass %d: %d of the %d items that passed the checks are in its %d global batches "
+                     "(%.1f%%)", self.epoch, items, passed, index, 100.0 * items / max(passed, 1))
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -274,6 +299,7 @@ class SpeechTextDataset(torch.utils.data.Dataset):
             "batch_fingerprint": hashlib.sha1(" ".join(sorted(c.id for c in batch.cuts)).encode()).hexdigest()[:12],
             "data_position": (batch.epoch, batch.index),
             "bad_items": bad_items,
+            "num_planned": len(planned),  # this rank's items that passed the metadata checks
             "substitute": substitute,
         }
 
@@ -310,11 +336,14 @@ class MetadataFilter:
         self.tokenizer, self.max_duration_s, self.on_bad_item = tokenizer, max_duration_s, on_bad_item
         self.measure, self.max_measure = measure, max_measure
         self.bad_items: dict[str, dict] = {}
+        self.num_passed = self.num_rejected = 0  # items met (every pass), for coverage and the bad share
 
     def __call__(self, cut) -> bool:
         bad = metadata_problem(cut, self.tokenizer, self.max_duration_s, self.measure, self.max_measure)
         if bad is None:
+            self.num_passed += 1
             return True
+        self.num_rejected += 1
         if self.on_bad_item == "error":
             raise BadItemError(f"{bad} (data.on_bad_item=error; 'skip' skips and counts such items)")
         if bad.cut_id not in self.bad_items:
@@ -348,11 +377,12 @@ def seeded_rngs(*key: int):
 
 
 def _worker_init(worker_id: int) -> None:
-    # torchrun delivers SIGTERM to a rank's whole process group, DataLoader workers included. A
-    # worker dying of it would fail the rank mid-step; it keeps working instead, and exits with
-    # its rank (which saves a checkpoint first, see common.checkpointing). Augmentation RNGs are
+    # torchrun delivers SIGTERM (and a Ctrl-C's SIGINT) to a rank's whole process group, DataLoader
+    # workers included. A worker dying of it would fail the rank mid-step; it keeps working
+    # instead, and exits with its rank (which saves a checkpoint first, see common.checkpointing). Augmentation RNGs are
     # seeded per batch (seeded_rngs), so worker seeds need no setting here.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(
@@ -397,7 +427,7 @@ def make_loader(
         **({"constraint": token_budget.constraint(max_tokens)} if by_tokens else {"max_duration": max_duration_s}),
         num_buckets=num_buckets,
         shuffle=shuffle,
-        drop_last=shuffle,  # training drops the ragged tail; validation keeps every cut
+        drop_last=False,  # every item is trained on: ragged tails are merged (DataParallelBatchSampler)
         seed=seed,
         buffer_size=buffer_size,
         world_size=1,  # deliberately: every rank draws the same global batches (see module docstring)
@@ -407,7 +437,7 @@ def make_loader(
         SpeechTextDataset(tokenizer, num_mel_bins, sample_rate, spec_augment=spec_augment,
                           normalize_features=normalize_features, token_alignment=token_alignment,
                           on_bad_item=on_bad_item, seed=seed, token_budget=token_budget),
-        sampler=DataParallelBatchSampler(base, dp_rank, dp_size),
+        sampler=DataParallelBatchSampler(base, dp_rank, dp_size, metadata_filter=keep if shuffle else None),
         batch_size=None,
         num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers > 0 else None,

@@ -1,0 +1,132 @@
+"""A run directory keeps the record of every launch, and has one writer at a time.
+
+``outputs/<recipe>/<run.name>/`` holds the run's current record (``config.yaml``,
+``metrics.jsonl``, ``validation.jsonl``, ``summary.json``, ``skipped_items.jsonl``) and its
+checkpoints. Launching the same run name again (a resume, a relaunch, ``run.resume=false``)
+never erases what an earlier launch wrote:
+
+* ``run.lock``: held (``flock``) by rank 0 of the launch that writes here. A second launch on
+  the same directory fails at once, naming the holder (host, pid, start time). The kernel
+  drops the lock when its holder dies, so a crashed or killed run never leaves it stuck.
+* ``attempts.jsonl``: append-only, one row when a launch starts and one when it ends
+  (attempt number, host, pid, command-line overrides, resumed checkpoint, status, wall time).
+* ``history/attempt-<N>/``: before launch N+1 changes anything, the record as launch N left it
+  (config, metrics, validations, summary, skipped items) is copied here.
+
+Usage (rank 0 of ``common/train.py``)::
+
+    rundir = RunDirectory(run_dir)
+    rundir.lock()                         # RunDirectoryBusy (a ConfigError) if another launch holds it
+    attempt = rundir.begin_attempt(sys.argv[1:])
+    ...
+    rundir.end_attempt(status="completed", wall_s=812.4)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from common.parallel import ConfigError
+
+LOCK_FILE = "run.lock"
+ATTEMPTS_FILE = "attempts.jsonl"
+HISTORY_DIR = "history"
+RECORD_FILES = ("config.yaml", "metrics.jsonl", "validation.jsonl", "summary.json", "skipped_items.jsonl")
+
+
+class RunDirectoryBusy(ConfigError):
+    """Another launch holds this run directory's lock."""
+
+
+class RunDirectory:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+        self._created = False
+        self.attempt = 0
+        self.previous_summary: dict | None = None
+
+    # --- one writer -------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Take the run directory's lock for this process's lifetime (released by the kernel at exit)."""
+        self._created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunDirectoryBusy(
+                f"run directory {self.path} is in use by another launch ({holder}; lock {self.path / LOCK_FILE}): "
+                "wait for it to end, stop it, or choose another run.name / RUN_NAME") from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        self._lock_fd = fd
+
+    def release_if_unused(self) -> None:
+        """After a launch failed its checks before writing anything: remove the directory this
+        launch created for nothing (only its lock file in it); an existing directory stays."""
+        if self._lock_fd is None or self.attempt:
+            return
+        os.close(self._lock_fd)
+        self._lock_fd = None
+        if self._created and [p.name for p in self.path.iterdir()] == [LOCK_FILE]:
+            (self.path / LOCK_FILE).unlink()
+            self.path.rmdir()
+
+    # --- every launch's record --------------------------------------------------------------
+    def begin_attempt(self, argv: list[str]) -> int:
+        """Number this launch, copy the record the previous launch left into ``history/``, and
+        append a start row to ``attempts.jsonl``. Returns the attempt number (1 for a new run)."""
+        rows = read_attempts(self.path)
+        self.attempt = 1 + max((r.get("attempt", 0) for r in rows), default=0)
+        existing = [name for name in RECORD_FILES if (self.path / name).is_file()]
+        if existing:
+            kept = self.path / HISTORY_DIR / f"attempt-{self.attempt - 1}"
+            kept.mkdir(parents=True, exist_ok=True)
+            for name in existing:
+                shutil.copy2(self.path / name, kept / name)
+        summary = self.path / "summary.json"
+        self.previous_summary = json.loads(summary.read_text()) if summary.is_file() else None
+        self._append({"event": "start", "attempt": self.attempt, "time": _now(), "host": socket.gethostname(),
+                      "pid": os.getpid(), "argv": list(argv)})
+        return self.attempt
+
+    def end_attempt(self, status: str, wall_s: float, **extra) -> None:
+        self._append({"event": "end", "attempt": self.attempt, "time": _now(), "status": status,
+                      "wall_s": round(wall_s, 2), **extra})
+
+    def _append(self, row: dict) -> None:
+        with open(self.path / ATTEMPTS_FILE, "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_attempts(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / ATTEMPTS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        holder = {}
+    if not holder:
+        return "holder unknown"
+    return f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -1,0 +1,126 @@
+"""Every plain setting of a run checked before any work, with one-line errors naming it.
+
+The layout (dp x tp x devices) is checked by :mod:`common.parallel.layout`; this module checks
+types and ranges of the run, trainer, data, optimizer and checkpoint settings, and the run name,
+so that a typo fails in a second with ``error: trainer.max_steps must be a positive integer,
+got 'abc'`` instead of a traceback from Lightning or lhotse minutes later (or, worse, after the
+step-0 validation).
+
+Usage::
+
+    check_settings(cfg)        # raises ConfigError
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from common.parallel import ConfigError
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]*$")
+RESERVED_RUN_NAMES = {"latest"}  # outputs/<recipe>/latest links to the newest run
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _int(cfg, key: str, lo: int, hi: int | None = None, allowed: tuple = ()) -> None:
+    v = _get(cfg, key)
+    if v in allowed and not isinstance(v, bool):
+        return
+    if not _is_int(v) or v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        extra = f" (or {', '.join(map(str, allowed))})" if allowed else ""
+        raise ConfigError(f"{key} must be an integer {rng}{extra}, got {v!r}")
+
+
+def _num(cfg, key: str, lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
+         nullable: bool = False) -> None:
+    v = _get(cfg, key)
+    if v is None and nullable:
+        return
+    ok = _is_num(v) and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+    if not ok:
+        left, right = ("(" if lo_open else "["), (")" if hi_open or hi is None else "]")
+        rng = f"in {left}{lo:g}, {'inf' if hi is None else f'{hi:g}'}{right}"
+        raise ConfigError(f"{key} must be a number {rng}{' or null' if nullable else ''}, got {v!r}")
+
+
+def _get(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node.get(part) if hasattr(node, "get") else None
+    return node
+
+
+def check_run_name(name) -> None:
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"run.name must be a non-empty name, got {name!r}")
+    if "/" in name or "\\" in name or ".." in name or name in RESERVED_RUN_NAMES or not RUN_NAME.match(name):
+        raise ConfigError(f"run.name {name!r} is not a valid run name: letters, digits and _ . = + - only, not "
+                          f"starting with '.' or '-', no path separators or '..', not {sorted(RESERVED_RUN_NAMES)} "
+                          "(it names a directory under outputs/<recipe>/)")
+
+
+def check_settings(cfg) -> None:
+    """Types and ranges of the settings every recipe reads (raises :class:`ConfigError`)."""
+    check_run_name(_get(cfg, "run.name"))
+    _int(cfg, "seed", 0)
+    for key in ("run.resume",):
+        if not isinstance(_get(cfg, key), bool):
+            raise ConfigError(f"{key} must be true or false, got {_get(cfg, key)!r}")
+    _int(cfg, "run.print_every_n_steps", 1)
+    _num(cfg, "run.collective_timeout_s", 0, lo_open=True, nullable=True)
+
+    _int(cfg, "trainer.max_steps", 1)
+    _int(cfg, "trainer.max_epochs", -1)
+    _int(cfg, "trainer.log_every_n_steps", 1)
+    _int(cfg, "trainer.num_sanity_val_steps", -1)
+    vci = _get(cfg, "trainer.val_check_interval")
+    if not ((_is_int(vci) and vci >= 1) or (isinstance(vci, float) and 0 < vci <= 1)):
+        raise ConfigError(f"trainer.val_check_interval must be a number of steps >= 1 or a fraction in (0, 1], "
+                          f"got {vci!r}")
+    lvb = _get(cfg, "trainer.limit_val_batches")
+    if not ((_is_int(lvb) and lvb >= 0) or (isinstance(lvb, float) and 0 <= lvb <= 1)):
+        raise ConfigError(f"trainer.limit_val_batches must be a number of batches >= 0 or a fraction in [0, 1], "
+                          f"got {lvb!r}")
+    precisions = ("auto", "32-true", "32", "bf16-true", "bf16-mixed", "16-mixed", "16-true", "64-true")
+    if str(_get(cfg, "trainer.precision")) not in precisions:
+        raise ConfigError(f"trainer.precision must be one of {', '.join(precisions)}, "
+                          f"got {_get(cfg, 'trainer.precision')!r}")
+    if _get(cfg, "trainer.accelerator") not in ("auto", "cpu", "gpu", "cuda"):
+        raise ConfigError(f"trainer.accelerator must be auto, cpu or gpu, got {_get(cfg, 'trainer.accelerator')!r}")
+
+    _num(cfg, "data.max_duration_s", 0, lo_open=True)
+    _num(cfg, "data.val_max_duration_s", 0, lo_open=True)
+    _num(cfg, "data.max_utterance_s", 0, lo_open=True, nullable=True)
+    if _get(cfg, "data.max_tokens") is not None:
+        _int(cfg, "data.max_tokens", 1)
+    _int(cfg, "data.num_buckets", 1)
+    _int(cfg, "data.bucket_buffer_size", 1)
+    _int(cfg, "data.num_workers", 0)
+    _int(cfg, "data.sample_rate", 1000)
+    _int(cfg, "data.num_mel_bins", 1)
+    _num(cfg, "data.max_bad_item_fraction", 0, 1)
+    if _get(cfg, "data.feature_normalization") not in ("utterance", "none"):
+        raise ConfigError(f"data.feature_normalization must be utterance or none, "
+                          f"got {_get(cfg, 'data.feature_normalization')!r}")
+
+    _num(cfg, "optim.lr", 0, lo_open=True)
+    betas = _get(cfg, "optim.betas")
+    if betas is None or len(betas) != 2 or not all(_is_num(b) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas!r}")
+    _num(cfg, "optim.weight_decay", 0)
+    _int(cfg, "optim.warmup_steps", 0)
+    _num(cfg, "optim.min_lr_ratio", 0, 1)
+    _num(cfg, "optim.max_grad_norm", 0, lo_open=True, nullable=True)
+
+    _int(cfg, "checkpoint.every_n_steps", 1)
+    _int(cfg, "checkpoint.keep_last", 1)
+    _num(cfg, "checkpoint.preemption_grace_s", 0, lo_open=True)
