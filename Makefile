@@ -15,7 +15,10 @@ NPROC_asr_ddp := $(NPROC_DDP)
 NPROC_tts_ddp := $(NPROC_DDP)
 NPROC ?= $(or $(NPROC_$(RECIPE)),2)
 # One run name shared by every rank; override with ARGS="run.name=..." or RUN_NAME=...
-RUN_NAME ?= $(shell date +%Y%m%d-%H%M%S)
+# The default, <timestamp>-<4 random hex>, is expanded once: two launches in one second differ.
+ifeq ($(origin RUN_NAME),undefined)
+RUN_NAME := $(shell date +%Y%m%d-%H%M%S)-$(shell od -An -N2 -tx1 /dev/urandom | tr -d ' \n')
+endif
 export RUN_NAME
 # torchrun --max-restarts: a fresh rendezvous store per restart (see common/train.py).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE := 1
@@ -91,8 +94,12 @@ $(VENV)/.setup-stamp: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $@
 
+# NPROC: processes per node, a positive integer (torchrun's own error for 0 or "two" is a traceback).
+CHECK_NPROC = @[[ "$(NPROC)" =~ ^[1-9][0-9]*$$ ]] || { echo "error: NPROC must be a positive integer (processes per node), got '$(NPROC)'" >&2; exit 2; }
+
 run: setup
 	@test -f recipes/$(RECIPE)/config.yaml || { echo "error: unknown RECIPE '$(RECIPE)': no recipes/$(RECIPE)/config.yaml (have: $$(ls recipes | tr '\n' ' '))" >&2; exit 2; }
+	$(CHECK_NPROC)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) \
 	  -m common.train --config-path=$(CURDIR)/recipes/$(RECIPE) --config-name=config \
 	  trainer.devices=$(NPROC) $(ARGS)
@@ -161,6 +168,7 @@ docker-build:
 # the image's non-root user, otherwise the container runs with your uid so files stay yours.
 docker-run:
 	@test -f recipes/$(RECIPE)/config.yaml || { echo "error: unknown RECIPE '$(RECIPE)': no recipes/$(RECIPE)/config.yaml (have: $$(ls recipes | tr '\n' ' '))" >&2; exit 2; }
+	$(CHECK_NPROC)
 	mkdir -p $(OUTPUTS_DIR) $(DATA_DIR)
 	$(if $(filter 0,$(shell id -u)),chown $(IMAGE_UID):$(IMAGE_UID) $(OUTPUTS_DIR) $(DATA_DIR))
 	$(CONTAINER) run --rm $(CONTAINER_RUN_FLAGS) $(if $(filter-out 0,$(GPUS)),--gpus all) --shm-size=16g \

@@ -39,6 +39,18 @@ def is_export(path: str | Path) -> bool:
     return path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """Export writes a new directory or replaces an earlier export, never anything else: a run
+    directory, a checkpoint or any other non-empty directory is refused (nothing is deleted)."""
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise ConfigError(f"OUT {out_dir} exists and is not a directory; choose a new directory for the export")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_export(out_dir):
+        what = "a run directory" if (out_dir / "checkpoints").exists() or (out_dir / "summary.json").exists() \
+            else "a non-empty directory that is not an earlier export"
+        raise ConfigError(f"OUT {out_dir} is {what}; export writes only a new directory or replaces an earlier "
+                          f"export (nothing was changed); e.g. OUT={out_dir / 'export'}")
+
+
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Consolidate ``checkpoint`` into ``out_dir`` (written under a temporary name, then renamed)."""
     from omegaconf import OmegaConf
@@ -47,6 +59,7 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from common.transcribe import _read_checkpoint, load_model
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    check_out_dir(out_dir)
     model, tokenizer, cfg = load_model(checkpoint)  # a DCP directory: full tensors, read in this process
     meta, _ = _read_checkpoint(checkpoint)
     tmp = out_dir.with_name(f".partial-{out_dir.name}")
@@ -95,7 +108,7 @@ def load_exported(directory: str | Path):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a .ckpt file (DDP) or a sharded checkpoint directory (FSDP2/TP)")
-    parser.add_argument("out_dir", help="the directory to write (replaced if it exists)")
+    parser.add_argument("out_dir", help="the directory to write (new, empty, or an earlier export, which is replaced)")
     args = parser.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out_dir)

@@ -272,6 +272,7 @@ def activation_bytes(cfg, model, dp: int, tp: int, act_bytes: int) -> int:
 def enumerate_layouts(cfg, model, vocab_size: int, gpus_per_node: int, nodes: int):
     """([(strategy, dp, tp)], [{dp, tp, reason}]): DDP is one layout; TP stays inside a node."""
     from common.parallel import ConfigError, check_tensor_parallel, resolve_layout
+    from common.parallel.layout import check_tensor_parallel_within_node
 
     world = gpus_per_node * nodes
     strategy = resolve_layout(cfg.trainer).strategy
@@ -280,13 +281,11 @@ def enumerate_layouts(cfg, model, vocab_size: int, gpus_per_node: int, nodes: in
     valid, skipped = [], []
     for tp in (t for t in range(1, world + 1) if world % t == 0):
         reason = None
-        if gpus_per_node % tp:
-            reason = f"tp={tp} does not divide gpus-per-node {gpus_per_node}: a TP group would span nodes"
-        else:
-            try:
-                check_tensor_parallel(tp, model.llm.config, vocab_size, lora=bool(cfg.model.get("lora")))
-            except ConfigError as exc:
-                reason = str(exc)
+        try:
+            check_tensor_parallel_within_node(tp, gpus_per_node)
+            check_tensor_parallel(tp, model.llm.config, vocab_size, lora=bool(cfg.model.get("lora")))
+        except ConfigError as exc:
+            reason = str(exc)
         if reason:
             skipped.append({"dp": world // tp, "tp": tp, "reason": reason})
         else:

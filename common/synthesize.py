@@ -92,9 +92,14 @@ def main(argv=None) -> int:
     from common.transcribe import load_model
 
     try:
+        if args.out.suffix.lower() != ".wav":
+            raise ConfigError(f"--out/OUT {args.out}: must name a .wav file (the PNG is written beside it)")
+        if args.out.is_dir():
+            raise ConfigError(f"--out/OUT {args.out} is a directory; name a .wav file")
         model, _, cfg = load_model(args.checkpoint)
         if not hasattr(model, "synthesize"):
-            raise ConfigError(f"checkpoint {args.checkpoint}: model {cfg.model.name!r} does not synthesize speech")
+            raise ConfigError(f"checkpoint {args.checkpoint} is a {cfg.model.name!r} model (recipe "
+                              f"{cfg.get('recipe')!r}), which does not synthesize speech; give a tts_ddp checkpoint")
         wav, png = synthesize_to_files(model, cfg, args.text, args.out)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

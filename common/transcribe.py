@@ -9,8 +9,15 @@ Usage::
     python -m common.transcribe outputs/asr_ddp/latest/checkpoints/last.ckpt a.wav b.flac
     python -m common.transcribe outputs/salm_tp_fsdp2/latest/export a.wav   # a `make export` directory
 
-Prints one line per file: ``<path>\\t<transcript>``. Exit status 2 with an ``error:`` line for a
-missing or unreadable checkpoint or audio file.
+Prints one line per file: ``<path>\\t<transcript>``. A file that cannot be read gets an
+``error:`` line on stderr and the others go on; the exit status is then 1. A missing, unreadable
+or wrong kind of checkpoint (a TTS model, a run directory) is exit status 2.
+
+Long audio is transcribed in chunks of at most ``--chunk-s`` seconds (default 30: the length
+the recipes train on, and a bounded attention span), each cut at the quietest 10 ms frame of
+its last ``--search-s`` seconds (default 3) so that a chunk boundary rarely splits a word; only
+one chunk is in memory at a time, whatever the file's length. The transcripts of the chunks
+are joined with spaces.
 """
 
 from __future__ import annotations
@@ -54,6 +61,9 @@ def load_model(checkpoint: str | Path):
     path = Path(checkpoint)
     if is_export(path):
         return load_exported(path)
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        raise ConfigError(f"{path} is a run directory, not a checkpoint; give one of its checkpoints, e.g. "
+                          f"{path / 'checkpoints' / 'last.ckpt'}")
     meta, state = _read_checkpoint(path)
     if "run_config" not in meta:
         raise ConfigError(f"checkpoint {path}: no run_config inside (not written by common.train)")
@@ -81,29 +91,88 @@ def load_model(checkpoint: str | Path):
     return model.eval(), tokenizer, cfg
 
 
-def read_features(audio_path: str | Path, sample_rate: int, num_mel_bins: int) -> torch.Tensor:
-    """Log-mel features (frames, bins) of an audio file, as the training data loader computes them."""
-    from lhotse import Recording
+CHUNK_S = 30.0  # longest piece of audio given to the model at once (seconds)
+SEARCH_S = 3.0  # a chunk ends at the quietest 10 ms frame of its last SEARCH_S seconds
 
-    from common.data.loading import LogMel, load_mono
+
+def _open_audio(audio_path: str | Path):
+    from lhotse import Recording
 
     path = Path(audio_path)
     if not path.is_file():
         raise ConfigError(f"audio file {path}: no such file")
-    try:  # the data loader's own resample + downmix, on a cut of the whole file
-        mono = load_mono(Recording.from_file(path).to_cut(), sample_rate)
+    try:
+        cut = Recording.from_file(path).to_cut()
     except Exception as exc:  # noqa: BLE001 - whatever the decoder raises, name the file
         raise ConfigError(f"audio file {path}: cannot be read as audio ({type(exc).__name__}: {exc})") from exc
-    if mono.size == 0:
+    if cut.duration <= 0:
         raise ConfigError(f"audio file {path}: contains no samples")
+    return cut
+
+
+def audio_chunks(audio_path: str | Path, sample_rate: int, chunk_s: float = CHUNK_S, search_s: float = SEARCH_S):
+    """Mono pieces of at most ``chunk_s`` seconds at ``sample_rate``, read one at a time."""
+    import numpy as np
+
+    from common.data.loading import load_mono
+
+    if chunk_s <= 0 or not 0 <= search_s < chunk_s:
+        raise ConfigError(f"--chunk-s ({chunk_s}) must be > 0 and --search-s ({search_s}) in [0, chunk-s)")
+    cut, start = _open_audio(audio_path), 0.0
+    hop = sample_rate // 100
+    while start < cut.duration - 1e-3:
+        end = min(start + chunk_s, cut.duration)
+        try:  # the data loader's own resample + downmix, on this piece of the file only
+            piece = load_mono(cut.truncate(offset=start, duration=end - start), sample_rate)
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"audio file {audio_path}: cannot be read at {start:.1f} s "
+                              f"({type(exc).__name__}: {exc})") from exc
+        if end < cut.duration and search_s > 0 and piece.size > hop:
+            tail = piece[-int(search_s * sample_rate):]
+            frames = len(tail) // hop
+            energy = (tail[: frames * hop].reshape(frames, hop).astype(np.float64) ** 2).mean(1)
+            keep = len(piece) - len(tail) + int(energy.argmin()) * hop + hop // 2
+            piece, end = piece[:keep], start + keep / sample_rate
+        if piece.size:
+            yield piece
+        start = end
+
+
+def read_features(audio_path: str | Path, sample_rate: int, num_mel_bins: int) -> torch.Tensor:
+    """Log-mel features (frames, bins) of a whole (short) audio file, as the training data loader computes them."""
+    from common.data.loading import LogMel, load_mono
+
+    cut = _open_audio(audio_path)
+    try:
+        mono = load_mono(cut, sample_rate)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"audio file {audio_path}: cannot be read as audio ({type(exc).__name__}: {exc})") from exc
+    if mono.size == 0:
+        raise ConfigError(f"audio file {audio_path}: contains no samples")
     return torch.from_numpy(LogMel(num_mel_bins, sample_rate)(mono)).float()
 
 
+def check_recognizer(model, cfg, checkpoint) -> None:
+    if not hasattr(model, "generate"):
+        raise ConfigError(f"checkpoint {checkpoint} is a {cfg.model.name!r} model (recipe {cfg.get('recipe')!r}), "
+                          "which does not transcribe; give an asr_ddp, salm_fsdp2 or salm_tp_fsdp2 checkpoint "
+                          "(make synthesize speaks with a TTS one)")
+
+
 @torch.no_grad()
-def transcribe(model, tokenizer, cfg, audio_path) -> str:
-    feats = read_features(audio_path, cfg.data.sample_rate, cfg.data.num_mel_bins)[None]
-    mask = torch.ones(feats.shape[:2], dtype=torch.bool)
-    return tokenizer.decode(model.generate(feats, mask)[0])
+def transcribe(model, tokenizer, cfg, audio_path, chunk_s: float = CHUNK_S, search_s: float = SEARCH_S) -> str:
+    from common.data.loading import LogMel
+
+    features = LogMel(cfg.data.num_mel_bins, cfg.data.sample_rate)
+    device = next(model.parameters()).device
+    texts = []
+    for piece in audio_chunks(audio_path, cfg.data.sample_rate, chunk_s, search_s):
+        feats = torch.from_numpy(features(piece)).float()[None].to(device)
+        mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=device)
+        text = tokenizer.decode(model.generate(feats, mask)[0]).strip()
+        if text:
+            texts.append(text)
+    return " ".join(texts)
 
 
 def main(argv=None) -> int:
@@ -111,14 +180,28 @@ def main(argv=None) -> int:
     parser.add_argument("checkpoint", help="a .ckpt file (DDP), a sharded checkpoint directory (FSDP2/TP) "
                                            "or an exported model directory (make export)")
     parser.add_argument("audio", nargs="+", help="WAV/FLAC/... files, any sample rate, mono or multi-channel")
+    parser.add_argument("--chunk-s", type=float, default=CHUNK_S, help="longest piece given to the model (s)")
+    parser.add_argument("--search-s", type=float, default=SEARCH_S,
+                        help="a piece ends at the quietest 10 ms of its last search-s seconds")
     args = parser.parse_args(argv)
     try:
         model, tokenizer, cfg = load_model(args.checkpoint)
-        for path in args.audio:
-            print(f"{path}\t{transcribe(model, tokenizer, cfg, path)}", flush=True)
+        check_recognizer(model, cfg, args.checkpoint)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    failed = 0
+    for path in args.audio:
+        try:
+            text = transcribe(model, tokenizer, cfg, path, args.chunk_s, args.search_s)
+        except ConfigError as exc:
+            failed += 1
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            continue
+        print(f"{path}\t{text}", flush=True)
+    if failed:
+        print(f"error: {failed} of {len(args.audio)} file(s) could not be transcribed", file=sys.stderr)
+        return 1
     return 0
 
 

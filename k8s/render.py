@@ -63,6 +63,11 @@ def build_kustomization(recipe: str, nodes: int, gpus_per_node: int, image: str,
         raise RenderError(f"NODES must be >= 1, got {nodes}")
     if gpus_per_node < 1:
         raise RenderError(f"GPUS_PER_NODE must be >= 1, got {gpus_per_node}")
+    tp = recipe_tensor_parallel_size(recipe)
+    if gpus_per_node % tp:
+        raise RenderError(f"RECIPE={recipe} uses tensor_parallel_size {tp}, which does not divide GPUS_PER_NODE "
+                          f"({gpus_per_node}): a tensor-parallel group would span nodes (make plan refuses this "
+                          f"layout too); use GPUS_PER_NODE={tp * max(1, gpus_per_node // tp)} or another recipe")
     if job is not None and (not DNS1035.match(job) or len(job) > 63):
         raise RenderError(f"JOB {job!r} is not a DNS-1035 label (lower-case letters, digits, '-', "
                           "starting with a letter, at most 63 characters)")
@@ -97,6 +102,15 @@ def build_kustomization(recipe: str, nodes: int, gpus_per_node: int, image: str,
             {"op": "replace", "path": "/spec/elasticPolicy/maxReplicas", "value": hi},
         ])})
     return kustomization
+
+
+def recipe_tensor_parallel_size(recipe: str) -> int:
+    """The recipe's trainer.strategy.tensor_parallel_size, composed as a run composes it (1 for DDP)."""
+    from common.plan import compose
+
+    strategy = compose(recipe, []).trainer.strategy
+    tp = strategy.get("tensor_parallel_size", 1) if "ModelParallel" in strategy.get("_target_", "") else 1
+    return 1 if tp in (None, "auto") else int(tp)
 
 
 def kustomize(directory: Path) -> str:

@@ -101,7 +101,9 @@ class SpeechDataModule(L.LightningDataModule):
                 self.bad_items[item["cut_id"]] = {**item, "times": 0}
                 log.warning("skipped bad data item %s (%s): %s", item["cut_id"], item["path"], item["detail"])
             self.bad_items[item["cut_id"]]["times"] += 1
-        if batch.get("substitute"):
+        if batch.pop("empty_shard", False):
+            pass  # a global batch smaller than the dp size: expected at a bucket's tail, not a data problem
+        elif batch.get("substitute"):
             self.substituted_batches += 1
             log.warning("every item of this rank's shard was unreadable: this step trains on silence with "
                         "zero loss weight (so all ranks take the same steps)")

@@ -58,8 +58,9 @@ def shard_cuts(cuts, dp_size: int) -> list[list]:
 class DataParallelBatchSampler(Sampler):
     """Wraps a lhotse sampler (run identically on every rank) and tags each global batch with ``dp_rank``.
 
-    A global batch with fewer cuts than ``dp_size`` cannot give every rank a shard; it is skipped on
-    every rank alike (so step counts stay equal) and counted in ``num_skipped_batches``.
+    A global batch with fewer cuts than ``dp_size`` (a bucket's ragged tail) leaves some ranks an
+    empty shard; they take the step on silence with zero loss weight, so that global batches, and
+    step counts, are the same for every layout and every item is trained on once per pass.
 
     Resumable: the state is (epoch, number of global batches already *trained on*), which the
     training loop reports through :meth:`mark_consumed`; :meth:`load_state_dict` makes the next
@@ -79,38 +80,22 @@ class DataParallelBatchSampler(Sampler):
         self.consumed = 0  # global batches of `epoch` trained on
         self._skip_on_next_iter = 0
         self.coverage: list[dict] = []  # per finished pass: items in batches / items that passed the checks
-
-    def _batches(self):
-        """The lhotse sampler's batches, a batch too small to give every dp rank a cut (a bucket's
-        ragged tail) merged into its neighbour instead of dropped: one batch is held back so that
-        a small one after it can join it."""
-        held = None
-        for cuts in self.sampler:
-            cuts = list(cuts)
-            if held is not None and len(cuts) < self.dp_size:
-                held += cuts
-                continue
-            if held is not None:
-                yield held
-            held = cuts
-        if held is not None:
-            if len(held) >= self.dp_size:
-                yield held
-            else:  # the whole pass holds fewer items than data-parallel ranks
-                self.num_skipped_batches += 1
-                log.warning("skipping a global batch of %d cut(s) < data_parallel_size %d", len(held), self.dp_size)
+        # Every batch is yielded, a bucket's ragged tail included: one with fewer cuts than dp ranks
+        # leaves some ranks an empty shard, which they run as silence with zero loss weight (so the
+        # global batches, and the steps, never depend on the layout).
 
     def __iter__(self):
         skip, self._skip_on_next_iter = self._skip_on_next_iter, 0
         index = items = 0
         passed_before = self.metadata_filter.num_passed if self.metadata_filter is not None else None
-        for cuts in self._batches():
+        for cuts in self.sampler:
             items += len(cuts)
             if index >= skip:
                 yield GlobalBatch(cuts, self.dp_rank, self.dp_size, epoch=self.epoch, index=index)
             index += 1
         if passed_before is not None:
-            passed = self.metadata_filter.num_passed - passed_before
+            # A lazy manifest is filtered as it is read (per pass); an eager one once, when built.
+            passed = (self.metadata_filter.num_passed - passed_before) or self.metadata_filter.num_passed
             self.coverage.append({"epoch": self.epoch, "items": items, "passed_checks": passed})
             log.info("data pass %d: %d of the %d items that passed the checks are in its %d global batches "
                      "(%.1f%%)", self.epoch, items, passed, index, 100.0 * items / max(passed, 1))
@@ -266,9 +251,10 @@ class SpeechTextDataset(torch.utils.data.Dataset):
             feats.append(torch.from_numpy(self.features(audio)))
         substitute = not local
         if substitute:
-            # This rank's whole shard is unreadable. It still takes the step (every collective must
-            # run on every rank): silence of the first item's length, with zero loss weight.
-            local = planned[:1]
+            # This rank's whole shard is unreadable, or empty (a global batch with fewer cuts than
+            # dp ranks). It still takes the step (every collective must run on every rank): silence
+            # of the first item's length, with zero loss weight.
+            local = planned[:1] or sorted(batch.cuts, key=lambda c: c.id)[:1]
             feats = [torch.zeros(self.features.num_frames(local[0].duration), self.features.num_mel_bins)]
         targets = [torch.tensor(all_targets[c.id], dtype=torch.long) for c in local]
         num_frames = torch.tensor([f.shape[0] for f in feats])
@@ -288,7 +274,7 @@ class SpeechTextDataset(torch.utils.data.Dataset):
             ),
             "target_lens": torch.tensor([len(t) for t in targets]),
             "texts": [c.supervisions[0].text for c in local],
-            "ids": [c.id for c in local],
+            "ids": [] if substitute else [c.id for c in local],  # the items this rank trains on
             "global_num_target_tokens": sum(len(t) for t in all_targets.values()),
             "global_num_frames": sum(self.features.num_frames(c.duration) for c in batch.cuts),
             **self._alignment(local, all_targets),
@@ -301,6 +287,7 @@ class SpeechTextDataset(torch.utils.data.Dataset):
             "bad_items": bad_items,
             "num_planned": len(planned),  # this rank's items that passed the metadata checks
             "substitute": substitute,
+            "empty_shard": not planned,
         }
 
     def padding_efficiency(self, batch: GlobalBatch) -> float:

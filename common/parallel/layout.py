@@ -91,17 +91,20 @@ def check_tensor_parallel(tp: int, llm_config, vocab_size: int, lora: bool = Fal
             "TP plan splits. Use LoRA with FSDP2 alone (tensor_parallel_size=1)"
         )
     name = type(llm_config).__name__
-    for attr in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        value = getattr(llm_config, attr, None)
-        if value is not None and value % tp:
+    sizes = {attr: getattr(llm_config, attr, None) for attr in ("num_attention_heads", "num_key_value_heads",
+                                                                 "intermediate_size")}
+    sizes = {attr: v for attr, v in sizes.items() if v is not None}
+    valid = valid_tensor_parallel_sizes([*sizes.values(), vocab_size])
+    for attr, value in sizes.items():
+        if value % tp:
             raise ConfigError(
                 f"tensor_parallel_size ({tp}) must divide the backbone's {attr} ({value}) "
-                f"({name}); choose tensor_parallel_size in {_divisors(value)}"
+                f"({name}); sizes that divide heads, key/value heads, MLP width and vocabulary: {valid}"
             )
     if vocab_size % tp:
         raise ConfigError(
             f"tensor_parallel_size ({tp}) must divide the vocabulary size ({vocab_size}) for the "
-            f"vocabulary-parallel embedding and loss"
+            f"vocabulary-parallel embedding and loss; sizes that divide every split dimension: {valid}"
         )
     if getattr(llm_config, "tie_word_embeddings", False):
         raise ConfigError(
@@ -110,8 +113,20 @@ def check_tensor_parallel(tp: int, llm_config, vocab_size: int, lora: bool = Fal
         )
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def valid_tensor_parallel_sizes(dims: list[int]) -> list[int]:
+    """Every size that divides all of ``dims`` (the divisors of their greatest common divisor)."""
+    import math
+
+    g = math.gcd(*dims) if dims else 1
+    return [d for d in range(1, g + 1) if g % d == 0]
+
+
+def check_tensor_parallel_within_node(tp: int, gpus_per_node: int) -> None:
+    """A tensor-parallel group talks at every layer: it must stay inside one node (NVLink)."""
+    if gpus_per_node % tp:
+        raise ConfigError(
+            f"tensor_parallel_size ({tp}) does not divide GPUS_PER_NODE / trainer.devices ({gpus_per_node}): a "
+            f"tensor-parallel group would span nodes; use a multiple of {tp} GPUs per node")
 
 
 def build_strategy(strategy_cfg, collective_timeout_s: float | None = None):

@@ -84,14 +84,45 @@ def test_transcribe_any_rate_and_channels(trained, tiny_corpus, tmp_path):
     assert make.returncode == 0 and make.stdout.strip().splitlines()[-1] == lines[1], make.stderr[-2000:]
 
 
-def test_transcribe_reports_missing_and_unreadable_files(trained, tmp_path):
+def test_transcribe_reports_each_bad_file_and_goes_on(trained, tiny_corpus, tmp_path):
     ckpt = trained / "checkpoints" / "last.ckpt"
-    missing = _transcribe(ckpt, tmp_path / "nope.wav")
-    assert missing.returncode == 2 and f"audio file {tmp_path / 'nope.wav'}: no such file" in missing.stderr
+    good = tmp_path / "good.wav"
+    sf.write(good, CutSet.from_file(tiny_corpus["val"])[0].load_audio()[0], 16000)
     junk = tmp_path / "junk.wav"
     junk.write_bytes(b"this is not audio")
-    bad = _transcribe(ckpt, junk)
-    assert bad.returncode == 2 and f"audio file {junk}: cannot be read as audio" in bad.stderr
-    assert "Traceback" not in missing.stderr + bad.stderr
+    missing = tmp_path / "nope.wav"
+    proc = _transcribe(ckpt, missing, good, junk)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert [x.split("\t")[0] for x in proc.stdout.strip().splitlines()] == [str(good)]  # the good one, after a bad one
+    assert f"audio file {missing}: no such file" in proc.stderr
+    assert f"audio file {junk}: cannot be read as audio" in proc.stderr
+    assert "2 of 3 file(s) could not be transcribed" in proc.stderr and "Traceback" not in proc.stderr
     no_ckpt = _transcribe(tmp_path / "none.ckpt", junk)
     assert no_ckpt.returncode == 2 and "none.ckpt: no such file or directory" in no_ckpt.stderr
+
+
+def test_transcribe_long_audio_in_bounded_memory(trained, tiny_corpus, tmp_path):
+    """Ten minutes of speech-like audio: transcribed in 30 s chunks, peak memory of the process
+    under 2 GB (whole-file attention over 15k positions needed several times that)."""
+    from common.transcribe import audio_chunks
+
+    pieces, total = [], 0
+    cuts = list(CutSet.from_file(tiny_corpus["val"]))
+    while total < 600 * 16000:
+        audio = cuts[len(pieces) % len(cuts)].load_audio()[0]
+        pieces += [audio, np.zeros(4800, dtype=audio.dtype)]
+        total += len(audio) + 4800
+    long_wav = tmp_path / "ten_minutes.wav"
+    sf.write(long_wav, np.concatenate(pieces), 16000)
+    chunks = list(audio_chunks(long_wav, 16000))
+    assert sum(len(c) for c in chunks) == total and max(len(c) for c in chunks) <= 30 * 16000
+    assert 20 <= len(chunks) <= 23  # each ends at a quiet frame in its last 3 s
+
+    code = ("import resource, sys; from common.transcribe import main; rc = main(sys.argv[1:]); "
+            "print('MAXRSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, str(trained / "checkpoints" / "last.ckpt"), str(long_wav)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak_kib = int(proc.stderr.split("MAXRSS_KIB")[1].split()[0])
+    assert peak_kib < 2 * 1024 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
+    assert proc.stdout.startswith(f"{long_wav}\t")

@@ -97,3 +97,65 @@ def test_resumed_run_continues_the_same_data_order(tiny_corpus, tmp_path):
         # Exact: weights, optimizer, data position and every rank's RNG states continue from step 3
         # (a checkpoint given by run.resume_from to another run directory).
         assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-6)
+
+
+def _unreadable_manifest(root, cuts, name: str):
+    """A NeMo manifest whose every audio file is corrupt (real texts and durations)."""
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, cut in enumerate(cuts):
+        path = d / f"broken{i}.wav"
+        path.write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt " + bytes(range(256)) * 4)
+        lines.append(json.dumps({"audio_filepath": str(path), "duration": cut.duration,
+                                 "text": cut.supervisions[0].text}))
+    manifest = root / f"{name}.json"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def test_a_run_that_cannot_read_its_data_fails_instead_of_completing(tiny_corpus, tmp_path):
+    """Every training item unreadable: failed (not 'completed' with loss 0), naming the share and
+    an example; a validation set with no readable item: failed at the step-0 validation."""
+    train_cuts = tone_cuts(tiny_corpus["train"], 40)
+    broken_train = _unreadable_manifest(tmp_path, train_cuts, "broken_train")
+    run_dir = tmp_path / "no_train_data"
+    proc = run_recipe("asr_ddp", 1, tiny_overrides(tiny_corpus, 1, "trainer.max_steps=8", "trainer.limit_val_batches=0",
+                                                   f"data.train=[{broken_train}]", f"data.val=[{tiny_corpus['val']}]"),
+                      run_dir, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert "100% of the training items met so far could not be used" in summary["error"]
+    assert "data.max_bad_item_fraction=0.5" in summary["error"] and "broken" in summary["error"]
+    assert "error: 100% of the training items" in proc.stderr
+    assert 'common/train.py", line' not in proc.stderr and "[rank0]: Traceback" not in proc.stderr
+
+    broken_val = _unreadable_manifest(tmp_path, tone_cuts(tiny_corpus["val"], 8), "broken_val")
+    run_dir = tmp_path / "no_val_data"
+    proc = run_recipe("asr_ddp", 1, tiny_overrides(tiny_corpus, 1, "trainer.max_steps=4",
+                                                   f"data.train=[{tiny_corpus['train']}]", f"data.val=[{broken_val}]"),
+                      run_dir, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps"] == 0
+    assert "the validation set has no readable item: 8 of 8 skipped" in summary["error"]
+
+
+def test_each_pass_trains_on_every_item_that_passed_the_checks(tiny_corpus, tmp_path):
+    """100 utterances (one used to be 32 per step, the same ones: drop_last kept one bucket):
+    a 2-process run covers all of them in each pass, and summary.json says so."""
+    from lhotse import CutSet
+
+    hundred = tmp_path / "hundred.jsonl.gz"
+    CutSet.from_file(tiny_corpus["train"]).subset(first=100).to_file(hundred)
+    run_dir = tmp_path / "hundred"
+    proc = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, "trainer.max_steps=30", "trainer.limit_val_batches=0",
+                                                   "data.max_duration_s=30", f"data.train=[{hundred}]",
+                                                   f"data.val=[{tiny_corpus['val']}]"), run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    coverage = json.loads((run_dir / "summary.json").read_text())["data"]["coverage"]
+    assert len(coverage) >= 2 and all(c["items"] == c["passed_checks"] == 100 for c in coverage), coverage
+    assert "data pass 0: 100 of the 100 items that passed the checks" in proc.stdout + proc.stderr
+    batches = [json.loads(x)["batch"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(set(batches)) > 5  # not the same batch again and again

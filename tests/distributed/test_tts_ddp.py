@@ -70,3 +70,34 @@ def test_make_synthesize_writes_wav_and_png(trained, tmp_path):
     empty = subprocess.run([sys.executable, "-m", "common.synthesize", str(trained / "checkpoints" / "last.ckpt"), "?!"],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert empty.returncode == 2 and "empty after normalization" in empty.stderr
+
+
+def test_wrong_kind_of_checkpoint_is_named_not_a_traceback(trained, asr_checkpoint, tiny_corpus, tmp_path):
+    """A TTS checkpoint given to transcribe, an ASR one to synthesize, a run directory instead of a
+    checkpoint, and an ASR checkpoint as run.resume_from of a TTS run: one-line errors, exit 2."""
+    tts_ckpt = trained / "checkpoints" / "last.ckpt"
+    wav = tmp_path / "a.wav"
+    import soundfile as sf
+
+    sf.write(wav, [0.0] * 16000, 16000)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+
+    to_asr = cli("common.transcribe", tts_ckpt, wav)
+    assert to_asr.returncode == 2 and "is a 'tts_speecht5' model (recipe 'tts_ddp'), which does not transcribe" \
+        in to_asr.stderr, to_asr.stderr[-2000:]
+    to_tts = cli("common.synthesize", asr_checkpoint, "alpha", "--out", tmp_path / "x.wav")
+    assert to_tts.returncode == 2 and "is a 'asr_ctc' model" in to_tts.stderr and "does not synthesize" in to_tts.stderr
+    not_wav = cli("common.synthesize", tts_ckpt, "alpha", "--out", trained / "summary.json")
+    assert not_wav.returncode == 2 and "must name a .wav file" in not_wav.stderr
+    run_dir = cli("common.export", trained, tmp_path / "exp")
+    assert run_dir.returncode == 2 and "is a run directory, not a checkpoint" in run_dir.stderr
+    assert all("Traceback" not in p.stderr for p in (to_asr, to_tts, not_wav, run_dir))
+
+    resumed = run_recipe("tts_ddp", 1, tiny_overrides(tiny_corpus, 1, f"run.resume_from={asr_checkpoint}"),
+                         tmp_path / "wrong_resume", timeout=180)
+    assert resumed.returncode == 2
+    assert "is a 'asr_ctc' checkpoint (recipe 'asr_ddp'); this run trains 'tts_speecht5'" in resumed.stderr
+    assert not (tmp_path / "wrong_resume").exists()  # a launch that failed its checks leaves nothing behind

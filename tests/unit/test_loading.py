@@ -50,12 +50,30 @@ def test_global_batches_do_not_depend_on_dp_size(cuts, tok):
     assert global_ids(1) == global_ids(2) == global_ids(4)
 
 
-def test_too_small_global_batch_is_skipped_on_every_rank_and_counted(cuts):
+def test_a_global_batch_smaller_than_dp_size_is_kept_on_every_rank(cuts, tok):
+    """A bucket's ragged tail with fewer cuts than ranks: every rank takes the step (an empty shard
+    runs silence with zero loss weight), so steps and global batches do not depend on dp_size."""
+    from common.data.loading import SpeechTextDataset
+
     small = cuts.subset(first=3)
-    samplers = [DataParallelBatchSampler(SimpleCutSampler(small, max_cuts=1),
-                                         dp_rank=r, dp_size=2) for r in range(2)]
-    assert [list(s) for s in samplers] == [[], []]
-    assert all(s.num_skipped_batches == 3 for s in samplers)
+    samplers = [DataParallelBatchSampler(SimpleCutSampler(small, max_cuts=1), dp_rank=r, dp_size=2) for r in range(2)]
+    batches = [list(s) for s in samplers]
+    assert [len(b) for b in batches] == [3, 3] and all(s.num_skipped_batches == 0 for s in samplers)
+    ds = SpeechTextDataset(tok)
+    first, second = ds[batches[0][0]], ds[batches[1][0]]
+    assert (first["substitute"], first["empty_shard"]) == (False, False) and first["num_planned"] == 1
+    assert (second["substitute"], second["empty_shard"]) == (True, True) and second["num_planned"] == 0
+    assert second["global_num_utterances"] == first["global_num_utterances"] == 1
+    assert float(second["input_features"].abs().sum()) == 0.0  # silence
+
+
+def test_every_item_is_trained_once_per_pass(cuts, tok):
+    """100 utterances, 6 buckets, 30 s batches: nothing dropped (drop_last used to keep one bucket)."""
+    many = cuts.subset(first=100)
+    loader = make_loader(many, tok, dp_rank=0, dp_size=2, max_duration_s=30, shuffle=True, seed=0)
+    ids = [c.id for b in loader.sampler for c in b.cuts]
+    assert sorted(ids) == sorted(c.id for c in many)  # each once
+    assert loader.sampler.coverage == [{"epoch": 0, "items": 100, "passed_checks": 100}]
 
 
 def test_sampler_state_round_trip_resumes_the_same_order(cuts):
