@@ -123,7 +123,7 @@ def test_a_run_that_cannot_read_its_data_fails_instead_of_completing(tiny_corpus
     proc = run_recipe("asr_ddp", 1, tiny_overrides(tiny_corpus, 1, "trainer.max_steps=8", "trainer.limit_val_batches=0",
                                                    f"data.train=[{broken_train}]", f"data.val=[{tiny_corpus['val']}]"),
                       run_dir, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.returncode != 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed"
     assert "100% of the training items met so far could not be used" in summary["error"]
@@ -136,7 +136,7 @@ def test_a_run_that_cannot_read_its_data_fails_instead_of_completing(tiny_corpus
     proc = run_recipe("asr_ddp", 1, tiny_overrides(tiny_corpus, 1, "trainer.max_steps=4",
                                                    f"data.train=[{tiny_corpus['train']}]", f"data.val=[{broken_val}]"),
                       run_dir, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.returncode != 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["steps"] == 0
     assert "the validation set has no readable item: 8 of 8 skipped" in summary["error"]

@@ -1,4 +1,5 @@
-"""Preemption: a real SIGTERM to torchrun (what Kubernetes sends to the pod) during training."""
+"""Preemption and Ctrl-C: a real SIGTERM (what Kubernetes sends to the pod) or SIGINT (Ctrl-C) to
+torchrun during training."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from tests.conftest import ROOT, TORCHRUN, run_recipe, tiny_overrides
 
 STEPS = 30
@@ -15,7 +18,9 @@ OVERRIDES = (f"trainer.max_steps={STEPS}", "trainer.limit_val_batches=0", "check
              "data.max_duration_s=8", "logger.wandb=true")
 
 
-def test_sigterm_saves_at_a_step_boundary_exits_0_and_the_run_resumes(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, "preempted"), (signal.SIGINT, "interrupted")],
+                         ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_at_a_step_boundary_and_the_same_command_resumes(sig, status, tiny_corpus, tmp_path):
     run_dir = tmp_path / "preempted"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN_NAME": "", "WANDB_MODE": "offline"}
     cmd = [TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "common.train",
@@ -27,16 +32,17 @@ def test_sigterm_saves_at_a_step_boundary_exits_0_and_the_run_resumes(tiny_corpu
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-4000:]
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to every rank's process group
+    proc.send_signal(sig)  # to torchrun, which forwards it to every rank's process group
     out, err = proc.communicate(timeout=120)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "preempted", err[-4000:]
+    assert summary["status"] == status, err[-4000:]
     stopped_at = summary["steps"]
     assert 3 <= stopped_at < STEPS
     # Every rank stopped after the same step, and the checkpoint of that step is complete.
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt", f"step{stopped_at:06d}.ckpt"]
-    assert "SIGTERM: saving a checkpoint at the next step boundary" in err
-    print("torchrun exit code after SIGTERM:", proc.returncode)
+    assert f"{sig.name}: saving a checkpoint at the next step boundary" in err
+    assert "KeyboardInterrupt" not in err  # no rank died of the signal
+    print(f"torchrun exit code after {sig.name}:", proc.returncode)
     wandb_id = (run_dir / "wandb_run_id").read_text().strip()
 
     resumed = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *OVERRIDES), run_dir,
