@@ -78,9 +78,14 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     }
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     tokenizer.save(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
+    old = out_dir.with_name(f".replaced-{out_dir.name}")
+    if out_dir.exists():  # an earlier export (check_out_dir): kept until the new one is in place
+        if old.exists():
+            shutil.rmtree(old)
+        out_dir.rename(old)
     tmp.rename(out_dir)
+    if old.exists():
+        shutil.rmtree(old)
     return out_dir
 
 

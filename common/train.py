@@ -34,9 +34,20 @@ NONZERO_RANK_ERROR_DELAY_S = 5.0
 def resolve_run_name() -> str:
     """``RUN_NAME`` (``make run`` sets ``<timestamp>-<random>`` once for all ranks). Without it: one
     name for all ranks of a torchrun launch from its run id, else a timestamp with a random
-    suffix, so that two launches in the same second never share a run directory."""
+    suffix, so that two launches in the same second never share a run directory. Generated once
+    per process: ``run.name`` is resolved lazily, and every access must give the same name."""
+    global _generated_run_name
     if os.environ.get("RUN_NAME"):
         return os.environ["RUN_NAME"]
+    if _generated_run_name is None:
+        _generated_run_name = new_run_name()
+    return _generated_run_name
+
+
+_generated_run_name: str | None = None
+
+
+def new_run_name() -> str:
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and run_id and run_id != "none":
         return "torchrun-" + "".join(c for c in run_id if c.isalnum() or c in "-_")[:24]

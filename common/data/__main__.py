@@ -80,9 +80,14 @@ def check(args) -> int:
 
 
 def to_shar(args) -> int:
+    out = Path(args.out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"error: SHAR/out_dir {out} exists and is not an empty directory; to-shar writes a new directory "
+              "and overwrites nothing (nothing was changed)", file=sys.stderr)
+        return 2
     spec = _source_from_args(args)
     cuts = open_source(spec)
-    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     written = cuts.to_shar(args.out_dir, fields={"recording": args.audio_format}, shard_size=args.shard_size,
                            num_jobs=args.num_jobs)
     shards = len(written.get("cuts", []))

@@ -65,3 +65,16 @@ def test_export_of_a_sharded_checkpoint_gives_the_same_outputs(tiny_corpus, tmp_
     assert cli.returncode == 0, cli.stderr[-3000:]
     texts = [line.split("\t")[1] for line in cli.stdout.splitlines()]
     assert texts == [transcribe(sharded, tok_a, cfg_a, p) for p in paths]
+
+    # Pointed at the run directory itself: refused, and the run's record is untouched.
+    before = sorted(p.name for p in run_dir.iterdir())
+    summary = (run_dir / "summary.json").read_bytes()
+    into_run = subprocess.run(["make", "-s", "export", "RECIPE=salm_tp_fsdp2", f"CKPT={ckpt}", f"OUT={run_dir}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert into_run.returncode != 0 and f"OUT {run_dir} is a run directory" in into_run.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == before and (run_dir / "summary.json").read_bytes() == summary
+    # Again into the earlier export: replaced in place, nothing left beside it.
+    again = subprocess.run(["make", "-s", "export", "RECIPE=salm_tp_fsdp2", f"CKPT={ckpt}", f"OUT={out}"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if "export" in p.name) == ["export"]

@@ -93,3 +93,9 @@ def test_make_to_shar_writes_where_shar_says(tiny_corpus, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(p.name for p in out.glob("cuts.*.jsonl.gz")) == ["cuts.000000.jsonl.gz"]
+    # Again into the same (now non-empty) directory: refused, nothing overwritten.
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = subprocess.run(["make", "-s", "to-shar", f"MANIFEST={tiny_corpus['val']}", f"SHAR={out}"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and f"{out} exists and is not an empty directory" in again.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before

@@ -45,16 +45,17 @@ def test_every_recipe_default_passes_the_checks():
 
 
 def test_default_run_names_never_collide(monkeypatch):
-    from common.train import resolve_run_name
+    from common.train import new_run_name, resolve_run_name
 
     monkeypatch.delenv("RUN_NAME", raising=False)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    names = {resolve_run_name() for _ in range(50)}  # the same second, one process each
+    names = {new_run_name() for _ in range(50)}  # the same second, one process each
     assert len(names) == 50
+    assert resolve_run_name() == resolve_run_name()  # one process: one name, however often resolved
     # Ranks of one torchrun launch agree on one name without talking (its run id).
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "4f1c2a9e-77aa-4bbb-8ccc-0123456789ab")
-    assert resolve_run_name() == resolve_run_name() == "torchrun-4f1c2a9e-77aa-4bbb-8ccc-"
+    assert new_run_name() == "torchrun-4f1c2a9e-77aa-4bbb-8ccc-"
     monkeypatch.setenv("RUN_NAME", "exp1")
     assert resolve_run_name() == "exp1"
     # make run: one name per invocation, fixed for the whole recipe (make quality reuses it).
