@@ -111,7 +111,11 @@ class TrainingModule(L.LightningModule):
     # --- validation -----------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx):
         loss_sum, num_tokens = self.model(batch)
-        if batch.get("substitute"):  # silence standing in for an unreadable shard: run, but do not score
+        if batch.get("substitute"):
+            # Silence standing in for an unreadable or empty shard: run every forward the other
+            # ranks run (FSDP2/TP collectives inside generate must match), but do not score.
+            if self.val_wer is not None:
+                self.model.generate(batch["input_features"], batch["feature_mask"])
             return
         self.val_loss.update(to_local(loss_sum).detach() / num_tokens, weight=num_tokens)
         for name, (total, count) in getattr(self.model, "last_sums", {}).items():

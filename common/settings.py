@@ -90,12 +90,13 @@ def check_settings(cfg) -> None:
     if not ((_is_int(lvb) and lvb >= 0) or (isinstance(lvb, float) and 0 <= lvb <= 1)):
         raise ConfigError(f"trainer.limit_val_batches must be a number of batches >= 0 or a fraction in [0, 1], "
                           f"got {lvb!r}")
-    precisions = ("auto", "32-true", "32", "bf16-true", "bf16-mixed", "16-mixed", "16-true", "64-true")
+    precisions = ("auto", "32-true", "32", "bf16-true", "bf16-mixed", "bf16", "16-mixed", "16-true", "16",
+                  "64-true", "64", "transformer-engine", "transformer-engine-float16")
     if str(_get(cfg, "trainer.precision")) not in precisions:
         raise ConfigError(f"trainer.precision must be one of {', '.join(precisions)}, "
                           f"got {_get(cfg, 'trainer.precision')!r}")
     if _get(cfg, "trainer.accelerator") not in ("auto", "cpu", "gpu", "cuda"):
-        raise ConfigError(f"trainer.accelerator must be auto, cpu or gpu, got {_get(cfg, 'trainer.accelerator')!r}")
+        raise ConfigError(f"trainer.accelerator must be auto, cpu, gpu or cuda, got {_get(cfg, 'trainer.accelerator')!r}")
 
     _num(cfg, "data.max_duration_s", 0, lo_open=True)
     _num(cfg, "data.val_max_duration_s", 0, lo_open=True)
@@ -122,5 +123,5 @@ def check_settings(cfg) -> None:
     _num(cfg, "optim.max_grad_norm", 0, lo_open=True, nullable=True)
 
     _int(cfg, "checkpoint.every_n_steps", 1)
-    _int(cfg, "checkpoint.keep_last", 1)
+    _int(cfg, "checkpoint.keep_last", 1, allowed=(-1,))  # -1: keep every checkpoint
     _num(cfg, "checkpoint.preemption_grace_s", 0, lo_open=True)

@@ -311,6 +311,8 @@ def train(cfg: DictConfig) -> None:
         log.info("%s", exc)
     except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised
         error = f"{type(exc).__name__}: {exc}"
+        if checkpoint.stop_signal == "SIGINT":  # a second Ctrl-C: stopped at once, last checkpoint kept
+            status = "interrupted"
         raise
     finally:
         if RANK == 0:
