@@ -74,7 +74,7 @@ def test_make_synthesize_writes_wav_and_png(trained, tmp_path):
 
 def test_wrong_kind_of_checkpoint_is_named_not_a_traceback(trained, asr_checkpoint, tiny_corpus, tmp_path):
     """A TTS checkpoint given to transcribe, an ASR one to synthesize, a run directory instead of a
-    checkpoint, and an ASR checkpoint as run.resume_from of a TTS run: one-line errors, exit 2."""
+    checkpoint, and an ASR checkpoint as run.resume_from of a TTS run: one-line errors, not tracebacks."""
     tts_ckpt = trained / "checkpoints" / "last.ckpt"
     wav = tmp_path / "a.wav"
     import soundfile as sf
@@ -98,6 +98,6 @@ def test_wrong_kind_of_checkpoint_is_named_not_a_traceback(trained, asr_checkpoi
 
     resumed = run_recipe("tts_ddp", 1, tiny_overrides(tiny_corpus, 1, f"run.resume_from={asr_checkpoint}"),
                          tmp_path / "wrong_resume", timeout=180)
-    assert resumed.returncode == 2
+    assert resumed.returncode != 0  # torchrun exits 1 when a rank exits 2
     assert "is a 'asr_ctc' checkpoint (recipe 'asr_ddp'); this run trains 'tts_speecht5'" in resumed.stderr
     assert not (tmp_path / "wrong_resume").exists()  # a launch that failed its checks leaves nothing behind
