@@ -218,8 +218,8 @@ def measure_loader(recipe: str, data_dir: Path, num_batches: int) -> dict:
 
 def measure_padding(recipe: str, data_dir: Path, num_buckets=(10, 20, 30)) -> dict:
     """Padding efficiency over one epoch: the recipe's bucketing sampler vs plain random batches,
-    and what more duration buckets would give (with the share of utterances an epoch still uses:
-    lhotse drops each bucket's ragged tail)."""
+    and what more duration buckets would give (with the share of utterances an epoch uses: every
+    one since ragged tails are kept as batches of their own)."""
     from lhotse import CutSet
     from lhotse.dataset import SimpleCutSampler
 
