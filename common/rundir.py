@@ -11,13 +11,14 @@ never erases what an earlier launch wrote:
 * ``attempts.jsonl``: append-only, one row when a launch starts and one when it ends
   (attempt number, host, pid, command-line overrides, resumed checkpoint, status, wall time).
 * ``history/attempt-<N>/``: before launch N+1 changes anything, the record as launch N left it
-  (config, metrics, validations, summary, skipped items) is copied here.
+  (config, summary, skipped items; the step logs too when launch N+1 will cut rows from them,
+  i.e. it resumes from an earlier step or starts afresh) is copied here.
 
 Usage (rank 0 of ``common/train.py``)::
 
     rundir = RunDirectory(run_dir)
     rundir.lock()                         # RunDirectoryBusy (a ConfigError) if another launch holds it
-    attempt = rundir.begin_attempt(sys.argv[1:])
+    attempt = rundir.begin_attempt(sys.argv[1:], resume_step=3)   # None: a fresh start
     ...
     rundir.end_attempt(status="completed", wall_s=812.4)
 """
@@ -38,6 +39,7 @@ LOCK_FILE = "run.lock"
 ATTEMPTS_FILE = "attempts.jsonl"
 HISTORY_DIR = "history"
 RECORD_FILES = ("config.yaml", "metrics.jsonl", "validation.jsonl", "summary.json", "skipped_items.jsonl")
+STEP_LOGS = ("metrics.jsonl", "validation.jsonl")  # one row per step; a resume cuts the rows after its step
 
 
 class RunDirectoryBusy(ConfigError):
@@ -83,12 +85,19 @@ class RunDirectory:
             self.path.rmdir()
 
     # --- every launch's record --------------------------------------------------------------
-    def begin_attempt(self, argv: list[str]) -> int:
+    def begin_attempt(self, argv: list[str], resume_step: int | None = None) -> int:
         """Number this launch, copy the record the previous launch left into ``history/``, and
-        append a start row to ``attempts.jsonl``. Returns the attempt number (1 for a new run)."""
+        append a start row to ``attempts.jsonl``. Returns the attempt number (1 for a new run).
+
+        ``resume_step``: the step this launch continues from (``None``: a fresh start). The step
+        logs are copied only when this launch will cut them (rows after that step); a resume
+        at their last row only appends, so a job preempted many times does not copy its whole
+        log at every restart.
+        """
         rows = read_attempts(self.path)
         self.attempt = 1 + max((r.get("attempt", 0) for r in rows), default=0)
-        existing = [name for name in RECORD_FILES if (self.path / name).is_file()]
+        existing = [name for name in RECORD_FILES if (self.path / name).is_file()
+                    and (name not in STEP_LOGS or resume_step is None or _last_step(self.path / name) > resume_step)]
         if existing:
             kept = self.path / HISTORY_DIR / f"attempt-{self.attempt - 1}"
             kept.mkdir(parents=True, exist_ok=True)
@@ -97,7 +106,7 @@ class RunDirectory:
         summary = self.path / "summary.json"
         self.previous_summary = json.loads(summary.read_text()) if summary.is_file() else None
         self._append({"event": "start", "attempt": self.attempt, "time": _now(), "host": socket.gethostname(),
-                      "pid": os.getpid(), "argv": list(argv)})
+                      "pid": os.getpid(), "argv": list(argv), "resume_step": resume_step})
         return self.attempt
 
     def end_attempt(self, status: str, wall_s: float, **extra) -> None:
@@ -116,6 +125,20 @@ def read_attempts(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _last_step(path: Path) -> int:
+    """The step of a step log's last row (-1: none); reads only the file's tail."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 65536))
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return -1
 
 
 def _read_holder(fd: int) -> str:

@@ -289,7 +289,7 @@ def train(cfg: DictConfig) -> None:
     from common.recording import RunRecorder, summarize, write_summary
 
     if RANK == 0:
-        rundir.begin_attempt(sys.argv[1:])
+        rundir.begin_attempt(sys.argv[1:], resume_step=resume_step if ckpt_path else None)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         tokenizer.save(run_dir / "tokenizer")
         link_latest(run_dir)
