@@ -144,7 +144,9 @@ def resolve_resume(cfg, run_dir: Path, rank: int = 0) -> tuple[str | None, int]:
         if path.name.startswith(PARTIAL_PREFIX):
             raise ConfigError(f"run.resume_from={explicit} is an incomplete checkpoint (its writer was stopped); "
                               "use a step<N>.ckpt one")
-        if path.is_dir() and (path / "checkpoints").is_dir():
+        from common.rundir import is_run_directory
+
+        if is_run_directory(path):
             raise ConfigError(f"run.resume_from={explicit} is a run directory; give one of its checkpoints, "
                               f"e.g. {path / 'checkpoints' / LAST_LINK}")
         problem = checkpoint_problem(path)

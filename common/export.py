@@ -45,8 +45,9 @@ def check_out_dir(out_dir: Path) -> None:
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise ConfigError(f"OUT {out_dir} exists and is not a directory; choose a new directory for the export")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_export(out_dir):
-        what = "a run directory" if (out_dir / "checkpoints").exists() or (out_dir / "summary.json").exists() \
-            else "a non-empty directory that is not an earlier export"
+        from common.rundir import is_run_directory
+
+        what = "a run directory" if is_run_directory(out_dir) else "a non-empty directory that is not an earlier export"
         raise ConfigError(f"OUT {out_dir} is {what}; export writes only a new directory or replaces an earlier "
                           f"export (nothing was changed); e.g. OUT={out_dir / 'export'}")
 

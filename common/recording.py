@@ -169,12 +169,12 @@ def _keep_rows_up_to(path: Path, step: int | None) -> list[dict]:
     """Drop the rows after ``step`` (all rows for ``None``); returns the rows kept."""
     if not path.exists():
         return []
-    rows = path.read_text().splitlines() if step is not None else []
-    kept = [row for row in rows if row.strip() and json.loads(row)["step"] <= step]
+    rows = [json.loads(row) for row in path.read_text().splitlines() if row.strip()] if step is not None else []
+    kept = [row for row in rows if row["step"] <= step]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(row + "\n" for row in kept))
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
     os.replace(tmp, path)
-    return [json.loads(row) for row in kept]
+    return kept
 
 
 def _val(record: dict | None) -> dict:
@@ -182,7 +182,7 @@ def _val(record: dict | None) -> dict:
 
 
 def summarize(cfg, layout, recorder: RunRecorder, *, status: str, error: str | None, wall_s: float,
-              checkpoint: str | None, skipped_global_batches: int, bad_items: list[dict] | None = None,
+              checkpoint: str | None, bad_items: list[dict] | None = None,
               resumed_from: str | None = None, previous: dict | None = None, attempt: int = 1) -> dict:
     """The ``summary.json`` of the run contract, for the whole run: a resumed attempt adds its steps
     and validations to the earlier attempts' (``previous``: their summary). Throughput, memory
@@ -216,7 +216,6 @@ def summarize(cfg, layout, recorder: RunRecorder, *, status: str, error: str | N
         "throughput": throughput,
         "memory": {"per_rank": recorder.per_rank or previous.get("memory", {}).get("per_rank", [])},
         "data": {
-            "skipped_global_batches": skipped_global_batches,
             "skipped": skipped_summary(bad_items or []),
             "padding_efficiency": (round(sum(h["padding_efficiency"] for h in history) / len(history), 4)
                                    if history else None),

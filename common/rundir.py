@@ -120,6 +120,12 @@ class RunDirectory:
             os.fsync(f.fileno())
 
 
+def is_run_directory(path: str | Path) -> bool:
+    """A run's output directory (``checkpoints/`` or ``summary.json`` in it), not a checkpoint."""
+    path = Path(path)
+    return path.is_dir() and ((path / "checkpoints").is_dir() or (path / "summary.json").is_file())
+
+
 def read_attempts(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / ATTEMPTS_FILE
     if not path.is_file():

@@ -53,10 +53,9 @@ def _num(cfg, key: str, lo: float, hi: float | None = None, lo_open: bool = Fals
 
 
 def _get(cfg, key: str):
-    node = cfg
-    for part in key.split("."):
-        node = node.get(part) if hasattr(node, "get") else None
-    return node
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key, default=None)
 
 
 def check_run_name(name) -> None:
@@ -72,9 +71,8 @@ def check_settings(cfg) -> None:
     """Types and ranges of the settings every recipe reads (raises :class:`ConfigError`)."""
     check_run_name(_get(cfg, "run.name"))
     _int(cfg, "seed", 0)
-    for key in ("run.resume",):
-        if not isinstance(_get(cfg, key), bool):
-            raise ConfigError(f"{key} must be true or false, got {_get(cfg, key)!r}")
+    if not isinstance(_get(cfg, "run.resume"), bool):
+        raise ConfigError(f"run.resume must be true or false, got {_get(cfg, 'run.resume')!r}")
     _int(cfg, "run.print_every_n_steps", 1)
     _num(cfg, "run.collective_timeout_s", 0, lo_open=True, nullable=True)
 

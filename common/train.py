@@ -319,7 +319,6 @@ def train(cfg: DictConfig) -> None:
             wall_s = time.perf_counter() - t0
             summary = summarize(cfg, layout, recorder, status=status, error=error, wall_s=wall_s,
                                 checkpoint=checkpoint.latest_path, resumed_from=ckpt_path,
-                                skipped_global_batches=_skipped(trainer),
                                 bad_items=list(data_report["items"].values()),
                                 previous=rundir.previous_summary if ckpt_path else None, attempt=rundir.attempt)
             summary["data"]["substituted_batches"] = data_report["substituted_batches"]
@@ -418,14 +417,6 @@ def evaluate_intelligibility(cfg: DictConfig, model, sources: dict) -> dict:
     texts = list(islice(iter_texts(sources["val"]), cfg.eval.num_sentences))
     log.info("intelligibility: synthesizing %d held-out sentences, transcribing with %s", len(texts), asr_checkpoint)
     return intelligibility(model.eval(), cfg, texts, asr_checkpoint)
-
-
-def _skipped(trainer) -> int:
-    loader = getattr(trainer.fit_loop, "_combined_loader", None)
-    try:
-        return sum(dl.sampler.num_skipped_batches for dl in loader.flattened)
-    except (AttributeError, TypeError):
-        return 0
 
 
 if __name__ == "__main__":

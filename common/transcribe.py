@@ -61,7 +61,9 @@ def load_model(checkpoint: str | Path):
     path = Path(checkpoint)
     if is_export(path):
         return load_exported(path)
-    if path.is_dir() and (path / "checkpoints").is_dir():
+    from common.rundir import is_run_directory
+
+    if is_run_directory(path):
         raise ConfigError(f"{path} is a run directory, not a checkpoint; give one of its checkpoints, e.g. "
                           f"{path / 'checkpoints' / 'last.ckpt'}")
     meta, state = _read_checkpoint(path)

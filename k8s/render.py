@@ -63,11 +63,16 @@ def build_kustomization(recipe: str, nodes: int, gpus_per_node: int, image: str,
         raise RenderError(f"NODES must be >= 1, got {nodes}")
     if gpus_per_node < 1:
         raise RenderError(f"GPUS_PER_NODE must be >= 1, got {gpus_per_node}")
+    from common.parallel import ConfigError
+    from common.parallel.layout import check_tensor_parallel_within_node
+
     tp = recipe_tensor_parallel_size(recipe)
-    if gpus_per_node % tp:
+    try:
+        check_tensor_parallel_within_node(tp, gpus_per_node)  # the rule make plan applies
+    except ConfigError:
         raise RenderError(f"RECIPE={recipe} uses tensor_parallel_size {tp}, which does not divide GPUS_PER_NODE "
                           f"({gpus_per_node}): a tensor-parallel group would span nodes (make plan refuses this "
-                          f"layout too); use GPUS_PER_NODE={tp * max(1, gpus_per_node // tp)} or another recipe")
+                          f"layout too); use GPUS_PER_NODE={tp * max(1, gpus_per_node // tp)} or another recipe") from None
     if job is not None and (not DNS1035.match(job) or len(job) > 63):
         raise RenderError(f"JOB {job!r} is not a DNS-1035 label (lower-case letters, digits, '-', "
                           "starting with a letter, at most 63 characters)")

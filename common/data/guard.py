@@ -37,6 +37,7 @@ class DataGuard(L.Callback):
         self.dm, self.max_fraction = datamodule, max_bad_item_fraction
         self.every, self.min_items = check_every_n_steps, min_items
         self.last_share: float | None = None
+        self._val_rejected_before = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         last = trainer.global_step >= trainer.max_steps > 0
@@ -45,11 +46,13 @@ class DataGuard(L.Callback):
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self.dm.counts["val"] = [0, 0]
+        meta = self.dm.filters.get("val")
+        self._val_rejected_before = meta.num_rejected if meta is not None else 0
 
     def on_validation_end(self, trainer, pl_module) -> None:
         unreadable, planned = _sum_over_ranks(self.dm.counts["val"], trainer)
         meta = self.dm.filters.get("val")
-        rejected = meta.num_rejected if meta is not None else 0
+        rejected = meta.num_rejected - self._val_rejected_before if meta is not None else 0  # this validation's
         if planned - unreadable <= 0:
             total = planned + rejected
             raise DataQualityError(

@@ -75,14 +75,10 @@ class DataParallelBatchSampler(Sampler):
             raise ValueError(f"dp_rank ({dp_rank}) must be in [0, dp_size={dp_size})")
         self.sampler, self.dp_rank, self.dp_size = sampler, dp_rank, dp_size
         self.metadata_filter = metadata_filter  # counts the items that passed the checks (coverage)
-        self.num_skipped_batches = 0
         self.epoch = 0
         self.consumed = 0  # global batches of `epoch` trained on
         self._skip_on_next_iter = 0
         self.coverage: list[dict] = []  # per finished pass: items in batches / items that passed the checks
-        # Every batch is yielded, a bucket's ragged tail included: one with fewer cuts than dp ranks
-        # leaves some ranks an empty shard, which they run as silence with zero loss weight (so the
-        # global batches, and the steps, never depend on the layout).
 
     def __iter__(self):
         skip, self._skip_on_next_iter = self._skip_on_next_iter, 0
@@ -94,8 +90,7 @@ class DataParallelBatchSampler(Sampler):
                 yield GlobalBatch(cuts, self.dp_rank, self.dp_size, epoch=self.epoch, index=index)
             index += 1
         if passed_before is not None:
-            # A lazy manifest is filtered as it is read (per pass); an eager one once, when built.
-            passed = (self.metadata_filter.num_passed - passed_before) or self.metadata_filter.num_passed
+            passed = self.metadata_filter.num_passed - passed_before  # the filter runs as each pass reads
             self.coverage.append({"epoch": self.epoch, "items": items, "passed_checks": passed})
             log.info("data pass %d: %d of the %d items that passed the checks are in its %d global batches "
                      "(%.1f%%)", self.epoch, items, passed, index, 100.0 * items / max(passed, 1))
@@ -110,12 +105,11 @@ class DataParallelBatchSampler(Sampler):
         self.epoch, self.consumed = epoch, index + 1
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed, "num_skipped_batches": self.num_skipped_batches}
+        return {"epoch": self.epoch, "consumed": self.consumed}
 
     def load_state_dict(self, state: dict) -> None:
         self.set_epoch(state["epoch"])
         self.consumed = self._skip_on_next_iter = state["consumed"]
-        self.num_skipped_batches = state["num_skipped_batches"]
 
 
 class TokenBudget:
@@ -254,7 +248,7 @@ class SpeechTextDataset(torch.utils.data.Dataset):
             # This rank's whole shard is unreadable, or empty (a global batch with fewer cuts than
             # dp ranks). It still takes the step (every collective must run on every rank): silence
             # of the first item's length, with zero loss weight.
-            local = planned[:1] or sorted(batch.cuts, key=lambda c: c.id)[:1]
+            local = planned[:1] or list(batch.cuts)[:1]  # batch.cuts: the same order on every rank
             feats = [torch.zeros(self.features.num_frames(local[0].duration), self.features.num_mel_bins)]
         targets = [torch.tensor(all_targets[c.id], dtype=torch.long) for c in local]
         num_frames = torch.tensor([f.shape[0] for f in feats])
@@ -409,12 +403,17 @@ def make_loader(
     by_tokens = token_budget is not None and max_tokens is not None
     keep = MetadataFilter(tokenizer if check_tokens else None, max_utterance_s or max_duration_s, token_budget if by_tokens else None,
                           max_tokens if by_tokens else None, on_bad_item)
+    from lhotse import CutSet
+    from lhotse.lazy import LazyFilter
+
     base = DynamicBucketingSampler(
-        cuts.filter(keep),
+        # Lazily, for eager manifests too: the checks run as each pass reads the items, so the
+        # filter's counts are per pass (coverage, the bad-item share); the order is unchanged.
+        CutSet(LazyFilter(cuts, predicate=keep)),
         **({"constraint": token_budget.constraint(max_tokens)} if by_tokens else {"max_duration": max_duration_s}),
         num_buckets=num_buckets,
         shuffle=shuffle,
-        drop_last=False,  # every item is trained on: ragged tails are merged (DataParallelBatchSampler)
+        drop_last=False,  # every item is trained on: a bucket's ragged tail is a batch of its own
         seed=seed,
         buffer_size=buffer_size,
         world_size=1,  # deliberately: every rank draws the same global batches (see module docstring)
