@@ -306,7 +306,7 @@ class ExactResume(Callback):
     """Every rank's python/numpy/torch RNG states in the checkpoint, put back at the first resumed step.
 
     Together with the data sampler's position (common.data.datamodule) and per-batch seeded
-    augmentation (common.data.loading.seeded_rngs) a resumed run repeats the uninterrupted run's
+    augmentation (common.data.features.seeded_generator) a resumed run repeats the uninterrupted run's
     losses exactly (CPU, fp32). States are plain tensors/lists, loadable with ``weights_only=True``.
     States of another world size (a resharded resume) are not applied.
     """

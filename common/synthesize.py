@@ -59,7 +59,7 @@ def intelligibility(model, cfg, texts: list[str], asr_checkpoint: str | Path) ->
     """Character error rate of an ASR model on this TTS model's synthesis of ``texts``."""
     from torchmetrics.functional.text import char_error_rate
 
-    from common.data.loading import LogMel
+    from common.data.features import BatchFeatures
     from common.models.vocoder import GriffinLim
     from common.transcribe import load_model
 
@@ -69,11 +69,10 @@ def intelligibility(model, cfg, texts: list[str], asr_checkpoint: str | Path) ->
         raise ConfigError(f"eval.asr_checkpoint {asr_checkpoint}: sample rate {asr_cfg.data.sample_rate} "
                           f"!= this model's {cfg.data.sample_rate}")
     vocoder = GriffinLim(cfg.data.num_mel_bins, cfg.data.sample_rate)
-    features = LogMel(asr_cfg.data.num_mel_bins, asr_cfg.data.sample_rate)
+    features = BatchFeatures(asr_cfg.data.num_mel_bins, asr_cfg.data.sample_rate)
     hyps = []
     for mel in model.synthesize(texts):
-        feats = torch.from_numpy(features(vocoder(mel.cpu()))).float()[None].to(mel.device)
-        mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=mel.device)
+        feats, mask = features.of_waveform(vocoder(mel.cpu()), mel.device)
         hyps.append(asr_tok.decode(asr.generate(feats, mask)[0]))
     refs = [model.tokenizer.normalize(t) for t in texts]
     # The functional form: rank 0 alone runs this, so nothing may wait for the other ranks.

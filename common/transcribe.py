@@ -142,7 +142,8 @@ def audio_chunks(audio_path: str | Path, sample_rate: int, chunk_s: float = CHUN
 
 def read_features(audio_path: str | Path, sample_rate: int, num_mel_bins: int) -> torch.Tensor:
     """Log-mel features (frames, bins) of a whole (short) audio file, as the training data loader computes them."""
-    from common.data.loading import LogMel, load_mono
+    from common.data.features import BatchFeatures
+    from common.data.loading import load_mono
 
     cut = _open_audio(audio_path)
     try:
@@ -151,7 +152,7 @@ def read_features(audio_path: str | Path, sample_rate: int, num_mel_bins: int) -
         raise ConfigError(f"audio file {audio_path}: cannot be read as audio ({type(exc).__name__}: {exc})") from exc
     if mono.size == 0:
         raise ConfigError(f"audio file {audio_path}: contains no samples")
-    return torch.from_numpy(LogMel(num_mel_bins, sample_rate)(mono)).float()
+    return BatchFeatures(num_mel_bins, sample_rate).of_waveform(mono)[0][0]
 
 
 def check_recognizer(model, cfg, checkpoint) -> None:
@@ -163,14 +164,13 @@ def check_recognizer(model, cfg, checkpoint) -> None:
 
 @torch.no_grad()
 def transcribe(model, tokenizer, cfg, audio_path, chunk_s: float = CHUNK_S, search_s: float = SEARCH_S) -> str:
-    from common.data.loading import LogMel
+    from common.data.features import BatchFeatures
 
-    features = LogMel(cfg.data.num_mel_bins, cfg.data.sample_rate)
+    features = BatchFeatures(cfg.data.num_mel_bins, cfg.data.sample_rate)
     device = next(model.parameters()).device
     texts = []
     for piece in audio_chunks(audio_path, cfg.data.sample_rate, chunk_s, search_s):
-        feats = torch.from_numpy(features(piece)).float()[None].to(device)
-        mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=device)
+        feats, mask = features.of_waveform(piece, device)
         text = tokenizer.decode(model.generate(feats, mask)[0]).strip()
         if text:
             texts.append(text)

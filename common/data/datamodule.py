@@ -39,6 +39,7 @@ class SpeechDataModule(L.LightningDataModule):
         # and each split's metadata filter: what common.data.guard.DataGuard judges the run by.
         self.counts = {"train": [0, 0], "val": [0, 0]}
         self.filters: dict = {}
+        self.features: dict = {}  # split -> BatchFeatures: log-mel (+ SpecAugment) on the device, in the step
         self.substituted_batches = 0  # steps this rank trained on silence (its whole shard unreadable)
         self._train_sampler = None
         self._resume_state: dict | None = None
@@ -62,7 +63,7 @@ class SpeechDataModule(L.LightningDataModule):
             num_workers=cfg.num_workers,
             num_mel_bins=cfg.num_mel_bins,
             sample_rate=cfg.sample_rate,
-            # Training only; plain dict (lhotse's SpecAugment kwargs) so DataLoader workers can pickle it.
+            # Training only (lhotse's SpecAugment settings; applied on the device, common.data.features).
             spec_augment=_to_dict(cfg.get("spec_augment")) if train else None,
             normalize_features=cfg.get("feature_normalization", "utterance") == "utterance",
             token_alignment=bool(cfg.get("token_alignment", False)),
@@ -74,6 +75,7 @@ class SpeechDataModule(L.LightningDataModule):
             check_tokens=train,
         )
         self.filters[split] = loader.metadata_filter
+        self.features[split] = loader.features
         self.bad_items.update(loader.metadata_filter.bad_items)
         loader.metadata_filter.bad_items = self.bad_items  # later finds (lazy sources) land here too
         if train:
@@ -111,6 +113,11 @@ class SpeechDataModule(L.LightningDataModule):
         if position is not None and training and self._train_sampler:
             self._train_sampler.mark_consumed(*position)
         return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # Features of the whole batch at once, on the training device (workers only padded waveforms).
+        training = self.trainer is not None and self.trainer.training
+        return self.features["train" if training else "val"](batch, training=training)
 
     @property
     def coverage(self) -> list[dict]:

@@ -19,11 +19,9 @@ Usage::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
-import random
 import signal
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from .checks import ON_BAD_ITEM, BadItem, BadItemError, load_checked, metadata_problem
+from .features import BatchFeatures, frames_of_samples
 
 log = logging.getLogger(__name__)
 
@@ -142,32 +141,14 @@ class TokenBudget:
         return LLMTokenConstraint(max_tokens=max_tokens)
 
 
-class LogMel:
-    """Log-mel filterbank features (lhotse's Kaldi-compatible Fbank), 10 ms frames.
+FRAME_SHIFT_S = 0.01  # feature frames of 10 ms (common.data.features)
 
-    ``normalize=True`` (recognizers) standardizes each bin per utterance; ``False`` (TTS targets)
-    keeps the raw log energies, which a vocoder can invert.
-    """
 
-    FRAME_SHIFT_S = 0.01
+def num_frames_of(duration_s: float, sample_rate: int) -> int:
+    """Feature frames of an utterance of ``duration_s`` seconds, from metadata alone."""
+    from lhotse.utils import compute_num_frames
 
-    def __init__(self, num_mel_bins: int = 64, sample_rate: int = 16000, normalize: bool = True):
-        from lhotse import Fbank, FbankConfig
-
-        self.sample_rate, self.normalize, self.num_mel_bins = sample_rate, normalize, num_mel_bins
-        self.extractor = Fbank(FbankConfig(num_mel_bins=num_mel_bins, sampling_rate=sample_rate,
-                                           frame_shift=self.FRAME_SHIFT_S))
-
-    def num_frames(self, duration_s: float) -> int:
-        from lhotse.utils import compute_num_frames
-
-        return compute_num_frames(duration_s, self.FRAME_SHIFT_S, self.sample_rate)
-
-    def __call__(self, samples: np.ndarray) -> np.ndarray:
-        feats = self.extractor.extract(samples, self.sample_rate)
-        if not self.normalize:
-            return feats
-        return (feats - feats.mean(0, keepdims=True)) / (feats.std(0, keepdims=True) + 1e-5)
+    return compute_num_frames(duration_s, FRAME_SHIFT_S, sample_rate)
 
 
 def load_mono(cut, sample_rate: int) -> np.ndarray:
@@ -179,29 +160,30 @@ def load_mono(cut, sample_rate: int) -> np.ndarray:
 
 
 class SpeechTextDataset(torch.utils.data.Dataset):
-    """Turns a ``GlobalBatch`` into this rank's tensors: log-mel features + target token ids.
+    """Turns a ``GlobalBatch`` into this rank's tensors: padded waveforms + target token ids.
 
-    Each batch also carries figures about the *global* batch (answer tokens, utterances, audio
-    seconds), computed from the cut metadata every rank already has, so the loss can be normalised
-    over the global batch and throughput counted without a collective.
+    DataLoader workers only decode, resample, downmix and pad audio (``audio`` (B, samples) fp32,
+    ``audio_lens``); log-mel, normalisation and SpecAugment run batched on the training device at
+    the start of the step (:class:`common.data.features.BatchFeatures`, applied by the training
+    module; ``augment_key`` seeds its masks). Each batch also carries figures about the *global*
+    batch (answer tokens, utterances, audio seconds), computed from the cut metadata every rank
+    already has, so the loss can be normalised over the global batch and throughput counted
+    without a collective, and this shard's own counts as plain ints (no host sync in the step).
     """
 
-    def __init__(self, tokenizer, num_mel_bins: int = 64, sample_rate: int = 16000, spec_augment: dict | None = None,
-                 normalize_features: bool = True, token_alignment: bool = False, on_bad_item: str = "skip",
-                 seed: int = 0, token_budget: TokenBudget | None = None):
+    def __init__(self, tokenizer, sample_rate: int = 16000, token_alignment: bool = False, on_bad_item: str = "skip",
+                 token_budget: TokenBudget | None = None, pad_samples_to: int = 1):
         if on_bad_item not in ON_BAD_ITEM:
             raise ValueError(f"data.on_bad_item must be one of {ON_BAD_ITEM}, got {on_bad_item!r}")
         self.tokenizer = tokenizer
+        self.sample_rate = sample_rate
         self.on_bad_item = on_bad_item
-        self.seed = seed
         self.token_alignment = token_alignment
         self.token_budget = token_budget  # speech-LLMs: count the global batch's LLM positions (tokens/s)
-        self.features = LogMel(num_mel_bins, sample_rate, normalize=normalize_features)
-        self.spec_augment = None
-        if spec_augment:
-            from lhotse.dataset import SpecAugment
+        self.pad_samples_to = pad_samples_to  # padded length rounding (torch.compile: few distinct shapes)
 
-            self.spec_augment = SpecAugment(**spec_augment)
+    def num_frames(self, duration_s: float) -> int:
+        return num_frames_of(duration_s, self.sample_rate)
 
     def targets(self, cut) -> list[int]:
         """Token ids of the transcript, plus ``<eos>`` for tokenizers that have one (not CTC's)."""
@@ -224,7 +206,7 @@ class SpeechTextDataset(torch.utils.data.Dataset):
             pieces = self.tokenizer.encode(item.symbol)
             start = 0.0 if i == 0 else item.start
             end = words[i + 1].start if i + 1 < len(words) else cut.duration
-            f0, f1 = self.features.num_frames(start), self.features.num_frames(end)
+            f0, f1 = self.num_frames(start), self.num_frames(end)
             ids += pieces
             ends += [round(f0 + (f1 - f0) * (k + 1) / len(pieces)) for k in range(len(pieces))]
         return ends if ids == list(target_ids) else None
@@ -232,48 +214,50 @@ class SpeechTextDataset(torch.utils.data.Dataset):
     def __getitem__(self, batch: GlobalBatch) -> dict:
         all_targets = {c.id: self.targets(c) for c in batch.cuts}
         planned = batch.local_cuts()
-        local, feats, bad_items = [], [], []
+        local, waves, bad_items = [], [], []
         for cut in planned:
             try:
-                audio = load_checked(cut, self.features.sample_rate)
+                audio = load_checked(cut, self.sample_rate)
             except BadItem as bad:
                 if self.on_bad_item == "error":
                     raise BadItemError(f"{bad} (data.on_bad_item=error; 'skip' skips and counts such items)") from bad
                 bad_items.append(bad.to_dict())
                 continue
             local.append(cut)
-            feats.append(torch.from_numpy(self.features(audio)))
+            waves.append(torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)))
         substitute = not local
         if substitute:
             # This rank's whole shard is unreadable, or empty (a global batch with fewer cuts than
             # dp ranks). It still takes the step (every collective must run on every rank): silence
             # of the first item's length, with zero loss weight.
             local = planned[:1] or list(batch.cuts)[:1]  # batch.cuts: the same order on every rank
-            feats = [torch.zeros(self.features.num_frames(local[0].duration), self.features.num_mel_bins)]
+            waves = [torch.zeros(max(1, round(local[0].duration * self.sample_rate)))]
         targets = [torch.tensor(all_targets[c.id], dtype=torch.long) for c in local]
-        num_frames = torch.tensor([f.shape[0] for f in feats])
-        features = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).float()
-        if self.spec_augment is not None and not substitute:
-            # Time warp stays inside each utterance (segment = its unpadded frames).
-            segments = torch.stack([torch.arange(len(feats)), torch.zeros_like(num_frames), num_frames], dim=1)
-            # Masks are a function of (seed, epoch, global batch index, dp rank) only: a resumed run
-            # (new DataLoader workers, other worker seeds) draws exactly the masks the first run drew.
-            with seeded_rngs(self.seed, batch.epoch, batch.index, batch.dp_rank):
-                features = self.spec_augment(features, supervision_segments=segments)
+        audio_lens = torch.tensor([len(w) for w in waves])
+        longest = int(audio_lens.max())
+        audio = torch.zeros(len(waves), math.ceil(longest / self.pad_samples_to) * self.pad_samples_to)
+        for i, wave in enumerate(waves):  # one copy per utterance into one buffer, in the worker
+            audio[i, : len(wave)] = wave
+        shift = round(self.sample_rate * FRAME_SHIFT_S)
         return {
-            "input_features": features,
-            "feature_mask": torch.arange(features.shape[1])[None, :] < num_frames[:, None],
+            "audio": audio,
+            "audio_lens": audio_lens,
+            "augment_key": (batch.epoch, batch.index, batch.dp_rank),  # seeds SpecAugment (exact resume)
             "target_ids": torch.nn.utils.rnn.pad_sequence(
                 targets, batch_first=True, padding_value=self.tokenizer.pad_id
             ),
             "target_lens": torch.tensor([len(t) for t in targets]),
+            "num_target_tokens": sum(len(t) for t in targets),  # this shard's, as ints: no host sync in the step
+            "num_frames": int(sum(frames_of_samples(int(n), shift) for n in audio_lens)),
             "texts": [c.supervisions[0].text for c in local],
             "ids": [] if substitute else [c.id for c in local],  # the items this rank trains on
             "global_num_target_tokens": sum(len(t) for t in all_targets.values()),
-            "global_num_frames": sum(self.features.num_frames(c.duration) for c in batch.cuts),
+            "global_num_frames": sum(self.num_frames(c.duration) for c in batch.cuts),
             **self._alignment(local, all_targets),
             "global_num_utterances": len(batch.cuts),
             "global_audio_s": float(sum(c.duration for c in batch.cuts)),
+            # Per utterance of the global batch (feature frames, target tokens): its model FLOPs (MFU).
+            "global_lengths": [(self.num_frames(c.duration), len(all_targets[c.id])) for c in batch.cuts],
             **({"global_num_llm_tokens": sum(self.token_budget(c) for c in batch.cuts)} if self.token_budget else {}),
             "padding_efficiency": self.padding_efficiency(batch),
             "batch_fingerprint": hashlib.sha1(" ".join(sorted(c.id for c in batch.cuts)).encode()).hexdigest()[:12],
@@ -288,7 +272,7 @@ class SpeechTextDataset(torch.utils.data.Dataset):
         """Real feature frames / padded frames over the global batch's dp shards (from metadata)."""
         real = padded = 0
         for shard in shard_cuts(batch.cuts, batch.dp_size):
-            frames = [self.features.num_frames(c.duration) for c in shard]
+            frames = [self.num_frames(c.duration) for c in shard]
             real, padded = real + sum(frames), padded + len(frames) * max(frames, default=0)
         return real / padded if padded else 1.0
 
@@ -334,34 +318,11 @@ class MetadataFilter:
         return False
 
 
-@contextlib.contextmanager
-def seeded_rngs(*key: int):
-    """Run a block with python/numpy/torch RNGs seeded from ``key``, then put the previous states
-    back (with ``num_workers=0`` this runs in the training process, whose RNG streams must not move).
-
-    Usage::
-
-        with seeded_rngs(seed, epoch, index, dp_rank):
-            features = spec_augment(features)
-    """
-    seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:4], "little")
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
 def _worker_init(worker_id: int) -> None:
     # torchrun delivers SIGTERM (and a Ctrl-C's SIGINT) to a rank's whole process group, DataLoader
     # workers included. A worker dying of it would fail the rank mid-step; it keeps working
-    # instead, and exits with its rank (which saves a checkpoint first, see common.checkpointing). Augmentation RNGs are
-    # seeded per batch (seeded_rngs), so worker seeds need no setting here.
+    # instead, and exits with its rank (which saves a checkpoint first, see common.checkpointing). Workers draw
+    # no random numbers (SpecAugment runs in the step, seeded per batch), so their seeds need no setting.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -388,6 +349,7 @@ def make_loader(
     max_tokens: int | None = None,
     buffer_size: int = 20000,
     check_tokens: bool = True,
+    pad_samples_to: int = 1,
 ) -> DataLoader:
     """A DataLoader of this rank's shards of bucketed global batches, bad items filtered out.
 
@@ -395,6 +357,10 @@ def make_loader(
     at most ``max_tokens`` LLM positions (padded). Bucket bins are estimated from the data.
     The filter (``loader.metadata_filter``) holds the items it dropped; ``check_tokens`` also drops
     text that encodes to ``<unk>`` (for training targets; validation keeps unseen words as errors).
+    Batches hold padded waveforms; ``loader.features`` (a :class:`BatchFeatures`) turns one into
+    log-mel features (+ SpecAugment when ``spec_augment``) on the device it is on::
+
+        batch = loader.features(batch.to(device), training=True)
     """
     from lhotse.dataset import DynamicBucketingSampler
 
@@ -420,9 +386,8 @@ def make_loader(
         rank=0,
     )
     loader = DataLoader(
-        SpeechTextDataset(tokenizer, num_mel_bins, sample_rate, spec_augment=spec_augment,
-                          normalize_features=normalize_features, token_alignment=token_alignment,
-                          on_bad_item=on_bad_item, seed=seed, token_budget=token_budget),
+        SpeechTextDataset(tokenizer, sample_rate, token_alignment=token_alignment, on_bad_item=on_bad_item,
+                          token_budget=token_budget, pad_samples_to=pad_samples_to),
         sampler=DataParallelBatchSampler(base, dp_rank, dp_size, metadata_filter=keep if shuffle else None),
         batch_size=None,
         num_workers=num_workers,
@@ -431,6 +396,19 @@ def make_loader(
         # DataLoader iterator (at the start of a run or of an epoch) never moves the training RNG.
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=num_workers > 0,
+        pin_memory=num_workers > 0 and torch.cuda.is_available(),  # asynchronous host-to-device copies
     )
     loader.metadata_filter = keep
+    loader.features = BatchFeatures(num_mel_bins, sample_rate, normalize=normalize_features,
+                                    spec_augment=spec_augment, seed=seed)
     return loader
+
+
+def featurized(loader, training: bool = False):
+    """The batches of a :func:`make_loader` loader with their features, as a training step sees them
+    (tests, benchmarks, tools)::
+
+        batch = next(featurized(make_loader(cuts, tok, dp_rank=0, dp_size=1, max_duration_s=30, shuffle=False, seed=0)))
+    """
+    for batch in loader:
+        yield loader.features(batch, training=training)

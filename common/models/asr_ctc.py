@@ -62,10 +62,11 @@ class CTCASR(nn.Module):
         """Summed CTC loss over this batch's utterances, and the number of target tokens."""
         log_probs, lens = self.encode(batch["input_features"], batch["feature_mask"])
         target_lens = batch["target_lens"]
-        targets = torch.cat([t[:n] for t, n in zip(batch["target_ids"], target_lens)])
-        loss_sum = F.ctc_loss(log_probs.transpose(0, 1), targets, lens, target_lens, blank=self.blank_id,
-                              reduction="sum", zero_infinity=True)
-        return loss_sum, int(target_lens.sum())
+        # Padded (B, S) targets: CTC reads each row up to its length (no per-utterance slicing).
+        loss_sum = F.ctc_loss(log_probs.transpose(0, 1), batch["target_ids"], lens, target_lens,
+                              blank=self.blank_id, reduction="sum", zero_infinity=True)
+        num_tokens = batch["num_target_tokens"] if "num_target_tokens" in batch else int(target_lens.sum())
+        return loss_sum, num_tokens
 
     @torch.no_grad()
     def generate(self, features: torch.Tensor, feature_mask: torch.Tensor) -> list[list[int]]:

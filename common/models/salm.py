@@ -119,36 +119,49 @@ class SALM(nn.Module):
         )
 
     # --- model ---------------------------------------------------------------------------------
-    def encode_audio(self, features: torch.Tensor, feature_mask: torch.Tensor, targets=None):
+    def encode_audio(self, features: torch.Tensor, feature_mask: torch.Tensor, targets=None, target_lens=None):
         out = self.encoder(input_features=features, attention_mask=feature_mask.long())
         lens = out.attention_mask.sum(-1)
         audio, audio_lens = self.projector(out.last_hidden_state, lens)
         if targets is None or self.ctc_head is None:
             return audio, audio_lens, None
-        # CTC over the transcript words (no <eos>); the pad id serves as the blank.
-        words = [t[:-1] for t in targets]
+        # CTC over the transcript words (the padded targets minus their <eos>); the pad id is the blank.
         log_probs = self.ctc_head(out.last_hidden_state).float().log_softmax(-1).transpose(0, 1)
-        flat = torch.tensor([w for ws in words for w in ws], dtype=torch.long, device=features.device)
-        ctc = F.ctc_loss(log_probs, flat, lens, torch.tensor([len(w) for w in words], device=features.device),
-                         blank=self.pad_id, reduction="sum", zero_infinity=True)
+        ctc = F.ctc_loss(log_probs, targets, lens, target_lens - 1, blank=self.pad_id, reduction="sum",
+                         zero_infinity=True)
         return audio, audio_lens, ctc
 
-    def _embed(self, audio, audio_lens, token_seqs: list[list[int]]):
-        """Embeddings of ``<bos> audio-frames prompt tokens...`` per sample, right-padded."""
-        prefix = [self.bos_id]
-        lens = [len(prefix) + int(n) + len(self.prompt_ids) + len(t) for n, t in zip(audio_lens, token_seqs)]
-        m = math.lcm(self.parallel_hooks.seq_len_multiple, self.pad_to_multiple_of)
-        seq_len = math.ceil(max(lens) / m) * m
-        ids = torch.full((len(token_seqs), seq_len), self.pad_id, dtype=torch.long, device=audio.device)
-        is_audio = torch.zeros_like(ids, dtype=torch.bool)
-        for i, (n, toks) in enumerate(zip(audio_lens.tolist(), token_seqs)):
-            row = prefix + [self.audio_id] * n + self.prompt_ids + list(toks)
-            ids[i, : len(row)] = torch.tensor(row, device=ids.device)
-            is_audio[i, len(prefix) : len(prefix) + n] = True
+    def _sequence(self, audio, audio_lens, answer, answer_lens, width: int, offset=None):
+        """Embeddings and token ids of ``<bos> audio-frames prompt answer`` per row, in ``width``
+        columns, all rows at once (no per-utterance loop): row ``i`` starts at column ``offset[i]``
+        (0: right-padded for training; left-padded prefixes for cached generation).
+
+        Returns ``(embeds (B, width, D), ids (B, width), in_answer (B, width) bool)``.
+        """
+        b, dev = audio.shape[0], audio.device
+        pos = torch.arange(width, device=dev)[None, :] - (0 if offset is None else offset[:, None])  # in-row position
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long, device=dev)
+        ids = torch.where(pos == 0, self.bos_id, ids)
+        num_prompt = len(self.prompt_ids)
+        if num_prompt:
+            rel = pos - 1 - audio_lens[:, None]
+            prompt = torch.tensor(self.prompt_ids, device=dev)
+            ids = torch.where((rel >= 0) & (rel < num_prompt), prompt[rel.clamp(0, num_prompt - 1)], ids)
+        rel = pos - 1 - audio_lens[:, None] - num_prompt
+        in_answer = (rel >= 0) & (rel < answer_lens[:, None])
+        if answer.shape[1]:
+            ids = torch.where(in_answer, answer.gather(1, rel.clamp(0, answer.shape[1] - 1)), ids)
         embeds = self.llm.get_input_embeddings()(ids)
-        valid = torch.arange(audio.shape[1], device=audio.device)[None, :] < audio_lens[:, None]
-        embeds = embeds.masked_scatter(is_audio[..., None], audio[valid].to(embeds.dtype))
-        return embeds, ids, lens
+        # Audio frame j of row i goes to in-row position 1 + j: one gather, one select.
+        is_audio = (pos >= 1) & (pos < 1 + audio_lens[:, None])
+        frame = (pos - 1).clamp(0, audio.shape[1] - 1).expand(b, -1)  # gather needs the batch dim spelled out
+        frames = audio.gather(1, frame[..., None].expand(-1, -1, audio.shape[-1]))
+        embeds = torch.where(is_audio[..., None], frames.to(embeds.dtype), embeds)
+        return embeds, ids, in_answer
+
+    def _padded_width(self, longest: int) -> int:
+        m = math.lcm(self.parallel_hooks.seq_len_multiple, self.pad_to_multiple_of)
+        return math.ceil(longest / m) * m
 
     def _logits(self, embeds):
         hidden = self.llm.get_decoder()(inputs_embeds=embeds, use_cache=False).last_hidden_state
@@ -156,13 +169,15 @@ class SALM(nn.Module):
 
     def forward(self, batch) -> tuple[torch.Tensor, int]:
         """Summed cross-entropy over this batch's answer tokens, and their number."""
-        targets = [t[:n].tolist() for t, n in zip(batch["target_ids"], batch["target_lens"])]
-        audio, audio_lens, ctc_sum = self.encode_audio(batch["input_features"], batch["feature_mask"], targets)
-        embeds, ids, _ = self._embed(audio, audio_lens, targets)
-        labels = torch.full_like(ids, IGNORE)
-        for i, (n, t) in enumerate(zip(audio_lens.tolist(), targets)):
-            start = 1 + n + len(self.prompt_ids)  # first answer token; predicted from position start - 1
-            labels[i, start - 1 : start - 1 + len(t)] = torch.tensor(t, device=ids.device)
+        targets, target_lens = batch["target_ids"], batch["target_lens"]
+        audio, audio_lens, ctc_sum = self.encode_audio(batch["input_features"], batch["feature_mask"], targets,
+                                                       target_lens)
+        lens = 1 + audio_lens + len(self.prompt_ids) + target_lens
+        width = self._padded_width(int(lens.max()))  # the step's one host sync: the padded sequence length
+        embeds, ids, in_answer = self._sequence(audio, audio_lens, targets, target_lens, width)
+        # Position j predicts token j + 1: labels are the answer tokens, shifted left by one.
+        labels = torch.where(in_answer[:, 1:], ids[:, 1:], IGNORE)
+        labels = F.pad(labels, (0, 1), value=IGNORE)
         logits = self._logits(embeds)
         with self.parallel_hooks.loss_context():
             loss_sum = F.cross_entropy(
@@ -171,22 +186,50 @@ class SALM(nn.Module):
         loss_sum = self.parallel_hooks.full_tensor(loss_sum)  # a replicated DTensor under loss parallel
         if ctc_sum is not None:
             loss_sum = loss_sum + self.ctc_weight * ctc_sum
-        return loss_sum, int(sum(len(t) for t in targets))
+        num_tokens = batch["num_target_tokens"] if "num_target_tokens" in batch else int(target_lens.sum())
+        return loss_sum, num_tokens
 
     @torch.no_grad()
     def generate(self, features, feature_mask, max_new_tokens: int | None = None) -> list[list[int]]:
-        """Greedy decoding.
+        """Greedy decoding with the LLM's KV cache: the prefix once, then one position per new token.
 
-        Always runs exactly ``max_new_tokens`` steps (no early stop): under FSDP/TP every rank must
-        run the same number of forward passes, or the collectives inside them would deadlock.
+        Prefixes are left-padded (position ids and the attention mask skip the padding), so every
+        row's next token sits in the same column. Always runs exactly ``max_new_tokens`` steps (no
+        early stop): under FSDP/TP every rank must run the same number of forward passes, or the
+        collectives inside them would deadlock. Under sequence parallelism a step feeds
+        ``tp`` positions (the new token + padding; sequence shards must be equal) and the cache is
+        cropped back to the real token.
         """
+        from transformers import DynamicCache
+
+        steps = max_new_tokens or self.max_new_tokens
         audio, audio_lens, _ = self.encode_audio(features, feature_mask)
-        out: list[list[int]] = [[] for _ in range(features.shape[0])]
-        for _ in range(max_new_tokens or self.max_new_tokens):
-            embeds, _, lens = self._embed(audio, audio_lens, out)
-            logits = self.parallel_hooks.full_tensor(self._logits(embeds))
-            last = torch.tensor(lens, device=logits.device) - 1
-            nxt = logits[torch.arange(len(out), device=logits.device), last].argmax(-1).tolist()
-            for seq, tok in zip(out, nxt):
-                seq.append(tok)
+        b, dev = audio.shape[0], audio.device
+        prefix_lens = 1 + audio_lens + len(self.prompt_ids)
+        width = self._padded_width(int(prefix_lens.max()))
+        offset = width - prefix_lens
+        no_answer = torch.zeros(b, 0, dtype=torch.long, device=dev)
+        embeds, _, _ = self._sequence(audio, audio_lens, no_answer, torch.zeros_like(audio_lens), width, offset)
+        attention = (torch.arange(width, device=dev)[None, :] >= offset[:, None]).long()
+        positions = (torch.arange(width, device=dev)[None, :] - offset[:, None]).clamp(min=0)
+        decoder, cache = self.llm.get_decoder(), DynamicCache(config=self.llm.config)
+        hidden = decoder(inputs_embeds=embeds, attention_mask=attention, position_ids=positions,
+                         past_key_values=cache, use_cache=True).last_hidden_state
+        logits = self.parallel_hooks.full_tensor(self.llm.lm_head(hidden))
+        tokens = [logits[:, -1].argmax(-1)]
+        chunk = self.parallel_hooks.seq_len_multiple
+        for _ in range(steps - 1):
+            step_ids = torch.full((b, chunk), self.pad_id, dtype=torch.long, device=dev)
+            step_ids[:, 0] = tokens[-1]
+            past = attention.shape[1]
+            attention = torch.cat([attention, torch.ones(b, chunk, dtype=torch.long, device=dev)], dim=1)
+            positions = positions[:, -1:] + 1 + torch.arange(chunk, device=dev)[None, :]
+            hidden = decoder(inputs_embeds=self.llm.get_input_embeddings()(step_ids), attention_mask=attention,
+                             position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+            logits = self.parallel_hooks.full_tensor(self.llm.lm_head(hidden))
+            tokens.append(logits[:, 0].argmax(-1))
+            if chunk > 1:  # keep only the real token's keys and values
+                cache.crop(-(chunk - 1))  # negative: tokens to drop (transformers 4.x and 5.x alike)
+                attention, positions = attention[:, : past + 1], positions[:, :1]
+        out = torch.stack(tokens, dim=1).tolist()  # one copy to the host at the end
         return [seq[: seq.index(self.eos_id)] if self.eos_id in seq else seq for seq in out]

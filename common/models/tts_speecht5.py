@@ -124,7 +124,7 @@ class SpeechT5TTS(nn.Module):
             # Per decoder step (r frames), averaged over the guided heads.
             ga = (attn * w[:, None, None]).sum() / (attn.shape[1] * attn.shape[2]) * self.r
             loss_sum = loss_sum + self.guided_attention_weight * ga
-        num_frames = int(frame_lens.sum())
+        num_frames = batch["num_frames"] if "num_frames" in batch else int(frame_lens.sum())  # no host sync
         # Sums over this batch's frames (the TrainingModule divides by the global frame count).
         self.last_sums = {"mel_loss": (l1_after.detach() / mel.shape[-1], num_frames),
                           "stop_loss": (bce_sum.detach(), num_frames)}

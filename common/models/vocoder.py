@@ -1,4 +1,4 @@
-"""Griffin-Lim vocoder for the raw log-mel frames of :class:`common.data.loading.LogMel`.
+"""Griffin-Lim vocoder for the raw log-mel frames of :class:`common.data.features.BatchFeatures` (``normalize=False``).
 
 No training and no weights: the mel power is mapped back to linear frequencies with the
 least-squares inverse of lhotse's own filterbank, and the phase is estimated by Griffin-Lim

@@ -4,7 +4,7 @@ import pytest
 import torch
 from lhotse import CutSet
 
-from common.data.loading import make_loader
+from common.data.loading import featurized, make_loader
 from common.data.tokenizer import WordTokenizer
 from common.models.encoder import ChannelLayerNorm
 from common.models.salm import SALM
@@ -16,12 +16,12 @@ def setup(tiny_corpus, salm_cfg):
     tok = WordTokenizer.build((c.supervisions[0].text for c in cuts), extra_words=["transcribe"])
     torch.manual_seed(0)
     model = SALM(salm_cfg.model, tok).eval()
-    batch = next(iter(make_loader(cuts, tok, dp_rank=0, dp_size=1, max_duration_s=12, shuffle=False, seed=0)))
+    batch = next(featurized(make_loader(cuts, tok, dp_rank=0, dp_size=1, max_duration_s=12, shuffle=False, seed=0)))
     return model, tok, batch
 
 
 def _take(batch, idx):
-    out = dict(batch)
+    out = {k: v for k, v in batch.items() if k != "num_target_tokens"}
     for key in ("input_features", "feature_mask", "target_ids", "target_lens"):
         out[key] = batch[key][idx]
     n = int(out["feature_mask"].sum(1).max())
@@ -56,6 +56,67 @@ def test_greedy_decoding_runs_fixed_steps_and_stops_at_eos(setup):
     hyps = model.generate(batch["input_features"], batch["feature_mask"], max_new_tokens=4)
     assert len(hyps) == batch["input_features"].shape[0]
     assert all(len(h) <= 4 and tok.eos_id not in h for h in hyps)
+
+
+def _row_by_row(model, audio, audio_lens, targets, target_lens):
+    """The per-utterance construction the batched one replaced: ids, labels, audio positions."""
+    rows = []
+    for i in range(audio.shape[0]):
+        n, t = int(audio_lens[i]), targets[i, : int(target_lens[i])].tolist()
+        ids = [model.bos_id] + [model.pad_id] * n + model.prompt_ids + t
+        start = 1 + n + len(model.prompt_ids)
+        labels = [-100] * (start - 1) + t + [-100]
+        rows.append((ids, labels, n))
+    return rows
+
+
+def test_batched_sequence_equals_the_row_by_row_construction(setup):
+    model, _, batch = setup
+    targets, target_lens = batch["target_ids"], batch["target_lens"]
+    with torch.no_grad():
+        audio, audio_lens, _ = model.encode_audio(batch["input_features"], batch["feature_mask"])
+        width = int((1 + audio_lens + len(model.prompt_ids) + target_lens).max()) + 3
+        embeds, ids, in_answer = model._sequence(audio, audio_lens, targets, target_lens, width)
+        table = model.llm.get_input_embeddings()
+        for i, (row_ids, row_labels, n) in enumerate(_row_by_row(model, audio, audio_lens, targets, target_lens)):
+            k = len(row_ids)
+            assert ids[i, :k].tolist() == row_ids and (ids[i, k:] == model.pad_id).all()
+            labels = torch.where(in_answer[i, 1:], ids[i, 1:], -100).tolist() + [-100]
+            assert labels[:k] == row_labels and set(labels[k:]) <= {-100}
+            assert torch.equal(embeds[i, 1 : 1 + n], audio[i, :n])  # the projected frames, in order
+            assert torch.equal(embeds[i, 1 + n : k], table(torch.tensor(row_ids[1 + n :])))
+            assert torch.equal(embeds[i, 0], table.weight[model.bos_id])
+
+
+def _greedy_without_cache(model, features, mask, steps):
+    """Reference greedy decoding: the whole sequence again for every new token."""
+    audio, audio_lens, _ = model.encode_audio(features, mask)
+    out = torch.zeros(audio.shape[0], 0, dtype=torch.long)
+    for _ in range(steps):
+        lens = 1 + audio_lens + len(model.prompt_ids) + out.shape[1]
+        embeds, _, _ = model._sequence(audio, audio_lens, out, torch.full_like(audio_lens, out.shape[1]),
+                                       int(lens.max()))
+        logits = model._logits(embeds)
+        nxt = logits[torch.arange(len(lens)), lens - 1].argmax(-1)
+        out = torch.cat([out, nxt[:, None]], dim=1)
+    return out.tolist()
+
+
+@pytest.mark.parametrize("seq_len_multiple", [1, 2, 4])
+def test_cached_generate_equals_recomputing_the_sequence(setup, seq_len_multiple):
+    """KV-cache greedy decoding (left-padded prefixes; under sequence parallelism a step feeds
+    ``tp`` positions and crops the cache) picks exactly the tokens full recomputation picks."""
+    model, tok, batch = setup
+    with torch.no_grad():
+        reference = _greedy_without_cache(model, batch["input_features"], batch["feature_mask"], 6)
+        model.parallel_hooks.seq_len_multiple = seq_len_multiple
+        try:
+            cached = model.generate(batch["input_features"], batch["feature_mask"], max_new_tokens=6)
+        finally:
+            model.parallel_hooks.seq_len_multiple = 1
+    eos = tok.eos_id
+    assert len({tuple(r) for r in reference}) > 1  # not a degenerate constant output
+    assert cached == [seq[: seq.index(eos)] if eos in seq else seq for seq in reference]
 
 
 def test_freeze_by_pattern(tiny_corpus, salm_cfg):

@@ -5,7 +5,8 @@ import pytest
 import torch
 from lhotse import CutSet
 
-from common.data.loading import LogMel, make_loader
+from common.data.features import BatchFeatures
+from common.data.loading import featurized, make_loader
 from common.data.tokenizer import BPETokenizer
 from common.models.tts_speecht5 import SpeechT5TTS
 from tests.conftest import recipe_config
@@ -18,7 +19,7 @@ def setup(tiny_corpus):
     tok = BPETokenizer.build((c.supervisions[0].text for c in cuts), vocab_size=cfg.model.tokenizer.vocab_size)
     torch.manual_seed(0)
     model = SpeechT5TTS(cfg.model, tok, num_mel_bins=cfg.data.num_mel_bins).eval()
-    batch = next(iter(make_loader(cuts, tok, dp_rank=0, dp_size=1, max_duration_s=8, shuffle=False, seed=0,
+    batch = next(featurized(make_loader(cuts, tok, dp_rank=0, dp_size=1, max_duration_s=8, shuffle=False, seed=0,
                                   normalize_features=False)))
     return model, tok, batch, cfg
 
@@ -61,10 +62,10 @@ def test_griffin_lim_inverts_the_training_features(tiny_corpus):
     from common.models.vocoder import GriffinLim
 
     audio = CutSet.from_file(tiny_corpus["val"])[0].load_audio()[0]
-    features = LogMel(64, 16000, normalize=False)
-    mel = torch.from_numpy(features(audio))
+    features = BatchFeatures(64, 16000, normalize=False)
+    mel = features.of_waveform(audio)[0][0]
     samples = GriffinLim(64, 16000)(mel)
-    again = torch.from_numpy(features(samples))
+    again = features.of_waveform(samples)[0][0]
     assert samples.dtype == np.float32 and np.abs(samples).max() <= 0.9 + 1e-6
     assert again.shape == mel.shape
     centered = lambda x: x - x.mean()  # noqa: E731 - the vocoder normalizes loudness

@@ -1,0 +1,167 @@
+"""Log-mel features and SpecAugment, computed batched on the training device at the start of a step.
+
+DataLoader workers only decode, resample, downmix and pad waveforms (``audio``, ``audio_lens``);
+:class:`BatchFeatures` turns a whole padded batch into features in a few tensor ops on whatever
+device the batch is on (the GPU in a GPU run, the CPU in a CPU run: the same code):
+
+* log-mel: lhotse's Kaldi-compatible filterbank (``lhotse.Fbank``, 25 ms windows, 10 ms frames,
+  ``snip_edges=False``), applied to frames cut from each utterance as lhotse cuts them from that
+  utterance alone (its own reflected edges, not its neighbours' padding), so the features equal
+  lhotse's per-utterance extraction (fp32, ~1e-6 relative);
+* per-utterance normalisation over its own frames (recognizers) or raw log energies (TTS targets);
+* SpecAugment (training only): lhotse's frequency and time masks, drawn for every utterance at
+  once from a generator seeded by (seed, epoch, global batch index, dp rank), so a resumed run
+  draws exactly the masks the first run drew.
+
+Usage::
+
+    features = BatchFeatures(num_mel_bins=64, sample_rate=16000, spec_augment={"num_frame_masks": 2})
+    batch = features(batch, training=True)   # adds input_features (B, T, bins), feature_mask (B, T)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+
+def frames_of_samples(num_samples, frame_shift_samples: int):
+    """Frames lhotse's Fbank (``snip_edges=False``) makes of ``num_samples`` samples (ints or a tensor)."""
+    return (num_samples + frame_shift_samples // 2) // frame_shift_samples
+
+
+class BatchFeatures:
+    """Padded waveforms -> log-mel features (+ SpecAugment), batched, on the batch's device.
+
+    Not an ``nn.Module`` on purpose: its filterbank and window must stay fp32 when Lightning's
+    ``bf16-true`` precision converts the model, and it has no state to checkpoint.
+    """
+
+    FRAME_SHIFT_S = 0.01
+
+    def __init__(self, num_mel_bins: int = 64, sample_rate: int = 16000, normalize: bool = True,
+                 spec_augment: dict | None = None, seed: int = 0):
+        from lhotse.features.kaldi.layers import Wav2LogFilterBank
+
+        self.num_mel_bins, self.sample_rate, self.normalize, self.seed = num_mel_bins, sample_rate, normalize, seed
+        self.spec_augment = SpecAugmentConfig(**spec_augment) if spec_augment else None
+        # The same configuration as lhotse.Fbank(FbankConfig(num_mel_bins, sample_rate, frame_shift=0.01)).
+        self._cpu = Wav2LogFilterBank(sampling_rate=sample_rate, frame_shift=self.FRAME_SHIFT_S,
+                                      num_filters=num_mel_bins).eval()
+        self._by_device: dict[torch.device, torch.nn.Module] = {}
+        self.window = self._cpu.wav2win._length   # 400 samples at 16 kHz
+        self.shift = self._cpu.wav2win._shift     # 160
+
+    def num_frames(self, num_samples):
+        return frames_of_samples(num_samples, self.shift)
+
+    def _extractor(self, device: torch.device) -> torch.nn.Module:
+        if device not in self._by_device:
+            import copy
+
+            self._by_device[device] = copy.deepcopy(self._cpu).to(device=device, dtype=torch.float32)
+        return self._by_device[device]
+
+    @torch.no_grad()
+    def log_mel(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features (B, T, bins) fp32, zero past each utterance's frames; num_frames (B,))``."""
+        audio = audio.float()
+        batch, device = audio.shape[0], audio.device
+        num_frames = self.num_frames(audio_lens)
+        max_frames = max(int(num_frames.max()) if batch else 0, 1)  # the one host sync: the padded length
+        # Sample index of every (frame, tap), as lhotse frames one utterance: reflect-padded by
+        # (window - shift) // 2 samples on the left and on the right as far as the last frame needs.
+        taps = torch.arange(max_frames, device=device)[:, None] * self.shift + torch.arange(self.window, device=device)
+        k = taps[None] - (self.window - self.shift) // 2                     # (1, T, W)
+        n = audio_lens.to(device)[:, None, None]
+        k = torch.where(k < 0, -k - 1, torch.where(k >= n, 2 * n - 1 - k, k))
+        k = k.clamp(min=0).minimum((n - 1).clamp(min=0))
+        frames = audio.gather(1, k.reshape(batch, -1)).reshape(batch, max_frames, self.window)
+        extractor = self._extractor(device)
+        strided, log_e = extractor.wav2win._forward_strided(frames)
+        feats = extractor._forward_strided(strided, log_e)                    # (B, T, bins)
+        mask = torch.arange(max_frames, device=device)[None, :] < num_frames.to(device)[:, None]
+        if self.normalize:  # per utterance and bin over its own frames (population std, as numpy's)
+            count = mask.sum(1, keepdim=True).clamp(min=1)[..., None]
+            valid = mask[..., None]
+            mean = (feats * valid).sum(1, keepdim=True) / count
+            std = ((((feats - mean) ** 2) * valid).sum(1, keepdim=True) / count).sqrt()
+            feats = (feats - mean) / (std + 1e-5)
+        return feats * mask[..., None], num_frames.to(device)
+
+    def of_waveform(self, samples, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features (1, T, bins), mask (1, T))`` of one mono waveform (numpy or tensor), on ``device``."""
+        wave = torch.as_tensor(samples, dtype=torch.float32).reshape(1, -1).to(device)
+        feats, num_frames = self.log_mel(wave, torch.tensor([wave.shape[1]], device=wave.device))
+        return feats, torch.arange(feats.shape[1], device=feats.device)[None, :] < num_frames[:, None]
+
+    def __call__(self, batch: dict, training: bool = False) -> dict:
+        """Adds ``input_features`` and ``feature_mask`` to a batch holding ``audio`` and ``audio_lens``."""
+        if "audio" not in batch:
+            return batch
+        feats, num_frames = self.log_mel(batch.pop("audio"), batch.pop("audio_lens"))
+        mask = torch.arange(feats.shape[1], device=feats.device)[None, :] < num_frames[:, None]
+        if training and self.spec_augment is not None and not batch.get("substitute"):
+            key = (self.seed, *batch.get("augment_key", (0, 0, 0)))
+            feats = self.spec_augment.apply(feats, num_frames, mask, seeded_generator(key, feats.device))
+        batch["input_features"], batch["feature_mask"] = feats, mask
+        return batch
+
+
+def seeded_generator(key: tuple, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` whose stream is a function of ``key`` only."""
+    seed = int.from_bytes(hashlib.sha256(repr(tuple(int(k) for k in key)).encode()).digest()[:8], "little") >> 1
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class SpecAugmentConfig:
+    """lhotse's ``SpecAugment`` masks (same settings, same meaning), for a whole batch at once.
+
+    Per utterance, with probability ``p``: ``num_feature_masks`` frequency masks of width
+    ``[0, features_mask_size)``, and up to ``num_frame_masks`` time masks of width
+    ``[0, frames_mask_size)``, masking at most ``max_frames_mask_fraction`` of its frames; masked
+    values are the utterance's mean. Time warping is not supported (``time_warp_factor`` must be null).
+    """
+
+    def __init__(self, num_feature_masks: int = 2, features_mask_size: int = 27, num_frame_masks: int = 10,
+                 frames_mask_size: int = 100, max_frames_mask_fraction: float = 0.15, p: float = 0.9,
+                 time_warp_factor: int | None = None):
+        if time_warp_factor:
+            raise ValueError(f"data.spec_augment.time_warp_factor={time_warp_factor}: time warping is not "
+                             "supported by the batched SpecAugment (set it to null)")
+        self.num_feature_masks, self.features_mask_size = int(num_feature_masks), int(features_mask_size)
+        self.num_frame_masks, self.frames_mask_size = int(num_frame_masks), int(frames_mask_size)
+        self.max_frames_mask_fraction, self.p = float(max_frames_mask_fraction), float(p)
+
+    def apply(self, feats: torch.Tensor, num_frames: torch.Tensor, mask: torch.Tensor, gen: torch.Generator):
+        b, t, f = feats.shape
+        dev = feats.device
+        nf, nt = self.num_feature_masks, self.num_frame_masks
+        r = torch.rand(b, 1 + 2 * nf + 2 * nt, generator=gen, device=dev)  # every draw of the batch at once
+        applied = r[:, 0] < self.p
+        lens = num_frames.float()
+        count = (mask.sum(1) * f).clamp(min=1)
+        mean = (feats * mask[..., None]).sum((1, 2)) / count                  # (B,)
+        # Frequency masks: width ~ U{0..size-1}, start ~ U[0, F - width).
+        width = (r[:, 1 : 1 + nf] * self.features_mask_size).floor()
+        start = (r[:, 1 + nf : 1 + 2 * nf] * (f - width)).floor()
+        bins = torch.arange(f, device=dev)[None, None, :]
+        freq = ((bins >= start[..., None]) & (bins < (start + width)[..., None])).any(1)  # (B, F)
+        # Time masks: as many as the fraction allows, each at most its share of it.
+        max_total = self.max_frames_mask_fraction * lens
+        count_t = torch.minimum(torch.full_like(lens, nt), torch.ceil(max_total / self.frames_mask_size)).clamp(min=1)
+        max_width = torch.minimum(torch.full_like(lens, self.frames_mask_size), torch.floor(max_total / count_t))
+        width_t = (r[:, 1 + 2 * nf : 1 + 2 * nf + nt] * max_width[:, None]).floor()
+        start_t = (r[:, 1 + 2 * nf + nt :] * (lens[:, None] - width_t)).floor()
+        live = torch.arange(nt, device=dev)[None, :] < count_t[:, None]
+        frames = torch.arange(t, device=dev)[None, None, :]
+        time = ((frames >= start_t[..., None]) & (frames < (start_t + width_t)[..., None]) & live[..., None]).any(1)
+        masked = (freq[:, None, :] | time[:, :, None]) & applied[:, None, None] & mask[..., None]
+        return torch.where(masked, mean[:, None, None], feats)
+
+
+def expected_num_frames(duration_s: float, sample_rate: int) -> int:
+    """Frames of an utterance of ``duration_s`` seconds (from metadata, before any audio is read)."""
+    return frames_of_samples(math.floor(duration_s * sample_rate + 0.5), int(sample_rate * BatchFeatures.FRAME_SHIFT_S))
