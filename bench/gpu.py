@@ -221,7 +221,7 @@ def measure_speech(recipe: str, size_name: str, overrides: list[str], *, batch_s
     data.trainer = SimpleNamespace(strategy=SimpleNamespace(), global_rank=0, world_size=1)
     batches = []
     for batch in data.train_dataloader():
-        batches.append(prec.convert_input({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}))
+        batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
         if len(batches) == num_batches:
             break
     normalizer = getattr(model, "loss_normalizer", "global_num_target_tokens")
@@ -229,7 +229,10 @@ def measure_speech(recipe: str, size_name: str, overrides: list[str], *, batch_s
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             weight_decay=cfg.optim.weight_decay, foreach=True)
 
+    features = data.features["train"]  # log-mel + SpecAugment on the GPU, inside the step as in a run
+
     def step(batch):
+        batch = prec.convert_input(features(dict(batch), training=True))
         with prec.forward_context():
             loss_sum, _ = model(batch)
         (loss_sum / batch[normalizer]).backward()

@@ -191,13 +191,18 @@ def resolve_resume(cfg, run_dir: Path, rank: int = 0) -> tuple[str | None, int]:
 class RunCheckpoint(ModelCheckpoint):
     """ModelCheckpoint, atomic; also saves at the last step and on SIGTERM (then raises ``Preempted``)."""
 
-    def __init__(self, dirpath: Path, every_n_steps: int, keep_last: int, preemption_grace_s: float = 60.0):
+    def __init__(self, dirpath: Path, every_n_steps: int, keep_last: int, preemption_grace_s: float = 60.0,
+                 check_stop_every_n_steps: int = 1):
         super().__init__(dirpath=dirpath, filename="step{step:06d}", auto_insert_metric_name=False,
                          every_n_train_steps=every_n_steps, save_top_k=keep_last, monitor="step", mode="max",
                          save_last=False)
         self.preemption_grace_s = preemption_grace_s
         self._sigterm_at: float | None = None
         self.stop_signal: str | None = None  # "SIGTERM" | "SIGINT" once one arrived
+        # Ranks agree on a signal at log steps only (trainer.log_every_n_steps): an agreement is a
+        # collective and a host sync, which a step should not wait for. The grace period must
+        # cover that many steps.
+        self.check_stop_every = max(1, int(check_stop_every_n_steps))
 
     @property
     def latest_path(self) -> str | None:
@@ -230,7 +235,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     def _stop_requested(self, trainer) -> int:
         """On every rank: 0 (go on), 1 (some rank got SIGTERM) or 2 (some rank got SIGINT); one tiny
-        all-reduce per step."""
+        all-reduce per check."""
         mine = 0.0 if self._sigterm_at is None else (2.0 if self.stop_signal == "SIGINT" else 1.0)
         flag = torch.tensor([mine], device=trainer.strategy.root_device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -238,7 +243,9 @@ class RunCheckpoint(ModelCheckpoint):
         return int(flag.item())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        stop = self._stop_requested(trainer)
+        step = trainer.global_step
+        last = step >= trainer.max_steps > 0
+        stop = self._stop_requested(trainer) if last or step % self.check_stop_every == 0 else 0
         if stop or trainer.global_step >= trainer.max_steps > 0:
             if self._last_global_step_saved != trainer.global_step:
                 self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -42,7 +42,8 @@ class TrainingModule(L.LightningModule):
         self.val_wer = WordErrorRate() if hasattr(model, "generate") else None
         self.val_extra = torch.nn.ModuleDict({name: MeanMetric() for name in getattr(model, "validation_metrics", ())})
         self.loss_normalizer = getattr(model, "loss_normalizer", "global_num_target_tokens")
-        self.last_grad_norm = float("nan")
+        self.last_grad_norm = torch.tensor(float("nan"))
+        self.step_shares: dict[str, torch.Tensor] = {}  # this step's loss shares (summed over ranks by the recorder)
         self.last_lr = float("nan")
         self.last_validation: dict[str, float] = {}
 
@@ -76,11 +77,13 @@ class TrainingModule(L.LightningModule):
             # This rank's shard was unreadable (see common.data.checks): the step runs on silence so that
             # every collective matches, and contributes nothing.
             loss_sum = loss_sum * 0.0
-        # Global-batch loss: sum the per-rank shares over the world; TP ranks hold copies, hence / tp.
-        share = to_local(loss_sum).detach() / global_tokens / tp
-        self.log("train_loss", share, reduce_fx="sum", sync_dist=True, on_step=True, prog_bar=False)
+        # Global-batch loss: the per-rank shares summed over the world (TP ranks hold copies, hence / tp).
+        # Kept on the device: common.recording reduces a window of steps with one collective and one
+        # host copy every trainer.log_every_n_steps steps, instead of a blocking all-reduce per step.
+        shares = {"train_loss": to_local(loss_sum).detach() / global_tokens / tp}
         for name, (total, _) in getattr(self.model, "last_sums", {}).items():  # e.g. TTS mel_loss, stop_loss
-            self.log(f"train_{name}", total / global_tokens / tp, reduce_fx="sum", sync_dist=True, on_step=True)
+            shares[f"train_{name}"] = total.detach() / global_tokens / tp
+        self.step_shares = shares
         return loss_sum * (dp / global_tokens)
 
     def backward(self, loss, *args, **kwargs):
@@ -92,7 +95,8 @@ class TrainingModule(L.LightningModule):
         self.last_lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
         max_norm = self.optim_cfg.get("max_grad_norm")
         params = [p for p in self.parameters() if p.grad is not None]
-        self.last_grad_norm = float(clip_grad_norm_(params, max_norm) if max_norm else grad_norm(params))
+        # A device tensor (the same on every rank): read with the step's other values, no sync here.
+        self.last_grad_norm = (clip_grad_norm_(params, max_norm) if max_norm else grad_norm(params)).detach()
 
     def configure_optimizers(self):
         opt, sched = build_optimizer([p for p in self.parameters() if p.requires_grad], self.optim_cfg,

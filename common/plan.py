@@ -3,7 +3,7 @@
 Usage (what ``make plan RECIPE=... GPUS_PER_NODE=... NODES=... ARGS=...`` runs)::
 
     python -m common.plan --recipe salm_tp_fsdp2 --gpus-per-node 8 --nodes 2 \\
-        [--gpu-memory-gib 80] [--precision bf16-true] [--tokenizer RUN_DIR/tokenizer] [--json] \\
+        [--gpu-memory-gib 80] [--precision auto|bf16-true] [--tokenizer RUN_DIR/tokenizer] [--json] \\
         model.llm.hidden_size=2048 model.llm.num_hidden_layers=28 ...   # any Hydra overrides
 
 The model is built exactly as ``common.train`` builds it, but on the ``meta`` device (no weights
@@ -202,9 +202,10 @@ def state_bytes(model, strategy: str, dp: int, tp: int, param_bytes: int, sequen
     return ranks
 
 
-def fsdp_buffer_bytes(model, dp: int, tp: int, param_bytes: int) -> int:
-    """Two gathered copies of the largest FSDP2 unit (params + grads of the TP-local tensors)."""
-    if dp == 1:
+def fsdp_buffer_bytes(model, dp: int, tp: int, param_bytes: int, policy: bool = False) -> int:
+    """Two gathered copies of the largest FSDP2 unit (params + grads of the TP-local tensors), in the
+    compute dtype. Under the bf16-compute policy FSDP2 gathers even at dp=1 (a bf16 copy of the unit)."""
+    if dp == 1 and not policy:
         return 0
     from common.parallel import fsdp_units
 
@@ -311,13 +312,17 @@ def recommend(layouts: list[dict], gpu_memory_gib: float) -> tuple[str | None, s
                   "/ data.max_tokens")
 
 
-def plan(recipe: str, gpus_per_node: int, nodes: int = 1, overrides=(), precision: str = "bf16-true",
+def plan(recipe: str, gpus_per_node: int, nodes: int = 1, overrides=(), precision: str = "auto",
          gpu_memory_gib: float = 80.0, tokenizer=None, vocab_size: int | None = None) -> dict:
+    cfg = compose(recipe, overrides)
+    if precision == "auto":  # what a GPU run uses by default: fp32 master weights, bf16 compute
+        from common.parallel.layout import gpu_precision
+
+        precision = gpu_precision(cfg.trainer.strategy.get("_target_"))
     if precision not in PRECISIONS:
         raise PlanError(f"--precision {precision!r} is not known (known: {', '.join(PRECISIONS)})")
     if gpus_per_node < 1 or nodes < 1:
         raise PlanError(f"--gpus-per-node ({gpus_per_node}) and --nodes ({nodes}) must be positive")
-    cfg = compose(recipe, overrides)
     model, tok = build_meta_model(cfg, tokenizer)
     if vocab_size:
         if not hasattr(model, "llm"):
@@ -327,8 +332,10 @@ def plan(recipe: str, gpus_per_node: int, nodes: int = 1, overrides=(), precisio
             model.llm.resize_token_embeddings(vocab_size, mean_resizing=False)
         tok = type("Vocab", (), {"vocab_size": vocab_size})()
     param_b, act_b = PRECISIONS[precision]
-    if cfg.get("parallel") and cfg.parallel.get("mixed_precision") is True:
-        act_b = min(act_b, 2)  # FSDP2's bf16 compute policy
+    gather_b = param_b
+    policy = cfg.get("parallel", {}).get("mixed_precision", False)
+    if policy is True or (policy == "auto" and precision in ("32-true", "32")):
+        act_b = gather_b = min(act_b, 2)  # FSDP2's bf16 compute policy: bf16 activations and gathered units
     seq_par = bool(cfg.get("parallel", {}).get("sequence_parallel", True))
     valid, skipped = enumerate_layouts(cfg, model, tok.vocab_size, gpus_per_node, nodes)
     layouts = []
@@ -338,7 +345,8 @@ def plan(recipe: str, gpus_per_node: int, nodes: int = 1, overrides=(), precisio
                "dp": dp, "tp": tp, "per_rank": ranks,
                **{k: max(r[k] for r in ranks) for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes")},
                "activation_bytes": activation_bytes(cfg, model, dp, tp, act_b),
-               "buffer_bytes": fsdp_buffer_bytes(model, dp, tp, param_b) if strategy == "model_parallel" else 0}
+               "buffer_bytes": (fsdp_buffer_bytes(model, dp, tp, gather_b, policy=gather_b != param_b)
+                                if strategy == "model_parallel" else 0)}
         row["total_bytes"] = max(r["param_bytes"] + r["grad_bytes"] + r["optimizer_state_bytes"] for r in ranks) \
             + row["activation_bytes"] + row["buffer_bytes"]
         row["fits"] = row["total_bytes"] <= gpu_memory_gib * GIB
@@ -374,7 +382,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gpus-per-node", type=int, required=True)
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
-    parser.add_argument("--precision", default="bf16-true", help=f"one of {', '.join(PRECISIONS)}")
+    parser.add_argument("--precision", default="auto",
+                        help=f"auto (the GPU default: fp32 weights, bf16 compute) or one of {', '.join(PRECISIONS)}")
     parser.add_argument("--tokenizer", help="a run's saved tokenizer/ directory (default: built as the run would)")
     parser.add_argument("--vocab-size", type=int, help="SALM: the backbone's vocabulary (e.g. 151936 for Qwen3) "
                         "instead of the generated corpus's words")

@@ -62,8 +62,16 @@ def device_info(device: torch.device) -> dict:
 
 
 class RunRecorder(L.Callback):
+    """Rows of ``metrics.jsonl``/``validation.jsonl``, wandb points, progress lines, throughput and MFU.
+
+    Every step gets its row, but the loss values stay on the device until a *log step* (every
+    ``log_every_n_steps``, the last step, a checkpoint): then the window's values of every rank are
+    summed with one all-reduce and copied to the host once, as torchtitan logs. No step waits for
+    the device or for the other ranks just to be logged.
+    """
+
     def __init__(self, run_dir: Path, print_every_n_steps: int = 10, warmup_steps: int = 3,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, log_every_n_steps: int = 1):
         self.run_dir = Path(run_dir)
         # Rows of earlier attempts that this run continues (the summary describes the whole run).
         self.earlier_history: list[dict] = []
@@ -75,26 +83,39 @@ class RunRecorder(L.Callback):
             self.earlier_history = _keep_rows_up_to(self.run_dir / "metrics.jsonl", resume_step)
             self.earlier_validations = _keep_rows_up_to(self.run_dir / "validation.jsonl", resume_step)
         self.print_every = print_every_n_steps
+        self.log_every = max(1, int(log_every_n_steps))
         self.warmup_steps = warmup_steps
         self.history: list[dict] = []
         self.validations: list[dict] = []
+        self.pending: list[tuple[dict, list[str], torch.Tensor]] = []  # rows whose values are on the device
         self.t_start = self.t_warm = None
-        self.utts_warm = self.audio_warm = self.tokens_warm = 0.0
+        self.utts_warm = self.audio_warm = self.tokens_warm = self.flops_warm = 0.0
         # Per-step split after warm-up: waiting between steps (the next batch; plus the loop's own
         # bookkeeping) and the step itself (forward, backward, optimizer, with their collectives).
         self.t_batch_start = self.t_prev_end = None
         self.data_wait_warm = self.compute_warm = 0.0
         self.per_rank: list[dict] = []
         self.device_info: dict = {}
+        self.model_flops = None   # common.flops.ModelFlops of the model (None: no formula)
+        self.peak_flops = None    # FLOP/s of all ranks together (None: CPU or an unlisted GPU)
 
-    def _write(self, name: str, record: dict, trainer) -> None:
-        if trainer.is_global_zero:
+    def _write(self, name: str, records: list[dict], trainer) -> None:
+        if trainer.is_global_zero and records:
             with open(self.run_dir / name, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write("".join(json.dumps(record) + "\n" for record in records))
 
     def on_train_start(self, trainer, pl_module):
+        from common.flops import ModelFlops, peak_flops
+
         self.t_start = time.perf_counter()
         self.device_info = device_info(pl_module.device)
+        try:
+            self.model_flops = ModelFlops.of(pl_module.model)
+        except ValueError:
+            self.model_flops = None
+        peak = peak_flops(pl_module.device)
+        self.peak_flops = peak * trainer.world_size if peak else None
+        self.device_info["peak_bf16_tflops"] = round(peak / 1e12, 1) if peak else None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.t_batch_start = time.perf_counter()
@@ -102,43 +123,104 @@ class RunRecorder(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         now = time.perf_counter()
+        flops = self.model_flops.training(batch["global_lengths"]) if self.model_flops and "global_lengths" in batch else None
         if step == self.warmup_steps:
             self.t_warm = now
         elif step > self.warmup_steps:
             self.utts_warm += batch["global_num_utterances"]
             self.audio_warm += batch["global_audio_s"]
             self.tokens_warm += batch.get("global_num_llm_tokens", 0)
+            self.flops_warm += flops or 0.0
             self.compute_warm += now - self.t_batch_start
             self.data_wait_warm += self.t_batch_start - (self.t_prev_end or self.t_batch_start)
         self.t_prev_end = now
         record = {
             "step": step,
-            "train_loss": float(trainer.callback_metrics["train_loss"]),
+            "train_loss": None,  # filled in at the next log step
             "lr": pl_module.last_lr,
-            "grad_norm": pl_module.last_grad_norm,
+            "grad_norm": None,
             "utterances": batch["global_num_utterances"],
             "audio_s": round(batch["global_audio_s"], 3),
             "padding_efficiency": round(batch["padding_efficiency"], 4),
             "batch": batch["batch_fingerprint"],  # hash of the global batch's cut ids: same data order?
-            "elapsed_s": round(time.perf_counter() - self.t_start, 3),
-            # Loss components a model reports besides the total (e.g. TTS train_mel_loss, train_stop_loss).
-            **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train_") and k != "train_loss"},
+            "elapsed_s": round(now - self.t_start, 3),
+            **({"model_tflop": round(flops / 1e12, 6)} if flops is not None else {}),
         }
-        self.history.append(record)
-        self._write("metrics.jsonl", record, trainer)
-        if trainer.is_global_zero and (step % self.print_every == 0 or step == trainer.max_steps):
-            log.info("step %d/%d  train_loss %.4f  lr %.2e  %.1fs", step, trainer.max_steps,
-                     record["train_loss"], record["lr"], record["elapsed_s"])
+        # Loss components a model reports besides the total (e.g. TTS train_mel_loss, train_stop_loss).
+        names = list(pl_module.step_shares)
+        device = pl_module.device
+        values = torch.stack([pl_module.step_shares[n].float().reshape(()).to(device) for n in names]
+                             + [torch.as_tensor(pl_module.last_grad_norm, dtype=torch.float32, device=device).reshape(())])
+        self.pending.append((record, names, values))
+        if step % self.log_every == 0 or step >= trainer.max_steps > 0:
+            self.flush(trainer)
+
+    def flush(self, trainer, reduce: bool = True) -> None:
+        """Sum the pending rows' loss shares over every rank (one all-reduce, one copy to the host),
+        then write the rows, log them to wandb and print progress. Every rank calls it at the same
+        step (a log step, a checkpoint, the end); ``reduce=False`` after a failure, when the other
+        ranks may be gone: one process's values are exact, several processes' are left out."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        values = torch.stack([v for _, _, v in pending])  # (steps, values + grad norm)
+        dist = torch.distributed
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if reduce and distributed:
+            shares = values[:, :-1].contiguous()
+            dist.all_reduce(shares)  # grad norms are the same on every rank already
+            values = torch.cat([shares, values[:, -1:]], dim=1)
+        rows = values.tolist()
+        exact = reduce or not distributed
+        for (record, names, _), row in zip(pending, rows):
+            if exact:
+                record.update({name: row[i] for i, name in enumerate(names)})
+                record["grad_norm"] = row[-1]
+            self.history.append(record)
+        records = [r for r, _, _ in pending]
+        self._write("metrics.jsonl", records, trainer)
+        if not trainer.is_global_zero:
+            return
+        window_mfu = self._window_mfu(records)
+        for record in records:
+            metrics = {k: v for k, v in record.items()
+                       if isinstance(v, (int, float)) and k not in ("step", "elapsed_s") and v is not None}
+            if record is records[-1] and window_mfu is not None:
+                metrics["mfu"] = window_mfu  # the wandb series: MFU over the steps since the last log step
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=record["step"])
+            step = record["step"]
+            if (step % self.print_every == 0 or step == trainer.max_steps) and record["train_loss"] is not None:
+                log.info("step %d/%d  train_loss %.4f  lr %.2e  %.1fs", step, trainer.max_steps,
+                         record["train_loss"], record["lr"], record["elapsed_s"])
+
+    def _window_mfu(self, records: list[dict]) -> float | None:
+        """MFU of the steps in ``records`` (wall time from the step before them), past the warm-up."""
+        if not self.peak_flops or len(self.history) <= len(records) or records[0]["step"] <= self.warmup_steps:
+            return None
+        before = self.history[-len(records) - 1]["elapsed_s"]
+        dt = records[-1]["elapsed_s"] - before
+        flops = sum(r.get("model_tflop", 0.0) for r in records) * 1e12
+        return round(flops / dt / self.peak_flops, 4) if dt > 0 else None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Every rank is saving at this step: the rows up to it are reduced and written first, so
+        # metrics.jsonl never misses steps that a resumed run will not train again.
+        self.flush(trainer)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.flush(trainer, reduce=False)  # no collective: a failed peer would never answer
 
     def on_validation_end(self, trainer, pl_module):
         # The sanity check (trainer.num_sanity_val_steps) is recorded as the step-0 validation.
         record = {"step": trainer.global_step, **pl_module.last_validation}
         self.validations.append(record)
-        self._write("validation.jsonl", record, trainer)
+        self._write("validation.jsonl", [record], trainer)
         if trainer.is_global_zero:
             log.info("validation at step %d: %s", record["step"], record)
 
     def on_train_end(self, trainer, pl_module):
+        self.flush(trainer)
         mine = training_state_bytes(pl_module, trainer.optimizers)
         mine["peak_memory_bytes"] = peak_memory_bytes(pl_module.device)
         mine["rank"] = trainer.global_rank
@@ -154,6 +236,7 @@ class RunRecorder(L.Callback):
             return {"utterances_per_s": None, "audio_s_per_s": None, "measured_steps": 0}
         dt = self.history[-1]["elapsed_s"] - (self.t_warm - self.t_start)
         steps = len(self.history) - self.warmup_steps
+        model_flops_per_s = self.flops_warm / dt if dt > 0 and self.flops_warm else None
         return {
             "utterances_per_s": round(self.utts_warm / dt, 3) if dt > 0 else None,
             "audio_s_per_s": round(self.audio_warm / dt, 3) if dt > 0 else None,
@@ -161,6 +244,10 @@ class RunRecorder(L.Callback):
             "step_time_s": round(dt / steps, 4) if steps > 0 else None,
             "data_wait_s": round(self.data_wait_warm / steps, 4) if steps > 0 else None,
             "compute_s": round(self.compute_warm / steps, 4) if steps > 0 else None,
+            # Model FLOPs (common.flops) per second over all ranks, and their share of the devices'
+            # dense bf16 peak (null on CPUs and GPUs without a listed peak).
+            "model_tflops_per_s": round(model_flops_per_s / 1e12, 4) if model_flops_per_s else None,
+            "mfu": round(model_flops_per_s / self.peak_flops, 4) if model_flops_per_s and self.peak_flops else None,
             "measured_steps": steps,
         }
 

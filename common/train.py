@@ -77,14 +77,19 @@ def setup_logging() -> None:
 
 
 def resolve_hardware(cfg: DictConfig) -> None:
-    """``auto`` accelerator/precision: NCCL + bf16-true on GPUs, gloo + fp32 on CPUs."""
+    """``auto`` accelerator/precision: on GPUs NCCL, fp32 master weights and bf16 compute
+    (:func:`common.parallel.layout.gpu_precision`); on CPUs gloo and fp32."""
+    from common.parallel.layout import gpu_precision
+
     gpu = torch.cuda.is_available()
     if cfg.trainer.accelerator == "auto":
         cfg.trainer.accelerator = "gpu" if gpu else "cpu"
+    on_gpu = cfg.trainer.accelerator == "gpu"
     if cfg.trainer.precision == "auto":
-        cfg.trainer.precision = "bf16-true" if cfg.trainer.accelerator == "gpu" else "32-true"
+        cfg.trainer.precision = gpu_precision(cfg.trainer.strategy.get("_target_")) if on_gpu else "32-true"
     if cfg.get("parallel") and cfg.parallel.get("mixed_precision") == "auto":
-        cfg.parallel.mixed_precision = cfg.trainer.accelerator == "gpu"
+        # FSDP2's bf16-compute policy where Lightning keeps fp32 weights (with bf16-true it has nothing to do).
+        cfg.parallel.mixed_precision = on_gpu and str(cfg.trainer.precision) in ("32-true", "32")
     if cfg.trainer.accelerator == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
 
@@ -152,7 +157,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, recorder, resuming: bool, call
         trainer_kwargs["num_sanity_val_steps"] = 0  # the step-0 validation is in validation.jsonl already
     checkpoint = RunCheckpoint(run_dir / "checkpoints", every_n_steps=cfg.checkpoint.every_n_steps,
                                keep_last=cfg.checkpoint.keep_last,
-                               preemption_grace_s=cfg.checkpoint.get("preemption_grace_s", 60))
+                               preemption_grace_s=cfg.checkpoint.get("preemption_grace_s", 60),
+                               check_stop_every_n_steps=cfg.trainer.log_every_n_steps)
     loggers = []
     if cfg.logger.wandb:
         from lightning.pytorch.loggers import WandbLogger
@@ -294,6 +300,7 @@ def train(cfg: DictConfig) -> None:
         tokenizer.save(run_dir / "tokenizer")
         link_latest(run_dir)
     recorder = RunRecorder(run_dir, print_every_n_steps=cfg.run.print_every_n_steps,
+                           log_every_n_steps=cfg.trainer.log_every_n_steps,
                            resume_step=resume_step if ckpt_path else None)
     guard = DataGuard(datamodule, max_bad_item_fraction=cfg.data.get("max_bad_item_fraction", 0.5))
     trainer, checkpoint = build_trainer(cfg, run_dir, recorder, resuming=ckpt_path is not None, callbacks=[guard])

@@ -117,7 +117,10 @@ class SpeechDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # Features of the whole batch at once, on the training device (workers only padded waveforms).
         training = self.trainer is not None and self.trainer.training
-        return self.features["train" if training else "val"](batch, training=training)
+        batch = self.features["train" if training else "val"](batch, training=training)
+        # Lightning cast the batch for the precision before the transfer (bf16-true: bf16); the
+        # features are made here, after it, and get the same cast.
+        return self.trainer.precision_plugin.convert_input(batch) if self.trainer is not None else batch
 
     @property
     def coverage(self) -> list[dict]:

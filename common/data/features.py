@@ -16,7 +16,7 @@ device the batch is on (the GPU in a GPU run, the CPU in a CPU run: the same cod
 Usage::
 
     features = BatchFeatures(num_mel_bins=64, sample_rate=16000, spec_augment={"num_frame_masks": 2})
-    batch = features(batch, training=True)   # adds input_features (B, T, bins), feature_mask (B, T)
+    batch = features(batch, training=True)   # audio -> input_features (B, T, bins), feature_mask (B, T)
 """
 
 from __future__ import annotations
@@ -25,6 +25,27 @@ import hashlib
 import math
 
 import torch
+
+
+class PaddedAudio:
+    """A batch's waveforms (B, samples) fp32 and their lengths, moved to the device as they are.
+
+    Not a bare tensor on purpose: Lightning's ``bf16-true`` converts every floating-point tensor of
+    a batch to bf16 *before* it reaches the device; raw audio must keep fp32 for the filterbank. Its
+    ``to()`` (and ``pin_memory()``) let Lightning and the DataLoader move it like a tensor.
+    """
+
+    def __init__(self, samples: torch.Tensor, lengths: torch.Tensor):
+        self.samples, self.lengths = samples, lengths
+
+    def to(self, *args, **kwargs) -> PaddedAudio:
+        return PaddedAudio(self.samples.to(*args, **kwargs), self.lengths.to(*args, **kwargs))
+
+    def pin_memory(self) -> PaddedAudio:
+        return PaddedAudio(self.samples.pin_memory(), self.lengths.pin_memory())
+
+    def __len__(self) -> int:
+        return self.samples.shape[0]
 
 
 def frames_of_samples(num_samples, frame_shift_samples: int):
@@ -70,7 +91,8 @@ class BatchFeatures:
         audio = audio.float()
         batch, device = audio.shape[0], audio.device
         num_frames = self.num_frames(audio_lens)
-        max_frames = max(int(num_frames.max()) if batch else 0, 1)  # the one host sync: the padded length
+        # From the padded width, a host-side number: no device sync (padding frames are masked).
+        max_frames = max(int(self.num_frames(audio.shape[1])), 1)
         # Sample index of every (frame, tap), as lhotse frames one utterance: reflect-padded by
         # (window - shift) // 2 samples on the left and on the right as far as the last frame needs.
         taps = torch.arange(max_frames, device=device)[:, None] * self.shift + torch.arange(self.window, device=device)
@@ -98,10 +120,11 @@ class BatchFeatures:
         return feats, torch.arange(feats.shape[1], device=feats.device)[None, :] < num_frames[:, None]
 
     def __call__(self, batch: dict, training: bool = False) -> dict:
-        """Adds ``input_features`` and ``feature_mask`` to a batch holding ``audio`` and ``audio_lens``."""
+        """Replaces a batch's ``audio`` (:class:`PaddedAudio`) with ``input_features`` and ``feature_mask``."""
         if "audio" not in batch:
             return batch
-        feats, num_frames = self.log_mel(batch.pop("audio"), batch.pop("audio_lens"))
+        audio = batch.pop("audio")
+        feats, num_frames = self.log_mel(audio.samples, audio.lengths)
         mask = torch.arange(feats.shape[1], device=feats.device)[None, :] < num_frames[:, None]
         if training and self.spec_augment is not None and not batch.get("substitute"):
             key = (self.seed, *batch.get("augment_key", (0, 0, 0)))

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from .checks import ON_BAD_ITEM, BadItem, BadItemError, load_checked, metadata_problem
-from .features import BatchFeatures, frames_of_samples
+from .features import BatchFeatures, PaddedAudio, frames_of_samples
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,8 @@ def load_mono(cut, sample_rate: int) -> np.ndarray:
 class SpeechTextDataset(torch.utils.data.Dataset):
     """Turns a ``GlobalBatch`` into this rank's tensors: padded waveforms + target token ids.
 
-    DataLoader workers only decode, resample, downmix and pad audio (``audio`` (B, samples) fp32,
-    ``audio_lens``); log-mel, normalisation and SpecAugment run batched on the training device at
+    DataLoader workers only decode, resample, downmix and pad audio (``audio``: a
+    :class:`~common.data.features.PaddedAudio`, fp32 samples and lengths); log-mel, normalisation and SpecAugment run batched on the training device at
     the start of the step (:class:`common.data.features.BatchFeatures`, applied by the training
     module; ``augment_key`` seeds its masks). Each batch also carries figures about the *global*
     batch (answer tokens, utterances, audio seconds), computed from the cut metadata every rank
@@ -240,8 +240,7 @@ class SpeechTextDataset(torch.utils.data.Dataset):
             audio[i, : len(wave)] = wave
         shift = round(self.sample_rate * FRAME_SHIFT_S)
         return {
-            "audio": audio,
-            "audio_lens": audio_lens,
+            "audio": PaddedAudio(audio, audio_lens),
             "augment_key": (batch.epoch, batch.index, batch.dp_rank),  # seeds SpecAugment (exact resume)
             "target_ids": torch.nn.utils.rnn.pad_sequence(
                 targets, batch_first=True, padding_value=self.tokenizer.pad_id

@@ -172,8 +172,8 @@ class SALM(nn.Module):
         targets, target_lens = batch["target_ids"], batch["target_lens"]
         audio, audio_lens, ctc_sum = self.encode_audio(batch["input_features"], batch["feature_mask"], targets,
                                                        target_lens)
-        lens = 1 + audio_lens + len(self.prompt_ids) + target_lens
-        width = self._padded_width(int(lens.max()))  # the step's one host sync: the padded sequence length
+        # The padded length from tensor shapes (host-side numbers): no device sync in the step.
+        width = self._padded_width(1 + audio.shape[1] + len(self.prompt_ids) + targets.shape[1])
         embeds, ids, in_answer = self._sequence(audio, audio_lens, targets, target_lens, width)
         # Position j predicts token j + 1: labels are the answer tokens, shifted left by one.
         labels = torch.where(in_answer[:, 1:], ids[:, 1:], IGNORE)
@@ -206,7 +206,7 @@ class SALM(nn.Module):
         audio, audio_lens, _ = self.encode_audio(features, feature_mask)
         b, dev = audio.shape[0], audio.device
         prefix_lens = 1 + audio_lens + len(self.prompt_ids)
-        width = self._padded_width(int(prefix_lens.max()))
+        width = self._padded_width(1 + audio.shape[1] + len(self.prompt_ids))
         offset = width - prefix_lens
         no_answer = torch.zeros(b, 0, dtype=torch.long, device=dev)
         embeds, _, _ = self._sequence(audio, audio_lens, no_answer, torch.zeros_like(audio_lens), width, offset)

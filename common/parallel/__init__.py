@@ -80,7 +80,9 @@ def parallelize(model: nn.Module, mesh, options: ParallelOptions) -> nn.Module:
         for blocks in spec.block_lists:
             for block in blocks:
                 block.compile()
-    if dp_size > 1:
+    if dp_size > 1 or (options.mixed_precision and mesh is not None):
+        # Also at dp=1 under the bf16-compute policy: FSDP2 keeps the fp32 weights and casts each unit
+        # to bf16 for its forward and backward (nothing is sharded over one rank).
         _apply_fsdp(model, spec, mesh, options)
     log.info("parallelized %s: tp=%d (sp=%s) dp=%d (FSDP2)", type(model).__name__, tp_size,
              options.sequence_parallel and tp_size > 1, dp_size)

@@ -19,6 +19,15 @@ DDP = "lightning.pytorch.strategies.DDPStrategy"
 STRATEGIES = {MODEL_PARALLEL: "model_parallel", DDP: "ddp"}
 
 
+def gpu_precision(strategy_target: str) -> str:
+    """The GPU default of ``trainer.precision: auto``: fp32 master weights and optimizer state, bf16
+    compute, as torchtitan trains. Under ModelParallelStrategy Lightning keeps fp32 (``32-true``)
+    and FSDP2's ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` computes in bf16 (also
+    at dp=1); under DDP, bf16 autocast (``bf16-mixed``). ``bf16-true`` (bf16 weights and AdamW
+    state: half the memory, NeMo's SALM choice) is an opt-in."""
+    return "32-true" if STRATEGIES.get(strategy_target) == "model_parallel" else "bf16-mixed"
+
+
 class ConfigError(ValueError):
     """A setting that cannot work; the message names the setting and its value."""
 

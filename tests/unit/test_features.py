@@ -5,7 +5,7 @@ import pytest
 import torch
 from lhotse import Fbank, FbankConfig
 
-from common.data.features import BatchFeatures, SpecAugmentConfig
+from common.data.features import BatchFeatures, PaddedAudio, SpecAugmentConfig
 
 LENGTHS = [16000, 3333, 801, 48123, 160, 400, 161]
 
@@ -45,7 +45,7 @@ def _augmented(key, p=1.0):
     _, audio, lens = _batch()
     features = BatchFeatures(64, 16000, spec_augment={"num_feature_masks": 2, "features_mask_size": 8,
                                                       "num_frame_masks": 2, "frames_mask_size": 10, "p": p})
-    batch = features({"audio": audio, "audio_lens": lens, "augment_key": key}, training=True)
+    batch = features({"audio": PaddedAudio(audio, lens), "augment_key": key}, training=True)
     return batch["input_features"], batch["feature_mask"]
 
 
@@ -53,7 +53,7 @@ def test_spec_augment_is_a_function_of_the_batch_key():
     a, mask = _augmented((0, 3, 1))
     b, _ = _augmented((0, 3, 1))
     c, _ = _augmented((0, 4, 1))
-    plain = BatchFeatures(64, 16000)({"audio": _batch()[1], "audio_lens": torch.tensor(LENGTHS)})["input_features"]
+    plain = BatchFeatures(64, 16000)({"audio": PaddedAudio(_batch()[1], torch.tensor(LENGTHS))})["input_features"]
     assert torch.equal(a, b)  # a resumed run draws the same masks
     assert not torch.equal(a, c) and not torch.equal(a, plain)
     assert (a[~mask] == 0).all()  # padding stays zero
@@ -67,8 +67,8 @@ def test_spec_augment_is_a_function_of_the_batch_key():
 def test_spec_augment_off_for_validation_and_p_zero():
     _, audio, lens = _batch()
     features = BatchFeatures(64, 16000, spec_augment={"num_frame_masks": 2, "p": 1.0})
-    val = features({"audio": audio.clone(), "audio_lens": lens}, training=False)["input_features"]
-    plain = BatchFeatures(64, 16000)({"audio": audio.clone(), "audio_lens": lens})["input_features"]
+    val = features({"audio": PaddedAudio(audio, lens)}, training=False)["input_features"]
+    plain = BatchFeatures(64, 16000)({"audio": PaddedAudio(audio, lens)})["input_features"]
     assert torch.equal(val, plain)
     off, _ = _augmented((0, 0, 0), p=0.0)
     assert torch.equal(off, plain)
@@ -85,3 +85,14 @@ def test_of_waveform_matches_the_batch_path():
     one, mask = features.of_waveform(np.asarray(waves[0]))
     batched, _ = features.log_mel(audio, lens)
     assert mask.all() and torch.allclose(one[0], batched[0, : one.shape[1]], atol=1e-5)
+
+
+def test_raw_audio_survives_lightnings_bf16_true_input_cast():
+    """bf16-true casts every float tensor of a batch before the transfer; the waveforms must stay fp32."""
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    _, audio, lens = _batch()
+    batch = HalfPrecision("bf16-true").convert_input({"audio": PaddedAudio(audio, lens)})
+    assert batch["audio"].samples.dtype == torch.float32 and torch.equal(batch["audio"].samples, audio)
+    moved = batch["audio"].to("cpu")
+    assert isinstance(moved, PaddedAudio) and torch.equal(moved.lengths, lens)

@@ -1,4 +1,5 @@
-"""`auto` accelerator/precision: gloo + fp32 on CPU; on GPU bf16-true with the FSDP2 bf16/fp32 policy."""
+"""`auto` accelerator/precision: gloo + fp32 on CPU; on GPU fp32 master weights with bf16 compute
+(FSDP2's bf16/fp32 policy under ModelParallelStrategy, bf16 autocast under DDP); bf16-true is an opt-in."""
 
 import torch
 from omegaconf import OmegaConf
@@ -7,7 +8,8 @@ from common.train import resolve_hardware
 
 
 def _cfg(**trainer):
-    return OmegaConf.create({"trainer": {"accelerator": "auto", "precision": "auto", **trainer},
+    strategy = {"_target_": "lightning.pytorch.strategies.ModelParallelStrategy"}
+    return OmegaConf.create({"trainer": {"accelerator": "auto", "precision": "auto", "strategy": strategy, **trainer},
                              "parallel": {"mixed_precision": "auto"}})
 
 
@@ -22,7 +24,22 @@ def test_gpu_defaults(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cfg = _cfg()
     resolve_hardware(cfg)
-    assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.parallel.mixed_precision) == ("gpu", "bf16-true", True)
+    assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.parallel.mixed_precision) == ("gpu", "32-true", True)
+
+
+def test_gpu_defaults_ddp(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = OmegaConf.create({"trainer": {"accelerator": "auto", "precision": "auto",
+                                        "strategy": {"_target_": "lightning.pytorch.strategies.DDPStrategy"}}})
+    resolve_hardware(cfg)
+    assert cfg.trainer.precision == "bf16-mixed"
+
+
+def test_bf16_true_opt_in_turns_the_fsdp2_policy_off(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = _cfg(precision="bf16-true")
+    resolve_hardware(cfg)
+    assert (cfg.trainer.precision, cfg.parallel.mixed_precision) == ("bf16-true", False)
 
 
 def test_explicit_settings_win(monkeypatch):

@@ -159,3 +159,17 @@ def test_ddp_prediction_matches_a_real_model_and_adamw_step(recipe, corpus_overr
     opt.step()
     measured = training_state_bytes(model, [opt])
     assert {k: predicted[k] for k in measured} == measured
+
+
+def test_auto_precision_is_the_gpu_default(corpus_overrides):
+    """fp32 master weights and AdamW state with bf16 compute (activations, gathered FSDP2 units) by
+    default; bf16-true halves the training state. DDP recipes: bf16 autocast."""
+    auto = plan("salm_fsdp2", 2, overrides=corpus_overrides)
+    bf16 = plan("salm_fsdp2", 2, overrides=corpus_overrides, precision="bf16-true")
+    assert auto["precision"] == "32-true" and plan("asr_ddp", 2, overrides=corpus_overrides)["precision"] == "bf16-mixed"
+    a, b = _layout(auto, 2, 1), _layout(bf16, 2, 1)
+    for key in ("param_bytes", "grad_bytes"):
+        assert a[key] == 2 * b[key]
+    assert a["activation_bytes"] == b["activation_bytes"] and a["buffer_bytes"] == b["buffer_bytes"]
+    # The policy gathers a bf16 copy of each unit even at dp=1.
+    assert _layout(plan("salm_fsdp2", 1, overrides=corpus_overrides), 1, 1)["buffer_bytes"] > 0

@@ -1,0 +1,221 @@
+"""Model FLOPs of a training step, from the lengths of the utterances in its global batch (for MFU).
+
+Counted per utterance on its real (unpadded) lengths, so padding is waste, not work:
+
+* matrix multiplies and convolutions: 2 x multiply-adds (a ``Linear(i, o)`` on T positions: 2 T i o);
+* attention scores and the weighted sum: 2 x 2 T^2 d per layer for T positions of width d (the
+  full square, as PaLM's appendix B and torchtitan count it), plus FastConformer's relative-position
+  term;
+* training = forward + backward. The backward computes input gradients (same FLOPs as the forward,
+  2x for attention) for every part with a trainable parameter in it or before it, and weight
+  gradients (same FLOPs as the forward's matrix multiplies) for trainable weights only: a frozen
+  LLM under LoRA pays its input gradients, not its weight gradients.
+
+MFU = model FLOPs per second / (world size x the device's dense bf16 peak, :data:`PEAK_BF16_TFLOPS`).
+
+Usage::
+
+    flops = ModelFlops.of(model)                          # SALM, CTCASR or SpeechT5TTS
+    step_flops = flops.training(batch["global_lengths"])  # [(feature frames, target tokens), ...]
+    mfu = step_flops / step_s / (world_size * peak_flops(device))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Dense (no sparsity) bf16 tensor-core peak per device, TFLOP/s, from the vendors' data sheets.
+# Matched against torch.cuda.get_device_name(), most specific first. A device not listed has no MFU.
+PEAK_BF16_TFLOPS = (
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),        # SXM (HBM3)
+    ("H800", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.1),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.2),
+)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak in FLOP/s; None on CPUs and unlisted GPUs."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+
+
+@dataclass
+class Part:
+    """Forward FLOPs of one part of a model: matrix multiplies (``weights``) and attention."""
+
+    weights: float = 0.0
+    attention: float = 0.0
+
+    def __iadd__(self, other: Part) -> Part:
+        self.weights += other.weights
+        self.attention += other.attention
+        return self
+
+
+def conv_out(length: int, kernel: int, stride: int, padding: int) -> int:
+    return (length + 2 * padding - kernel) // stride + 1
+
+
+def fastconformer_forward(cfg, frames: int) -> tuple[Part, int]:
+    """Forward FLOPs of a transformers ``ParakeetEncoder`` on ``frames`` log-mel frames, and its output frames."""
+    d, f, m = cfg.hidden_size, cfg.intermediate_size, cfg.num_mel_bins
+    c, k, s = cfg.subsampling_conv_channels, cfg.subsampling_conv_kernel_size, cfg.subsampling_conv_stride
+    pad = (k - 1) // 2
+    part = Part()
+    t, freq = conv_out(frames, k, s, pad), conv_out(m, k, s, pad)
+    part.weights += 2 * k * k * c * t * freq                         # Conv2d(1, c, k, stride)
+    for _ in range(int(math.log2(cfg.subsampling_factor)) - 1):
+        t, freq = conv_out(t, k, s, pad), conv_out(freq, k, s, pad)
+        part.weights += 2 * k * k * c * t * freq + 2 * c * c * t * freq  # depthwise k x k, pointwise 1 x 1
+    part.weights += 2 * t * (c * (m // s ** int(math.log2(cfg.subsampling_factor)))) * d  # to the model width
+    per_frame = 2 * (2 * d * f) + 4 * d * d + 3 * d * d + d * cfg.conv_kernel_size  # 2 FFs, q k v o, convolution
+    for _ in range(cfg.num_hidden_layers):
+        part.weights += 2 * t * per_frame + 2 * (2 * t - 1) * d * d  # + relative position keys (2T-1 of them)
+        part.attention += 2 * t * t * d * 2 + 2 * t * (2 * t - 1) * d  # scores + weighted sum, position scores
+    return part, t
+
+
+def decoder_lm_forward(cfg, positions: int, with_head: bool = True) -> Part:
+    """Forward FLOPs of a transformers decoder-only LM (Llama/Qwen family) on one sequence."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or d // heads
+    per_token = 2 * d * heads * head_dim + 2 * d * kv * head_dim + 3 * d * f  # q, o; k, v; gate, up, down
+    part = Part(weights=2 * positions * cfg.num_hidden_layers * per_token,
+                attention=cfg.num_hidden_layers * 2 * 2 * positions * positions * heads * head_dim)
+    if with_head:
+        part.weights += 2 * positions * d * cfg.vocab_size
+    return part
+
+
+def training_flops(parts: list[tuple[Part, float]]) -> float:
+    """Forward + backward of parts in data-flow order, each with the share of its weights that trains."""
+    total, grad_flows = 0.0, False
+    for part, trainable_share in parts:
+        total += part.weights + part.attention                       # forward
+        grad_flows = grad_flows or trainable_share > 0
+        if grad_flows:
+            total += part.weights + 2 * part.attention               # input gradients
+        total += trainable_share * part.weights                      # weight gradients
+    return total
+
+
+def _trainable_share(modules) -> float:
+    """Share of the weight-matrix parameters (2-D and up) of ``modules`` that train."""
+    total = trains = 0
+    for module in modules:
+        if module is None:
+            continue
+        for p in module.parameters():
+            if p.dim() >= 2:
+                total += p.numel()
+                trains += p.numel() if p.requires_grad else 0
+    return trains / total if total else 0.0
+
+
+class ModelFlops:
+    """Training FLOPs per global batch of a recipe's model (see the module docstring)."""
+
+    def __init__(self, parts_of, trainable: list[float]):
+        self.parts_of, self.trainable = parts_of, trainable
+
+    def forward(self, lengths) -> float:
+        return sum(p.weights + p.attention for p in self._parts(lengths))
+
+    def training(self, lengths) -> float:
+        return training_flops(list(zip(self._parts(lengths), self.trainable)))
+
+    def _parts(self, lengths) -> list[Part]:
+        totals = None
+        for frames, tokens in lengths:
+            parts = self.parts_of(int(frames), int(tokens))
+            if totals is None:
+                totals = [Part() for _ in parts]
+            for total, part in zip(totals, parts):
+                total += part
+        return totals or []
+
+    @classmethod
+    def of(cls, model) -> ModelFlops:
+        name = type(model).__name__
+        if name == "SALM":
+            return cls._salm(model)
+        if name == "CTCASR":
+            return cls._ctc(model)
+        if name == "SpeechT5TTS":
+            return cls._speecht5(model)
+        raise ValueError(f"no FLOPs formula for {name}")
+
+    @classmethod
+    def _salm(cls, model) -> ModelFlops:
+        enc, llm_cfg = model.encoder.config, model.llm.config
+        stack = model.projector.stack_frames
+        llm_dim, vocab = llm_cfg.hidden_size, model.llm.get_input_embeddings().num_embeddings
+        prompt = 1 + len(model.prompt_ids)
+        ctc = model.ctc_head is not None
+
+        def parts_of(frames: int, tokens: int) -> list[Part]:
+            encoder, t = fastconformer_forward(enc, frames)
+            if ctc:
+                encoder.weights += 2 * t * enc.hidden_size * vocab
+            audio = math.ceil(t / stack)
+            projector = Part(weights=2 * audio * (enc.hidden_size * stack * llm_dim + llm_dim * llm_dim))
+            positions = audio + prompt + tokens
+            llm = decoder_lm_forward(llm_cfg, positions, with_head=False)
+            llm.weights += 2 * positions * llm_dim * vocab
+            return [encoder, projector, llm]
+
+        trainable = [_trainable_share([model.encoder, model.ctc_head]), _trainable_share([model.projector]),
+                     _trainable_share([model.llm])]
+        return cls(parts_of, trainable)
+
+    @classmethod
+    def _ctc(cls, model) -> ModelFlops:
+        enc, vocab = model.ctc.encoder.config, model.ctc.config.vocab_size
+
+        def parts_of(frames: int, tokens: int) -> list[Part]:
+            encoder, t = fastconformer_forward(enc, frames)
+            encoder.weights += 2 * t * enc.hidden_size * vocab  # the CTC head
+            return [encoder]
+
+        return cls(parts_of, [_trainable_share([model.ctc])])
+
+    @classmethod
+    def _speecht5(cls, model) -> ModelFlops:
+        c = model.config
+        d, r, mel = c.hidden_size, c.reduction_factor, c.num_mel_bins
+        units, k = c.speech_decoder_postnet_units, c.speech_decoder_postnet_kernel
+        prenet_units = c.speech_decoder_prenet_units
+
+        def parts_of(frames: int, tokens: int) -> list[Part]:
+            steps = math.ceil(frames / r)
+            encoder = Part(weights=2 * tokens * c.encoder_layers * (4 * d * d + 2 * d * c.encoder_ffn_dim),
+                           attention=c.encoder_layers * 2 * 2 * tokens * tokens * d)
+            prenet = 2 * steps * (mel * prenet_units + prenet_units * prenet_units * (c.speech_decoder_prenet_layers - 1)
+                                  + prenet_units * d + (d + c.speaker_embedding_dim) * d)
+            per_step = 4 * d * d + 2 * d * d + 2 * d * c.decoder_ffn_dim  # self q k v o, cross q o, FF
+            decoder = Part(weights=prenet + 2 * c.decoder_layers * (steps * per_step + tokens * 2 * d * d),  # cross k v
+                           attention=c.decoder_layers * 2 * 2 * (steps * steps + steps * tokens) * d)
+            post_layers = c.speech_decoder_postnet_layers
+            convs = mel * units + units * units * max(post_layers - 2, 0) + units * mel
+            decoder.weights += 2 * steps * (d * mel * r + d * r) + 2 * steps * r * k * convs
+            return [encoder, decoder]
+
+        return cls(parts_of, [_trainable_share([model.tts.speecht5.encoder]), _trainable_share([model.tts])])
