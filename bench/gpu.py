@@ -52,8 +52,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Dense bf16 tensor-core peaks, TFLOP/s, without sparsity (vendor data sheets).
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
+from common.flops import PEAK_BF16_TFLOPS  # noqa: E402 - dense bf16 peaks by device name (one table)
 
 # Published Qwen3 shapes (config.json of Qwen/Qwen3-0.6B and Qwen/Qwen3-1.7B); weights are random.
 LLM_SIZES = {
@@ -84,11 +83,8 @@ SPEECH_SIZES = {
 
 
 def peak_bf16_tflops(device_name: str) -> float | None:
-    """The dense bf16 peak for a device name (first match in PEAK_BF16_TFLOPS), None if unknown."""
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if all(part in device_name for part in key.split()):
-            return tflops
-    return None
+    """The dense bf16 peak for a device name (first match in common.flops.PEAK_BF16_TFLOPS), None if unknown."""
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in device_name), None)
 
 
 def matmul_params(model: torch.nn.Module) -> int:
@@ -190,14 +186,10 @@ def precision_plugin(precision: str, device):
 
 
 def default_gpu_precision() -> str:
-    """What ``trainer.precision: auto`` becomes on a GPU (common.train.resolve_hardware)."""
-    from omegaconf import OmegaConf
+    """What ``trainer.precision: auto`` becomes on a GPU for the DDP recipes (common.train.resolve_hardware)."""
+    from common.parallel.layout import DDP, gpu_precision
 
-    from common.train import resolve_hardware
-
-    cfg = OmegaConf.create({"trainer": {"accelerator": "gpu", "precision": "auto"}})
-    resolve_hardware(cfg)
-    return cfg.trainer.precision
+    return gpu_precision(DDP)  # the speech models here are the DDP recipes
 
 
 def measure_speech(recipe: str, size_name: str, overrides: list[str], *, batch_s: float, warmup: int, steps: int,
@@ -266,6 +258,100 @@ def measure_speech(recipe: str, size_name: str, overrides: list[str], *, batch_s
     }
 
 
+# (c) The recipes themselves, end to end (common.train in one process: loader workers, features on
+# the device, Lightning, logging), at real sizes, on a realistic-length workload. The SALM case is
+# the issue's: a Qwen3-1.7B-shaped backbone and a 108 M FastConformer (17 x 512, 8x subsampling).
+LONG_UTTERANCES = ["data.generated.min_words=40", "data.generated.max_words=100", "data.generated.num_train=3000",
+                   "data.max_utterance_s=30"]  # 9-25 s utterances (the shipped corpus: about 1 s)
+FASTCONFORMER_108M = ["model.encoder.hidden_size=512", "model.encoder.num_hidden_layers=17",
+                      "model.encoder.num_attention_heads=8", "model.encoder.intermediate_size=2048",
+                      "model.encoder.subsampling_factor=8", "model.encoder.subsampling_conv_channels=256",
+                      "data.num_mel_bins=80"]
+QWEN3_1P7B = [f"model.llm.{k}={v}" for k, v in LLM_SIZES["qwen3-1.7b"].items() if k != "tie_word_embeddings"] + [
+    "model.llm.max_position_embeddings=8192", "model.llm.initializer_range=0.02", "model.projector.stack_frames=1"]
+RECIPE_CASES = {
+    # name: (recipe, overrides, global batch)
+    "salm_1.7b_long_eager": ("salm_fsdp2", [*QWEN3_1P7B, *FASTCONFORMER_108M, *LONG_UTTERANCES], "data.max_duration_s=600"),
+    "salm_1.7b_long_compiled": ("salm_fsdp2", [*QWEN3_1P7B, *FASTCONFORMER_108M, *LONG_UTTERANCES,
+                                               "parallel.compile=true"], "data.max_duration_s=600"),
+    "salm_1.7b_shipped_eager": ("salm_fsdp2", [*QWEN3_1P7B, *FASTCONFORMER_108M], "data.max_duration_s=600"),
+    "salm_1.7b_shipped_compiled": ("salm_fsdp2", [*QWEN3_1P7B, *FASTCONFORMER_108M, "parallel.compile=true"],
+                                   "data.max_duration_s=600"),
+    "asr_109m": ("asr_ddp", SPEECH_SIZES["asr_ddp", "large"], "data.max_duration_s=480"),
+}
+# Goals of the GPU speed issue (one H100/H200), checked against these runs by recipe_goals().
+ASR_109M_BASELINE_AUDIO_S_PER_S = 844.0  # asr_ddp 109 M, 480 s per step, H200, before features moved to the GPU
+
+
+def measure_recipe(case: str, recipe: str, overrides: list[str], *, steps: int = 40, num_workers: int = 4,
+                   timeout_s: int = 1200, out_dir: Path | None = None) -> dict:
+    """One real run of a recipe (``torchrun -m common.train``, one process) and its summary's figures:
+    step split (data wait / compute), MFU, memory, tokens/s, audio s/s. Runs on whatever device
+    ``trainer.accelerator: auto`` finds (a CPU too, with tiny overrides, as the unit test does)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        run_dir = Path(tmp) / case
+        parallel = ["trainer.strategy.data_parallel_size=1", "trainer.strategy.tensor_parallel_size=1"] \
+            if recipe.startswith("salm") else []
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m",
+               "common.train", f"--config-path={ROOT / 'recipes' / recipe}", "--config-name=config",
+               "trainer.devices=1", *parallel, f"trainer.max_steps={steps}", "trainer.limit_val_batches=0",
+               "trainer.num_sanity_val_steps=0", "logger.wandb=false", "checkpoint.at_end=false",
+               f"checkpoint.every_n_steps={10**9}", f"data.num_workers={num_workers}", f"run.output_dir={run_dir}",
+               *overrides]
+        env = {**__import__("os").environ, "RUN_NAME": "", "WANDB_MODE": "disabled"}
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+        if proc.returncode != 0 or not (run_dir / "summary.json").exists():
+            raise RuntimeError(f"{case}: exit {proc.returncode}: {proc.stderr[-1500:]}")
+        summary = json.loads((run_dir / "summary.json").read_text())
+    t = summary["throughput"]
+    peak = max((r["peak_memory_bytes"] for r in summary["memory"]["per_rank"]), default=0)
+    step, wait = t.get("step_time_s"), t.get("data_wait_s")
+    return {
+        "case": case, "recipe": recipe, "device": summary["device"].get("name"), "precision": summary["precision"],
+        "steps": summary["steps"], "measured_steps": t.get("measured_steps"), "num_workers": num_workers,
+        "step_s": step, "data_wait_s": wait, "compute_s": t.get("compute_s"),
+        "data_wait_share": round(wait / step, 4) if step and wait is not None else None,
+        "mfu": t.get("mfu"), "model_tflops_per_s": t.get("model_tflops_per_s"), "tokens_per_s": t.get("tokens_per_s"),
+        "audio_s_per_s": t.get("audio_s_per_s"), "utterances_per_s": t.get("utterances_per_s"),
+        "compiled_graphs": summary.get("compile", {}).get("graphs"),
+        "peak_memory_gb": round(peak / 2**30, 2), "wall_s": round(time.perf_counter() - t0, 1),
+        "padding_efficiency": summary["data"].get("padding_efficiency"),
+    }
+
+
+def recipe_goals(results: list[dict]) -> list[dict]:
+    """The GPU speed goals, each with its measured value and verdict (None: its runs are missing)."""
+    by = {r["case"]: r for r in results if "error" not in r}
+
+    def get(case, key):
+        return by.get(case, {}).get(key)
+
+    def ratio(a, b):
+        return round(a / b, 3) if a and b else None
+
+    goals = []
+
+    def put(name, value, op, target, why):
+        met = None if value is None else (value <= target if op == "<=" else value >= target)
+        goals.append({"goal": name, "value": value, "target": f"{op} {target}", "met": met, "what": why})
+
+    put("data_wait_share", max((r["data_wait_share"] for r in by.values() if r.get("data_wait_share") is not None),
+                               default=None), "<=", 0.02, "data wait / step, worst run, 4 loader workers")
+    put("salm_mfu_compiled", get("salm_1.7b_long_compiled", "mfu"), ">=", 0.40, "SALM 1.7B + 108 M, long utterances")
+    put("salm_mfu_eager", get("salm_1.7b_long_eager", "mfu"), ">=", 0.30, "SALM 1.7B + 108 M, long utterances")
+    for corpus in ("long", "shipped"):
+        put(f"compile_speedup_{corpus}", ratio(get(f"salm_1.7b_{corpus}_eager", "step_s"),
+                                               get(f"salm_1.7b_{corpus}_compiled", "step_s")), ">=", 1.3,
+            f"eager / compiled step time, {corpus} corpus")
+    put("asr_109m_speedup", ratio(get("asr_109m", "audio_s_per_s"), ASR_109M_BASELINE_AUDIO_S_PER_S), ">=", 4.0,
+        f"audio s/s against {ASR_109M_BASELINE_AUDIO_S_PER_S:g} before")
+    return goals
+
+
 def to_markdown(report: dict) -> str:
     env = report["env"]
     lines = [f"# GPU benchmark: {env['device']}", "",
@@ -298,6 +384,22 @@ def to_markdown(report: dict) -> str:
                          f"| {1000 * r['step_s']:.1f} | {r['utterances_per_s']:,.1f} | {r['audio_s_per_s']:,.1f} "
                          f"| {r['peak_memory_gb']} |")
         lines.append("")
+    if report.get("recipes"):
+        lines += ["## The recipes end to end (common.train, one GPU)", "",
+                  "| case | step (ms) | data wait | MFU | model TFLOP/s | tokens/s | audio s/s | graphs | peak mem (GB) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in report["recipes"]:
+            if "error" in r:
+                lines.append(f"| {r['case']} | {r['error']} | | | | | | | |")
+                continue
+            pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+            lines.append(f"| {r['case']} | {1000 * (r['step_s'] or 0):.0f} | {pct(r['data_wait_share'])} | {pct(r['mfu'])} "
+                         f"| {r['model_tflops_per_s']} | {r['tokens_per_s']} | {r['audio_s_per_s']} "
+                         f"| {r['compiled_graphs']} | {r['peak_memory_gb']} |")
+        lines += ["", "| goal | value | target | met |", "|---|---|---|---|"]
+        lines += [f"| {g['goal']} ({g['what']}) | {g['value']} | {g['target']} | {g['met']} |"
+                  for g in recipe_goals(report["recipes"])]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -316,7 +418,9 @@ def _guard(fn, base: dict, **kwargs) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu.json and gpu.md")
-    parser.add_argument("--only", choices=["llm", "speech"], action="append", help="run only these parts")
+    parser.add_argument("--only", choices=["llm", "speech", "recipes"], action="append", help="run only these parts")
+    parser.add_argument("--recipe-cases", nargs="+", default=list(RECIPE_CASES), choices=list(RECIPE_CASES))
+    parser.add_argument("--recipe-steps", type=int, default=40)
     parser.add_argument("--llm-sizes", nargs="+", default=list(LLM_SIZES), choices=list(LLM_SIZES))
     parser.add_argument("--llm-batch", type=int, nargs="+", default=[8, 4], help="batch per size, in order")
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -334,14 +438,14 @@ def main(argv=None) -> int:
         print("error: bench.gpu needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured",
               file=sys.stderr)
         return 2
-    parts = args.only or ["llm", "speech"]
+    parts = args.only or ["llm", "speech", "recipes"]
     name = torch.cuda.get_device_name(0)
     import transformers
 
     peak = args.peak_tflops or peak_bf16_tflops(name)
     report = {"env": {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
                       "transformers": transformers.__version__, "peak_bf16_tflops": peak,
-                      "date": time.strftime("%Y-%m-%d")}, "llm": [], "speech": []}
+                      "date": time.strftime("%Y-%m-%d")}, "llm": [], "speech": [], "recipes": []}
     args.out.mkdir(parents=True, exist_ok=True)
 
     def save(part: str, result: dict) -> None:  # after every case: a run cut short keeps what it measured
@@ -372,6 +476,14 @@ def main(argv=None) -> int:
                                overrides=SPEECH_SIZES[recipe, size_name], batch_s=batch_s, warmup=args.warmup,
                                steps=args.steps, precision=precision)
                     save("speech", r)
+    if "recipes" in parts:
+        for case in args.recipe_cases:
+            recipe, overrides, batch = RECIPE_CASES[case]
+            print(f"recipe run {case}", flush=True)
+            save("recipes", _guard(measure_recipe, {"case": case, "recipe": recipe}, case=case, recipe=recipe,
+                                   overrides=[*overrides, batch], steps=args.recipe_steps))
+        report["recipe_goals"] = recipe_goals(report["recipes"])
+        (args.out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
     print(to_markdown(report))
     print(f"wrote {args.out / 'gpu.json'} and {args.out / 'gpu.md'}")
     return 0

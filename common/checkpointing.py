@@ -192,7 +192,7 @@ class RunCheckpoint(ModelCheckpoint):
     """ModelCheckpoint, atomic; also saves at the last step and on SIGTERM (then raises ``Preempted``)."""
 
     def __init__(self, dirpath: Path, every_n_steps: int, keep_last: int, preemption_grace_s: float = 60.0,
-                 check_stop_every_n_steps: int = 1):
+                 check_stop_every_n_steps: int = 1, at_end: bool = True):
         super().__init__(dirpath=dirpath, filename="step{step:06d}", auto_insert_metric_name=False,
                          every_n_train_steps=every_n_steps, save_top_k=keep_last, monitor="step", mode="max",
                          save_last=False)
@@ -203,6 +203,7 @@ class RunCheckpoint(ModelCheckpoint):
         # collective and a host sync, which a step should not wait for. The grace period must
         # cover that many steps.
         self.check_stop_every = max(1, int(check_stop_every_n_steps))
+        self.at_end = at_end  # False: the end of max_steps saves nothing (benchmarks); a signal still saves
 
     @property
     def latest_path(self) -> str | None:
@@ -247,7 +248,7 @@ class RunCheckpoint(ModelCheckpoint):
         last = step >= trainer.max_steps > 0
         stop = self._stop_requested(trainer) if last or step % self.check_stop_every == 0 else 0
         if stop or trainer.global_step >= trainer.max_steps > 0:
-            if self._last_global_step_saved != trainer.global_step:
+            if (stop or self.at_end) and self._last_global_step_saved != trainer.global_step:
                 self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
             if stop:
                 name = "SIGINT (Ctrl-C)" if stop == 2 else "SIGTERM"

@@ -98,6 +98,7 @@ class RunRecorder(L.Callback):
         self.device_info: dict = {}
         self.model_flops = None   # common.flops.ModelFlops of the model (None: no formula)
         self.peak_flops = None    # FLOP/s of all ranks together (None: CPU or an unlisted GPU)
+        self.compile_graphs = self.compile_graphs_at_warmup = 0  # torch.compile graphs (parallel.compile)
 
     def _write(self, name: str, records: list[dict], trainer) -> None:
         if trainer.is_global_zero and records:
@@ -126,6 +127,9 @@ class RunRecorder(L.Callback):
         flops = self.model_flops.training(batch["global_lengths"]) if self.model_flops and "global_lengths" in batch else None
         if step == self.warmup_steps:
             self.t_warm = now
+            from common.parallel import compiled_graphs
+
+            self.compile_graphs_at_warmup = compiled_graphs()
         elif step > self.warmup_steps:
             self.utts_warm += batch["global_num_utterances"]
             self.audio_warm += batch["global_audio_s"]
@@ -178,6 +182,9 @@ class RunRecorder(L.Callback):
                 record["grad_norm"] = row[-1]
             self.history.append(record)
         records = [r for r, _, _ in pending]
+        self._note_compiles(records[-1]["step"])
+        if self.compile_graphs:
+            records[-1]["compiled_graphs"] = self.compile_graphs  # parallel.compile: the count so far
         self._write("metrics.jsonl", records, trainer)
         if not trainer.is_global_zero:
             return
@@ -193,6 +200,15 @@ class RunRecorder(L.Callback):
             if (step % self.print_every == 0 or step == trainer.max_steps) and record["train_loss"] is not None:
                 log.info("step %d/%d  train_loss %.4f  lr %.2e  %.1fs", step, trainer.max_steps,
                          record["train_loss"], record["lr"], record["elapsed_s"])
+
+    def _note_compiles(self, step: int) -> None:
+        """Log every growth of torch.compile's graph count (a run that keeps recompiling is slow)."""
+        from common.parallel import compiled_graphs
+
+        graphs = compiled_graphs()
+        if graphs != self.compile_graphs:
+            log.info("torch.compile: %d graph(s) compiled by step %d", graphs, step)  # rank 0 logs (setup_logging)
+            self.compile_graphs = graphs
 
     def _window_mfu(self, records: list[dict]) -> float | None:
         """MFU of the steps in ``records`` (wall time from the step before them), past the warm-up."""
@@ -302,6 +318,9 @@ def summarize(cfg, layout, recorder: RunRecorder, *, status: str, error: str | N
         "val_first": _val(validations[0] if validations else None),
         "throughput": throughput,
         "memory": {"per_rank": recorder.per_rank or previous.get("memory", {}).get("per_rank", [])},
+        # torch.compile (parallel.compile): graphs compiled on rank 0, and how many came after warm-up.
+        "compile": {"graphs": recorder.compile_graphs,
+                    "graphs_after_warmup": recorder.compile_graphs - recorder.compile_graphs_at_warmup},
         "data": {
             "skipped": skipped_summary(bad_items or []),
             "padding_efficiency": (round(sum(h["padding_efficiency"] for h in history) / len(history), 4)

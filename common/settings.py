@@ -111,6 +111,19 @@ def check_settings(cfg) -> None:
         raise ConfigError(f"data.feature_normalization must be utterance or none, "
                           f"got {_get(cfg, 'data.feature_normalization')!r}")
 
+    augment = _get(cfg, "data.spec_augment")
+    if augment is not None:
+        from common.data.features import SpecAugmentConfig
+
+        try:
+            SpecAugmentConfig(**dict(augment))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"data.spec_augment: {exc}") from exc
+    words = (_get(cfg, "data.generated.min_words"), _get(cfg, "data.generated.max_words"))
+    if None not in words and not (_is_int(words[0]) and _is_int(words[1]) and 1 <= words[0] <= words[1]):
+        raise ConfigError(f"data.generated.min_words ({words[0]!r}) and max_words ({words[1]!r}) must be whole "
+                          "numbers with 1 <= min_words <= max_words")
+
     _num(cfg, "optim.lr", 0, lo_open=True)
     betas = _get(cfg, "optim.betas")
     if betas is None or len(betas) != 2 or not all(_is_num(b) and 0 <= b < 1 for b in betas):
@@ -123,3 +136,5 @@ def check_settings(cfg) -> None:
     _int(cfg, "checkpoint.every_n_steps", 1)
     _int(cfg, "checkpoint.keep_last", 1, allowed=(-1,))  # -1: keep every checkpoint
     _num(cfg, "checkpoint.preemption_grace_s", 0, lo_open=True)
+    if not isinstance(_get(cfg, "checkpoint.at_end"), (bool, type(None))):
+        raise ConfigError(f"checkpoint.at_end must be true or false, got {_get(cfg, 'checkpoint.at_end')!r}")

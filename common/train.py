@@ -158,7 +158,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, recorder, resuming: bool, call
     checkpoint = RunCheckpoint(run_dir / "checkpoints", every_n_steps=cfg.checkpoint.every_n_steps,
                                keep_last=cfg.checkpoint.keep_last,
                                preemption_grace_s=cfg.checkpoint.get("preemption_grace_s", 60),
-                               check_stop_every_n_steps=cfg.trainer.log_every_n_steps)
+                               check_stop_every_n_steps=cfg.trainer.log_every_n_steps,
+                               at_end=cfg.checkpoint.get("at_end", True) is not False)
     loggers = []
     if cfg.logger.wandb:
         from lightning.pytorch.loggers import WandbLogger
@@ -364,7 +365,8 @@ def prepare_run(cfg: DictConfig, layout, run_dir: Path) -> tuple:
                             run_config=OmegaConf.to_container(cfg, resolve=True))
     check_data_options(cfg)
     datamodule = SpeechDataModule(cfg.data, tokenizer, sources, seed=cfg.seed,
-                                  audio_frames_per_token=audio_frames_per_token(cfg))
+                                  audio_frames_per_token=audio_frames_per_token(cfg),
+                                  pad_to_bucket_edges=bool(cfg.get("parallel", {}).get("compile", False)))
     # The same run.name again continues from its newest readable checkpoint (common.checkpointing).
     ckpt_path, resume_step = resolve_resume(cfg, run_dir, rank=RANK)
     return module, datamodule, tokenizer, model, sources, ckpt_path, resume_step

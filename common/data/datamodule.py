@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 
 
 class SpeechDataModule(L.LightningDataModule):
-    def __init__(self, cfg, tokenizer, sources: dict, seed: int, audio_frames_per_token: int | None = None):
+    def __init__(self, cfg, tokenizer, sources: dict, seed: int, audio_frames_per_token: int | None = None,
+                 pad_to_bucket_edges: bool = False):
         super().__init__()
+        self.pad_to_bucket_edges = pad_to_bucket_edges  # torch.compile: a bounded set of audio lengths
         self.cfg, self.tokenizer, self.sources, self.seed = cfg, tokenizer, sources, seed
         self.audio_frames_per_token = audio_frames_per_token
         self.bad_items: dict[str, dict] = {}
@@ -73,6 +75,7 @@ class SpeechDataModule(L.LightningDataModule):
             max_tokens=max_tokens,
             buffer_size=cfg.get("bucket_buffer_size", 20000),
             check_tokens=train,
+            pad_to_bucket_edges=self.pad_to_bucket_edges,
         )
         self.filters[split] = loader.metadata_filter
         self.features[split] = loader.features

@@ -172,7 +172,7 @@ class SpeechTextDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, tokenizer, sample_rate: int = 16000, token_alignment: bool = False, on_bad_item: str = "skip",
-                 token_budget: TokenBudget | None = None, pad_samples_to: int = 1):
+                 token_budget: TokenBudget | None = None, pad_to_edges_s: list[float] | None = None):
         if on_bad_item not in ON_BAD_ITEM:
             raise ValueError(f"data.on_bad_item must be one of {ON_BAD_ITEM}, got {on_bad_item!r}")
         self.tokenizer = tokenizer
@@ -180,7 +180,8 @@ class SpeechTextDataset(torch.utils.data.Dataset):
         self.on_bad_item = on_bad_item
         self.token_alignment = token_alignment
         self.token_budget = token_budget  # speech-LLMs: count the global batch's LLM positions (tokens/s)
-        self.pad_samples_to = pad_samples_to  # padded length rounding (torch.compile: few distinct shapes)
+        # Padded lengths (seconds) a batch's audio is rounded up to (torch.compile: few distinct shapes).
+        self.pad_to_samples = sorted(math.ceil(e * sample_rate) for e in pad_to_edges_s) if pad_to_edges_s else None
 
     def num_frames(self, duration_s: float) -> int:
         return num_frames_of(duration_s, self.sample_rate)
@@ -234,8 +235,10 @@ class SpeechTextDataset(torch.utils.data.Dataset):
             waves = [torch.zeros(max(1, round(local[0].duration * self.sample_rate)))]
         targets = [torch.tensor(all_targets[c.id], dtype=torch.long) for c in local]
         audio_lens = torch.tensor([len(w) for w in waves])
-        longest = int(audio_lens.max())
-        audio = torch.zeros(len(waves), math.ceil(longest / self.pad_samples_to) * self.pad_samples_to)
+        width = longest = int(audio_lens.max())
+        if self.pad_to_samples:
+            width = next((e for e in self.pad_to_samples if e >= longest), longest)
+        audio = torch.zeros(len(waves), width)
         for i, wave in enumerate(waves):  # one copy per utterance into one buffer, in the worker
             audio[i, : len(wave)] = wave
         shift = round(self.sample_rate * FRAME_SHIFT_S)
@@ -348,7 +351,7 @@ def make_loader(
     max_tokens: int | None = None,
     buffer_size: int = 20000,
     check_tokens: bool = True,
-    pad_samples_to: int = 1,
+    pad_to_bucket_edges: bool = False,
 ) -> DataLoader:
     """A DataLoader of this rank's shards of bucketed global batches, bad items filtered out.
 
@@ -384,9 +387,16 @@ def make_loader(
         world_size=1,  # deliberately: every rank draws the same global batches (see module docstring)
         rank=0,
     )
+    edges = None
+    if pad_to_bucket_edges:
+        # torch.compile: every batch's audio is padded to its bucket's upper edge, so the encoder sees
+        # at most num_buckets + 1 lengths (a bounded number of compiled graphs, see common.parallel).
+        longest = float(max_utterance_s or max_duration_s)
+        bins = [] if by_tokens else [b for b in base.duration_bins if b < longest]
+        edges = bins + [longest] if bins else length_ladder(longest)
     loader = DataLoader(
         SpeechTextDataset(tokenizer, sample_rate, token_alignment=token_alignment, on_bad_item=on_bad_item,
-                          token_budget=token_budget, pad_samples_to=pad_samples_to),
+                          token_budget=token_budget, pad_to_edges_s=edges),
         sampler=DataParallelBatchSampler(base, dp_rank, dp_size, metadata_filter=keep if shuffle else None),
         batch_size=None,
         num_workers=num_workers,
@@ -398,9 +408,24 @@ def make_loader(
         pin_memory=num_workers > 0 and torch.cuda.is_available(),  # asynchronous host-to-device copies
     )
     loader.metadata_filter = keep
+    loader.pad_edges_s = edges
     loader.features = BatchFeatures(num_mel_bins, sample_rate, normalize=normalize_features,
                                     spec_augment=spec_augment, seed=seed)
     return loader
+
+
+def length_ladder(longest_s: float, shortest_s: float = 1.0, steps_per_octave: int = 2) -> list[float]:
+    """Padded lengths when no bucket edges are known (token-bounded batches): ``shortest_s`` x
+    2^(k / steps_per_octave) up to ``longest_s``::
+
+        >>> length_ladder(4.0)
+        [1.0, 1.414, 2.0, 2.828, 4.0]
+    """
+    out, k = [], 0
+    while (edge := round(shortest_s * 2 ** (k / steps_per_octave), 3)) < longest_s:
+        out.append(edge)
+        k += 1
+    return out + [float(longest_s)]
 
 
 def featurized(loader, training: bool = False):

@@ -43,6 +43,7 @@ __all__ = [
     "build_strategy",
     "check_launch",
     "check_tensor_parallel",
+    "compiled_graphs",
     "data_parallel_rank_size",
     "fsdp_units",
     "parallelize",
@@ -58,6 +59,7 @@ class ParallelOptions:
     loss_parallel: bool = True
     activation_checkpointing: bool = False
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend (tests count graphs with the cheap "aot_eager")
     mixed_precision: bool = False  # FSDP2 policy: bf16 parameters for compute, fp32 gradient reduction
     reshard_after_forward: bool = True
 
@@ -77,9 +79,17 @@ def parallelize(model: nn.Module, mesh, options: ParallelOptions) -> nn.Module:
             for i, block in enumerate(blocks):
                 blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
     if options.compile:
+        import torch._dynamo
+
+        # Batch size and LLM sequence length are dynamic (one graph for all of them); the speech
+        # encoder's blocks specialize on their length, which the data pads to its bucket edges
+        # (common.data.loading, pad_to_bucket_edges), so a run compiles a bounded number of graphs:
+        # per block kind, one per audio length, with and without gradients (training, validation).
+        # Blocks of all kinds share one code object (transformers' checkpointing layer), hence the limit.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for blocks in spec.block_lists:
             for block in blocks:
-                block.compile()
+                block.compile(dynamic=True, backend=options.compile_backend)
     if dp_size > 1 or (options.mixed_precision and mesh is not None):
         # Also at dp=1 under the bf16-compute policy: FSDP2 keeps the fp32 weights and casts each unit
         # to bf16 for its forward and backward (nothing is sharded over one rank).
@@ -87,6 +97,17 @@ def parallelize(model: nn.Module, mesh, options: ParallelOptions) -> nn.Module:
     log.info("parallelized %s: tp=%d (sp=%s) dp=%d (FSDP2)", type(model).__name__, tp_size,
              options.sequence_parallel and tp_size > 1, dp_size)
     return model
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (0 without compile)."""
+    import sys
+
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _apply_tensor_parallel(model, spec: ParallelSpec, tp_mesh, options: ParallelOptions) -> None:

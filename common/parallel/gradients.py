@@ -55,8 +55,13 @@ def grad_norm(parameters) -> torch.Tensor:
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     parameters = [p for p in parameters if p.grad is not None]
     total = grad_norm(parameters)
-    coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
-    if coef < 1.0:
-        for p in parameters:
-            p.grad.mul_(coef)
+    # Always scaled, by a factor that stays on the device (1.0 when under the limit): deciding on the
+    # host whether to clip would wait for the backward to finish at every step.
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    by_device: dict = {}
+    for p in parameters:
+        local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad  # in place: scales the DTensor too
+        by_device.setdefault(local.device, []).append(local)
+    for device, grads in by_device.items():
+        torch._foreach_mul_(grads, coef.to(device))
     return total

@@ -50,12 +50,15 @@ def test_export_of_a_sharded_checkpoint_gives_the_same_outputs(tiny_corpus, tmp_
     feats = [read_features(p, 16000, cfg_a.data.num_mel_bins) for p in paths]
     batch = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
     mask = torch.arange(batch.shape[1])[None] < torch.tensor([len(f) for f in feats])[:, None]
-    targets = [tok_a.encode(c.supervisions[0].text) for c in cuts]
+    targets = torch.nn.utils.rnn.pad_sequence([torch.tensor(tok_a.encode(c.supervisions[0].text)) for c in cuts],
+                                              batch_first=True, padding_value=tok_a.pad_id)
+    target_lens = torch.tensor([len(tok_a.encode(c.supervisions[0].text)) for c in cuts])
     with torch.no_grad():
         logits = []
         for model in (sharded, exported):
             audio, audio_lens, _ = model.encode_audio(batch, mask)
-            logits.append(model._logits(model._embed(audio, audio_lens, targets)[0]))
+            width = 1 + audio.shape[1] + len(model.prompt_ids) + targets.shape[1]
+            logits.append(model._logits(model._sequence(audio, audio_lens, targets, target_lens, width)[0]))
     assert torch.equal(logits[0], logits[1])
     assert sharded.generate(batch, mask) == exported.generate(batch, mask)
 

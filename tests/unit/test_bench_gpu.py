@@ -39,6 +39,7 @@ def test_measure_speech_runs_on_cpu_in_bf16(tiny_corpus):
                            device="cpu")
     assert r["utterances_per_s"] > 0 and r["audio_s_per_s"] > 0 and math.isfinite(r["last_loss_sum"])
     assert r["distinct_batches"] == 2 and r["precision"] == "bf16-true"
+    assert gpu.default_gpu_precision() == "bf16-mixed"  # the DDP recipes on a GPU: fp32 weights, bf16 autocast
 
 
 def test_without_cuda_exits_with_a_message(monkeypatch, tmp_path, capsys):
@@ -46,3 +47,26 @@ def test_without_cuda_exits_with_a_message(monkeypatch, tmp_path, capsys):
     assert gpu.main(["--out", str(tmp_path / "r")]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_measure_recipe_runs_the_real_recipe_on_cpu(tiny_corpus, tmp_path):
+    """The GPU bench's end-to-end part is one command away: a real run, its summary's figures."""
+    data = [f"data.dir={tiny_corpus['dir']}", "data.generated.num_train=120", "data.generated.num_val=16",
+            "data.max_duration_s=12"]
+    r = gpu.measure_recipe("tiny", "salm_fsdp2", data, steps=6, num_workers=1, out_dir=tmp_path)
+    assert r["steps"] == 6 and r["measured_steps"] == 3 and r["device"] == "cpu"
+    assert r["step_s"] > 0 and 0 <= r["data_wait_share"] < 1 and r["model_tflops_per_s"] > 0
+    assert r["mfu"] is None  # no bf16 peak for a CPU
+    assert not list(tmp_path.iterdir())  # its run directory is temporary; no checkpoint was written
+
+
+def test_recipe_goals_judge_the_runs():
+    runs = [{"case": "salm_1.7b_long_eager", "step_s": 0.6, "data_wait_share": 0.01, "mfu": 0.31},
+            {"case": "salm_1.7b_long_compiled", "step_s": 0.4, "data_wait_share": 0.03, "mfu": 0.39},
+            {"case": "asr_109m", "audio_s_per_s": 3500.0, "data_wait_share": 0.0}]
+    goals = {g["goal"]: g for g in gpu.recipe_goals(runs)}
+    assert goals["data_wait_share"]["value"] == 0.03 and goals["data_wait_share"]["met"] is False
+    assert goals["salm_mfu_eager"]["met"] is True and goals["salm_mfu_compiled"]["met"] is False
+    assert goals["compile_speedup_long"]["value"] == 1.5 and goals["compile_speedup_long"]["met"] is True
+    assert goals["compile_speedup_shipped"]["met"] is None  # not measured: neither met nor missed
+    assert goals["asr_109m_speedup"]["value"] == round(3500 / 844, 3) and goals["asr_109m_speedup"]["met"] is True
