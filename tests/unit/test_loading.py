@@ -130,3 +130,25 @@ def test_bucketing_pads_less_than_random_batches(cuts, tok):
         return sum(values) / len(values)
 
     assert mean_efficiency(bucketed.sampler) > mean_efficiency(plain) + 0.05
+
+
+def test_padding_to_bucket_edges_gives_few_lengths_and_the_same_features(cuts, tok):
+    """torch.compile's bounded set of shapes: every batch's audio is padded to a bucket edge; the
+    features of the real frames do not change."""
+    import math
+
+    import torch
+
+    from common.data.loading import featurized
+
+    kw = dict(dp_rank=0, dp_size=1, max_duration_s=20, shuffle=True, seed=3, num_buckets=3)
+    plain, padded = make_loader(cuts, tok, **kw), make_loader(cuts, tok, **kw, pad_to_bucket_edges=True)
+    assert plain.pad_edges_s is None and len(padded.pad_edges_s) <= 3
+    edges = {math.ceil(e * 16000) for e in padded.pad_edges_s}
+    widths = set()
+    for a, b in zip(featurized(plain), featurized(padded)):
+        widths.add(b["feature_mask"].shape[1])
+        n = a["feature_mask"].shape[1]
+        assert torch.equal(b["feature_mask"][:, :n], a["feature_mask"]) and not b["feature_mask"][:, n:].any()
+        assert torch.allclose(b["input_features"][:, :n], a["input_features"], atol=1e-5)
+    assert len(widths) <= len(edges) < 10
