@@ -154,14 +154,12 @@ class ModelFlops:
 
     @classmethod
     def of(cls, model) -> ModelFlops:
-        name = type(model).__name__
-        if name == "SALM":
-            return cls._salm(model)
-        if name == "CTCASR":
-            return cls._ctc(model)
-        if name == "SpeechT5TTS":
-            return cls._speecht5(model)
-        raise ValueError(f"no FLOPs formula for {name}")
+        # By class name along the MRO: FSDP2 swaps a sharded model's class for a subclass (FSDPSALM).
+        names = [c.__name__ for c in type(model).__mro__]
+        for name, build in (("SALM", cls._salm), ("CTCASR", cls._ctc), ("SpeechT5TTS", cls._speecht5)):
+            if name in names:
+                return build(model)
+        raise ValueError(f"no FLOPs formula for {type(model).__name__}")
 
     @classmethod
     def _salm(cls, model) -> ModelFlops:

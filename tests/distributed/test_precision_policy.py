@@ -35,3 +35,5 @@ def test_bf16_compute_keeps_fp32_master_weights_at_dp1(tiny_corpus, tmp_path):
     assert all(abs(m - f) <= 0.02 * abs(f) for m, f in zip(mixed_losses, fp32_losses))
     assert mixed_losses[-1] < mixed_losses[0]
     assert (mixed["bf16_compute"], fp32["bf16_compute"], true16["bf16_compute"]) == (True, False, True)
+    # Model FLOPs are counted for a model FSDP2 wrapped (its class becomes FSDPSALM).
+    assert mixed["throughput"]["model_tflops_per_s"] > 0

@@ -49,6 +49,9 @@ def test_recipe_run_writes_the_contract(recipe, nproc, dp, tp, tiny_corpus, tmp_
     # The step-time split (data wait between steps + the step itself) adds up to the measured step.
     assert t["data_wait_s"] >= 0 and t["compute_s"] > 0
     assert 0.8 * t["step_time_s"] <= t["data_wait_s"] + t["compute_s"] <= 1.05 * t["step_time_s"] + 1e-3, t
+    # Model FLOPs of every batch (common.flops), also for an FSDP2-wrapped model; no MFU without a bf16 peak.
+    assert t["model_tflops_per_s"] > 0 and t["mfu"] is None and all(m["model_tflop"] > 0 for m in metrics)
+    assert s["bf16_compute"] is False and s["compile"] == {"graphs": 0, "graphs_after_warmup": 0}
     ranks = s["memory"]["per_rank"]
     assert len(ranks) == nproc and all(r["param_bytes"] > 0 and r["optimizer_state_bytes"] > 0 for r in ranks)
     assert s["train_loss_first"] == metrics[0]["train_loss"] and s["train_loss_last"] == metrics[-1]["train_loss"]
