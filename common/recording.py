@@ -119,7 +119,11 @@ class RunRecorder(L.Callback):
         self.device_info["peak_bf16_tflops"] = round(peak / 1e12, 1) if peak else None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.t_batch_start = time.perf_counter()
+        # The step starts when the loader handed its batch over (the data module notes it), before
+        # the transfer and the features on the device, which are compute, not data wait.
+        now = time.perf_counter()
+        ready = getattr(getattr(trainer, "datamodule", None), "batch_ready_at", None)
+        self.t_batch_start = ready if ready is not None and (self.t_prev_end or 0.0) <= ready <= now else now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step

@@ -18,6 +18,7 @@ Besides the batches it keeps what a run must report and resume:
 from __future__ import annotations
 
 import logging
+import time
 
 import lightning as L
 
@@ -45,6 +46,7 @@ class SpeechDataModule(L.LightningDataModule):
         self.substituted_batches = 0  # steps this rank trained on silence (its whole shard unreadable)
         self._train_sampler = None
         self._resume_state: dict | None = None
+        self.batch_ready_at: float | None = None  # perf_counter() when the loader handed over the last batch
 
     def _loader(self, split: str, train: bool):
         dp_rank, dp_size = data_parallel_rank_size(self.trainer)
@@ -97,6 +99,9 @@ class SpeechDataModule(L.LightningDataModule):
         return self._loader("val", train=False)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # The loader has handed the batch over: from here on the step's time is compute (transfer,
+        # features on the device, forward, backward), not data wait (common.recording).
+        self.batch_ready_at = time.perf_counter()
         training = self.trainer is not None and self.trainer.training
         counts = self.counts["train" if training else "val"]
         counts[0] += len(batch.get("bad_items", ()))

@@ -93,14 +93,20 @@ class BatchFeatures:
         num_frames = self.num_frames(audio_lens)
         # From the padded width, a host-side number: no device sync (padding frames are masked).
         max_frames = max(int(self.num_frames(audio.shape[1])), 1)
-        # Sample index of every (frame, tap), as lhotse frames one utterance: reflect-padded by
-        # (window - shift) // 2 samples on the left and on the right as far as the last frame needs.
-        taps = torch.arange(max_frames, device=device)[:, None] * self.shift + torch.arange(self.window, device=device)
-        k = taps[None] - (self.window - self.shift) // 2                     # (1, T, W)
-        n = audio_lens.to(device)[:, None, None]
-        k = torch.where(k < 0, -k - 1, torch.where(k >= n, 2 * n - 1 - k, k))
-        k = k.clamp(min=0).minimum((n - 1).clamp(min=0))
-        frames = audio.gather(1, k.reshape(batch, -1)).reshape(batch, max_frames, self.window)
+        # Each utterance framed as lhotse frames it alone: reflected by (window - shift) // 2 samples
+        # at its start, and after its own last sample (not after the batch's padding) as far as its
+        # last frame reads. One buffer for the batch, then a strided view of overlapping frames.
+        left = (self.window - self.shift) // 2
+        if audio.shape[1] < left:  # a batch of utterances shorter than 7.5 ms
+            audio = torch.nn.functional.pad(audio, (0, left - audio.shape[1]))
+        right = (max_frames - 1) * self.shift + self.window - left - audio.shape[1] + self.window
+        lens = audio_lens.to(device)
+        buf = torch.nn.functional.pad(audio, (left, max(right, 0)))
+        buf[:, :left] = audio[:, :left].flip(1)
+        k = torch.arange(self.window, device=device)[None, :]                 # right reflection, per utterance
+        src = (lens[:, None] - 1 - k).clamp(min=0)
+        buf.scatter_(1, left + lens[:, None] + k, audio.gather(1, src))
+        frames = buf.as_strided((batch, max_frames, self.window), (buf.stride(0), self.shift, 1))
         extractor = self._extractor(device)
         strided, log_e = extractor.wav2win._forward_strided(frames)
         feats = extractor._forward_strided(strided, log_e)                    # (B, T, bins)
