@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -301,7 +302,7 @@ def measure_recipe(case: str, recipe: str, overrides: list[str], *, steps: int =
                "trainer.num_sanity_val_steps=0", "logger.wandb=false", "checkpoint.at_end=false",
                f"checkpoint.every_n_steps={10**9}", f"data.num_workers={num_workers}", f"run.output_dir={run_dir}",
                *overrides]
-        env = {**__import__("os").environ, "RUN_NAME": "", "WANDB_MODE": "disabled"}
+        env = {**os.environ, "RUN_NAME": "", "WANDB_MODE": "disabled"}
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0 or not (run_dir / "summary.json").exists():

@@ -135,6 +135,7 @@ class ModelFlops:
 
     def __init__(self, parts_of, trainable: list[float]):
         self.parts_of, self.trainable = parts_of, trainable
+        self._by_lengths: dict[tuple[int, int], list[Part]] = {}  # runs every step: lengths repeat a lot
 
     def forward(self, lengths) -> float:
         return sum(p.weights + p.attention for p in self._parts(lengths))
@@ -145,7 +146,8 @@ class ModelFlops:
     def _parts(self, lengths) -> list[Part]:
         totals = None
         for frames, tokens in lengths:
-            parts = self.parts_of(int(frames), int(tokens))
+            key = (int(frames), int(tokens))
+            parts = self._by_lengths.get(key) or self._by_lengths.setdefault(key, self.parts_of(*key))
             if totals is None:
                 totals = [Part() for _ in parts]
             for total, part in zip(totals, parts):

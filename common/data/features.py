@@ -22,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import hashlib
-import math
 
 import torch
 
@@ -48,6 +47,16 @@ class PaddedAudio:
         return self.samples.shape[0]
 
 
+FRAME_SHIFT_S = 0.01  # 10 ms feature frames
+
+
+def frames_of_duration(duration_s: float, sample_rate: int) -> int:
+    """Feature frames of an utterance of ``duration_s`` seconds, from metadata alone (lhotse's count)."""
+    from lhotse.utils import compute_num_frames
+
+    return compute_num_frames(duration_s, FRAME_SHIFT_S, sample_rate)
+
+
 def frames_of_samples(num_samples, frame_shift_samples: int):
     """Frames lhotse's Fbank (``snip_edges=False``) makes of ``num_samples`` samples (ints or a tensor)."""
     return (num_samples + frame_shift_samples // 2) // frame_shift_samples
@@ -60,8 +69,6 @@ class BatchFeatures:
     ``bf16-true`` precision converts the model, and it has no state to checkpoint.
     """
 
-    FRAME_SHIFT_S = 0.01
-
     def __init__(self, num_mel_bins: int = 64, sample_rate: int = 16000, normalize: bool = True,
                  spec_augment: dict | None = None, seed: int = 0):
         from lhotse.features.kaldi.layers import Wav2LogFilterBank
@@ -69,7 +76,7 @@ class BatchFeatures:
         self.num_mel_bins, self.sample_rate, self.normalize, self.seed = num_mel_bins, sample_rate, normalize, seed
         self.spec_augment = SpecAugmentConfig(**spec_augment) if spec_augment else None
         # The same configuration as lhotse.Fbank(FbankConfig(num_mel_bins, sample_rate, frame_shift=0.01)).
-        self._cpu = Wav2LogFilterBank(sampling_rate=sample_rate, frame_shift=self.FRAME_SHIFT_S,
+        self._cpu = Wav2LogFilterBank(sampling_rate=sample_rate, frame_shift=FRAME_SHIFT_S,
                                       num_filters=num_mel_bins).eval()
         self._by_device: dict[torch.device, torch.nn.Module] = {}
         self.window = self._cpu.wav2win._length   # 400 samples at 16 kHz
@@ -189,8 +196,3 @@ class SpecAugmentConfig:
         time = ((frames >= start_t[..., None]) & (frames < (start_t + width_t)[..., None]) & live[..., None]).any(1)
         masked = (freq[:, None, :] | time[:, :, None]) & applied[:, None, None] & mask[..., None]
         return torch.where(masked, mean[:, None, None], feats)
-
-
-def expected_num_frames(duration_s: float, sample_rate: int) -> int:
-    """Frames of an utterance of ``duration_s`` seconds (from metadata, before any audio is read)."""
-    return frames_of_samples(math.floor(duration_s * sample_rate + 0.5), int(sample_rate * BatchFeatures.FRAME_SHIFT_S))

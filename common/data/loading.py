@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from .checks import ON_BAD_ITEM, BadItem, BadItemError, load_checked, metadata_problem
-from .features import BatchFeatures, PaddedAudio, frames_of_samples
+from .features import FRAME_SHIFT_S, BatchFeatures, PaddedAudio, frames_of_duration, frames_of_samples
 
 log = logging.getLogger(__name__)
 
@@ -141,16 +141,6 @@ class TokenBudget:
         return LLMTokenConstraint(max_tokens=max_tokens)
 
 
-FRAME_SHIFT_S = 0.01  # feature frames of 10 ms (common.data.features)
-
-
-def num_frames_of(duration_s: float, sample_rate: int) -> int:
-    """Feature frames of an utterance of ``duration_s`` seconds, from metadata alone."""
-    from lhotse.utils import compute_num_frames
-
-    return compute_num_frames(duration_s, FRAME_SHIFT_S, sample_rate)
-
-
 def load_mono(cut, sample_rate: int) -> np.ndarray:
     """Audio of a cut at ``sample_rate`` (resampled if needed), multi-channel downmixed to mono."""
     if cut.sampling_rate != sample_rate:
@@ -184,7 +174,7 @@ class SpeechTextDataset(torch.utils.data.Dataset):
         self.pad_to_samples = sorted(math.ceil(e * sample_rate) for e in pad_to_edges_s) if pad_to_edges_s else None
 
     def num_frames(self, duration_s: float) -> int:
-        return num_frames_of(duration_s, self.sample_rate)
+        return frames_of_duration(duration_s, self.sample_rate)
 
     def targets(self, cut) -> list[int]:
         """Token ids of the transcript, plus ``<eos>`` for tokenizers that have one (not CTC's)."""
@@ -250,7 +240,7 @@ class SpeechTextDataset(torch.utils.data.Dataset):
             ),
             "target_lens": torch.tensor([len(t) for t in targets]),
             "num_target_tokens": sum(len(t) for t in targets),  # this shard's, as ints: no host sync in the step
-            "num_frames": int(sum(frames_of_samples(int(n), shift) for n in audio_lens)),
+            "num_frames": int(frames_of_samples(audio_lens, shift).sum()),
             "texts": [c.supervisions[0].text for c in local],
             "ids": [] if substitute else [c.id for c in local],  # the items this rank trains on
             "global_num_target_tokens": sum(len(t) for t in all_targets.values()),

@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.data.tokenizer import BPETokenizer, WordTokenizer
-from common.flops import ModelFlops, Part, decoder_lm_forward, peak_flops, training_flops
+from common.flops import PEAK_BF16_TFLOPS, ModelFlops, Part, decoder_lm_forward, peak_flops, training_flops
 from common.train import build_model
 from tests.conftest import recipe_config
 
@@ -76,4 +76,4 @@ def test_frozen_weights_have_no_weight_gradient_flops(salm_cfg):
 
 def test_peak_is_none_on_cpu():
     assert peak_flops(torch.device("cpu")) is None
-    assert math.isclose(dict(__import__("common.flops", fromlist=["x"]).PEAK_BF16_TFLOPS)["H100"], 989.4)
+    assert math.isclose(dict(PEAK_BF16_TFLOPS)["H100"], 989.4)
