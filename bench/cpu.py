@@ -118,7 +118,8 @@ def _data(cfg):
     from types import SimpleNamespace
 
     from common.data.datamodule import SpeechDataModule
-    from common.train import audio_frames_per_token, build_tokenizer, prepare_data
+    from common.models import build_tokenizer
+    from common.train import audio_frames_per_token, prepare_data
 
     sources = prepare_data(cfg)
     tokenizer = build_tokenizer(cfg, sources)
@@ -133,11 +134,11 @@ def measure_overhead(recipe: str, data_dir: Path, warmup: int, steps: int) -> di
     import lightning as L
 
     from common.checkpointing import ExactResume
+    from common.models import build_model
     from common.module import TrainingModule, build_optimizer
     from common.parallel import build_strategy
     from common.parallel.gradients import clip_grad_norm_
     from common.recording import RunRecorder
-    from common.train import build_model
 
     # No loader workers: nothing else may run on the cores while the two loops are timed.
     over = [f"data.max_duration_s={PER_RANK_BATCH_S}", f"data.dir={data_dir}", *CORPUS, "trainer.devices=1",

@@ -199,8 +199,9 @@ def measure_speech(recipe: str, size_name: str, overrides: list[str], *, batch_s
     from types import SimpleNamespace
 
     from common.data.datamodule import SpeechDataModule
+    from common.models import build_model, build_tokenizer
     from common.parallel.gradients import clip_grad_norm_
-    from common.train import build_model, build_tokenizer, prepare_data
+    from common.train import prepare_data
 
     cfg = recipe_config(recipe, [*overrides, f"data.max_duration_s={batch_s}", f"data.num_workers={num_workers}"])
     torch.manual_seed(cfg.seed)

@@ -14,8 +14,8 @@ Usage (what ``make export`` does)::
     python -m common.export outputs/salm_tp_fsdp2/latest/checkpoints/last.ckpt outputs/salm_tp_fsdp2/latest/export
     python -m common.transcribe outputs/salm_tp_fsdp2/latest/export a.wav    # an export loads like a checkpoint
 
-``load_exported(dir)`` returns ``(model in eval mode, tokenizer, config)`` as
-``common.transcribe.load_model`` does for a checkpoint.
+``common.inference.load_model(dir)`` loads it back: ``(model in eval mode, tokenizer, config)``,
+as for a checkpoint.
 """
 
 from __future__ import annotations
@@ -26,17 +26,11 @@ import shutil
 import sys
 from pathlib import Path
 
+from common.inference import CONFIG_FILE, FORMAT, WEIGHTS_FILE, is_export, load_model, read_checkpoint
 from common.parallel import ConfigError
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT = "speech-recipes-export/1"
 DATA_KEYS = ("sample_rate", "num_mel_bins", "feature_normalization")  # what turns audio into model inputs
 
-
-def is_export(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -57,12 +51,10 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from omegaconf import OmegaConf
     from safetensors.torch import save_model
 
-    from common.transcribe import _read_checkpoint, load_model
-
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     check_out_dir(out_dir)
     model, tokenizer, cfg = load_model(checkpoint)  # a DCP directory: full tensors, read in this process
-    meta, _ = _read_checkpoint(checkpoint)
+    meta, _ = read_checkpoint(checkpoint)
     tmp = out_dir.with_name(f".partial-{out_dir.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -88,27 +80,6 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if old.exists():
         shutil.rmtree(old)
     return out_dir
-
-
-def load_exported(directory: str | Path):
-    """(model in eval mode, tokenizer, config) from an ``export`` directory."""
-    from omegaconf import OmegaConf
-    from safetensors.torch import load_model as load_weights
-
-    from common.data.tokenizer import load_tokenizer
-    from common.train import build_model
-
-    directory = Path(directory)
-    if not is_export(directory):
-        raise ConfigError(f"{directory}: not an exported model (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
-    config = json.loads((directory / CONFIG_FILE).read_text())
-    if config.get("format") != FORMAT:
-        raise ConfigError(f"{directory}/{CONFIG_FILE}: format {config.get('format')!r}, expected {FORMAT!r}")
-    cfg = OmegaConf.create({"recipe": config.get("recipe"), "model": config["model"], "data": config["data"]})
-    tokenizer = load_tokenizer(directory)
-    model = build_model(cfg, tokenizer)
-    load_weights(model, directory / WEIGHTS_FILE, strict=True)  # re-ties shared tensors
-    return model.eval(), tokenizer, cfg
 
 
 def main(argv=None) -> int:

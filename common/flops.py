@@ -168,7 +168,7 @@ class ModelFlops:
         enc, llm_cfg = model.encoder.config, model.llm.config
         stack = model.projector.stack_frames
         llm_dim, vocab = llm_cfg.hidden_size, model.llm.get_input_embeddings().num_embeddings
-        prompt = 1 + len(model.prompt_ids)
+        prompt = len(model.head_ids) + len(model.prompt_ids)
         ctc = model.ctc_head is not None
 
         def parts_of(frames: int, tokens: int) -> list[Part]:

@@ -96,38 +96,64 @@ def _local_config_dict(path, setting: str, config_cls) -> dict:
         raise PlanError(f"{setting}={path!r} is not a local directory with a config.json; the planner "
                         "never downloads: pass a local copy of the model (or its config.json)")
     d = config_cls.from_pretrained(str(path)).to_dict()
-    return {k: v for k, v in d.items() if not k.startswith("_") and k not in ("vocab_size", "transformers_version")}
+    return {k: v for k, v in d.items() if not k.startswith("_") and k != "transformers_version"}
+
+
+def _llm_architecture(cfg) -> dict | None:
+    """The pretrained LLM's architecture without its weights: a local directory's or GGUF file's
+    config, else the preset's own ``model.llm`` block (GPU presets spell out their backbone's
+    config.json); None if neither is there."""
+    from transformers import AutoConfig
+
+    path = Path(cfg.model.pretrained_llm)
+    if path.suffix == ".gguf" and path.is_file():
+        d = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
+        return {k: v for k, v in d.items() if not k.startswith("_") and k not in ("transformers_version",
+                                                                                "quantization_config")}
+    if (path / "config.json").exists():
+        return _local_config_dict(path, "model.pretrained_llm", AutoConfig)
+    about = cfg.model.get("about") or {}
+    if cfg.model.get("llm") and about.get("vocab_size"):
+        return {**cfg.model.llm, "vocab_size": about.vocab_size}
+    return None
 
 
 def build_meta_model(cfg, tokenizer_dir=None):
     """(model on the meta device, tokenizer), as ``common.train`` builds them."""
-    from common.data.tokenizer import load_tokenizer
-    from common.train import build_model, build_tokenizer, prepare_data
+    from common.data.tokenizer import SizedVocabulary, load_tokenizer
+    from common.models import build_model, build_tokenizer
+    from common.train import prepare_data
 
     pretrained = cfg.model.get("pretrained_llm")
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
     if pretrained:
-        from transformers import AutoConfig
+        arch = _llm_architecture(cfg)
+        if arch is None:
+            raise PlanError(f"model.pretrained_llm={pretrained!r} is not a local directory with a config.json or a "
+                            ".gguf file, and the preset spells out no model.llm + model.about.vocab_size; the "
+                            "planner never downloads: pass a local copy of the model (or its config.json)")
+        cfg.model.llm, cfg.model.pretrained_llm = arch, None  # the architecture alone: from_config, no weights
+        if tokenizer is None:
+            local = Path(pretrained).suffix == ".gguf" or Path(pretrained).is_dir()
+            if local:
+                from common.data.tokenizer import HFTokenizer
 
-        cfg.model.llm = _local_config_dict(pretrained, "model.pretrained_llm", AutoConfig)
-        cfg.model.pretrained_llm = None  # the architecture alone: from_config below, no weights
+                tokenizer = HFTokenizer.from_pretrained(pretrained)
+            else:  # the backbone's vocabulary as the preset documents it
+                tokenizer = SizedVocabulary(arch["vocab_size"])
     if cfg.model.get("pretrained_encoder"):
         from transformers import ParakeetEncoderConfig
 
-        cfg.model.encoder = _local_config_dict(cfg.model.pretrained_encoder, "model.pretrained_encoder",
-                                               ParakeetEncoderConfig)
-        cfg.model.pretrained_encoder = None
-    if tokenizer_dir:
-        tokenizer = load_tokenizer(tokenizer_dir)
-    elif pretrained:
-        from common.data.tokenizer import HFTokenizer
+        from common.models.encoder import is_nemo_file, nemo_encoder_config
 
-        tokenizer = HFTokenizer.from_pretrained(pretrained)
-    else:
+        enc = cfg.model.pretrained_encoder
+        cfg.model.encoder = (nemo_encoder_config(enc) if is_nemo_file(enc)
+                             else _local_config_dict(enc, "model.pretrained_encoder", ParakeetEncoderConfig))
+        cfg.model.pretrained_encoder = None
+    if tokenizer is None:
         tokenizer = build_tokenizer(cfg, prepare_data(cfg))
     with torch.device("meta"):
         model = build_model(cfg, tokenizer)
-        if pretrained:  # as build_llm's resize_token_embeddings(vocab, pad_to_multiple_of=8)
-            model.llm.resize_token_embeddings(tokenizer.vocab_size, pad_to_multiple_of=8)
     return model, tokenizer
 
 
@@ -224,7 +250,10 @@ def _stack(tokens, layers, per_token, hidden, ckpt, scores=0.0) -> float:
 def activation_bytes(cfg, model, dp: int, tp: int, act_bytes: int) -> int:
     """Rough estimate of the activations of one training step per rank (see the module docstring)."""
     ckpt = bool(cfg.get("parallel", {}).get("activation_checkpointing", False))
-    d = cfg.data
+    from common.settings import resolve_batch_size
+
+    d = cfg.data.copy()
+    resolve_batch_size(d, dp * tp)  # a GPU preset's per-GPU batch, in this layout
     # Attention spans one utterance: data.max_utterance_s, or when unset (it then defaults to the
     # whole batch) 40 s, longer than the utterances of common ASR corpora. Set it for long-form data.
     utt_s = float(d.get("max_utterance_s") or min(float(d.max_duration_s), MAX_UTTERANCE_S_UNSET))

@@ -70,6 +70,10 @@ def check_run_name(name) -> None:
 def check_settings(cfg) -> None:
     """Types and ranges of the settings every recipe reads (raises :class:`ConfigError`)."""
     check_run_name(_get(cfg, "run.name"))
+    from common.models import check_model_family, check_model_name
+
+    check_model_name(cfg)
+    check_model_family(cfg)
     _int(cfg, "seed", 0)
     if not isinstance(_get(cfg, "run.resume"), bool):
         raise ConfigError(f"run.resume must be true or false, got {_get(cfg, 'run.resume')!r}")
@@ -97,6 +101,9 @@ def check_settings(cfg) -> None:
         raise ConfigError(f"trainer.accelerator must be auto, cpu, gpu or cuda, got {_get(cfg, 'trainer.accelerator')!r}")
 
     _num(cfg, "data.max_duration_s", 0, lo_open=True)
+    _num(cfg, "data.max_duration_s_per_gpu", 0, lo_open=True, nullable=True)
+    if _get(cfg, "data.max_tokens_per_gpu") is not None:
+        _int(cfg, "data.max_tokens_per_gpu", 1)
     _num(cfg, "data.val_max_duration_s", 0, lo_open=True)
     _num(cfg, "data.max_utterance_s", 0, lo_open=True, nullable=True)
     if _get(cfg, "data.max_tokens") is not None:
@@ -138,3 +145,14 @@ def check_settings(cfg) -> None:
     _num(cfg, "checkpoint.preemption_grace_s", 0, lo_open=True)
     if not isinstance(_get(cfg, "checkpoint.at_end"), (bool, type(None))):
         raise ConfigError(f"checkpoint.at_end must be true or false, got {_get(cfg, 'checkpoint.at_end')!r}")
+
+
+def resolve_batch_size(data, world_size: int) -> None:
+    """GPU presets size batches per GPU (``data.max_duration_s_per_gpu`` / ``max_tokens_per_gpu``);
+    the samplers take global batches: per GPU x world size (tensor-parallel peers share a batch
+    and split its activations, so the seconds per GPU stay what the preset measured). ``data``: the
+    ``data`` section, changed in place."""
+    if data.get("max_duration_s_per_gpu"):
+        data.max_duration_s = float(data.max_duration_s_per_gpu) * world_size
+    if data.get("max_tokens_per_gpu"):
+        data.max_tokens = int(data.max_tokens_per_gpu) * world_size

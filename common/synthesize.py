@@ -5,8 +5,8 @@ Usage::
     make synthesize RECIPE=tts_ddp TEXT="alpha bravo charlie"        # latest run's last checkpoint
     python -m common.synthesize outputs/tts_ddp/latest/checkpoints/last.ckpt "alpha bravo" --out hello.wav
 
-writes ``hello.wav`` and ``hello.png``. :func:`intelligibility` is the check a user wants after
-training: synthesize held-out sentences, transcribe them with an ``asr_ddp`` checkpoint, report CER.
+writes ``hello.wav`` and ``hello.png``. :func:`common.evaluation.intelligibility` is the check a user wants after training (and what
+``eval.asr_checkpoint`` runs): held-out sentences synthesized, transcribed by an ``asr_ddp`` model, CER.
 """
 
 from __future__ import annotations
@@ -54,41 +54,13 @@ def synthesize_to_files(model, cfg, text: str, out_wav: Path) -> tuple[Path, Pat
     return out_wav, png
 
 
-@torch.no_grad()
-def intelligibility(model, cfg, texts: list[str], asr_checkpoint: str | Path) -> dict:
-    """Character error rate of an ASR model on this TTS model's synthesis of ``texts``."""
-    from torchmetrics.functional.text import char_error_rate
-
-    from common.data.features import BatchFeatures
-    from common.models.vocoder import GriffinLim
-    from common.transcribe import load_model
-
-    asr, asr_tok, asr_cfg = load_model(asr_checkpoint)
-    asr = asr.to(next(model.parameters()).device)
-    if asr_cfg.data.sample_rate != cfg.data.sample_rate:
-        raise ConfigError(f"eval.asr_checkpoint {asr_checkpoint}: sample rate {asr_cfg.data.sample_rate} "
-                          f"!= this model's {cfg.data.sample_rate}")
-    vocoder = GriffinLim(cfg.data.num_mel_bins, cfg.data.sample_rate)
-    features = BatchFeatures(asr_cfg.data.num_mel_bins, asr_cfg.data.sample_rate)
-    hyps = []
-    for mel in model.synthesize(texts):
-        feats, mask = features.of_waveform(vocoder(mel.cpu()), mel.device)
-        hyps.append(asr_tok.decode(asr.generate(feats, mask)[0]))
-    refs = [model.tokenizer.normalize(t) for t in texts]
-    # The functional form: rank 0 alone runs this, so nothing may wait for the other ranks.
-    cer = char_error_rate(hyps, refs)
-    for ref, hyp in list(zip(refs, hyps))[:3]:
-        log.info("intelligibility: %r -> %r", ref, hyp)
-    return {"asr_cer": float(cer), "asr_num_sentences": len(texts)}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a tts_ddp checkpoint (.ckpt)")
     parser.add_argument("text")
     parser.add_argument("--out", type=Path, default=Path("synthesized.wav"), help="WAV path; the PNG goes beside it")
     args = parser.parse_args(argv)
-    from common.transcribe import load_model
+    from common.inference import load_model
 
     try:
         if args.out.suffix.lower() != ".wav":

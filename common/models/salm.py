@@ -57,17 +57,50 @@ class Projector(nn.Module):
         return self.mlp(stacked), torch.div(lens + k - 1, k, rounding_mode="floor")
 
 
+# Rows of a pretrained LLM's embedding table after the tokenizer outgrew it (the audio placeholder):
+# a multiple of 192 = 64 x 3, so every tensor-parallel size that divides the heads of common
+# backbones (1, 2, 3, 4, 6, 8, 12, ...: SmolLM2 has 3 key/value heads) also divides the vocabulary.
+VOCAB_MULTIPLE = 192
+
+
+def embedding_rows(config_vocab: int, tokenizer_vocab: int) -> int:
+    """The LLM's vocabulary rows: its own if the tokenizer fits, else the tokenizer's rounded up."""
+    if config_vocab >= tokenizer_vocab:
+        return config_vocab
+    return math.ceil(tokenizer_vocab / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def load_pretrained_llm(name_or_path: str) -> nn.Module:
+    """A Hugging Face causal LM from a local directory, a hub id, or a GGUF file (dequantized by
+    transformers' GGUF loader; needs the ``gguf`` package). Never runs code shipped with weights."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"model.pretrained_llm {name_or_path}: no such GGUF file")
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False,
+                                                    dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=False, dtype=torch.float32)
+
+
 def build_llm(cfg, vocab_size: int) -> nn.Module:
     from omegaconf import OmegaConf
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if cfg.get("pretrained_llm"):
-        llm = AutoModelForCausalLM.from_pretrained(cfg.pretrained_llm, trust_remote_code=False)
-        llm.resize_token_embeddings(vocab_size, pad_to_multiple_of=8)
+        llm = load_pretrained_llm(cfg.pretrained_llm).train()  # from_pretrained returns eval mode
+        rows = embedding_rows(llm.get_input_embeddings().weight.shape[0], vocab_size)
+        if rows != llm.get_input_embeddings().weight.shape[0]:
+            llm.resize_token_embeddings(rows, mean_resizing=False)
     else:
         llm_cfg = OmegaConf.to_container(cfg.llm, resolve=True) if OmegaConf.is_config(cfg.llm) else dict(cfg.llm)
         model_type = llm_cfg.pop("model_type", "qwen3")
-        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=vocab_size, **llm_cfg))
+        # An exported model's config carries the (possibly grown) vocabulary of its backbone.
+        rows = embedding_rows(llm_cfg.pop("vocab_size"), vocab_size) if "vocab_size" in llm_cfg else vocab_size
+        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=rows, **llm_cfg))
     if cfg.get("lora"):
         from peft import LoraConfig, get_peft_model
 
@@ -75,6 +108,38 @@ def build_llm(cfg, vocab_size: int) -> nn.Module:
         lora = OmegaConf.to_container(cfg.lora, resolve=True) if OmegaConf.is_config(cfg.lora) else dict(cfg.lora)
         llm = get_peft_model(llm, LoraConfig(task_type="CAUSAL_LM", **lora))
     return llm
+
+
+def ties_embeddings(llm: nn.Module) -> bool:
+    """Whether the LM head shares its weight with the input embeddings (Qwen3-0.6B/1.7B, SmolLM2)."""
+    head = llm.get_output_embeddings()
+    return head is not None and head.weight is llm.get_input_embeddings().weight
+
+
+def prompt_ids(tokenizer, prompt: str, prompt_format: str = "plain") -> tuple[list[int], list[int]]:
+    """(ids before the audio, ids after it). ``plain``: ``<bos>`` (if the tokenizer has one), then
+    the audio, then ``prompt``. ``chat``: the LLM's own chat template around a user turn
+    ``"<prompt> <|audio|>"`` with the assistant's turn opened (the answer ends with ``<eos>``)."""
+    if prompt_format == "plain":
+        return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []), tokenizer.encode(prompt)
+    if prompt_format != "chat":
+        raise ValueError(f"model.prompt_format must be plain or chat, got {prompt_format!r}")
+    if getattr(tokenizer, "shapes_only", False):  # planner / parameter counts: a chat turn's typical framing
+        return [tokenizer.unk_id] * 8, tokenizer.encode(prompt) + [tokenizer.unk_id] * 4
+    template = getattr(getattr(tokenizer, "tok", None), "chat_template", None)
+    if not template:
+        raise ValueError("model.prompt_format=chat needs a tokenizer with a chat template (model.pretrained_llm "
+                         "of an instruct/chat model); this one has none: use model.prompt_format=plain")
+    from common.data.tokenizer import AUDIO_TOKEN
+
+    ids = tokenizer.tok.apply_chat_template([{"role": "user", "content": f"{prompt} {AUDIO_TOKEN}"}],
+                                            add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    if ids.count(tokenizer.audio_id) != 1:
+        raise ValueError(f"the chat template of {type(tokenizer.tok).__name__} did not keep exactly one "
+                         f"{AUDIO_TOKEN} placeholder (found {ids.count(tokenizer.audio_id)})")
+    at = ids.index(tokenizer.audio_id)
+    return ids[:at], ids[at + 1:]
 
 
 class SALM(nn.Module):
@@ -91,7 +156,8 @@ class SALM(nn.Module):
         self.ctc_head = nn.Linear(self.encoder.config.hidden_size, tokenizer.vocab_size) if self.ctc_weight else None
         self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
         self.audio_id = tokenizer.audio_id
-        self.prompt_ids = tokenizer.encode(cfg.prompt)
+        # The token ids before and after the audio frames (the answer follows them).
+        self.head_ids, self.prompt_ids = prompt_ids(tokenizer, cfg.prompt, cfg.get("prompt_format", "plain"))
         self.max_new_tokens = cfg.max_new_tokens
         # Few distinct sequence lengths: DTensor caches its sharding decisions per shape, and
         # GPU kernels (and torch.compile) like fixed shapes too.
@@ -107,15 +173,17 @@ class SALM(nn.Module):
     # --- what may be sharded (common.parallel decides how) -------------------------------------
     def parallel_spec(self) -> ParallelSpec:
         backbone = self.llm.get_decoder()
+        tied = ties_embeddings(self.llm)
+        # A tied embedding is one parameter used first and last: one FSDP unit must own it, and
+        # it stays gathered through the forward (torchtitan keeps tied weights in one unit too).
+        ends = [[backbone.embed_tokens, backbone.norm, self.llm.lm_head]] if tied else [
+            backbone.embed_tokens, [backbone.norm, self.llm.lm_head]]
         return ParallelSpec(
             block_lists=[self.encoder.layers, backbone.layers],
-            extra_fsdp_units=[
-                [self.encoder.subsampling, self.projector],
-                backbone.embed_tokens,
-                [backbone.norm, self.llm.lm_head],
-            ],
+            extra_fsdp_units=[[self.encoder.subsampling, self.projector], *ends],
             tp_backbone=backbone,
             lm_head=self.llm.lm_head,
+            tied_lm_head=tied,
         )
 
     # --- model ---------------------------------------------------------------------------------
@@ -132,7 +200,7 @@ class SALM(nn.Module):
         return audio, audio_lens, ctc
 
     def _sequence(self, audio, audio_lens, answer, answer_lens, width: int, offset=None):
-        """Embeddings and token ids of ``<bos> audio-frames prompt answer`` per row, in ``width``
+        """Embeddings and token ids of ``head audio-frames prompt answer`` per row, in ``width``
         columns, all rows at once (no per-utterance loop): row ``i`` starts at column ``offset[i]``
         (0: right-padded for training; left-padded prefixes for cached generation).
 
@@ -141,20 +209,19 @@ class SALM(nn.Module):
         b, dev = audio.shape[0], audio.device
         pos = torch.arange(width, device=dev)[None, :] - (0 if offset is None else offset[:, None])  # in-row position
         ids = torch.full((b, width), self.pad_id, dtype=torch.long, device=dev)
-        ids = torch.where(pos == 0, self.bos_id, ids)
-        num_prompt = len(self.prompt_ids)
-        if num_prompt:
-            rel = pos - 1 - audio_lens[:, None]
-            prompt = torch.tensor(self.prompt_ids, device=dev)
-            ids = torch.where((rel >= 0) & (rel < num_prompt), prompt[rel.clamp(0, num_prompt - 1)], ids)
-        rel = pos - 1 - audio_lens[:, None] - num_prompt
+        num_head, num_prompt = len(self.head_ids), len(self.prompt_ids)
+        for fixed, rel in ((self.head_ids, pos), (self.prompt_ids, pos - num_head - audio_lens[:, None])):
+            if fixed:
+                table = torch.tensor(fixed, device=dev)
+                ids = torch.where((rel >= 0) & (rel < len(fixed)), table[rel.clamp(0, len(fixed) - 1)], ids)
+        rel = pos - num_head - audio_lens[:, None] - num_prompt
         in_answer = (rel >= 0) & (rel < answer_lens[:, None])
         if answer.shape[1]:
             ids = torch.where(in_answer, answer.gather(1, rel.clamp(0, answer.shape[1] - 1)), ids)
         embeds = self.llm.get_input_embeddings()(ids)
-        # Audio frame j of row i goes to in-row position 1 + j: one gather, one select.
-        is_audio = (pos >= 1) & (pos < 1 + audio_lens[:, None])
-        frame = (pos - 1).clamp(0, audio.shape[1] - 1).expand(b, -1)  # gather needs the batch dim spelled out
+        # Audio frame j of row i goes to in-row position num_head + j: one gather, one select.
+        is_audio = (pos >= num_head) & (pos < num_head + audio_lens[:, None])
+        frame = (pos - num_head).clamp(0, audio.shape[1] - 1).expand(b, -1)  # gather needs the batch dim spelled out
         frames = audio.gather(1, frame[..., None].expand(-1, -1, audio.shape[-1]))
         embeds = torch.where(is_audio[..., None], frames.to(embeds.dtype), embeds)
         return embeds, ids, in_answer
@@ -173,7 +240,7 @@ class SALM(nn.Module):
         audio, audio_lens, ctc_sum = self.encode_audio(batch["input_features"], batch["feature_mask"], targets,
                                                        target_lens)
         # The padded length from tensor shapes (host-side numbers): no device sync in the step.
-        width = self._padded_width(1 + audio.shape[1] + len(self.prompt_ids) + targets.shape[1])
+        width = self._padded_width(len(self.head_ids) + audio.shape[1] + len(self.prompt_ids) + targets.shape[1])
         embeds, ids, in_answer = self._sequence(audio, audio_lens, targets, target_lens, width)
         # Position j predicts token j + 1: labels are the answer tokens, shifted left by one.
         labels = torch.where(in_answer[:, 1:], ids[:, 1:], IGNORE)
@@ -191,10 +258,33 @@ class SALM(nn.Module):
 
     @torch.no_grad()
     def generate(self, features, feature_mask, max_new_tokens: int | None = None) -> list[list[int]]:
+        """Greedy transcripts (token ids up to ``<eos>``) of a batch of audio features."""
+        audio, audio_lens, _ = self.encode_audio(features, feature_mask)
+        b, dev = audio.shape[0], audio.device
+        prefix_lens = len(self.head_ids) + audio_lens + len(self.prompt_ids)
+        width = self._padded_width(len(self.head_ids) + audio.shape[1] + len(self.prompt_ids))
+        offset = width - prefix_lens
+        no_answer = torch.zeros(b, 0, dtype=torch.long, device=dev)
+        embeds, _, _ = self._sequence(audio, audio_lens, no_answer, torch.zeros_like(audio_lens), width, offset)
+        return self._greedy(embeds, offset, max_new_tokens or self.max_new_tokens)
+
+    @torch.no_grad()
+    def generate_text(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations of text-only prompts (token ids), by the same cached decoding as
+        :meth:`generate`: what the backbone alone would say (checked against transformers' own)."""
+        dev = self.llm.get_input_embeddings().weight.device
+        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        width = self._padded_width(int(lens.max()))
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=dev)
+        for i, prompt in enumerate(prompts):  # left-padded, as generate() lays out its prefixes
+            ids[i, width - len(prompt):] = torch.tensor(prompt, device=dev)
+        return self._greedy(self.llm.get_input_embeddings()(ids), width - lens, max_new_tokens)
+
+    def _greedy(self, embeds, offset, steps: int) -> list[list[int]]:
         """Greedy decoding with the LLM's KV cache: the prefix once, then one position per new token.
 
-        Prefixes are left-padded (position ids and the attention mask skip the padding), so every
-        row's next token sits in the same column. Always runs exactly ``max_new_tokens`` steps (no
+        Prefixes are left-padded by ``offset`` (position ids and the attention mask skip the padding),
+        so every row's next token sits in the same column. Always runs exactly ``steps`` steps (no
         early stop): under FSDP/TP every rank must run the same number of forward passes, or the
         collectives inside them would deadlock. Under sequence parallelism a step feeds
         ``tp`` positions (the new token + padding; sequence shards must be equal) and the cache is
@@ -202,14 +292,7 @@ class SALM(nn.Module):
         """
         from transformers import DynamicCache
 
-        steps = max_new_tokens or self.max_new_tokens
-        audio, audio_lens, _ = self.encode_audio(features, feature_mask)
-        b, dev = audio.shape[0], audio.device
-        prefix_lens = 1 + audio_lens + len(self.prompt_ids)
-        width = self._padded_width(1 + audio.shape[1] + len(self.prompt_ids))
-        offset = width - prefix_lens
-        no_answer = torch.zeros(b, 0, dtype=torch.long, device=dev)
-        embeds, _, _ = self._sequence(audio, audio_lens, no_answer, torch.zeros_like(audio_lens), width, offset)
+        b, width, dev = embeds.shape[0], embeds.shape[1], embeds.device
         attention = (torch.arange(width, device=dev)[None, :] >= offset[:, None]).long()
         positions = (torch.arange(width, device=dev)[None, :] - offset[:, None]).clamp(min=0)
         decoder, cache = self.llm.get_decoder(), DynamicCache(config=self.llm.config)

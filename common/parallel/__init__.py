@@ -121,6 +121,10 @@ def _apply_tensor_parallel(model, spec: ParallelSpec, tp_mesh, options: Parallel
     parallelize_module(spec.tp_backbone, tp_mesh, backbone_tp_plan(spec.tp_backbone, options.sequence_parallel))
     if spec.lm_head is not None:
         parallelize_module(spec.lm_head, tp_mesh, lm_head_style(options.sequence_parallel, options.loss_parallel))
+    if spec.tied_lm_head:
+        # parallelize_module gave each module its own DTensor; both shard the vocabulary rows
+        # (Shard(0)), so one parameter serves both again, as in the unsharded model.
+        spec.lm_head.weight = spec.tp_backbone.embed_tokens.weight
     model.parallel_hooks = ParallelHooks(
         loss_context=loss_parallel if options.loss_parallel else ParallelHooks.loss_context,
         full_tensor=to_local,

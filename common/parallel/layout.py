@@ -91,14 +91,11 @@ def check_launch(layout: Layout, env=os.environ) -> None:
 
 
 def check_tensor_parallel(tp: int, llm_config, vocab_size: int, lora: bool = False) -> None:
-    """TP splits heads, key/value heads, MLP width and the vocabulary: each must divide evenly."""
+    """TP splits heads, key/value heads, MLP width and the vocabulary: each must divide evenly.
+    (LoRA and tied embeddings are supported; a LoRA target the plan splits row-wise is refused when
+    the plan is built, naming it.)"""
     if tp == 1:
         return
-    if lora:
-        raise ConfigError(
-            f"model.lora is set with tensor_parallel_size ({tp}); LoRA adapters wrap the projections the "
-            "TP plan splits. Use LoRA with FSDP2 alone (tensor_parallel_size=1)"
-        )
     name = type(llm_config).__name__
     sizes = {attr: getattr(llm_config, attr, None) for attr in ("num_attention_heads", "num_key_value_heads",
                                                                  "intermediate_size")}
@@ -114,11 +111,6 @@ def check_tensor_parallel(tp: int, llm_config, vocab_size: int, lora: bool = Fal
         raise ConfigError(
             f"tensor_parallel_size ({tp}) must divide the vocabulary size ({vocab_size}) for the "
             f"vocabulary-parallel embedding and loss; sizes that divide every split dimension: {valid}"
-        )
-    if getattr(llm_config, "tie_word_embeddings", False):
-        raise ConfigError(
-            "tensor_parallel_size > 1 needs untied input/output embeddings (they are sharded on different "
-            "dimensions); set model.llm.tie_word_embeddings=false"
         )
 
 

@@ -30,6 +30,7 @@ class ParallelSpec:
     extra_fsdp_units: list = field(default_factory=list)
     tp_backbone: nn.Module | None = None
     lm_head: nn.Module | None = None
+    tied_lm_head: bool = False  # lm_head.weight is tp_backbone.embed_tokens.weight (kept tied under TP)
 
 
 @dataclass

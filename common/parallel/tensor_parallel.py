@@ -41,9 +41,9 @@ class ReplicateOnShardedActivations(ParallelStyle):
     ranks. Marking the input as sharded on the heads dimension lets DTensor derive that all-reduce.
     """
 
-    def __init__(self, heads_dim_from_end: int = 2):
+    def __init__(self, heads_dim_from_end: int | None = 2):
         super().__init__()
-        self.heads_dim_from_end = heads_dim_from_end
+        self.heads_dim_from_end = heads_dim_from_end  # None: the input is whole (replicated) on every rank
 
     def _partition(self, name, module, mesh):
         for pname, param in list(module.named_parameters(recurse=False)):
@@ -51,8 +51,8 @@ class ReplicateOnShardedActivations(ParallelStyle):
 
     def _input(self, module, inputs, mesh):
         x = inputs[0]
-        dim = x.ndim - self.heads_dim_from_end
-        return (DTensor.from_local(x, mesh, [Shard(dim)], run_check=False), *inputs[1:])
+        placement = Replicate() if self.heads_dim_from_end is None else Shard(x.ndim - self.heads_dim_from_end)
+        return (DTensor.from_local(x, mesh, [placement], run_check=False), *inputs[1:])
 
     @staticmethod
     def _output(module, output, mesh):
@@ -80,6 +80,27 @@ def _hf_style(style: str, module_path: str, sequence_parallel: bool) -> Parallel
     return styles[style]()
 
 
+def _lora_styles(name: str, module: nn.Module, style: str, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """A LoRA-wrapped projection (peft ``LoraLayer``: ``base_layer`` + ``lora_A``/``lora_B`` per adapter).
+
+    Column-wise: the base projection is split as the HF plan says; ``lora_A`` (rank x in) is
+    replicated and sees the whole input; ``lora_B`` (out x rank) is split column-wise like the base,
+    so each rank adds its own output columns. The backward of ``lora_B``'s input all-reduces the
+    gradient that reaches ``lora_A``, so the replicated adapter gets the full gradient on every rank.
+    """
+    if style != "colwise":
+        raise ConfigError(
+            f"model.lora targets {name!r}, which the backbone's TP plan splits {style!r}; under tensor "
+            "parallelism LoRA supports the column-wise projections (e.g. q_proj, k_proj, v_proj, gate_proj, "
+            "up_proj): drop it from model.lora.target_modules or use tensor_parallel_size=1"
+        )
+    plan = {f"{name}.base_layer": _hf_style(style, name, sequence_parallel)}
+    for adapter in module.lora_A:
+        plan[f"{name}.lora_A.{adapter}"] = ReplicateOnShardedActivations(heads_dim_from_end=None)
+        plan[f"{name}.lora_B.{adapter}"] = ColwiseParallel()
+    return plan
+
+
 def _expand(pattern: str, names: list[str]) -> list[str]:
     return [n for n in names if fnmatch.fnmatchcase(n, pattern) and n.count(".") == pattern.count(".")]
 
@@ -92,14 +113,18 @@ def backbone_tp_plan(backbone: nn.Module, sequence_parallel: bool = True) -> dic
             f"{type(backbone).__name__} has no Hugging Face base_model_tp_plan, so tensor parallel cannot "
             f"know how to split it; use tensor_parallel_size=1 (FSDP2 only) or a backbone with a TP plan"
         )
-    names = [n for n, _ in backbone.named_modules()]
+    modules = dict(backbone.named_modules())
+    names = list(modules)
     plan: dict[str, ParallelStyle] = {}
     for pattern, style in hf_plan.items():
         matches = _expand(pattern, names)
         if not matches:
             raise ConfigError(f"backbone TP plan entry {pattern!r} matches no module of {type(backbone).__name__}")
         for name in matches:
-            plan[name] = _hf_style(style, name, sequence_parallel)
+            if hasattr(modules[name], "base_layer") and hasattr(modules[name], "lora_A"):
+                plan.update(_lora_styles(name, modules[name], style, sequence_parallel))
+            else:
+                plan[name] = _hf_style(style, name, sequence_parallel)
     layers = getattr(backbone, "layers", None)
     if not sequence_parallel:
         plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())

@@ -58,7 +58,8 @@ def _transcribe(*args):
 def test_transcribe_any_rate_and_channels(trained, tiny_corpus, tmp_path):
     from lhotse.augmentation import Resample
 
-    from common.transcribe import load_model, read_features, transcribe
+    from common.inference import load_model
+    from common.transcribe import read_features, transcribe
 
     audio = CutSet.from_file(tiny_corpus["val"])[0].load_audio()[0]  # 16 kHz mono
     orig, wav, flac = tmp_path / "orig.wav", tmp_path / "stereo.wav", tmp_path / "b.flac"

@@ -15,8 +15,8 @@ from tests.conftest import ROOT, run_recipe, tiny_overrides
 
 
 def test_export_of_a_sharded_checkpoint_gives_the_same_outputs(tiny_corpus, tmp_path):
-    from common.export import CONFIG_FILE, WEIGHTS_FILE, load_exported
-    from common.transcribe import load_model, read_features, transcribe
+    from common.inference import CONFIG_FILE, WEIGHTS_FILE, load_exported, load_model
+    from common.transcribe import read_features, transcribe
 
     run_dir = tmp_path / "run"
     proc = run_recipe("salm_tp_fsdp2", 4, tiny_overrides(tiny_corpus, 4, "trainer.max_steps=3",

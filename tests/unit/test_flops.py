@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common.data.tokenizer import BPETokenizer, WordTokenizer
 from common.flops import PEAK_BF16_TFLOPS, ModelFlops, Part, decoder_lm_forward, peak_flops, training_flops
-from common.train import build_model
+from common.models import build_model
 from tests.conftest import recipe_config
 
 

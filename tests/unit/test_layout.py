@@ -66,18 +66,32 @@ def test_tp_must_divide_backbone_dims(field, value, expected):
     assert "tensor_parallel_size" in str(e.value) and expected in str(e.value)
 
 
-def test_tp_must_divide_vocab_and_needs_untied_embeddings():
+def test_tp_must_divide_vocab_tied_embeddings_and_lora_are_fine():
     cfg = Qwen3Config(num_attention_heads=4, num_key_value_heads=2, intermediate_size=256, tie_word_embeddings=False)
     with pytest.raises(ConfigError, match=r"vocabulary size \(31\)"):
         check_tensor_parallel(2, cfg, 31)
-    cfg.tie_word_embeddings = True
-    with pytest.raises(ConfigError, match="tie_word_embeddings=false"):
-        check_tensor_parallel(2, cfg, 32)
     check_tensor_parallel(1, cfg, 31)  # no TP: nothing to divide
-    cfg.tie_word_embeddings = False
-    with pytest.raises(ConfigError, match=r"model.lora is set with tensor_parallel_size \(2\)"):
-        check_tensor_parallel(2, cfg, 32, lora=True)
-    check_tensor_parallel(1, cfg, 32, lora=True)  # LoRA with FSDP2 alone is fine
+    cfg.tie_word_embeddings = True  # embedding and LM head both shard vocabulary rows: kept tied under TP
+    check_tensor_parallel(2, cfg, 32)
+    check_tensor_parallel(2, cfg, 32, lora=True)  # LoRA on column-wise projections (tests/distributed)
+
+
+def test_lora_on_a_row_wise_projection_is_refused_under_tp_naming_it():
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3ForCausalLM
+
+    from common.parallel.tensor_parallel import backbone_tp_plan
+
+    llm = Qwen3ForCausalLM(Qwen3Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       num_key_value_heads=1, head_dim=16, intermediate_size=64, vocab_size=32))
+    ok = get_peft_model(llm, LoraConfig(r=2, target_modules=["q_proj", "up_proj"]))
+    plan = backbone_tp_plan(ok.get_decoder())
+    assert "layers.0.self_attn.q_proj.base_layer" in plan and "layers.0.self_attn.q_proj.lora_B.default" in plan
+    assert "layers.0.self_attn.q_proj" not in plan
+    llm = Qwen3ForCausalLM(llm.config)
+    bad = get_peft_model(llm, LoraConfig(r=2, target_modules=["q_proj", "o_proj"]))
+    with pytest.raises(ConfigError, match=r"layers.0.self_attn.o_proj.*'rowwise'.*column-wise"):
+        backbone_tp_plan(bad.get_decoder())
 
 
 @pytest.mark.parametrize("recipe", ["asr_ddp", "tts_ddp"])

@@ -146,7 +146,7 @@ def test_pretrained_llm_architecture_from_a_local_config_only(tmp_path, corpus_o
 @pytest.mark.parametrize("recipe", ["asr_ddp", "tts_ddp", "salm_fsdp2"])
 def test_ddp_prediction_matches_a_real_model_and_adamw_step(recipe, corpus_overrides):
     """Whole-model state (DDP, or one process): the prediction equals what a real fp32 model + AdamW holds."""
-    from common.train import build_model
+    from common.models import build_model
 
     cfg = compose(recipe, corpus_overrides)
     meta, tokenizer = build_meta_model(cfg)
