@@ -51,10 +51,13 @@ IMAGE_UID := 10001
 NODES ?= 4
 GPUS_PER_NODE ?= 8
 JOB ?=
+MODEL ?=
+DATA ?=
 ELASTIC ?=
 MIN_NODES ?=
 K8S_RENDER_ARGS = --recipe $(RECIPE) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) \
   $(if $(filter-out speech-recipes:0.1.0,$(IMAGE)),--image $(IMAGE)) $(if $(JOB),--job $(JOB)) \
+  $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) \
   $(if $(filter 1 true yes,$(ELASTIC)),--elastic) $(if $(MIN_NODES),--min-nodes $(MIN_NODES))
 
 help:
@@ -82,7 +85,8 @@ help:
 	@echo "                                 run a recipe in the image (all GPUs, or CPU); outputs/ and data/ mounted"
 	@echo "make cpu-base                    bootstrap the CPU base image (mmdebstrap + CPU torch; cached)"
 	@echo "make container-test              CPU image from the same Dockerfile, 4-process salm_tp_fsdp2 in it (podman)"
-	@echo "make k8s-render RECIPE=<r> NODES=4 GPUS_PER_NODE=8 IMAGE=<registry/name:tag> [JOB=name] [ELASTIC=1 MIN_NODES=2]"
+	@echo "make k8s-render RECIPE=<r> NODES=4 GPUS_PER_NODE=8 IMAGE=<registry/name:tag> [MODEL=preset] [DATA=preset]"
+	@echo "                                 [JOB=name] [ELASTIC=1 MIN_NODES=2]  (presets: common/conf/model/, common/conf/data/)"
 	@echo "                                 print the validated Kubeflow PyTorchJob (offline: kubectl kustomize)"
 	@echo "make k8s-apply  (same variables) render, then kubectl apply -f -"
 

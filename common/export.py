@@ -4,7 +4,8 @@ Hugging Face-style model directory, for evaluation and inference in one process.
 Writes ``<out_dir>/``:
 
 * ``model.safetensors``: every weight as one full (unsharded) tensor; tied/shared tensors are
-  stored once (``safetensors.torch.save_model``) and tied again on load;
+  stored once (``safetensors.torch.save_model``) and tied again on load; LoRA adapters merged into
+  the weights they adapt;
 * ``config.json``: what rebuilds the model: the model section of the run config, the data
   feature settings (sample rate, mel bins, normalization), the recipe and the source checkpoint;
 * the tokenizer files (``word_tokenizer.json``, ``bpe_tokenizer.json`` or a HF tokenizer's).
@@ -46,6 +47,33 @@ def check_out_dir(out_dir: Path) -> None:
                           f"export (nothing was changed); e.g. OUT={out_dir / 'export'}")
 
 
+# Config fields that describe where a config came from, not the architecture.
+_NOT_ARCHITECTURE = ("transformers_version", "quantization_config", "architectures", "dtype", "torch_dtype",
+                     "_name_or_path")
+
+
+def _architecture(config) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE and not k.startswith("_")}
+
+
+def self_contained(model, model_cfg: dict) -> dict:
+    """The exported model needs nothing but its directory: LoRA adapters are merged into the LLM's
+    weights (``model.lora`` becomes null), and pretrained sources (a hub id, a GGUF or .nemo file)
+    are replaced by the architecture they had (``model.llm`` / ``model.encoder``), so loading an
+    export never downloads or dequantizes anything. Changes ``model`` in place."""
+    llm = getattr(model, "llm", None)
+    if llm is not None and hasattr(llm, "merge_and_unload"):  # a peft model
+        model.llm = llm = llm.merge_and_unload()
+        model_cfg["lora"] = None
+    if llm is not None and model_cfg.get("pretrained_llm"):
+        model_cfg["llm"], model_cfg["pretrained_llm"] = _architecture(llm.config), None
+    if model_cfg.get("pretrained_encoder"):
+        encoder = model.encoder if hasattr(model, "encoder") else model.ctc.encoder
+        model_cfg["encoder"], model_cfg["pretrained_encoder"] = _architecture(encoder.config), None
+        model_cfg["encoder_conv_norm"] = "batch_norm"  # what a pretrained encoder kept (common.models.encoder)
+    return model_cfg
+
+
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Consolidate ``checkpoint`` into ``out_dir`` (written under a temporary name, then renamed)."""
     from omegaconf import OmegaConf
@@ -55,6 +83,7 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     check_out_dir(out_dir)
     model, tokenizer, cfg = load_model(checkpoint)  # a DCP directory: full tensors, read in this process
     meta, _ = read_checkpoint(checkpoint)
+    model_cfg = self_contained(model, OmegaConf.to_container(cfg.model, resolve=True))
     tmp = out_dir.with_name(f".partial-{out_dir.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -66,7 +95,7 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
         "recipe": cfg.get("recipe"),
         "source_checkpoint": str(checkpoint.resolve()),
         "global_step": meta.get("global_step"),
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "model": model_cfg,
         "data": {k: cfg.data[k] for k in DATA_KEYS if k in cfg.data},
     }
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

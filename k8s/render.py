@@ -3,10 +3,13 @@
 Usage (what ``make k8s-render`` runs)::
 
     python k8s/render.py --recipe salm_tp_fsdp2 --nodes 4 --gpus-per-node 8 \\
-        --image registry.example.com/speech-recipes:0.1.0 [--job my-run-1] [--elastic --min-nodes 2]
+        --image registry.example.com/speech-recipes:0.1.0 [--model salm_0p7b] [--data librispeech] \\
+        [--job my-run-1] [--elastic --min-nodes 2]
 
 The overlay ``k8s/overlays/<recipe>`` is rendered through a throw-away kustomization that adds
-only what the command line sets: the image (kustomize ``images:``), Worker replicas (nodes - 1),
+only what the command line sets: the image (kustomize ``images:``), the model and data presets
+(the ``MODEL``/``DATA`` env of every pod, which the training command reads as ``model=$(MODEL)
+data=$(DATA)``; each overlay defaults to its recipe's real-size preset), Worker replicas (nodes - 1),
 ``nprocPerNode`` and the ``nvidia.com/gpu`` request/limit of every pod, the job name, and for
 ``--elastic`` the ``k8s/components/elastic`` component with its node range. The result is
 validated (CRD schema, operator admission, our lint: ``k8s/validate.py``) before it is printed,
@@ -54,8 +57,26 @@ def split_image(image: str) -> dict:
     return {"name": BASE_IMAGE_NAME, "newName": name, "newTag": tag}
 
 
+def check_presets(recipe: str, model: str | None, data: str | None) -> None:
+    """MODEL must be a preset of the recipe's model family, DATA a data preset (common/conf/)."""
+    from common.models import model_presets
+    from common.plan import ROOT, compose
+
+    if model is not None:
+        presets, family = model_presets(), compose(recipe, []).get("family")
+        fits = sorted(p for p, name in presets.items() if name == family)
+        if model not in fits:
+            raise RenderError(f"MODEL {model!r} is not a model preset of RECIPE={recipe} (its presets: "
+                              f"{', '.join(fits)}; all live in common/conf/model/)")
+    if data is not None:
+        known = sorted(p.stem for p in (ROOT / "common" / "conf" / "data").glob("*.yaml"))
+        if data not in known:
+            raise RenderError(f"DATA {data!r} is not a data preset (known: {', '.join(known)}; common/conf/data/)")
+
+
 def build_kustomization(recipe: str, nodes: int, gpus_per_node: int, image: str, job: str | None,
-                        elastic: bool, min_nodes: int | None, max_nodes: int | None, tmp: Path) -> dict:
+                        elastic: bool, min_nodes: int | None, max_nodes: int | None, tmp: Path,
+                        model: str | None = None, data: str | None = None) -> dict:
     if recipe not in recipes():
         raise RenderError(f"unknown RECIPE {recipe!r}: no k8s/overlays/{recipe}/kustomization.yaml "
                           f"(have: {', '.join(recipes())})")
@@ -76,7 +97,11 @@ def build_kustomization(recipe: str, nodes: int, gpus_per_node: int, image: str,
     if job is not None and (not DNS1035.match(job) or len(job) > 63):
         raise RenderError(f"JOB {job!r} is not a DNS-1035 label (lower-case letters, digits, '-', "
                           "starting with a letter, at most 63 characters)")
+    check_presets(recipe, model, data)
     ops: list[dict] = [{"op": "replace", "path": "/spec/nprocPerNode", "value": str(gpus_per_node)}]
+    for role in ROLES:  # env/1 = MODEL, env/2 = DATA (k8s/base/pytorchjob.yaml)
+        env = f"/spec/pytorchReplicaSpecs/{role}/template/spec/containers/0/env"
+        ops += [{"op": "replace", "path": f"{env}/{i}/value", "value": v} for i, v in ((1, model), (2, data)) if v]
     if job:
         ops.append({"op": "replace", "path": "/metadata/name", "value": job})
     for role in ROLES:
@@ -130,11 +155,11 @@ def kustomize(directory: Path) -> str:
 
 def render(recipe: str, nodes: int = 4, gpus_per_node: int = 8, image: str = f"{BASE_IMAGE_NAME}:0.1.0",
            job: str | None = None, elastic: bool = False, min_nodes: int | None = None,
-           max_nodes: int | None = None) -> str:
+           max_nodes: int | None = None, model: str | None = None, data: str | None = None) -> str:
     """The rendered manifests (YAML stream: the volume claim and the PyTorchJob)."""
     with tempfile.TemporaryDirectory(prefix="k8s-render-") as tmp:
         kustomization = build_kustomization(recipe, nodes, gpus_per_node, image, job, elastic, min_nodes,
-                                            max_nodes, Path(tmp))
+                                            max_nodes, Path(tmp), model=model, data=data)
         # JSON is YAML: no dependency needed to write it.
         (Path(tmp) / "kustomization.yaml").write_text(json.dumps(kustomization, indent=2))
         return kustomize(Path(tmp))
@@ -146,13 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, default=4)
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--image", default=f"{BASE_IMAGE_NAME}:0.1.0")
+    ap.add_argument("--model", default=None, help="model preset (default: the overlay's real-size one)")
+    ap.add_argument("--data", default=None, help="data preset (default: librispeech)")
     ap.add_argument("--job", default=None, help="PyTorchJob name = run name (default: the recipe's)")
     ap.add_argument("--elastic", action="store_true", help="c10d rendezvous, MIN_NODES..NODES nodes")
     ap.add_argument("--min-nodes", type=int, default=None)
     ap.add_argument("--max-nodes", type=int, default=None)
     a = ap.parse_args(argv)
     try:
-        text = render(a.recipe, a.nodes, a.gpus_per_node, a.image, a.job, a.elastic, a.min_nodes, a.max_nodes)
+        text = render(a.recipe, a.nodes, a.gpus_per_node, a.image, a.job, a.elastic, a.min_nodes, a.max_nodes,
+                      model=a.model, data=a.data)
         sys.path.insert(0, str(K8S))
         from validate import validate_stream
 

@@ -97,5 +97,10 @@ def smollm2_hf_dir(smollm2_gguf, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2-hf")
     kwargs = {"gguf_file": smollm2_gguf.name}
     AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), **kwargs).save_pretrained(out)
-    AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), **kwargs).save_pretrained(out)
+    loaded = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), **kwargs)
+    config = loaded.config
+    del config.quantization_config  # dequantized already; transformers refuses to save "gguf-quantized" models
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(out)
     return out

@@ -118,6 +118,9 @@ def _apply_tensor_parallel(model, spec: ParallelSpec, tp_mesh, options: Parallel
 
     if spec.tp_backbone is None:
         raise ConfigError(f"{type(model).__name__} declares no tensor-parallel backbone; use tensor_parallel_size=1")
+    # The parallel styles wrap each weight in a new nn.Parameter, which requires grad: a frozen
+    # weight (model.freeze, the LLM under LoRA) would silently train. Restored below by name.
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     parallelize_module(spec.tp_backbone, tp_mesh, backbone_tp_plan(spec.tp_backbone, options.sequence_parallel))
     if spec.lm_head is not None:
         parallelize_module(spec.lm_head, tp_mesh, lm_head_style(options.sequence_parallel, options.loss_parallel))
@@ -125,6 +128,8 @@ def _apply_tensor_parallel(model, spec: ParallelSpec, tp_mesh, options: Parallel
         # parallelize_module gave each module its own DTensor; both shard the vocabulary rows
         # (Shard(0)), so one parameter serves both again, as in the unsharded model.
         spec.lm_head.weight = spec.tp_backbone.embed_tokens.weight
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable[name])
     model.parallel_hooks = ParallelHooks(
         loss_context=loss_parallel if options.loss_parallel else ParallelHooks.loss_context,
         full_tensor=to_local,

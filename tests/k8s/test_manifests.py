@@ -86,6 +86,26 @@ def test_make_k8s_render_prints_the_job():
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_gpu_manifests_train_a_real_size_preset_and_take_model_and_data(recipe):
+    from common.plan import compose
+
+    for role in ("Master", "Worker"):
+        c = _c(job_of(render.render(recipe)), role)
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert ["model=$(MODEL)", "data=$(DATA)"] == [a for a in c["args"] if a.startswith(("model=", "data="))]
+        assert env["DATA"] == "librispeech"
+        cfg = compose(recipe, [f"model={env['MODEL']}", f"data={env['DATA']}"])  # what the pods compose
+        assert cfg.model.about.parameters > 5e7, f"{recipe}: the GPU manifest trains {env['MODEL']}, a tiny model"
+        assert cfg.data.train and cfg.data.max_duration_s_per_gpu
+    out = subprocess.run(["make", "-s", "k8s-render", f"RECIPE={recipe}", "NODES=2", "MODEL=" + (
+        "salm_tiny" if recipe.startswith("salm") else "ctc_tiny" if recipe == "asr_ddp" else "speecht5_tiny"),
+        "DATA=generated"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    env = {e["name"]: e.get("value") for e in _c(job_of(out.stdout), "Worker")["env"]}
+    assert env["MODEL"].endswith("_tiny") and env["DATA"] == "generated"
+
+
 @pytest.mark.parametrize("args,message", [
     (["--recipe", "nope"], "unknown RECIPE 'nope'"),
     (["--recipe", "asr_ddp", "--image", "reg.io/sr:latest"], "'latest' is not a pinned version"),
@@ -94,6 +114,9 @@ def test_make_k8s_render_prints_the_job():
     (["--recipe", "asr_ddp", "--job", "My_Run"], "JOB 'My_Run' is not a DNS-1035 label"),
     (["--recipe", "asr_ddp", "--nodes", "1", "--elastic"], "ELASTIC=1 needs NODES >= 2"),
     (["--recipe", "asr_ddp", "--elastic", "--min-nodes", "5"], "MIN_NODES=5"),
+    (["--recipe", "asr_ddp", "--model", "canary_qwen_2p5b"], "MODEL 'canary_qwen_2p5b' is not a model preset of "
+                                                            "RECIPE=asr_ddp (its presets: ctc_tiny, fastconformer"),
+    (["--recipe", "tts_ddp", "--data", "libri"], "DATA 'libri' is not a data preset (known: generated, librispeech"),
 ])
 def test_render_errors_name_the_bad_value(args, message, capsys):
     assert render.main(args) == 2

@@ -69,7 +69,7 @@ def test_a_preset_of_another_family_is_refused_naming_the_ones_that_fit():
 def test_per_gpu_batch_scales_with_the_world_size():
     cfg = compose("asr_ddp", ["model=fastconformer_ctc_large", "run.name=x"])
     resolve_batch_size(cfg.data, 16)
-    assert cfg.data.max_duration_s == 1200 * 16
+    assert cfg.data.max_duration_s == 2000 * 16
     tiny = compose("asr_ddp", ["run.name=x"])
     resolve_batch_size(tiny.data, 16)
     assert tiny.data.max_duration_s == 30  # the tiny presets keep the global batch
