@@ -299,7 +299,7 @@ def activation_bytes(cfg, model, dp: int, tp: int, act_bytes: int) -> int:
     return int(vals * act_bytes)
 
 
-def enumerate_layouts(cfg, model, vocab_size: int, gpus_per_node: int, nodes: int):
+def enumerate_layouts(cfg, model, gpus_per_node: int, nodes: int):
     """([(strategy, dp, tp)], [{dp, tp, reason}]): DDP is one layout; TP stays inside a node."""
     from common.parallel import ConfigError, check_tensor_parallel, resolve_layout
     from common.parallel.layout import check_tensor_parallel_within_node
@@ -313,7 +313,9 @@ def enumerate_layouts(cfg, model, vocab_size: int, gpus_per_node: int, nodes: in
         reason = None
         try:
             check_tensor_parallel_within_node(tp, gpus_per_node)
-            check_tensor_parallel(tp, model.llm.config, vocab_size, lora=bool(cfg.model.get("lora")))
+            # the embedding's rows (the tokenizer's vocabulary grown to VOCAB_MULTIPLE), as common.train checks
+            rows = model.llm.get_input_embeddings().num_embeddings
+            check_tensor_parallel(tp, model.llm.config, rows, lora=bool(cfg.model.get("lora")))
         except ConfigError as exc:
             reason = str(exc)
         if reason:
@@ -366,7 +368,7 @@ def plan(recipe: str, gpus_per_node: int, nodes: int = 1, overrides=(), precisio
     if policy is True or (policy == "auto" and precision in ("32-true", "32")):
         act_b = gather_b = min(act_b, 2)  # FSDP2's bf16 compute policy: bf16 activations and gathered units
     seq_par = bool(cfg.get("parallel", {}).get("sequence_parallel", True))
-    valid, skipped = enumerate_layouts(cfg, model, tok.vocab_size, gpus_per_node, nodes)
+    valid, skipped = enumerate_layouts(cfg, model, gpus_per_node, nodes)
     layouts = []
     for strategy, dp, tp in valid:
         ranks = state_bytes(model, strategy, dp, tp, param_b, seq_par)

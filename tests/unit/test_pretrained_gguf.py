@@ -71,3 +71,14 @@ def test_salm_trains_on_the_real_backbone(smollm2):
     assert n == 4 and torch.isfinite(loss_sum)
     assert model.llm.get_input_embeddings().weight.grad is not None
     model.zero_grad()
+
+
+def test_planner_reads_the_architecture_from_the_gguf_file(smollm2_gguf, smollm2):
+    from common.models import parameter_counts
+    from common.plan import plan
+
+    model, _, _ = smollm2
+    result = plan("salm_tp_fsdp2", gpus_per_node=3, nodes=1,
+                  overrides=[f"model.pretrained_llm={smollm2_gguf}", "model.prompt_format=chat", "model.ctc_aux_weight=0"])
+    assert result["parameters"] == parameter_counts(model)[0]  # the meta model is the real one, shape for shape
+    assert {(lay["dp"], lay["tp"]) for lay in result["layouts"]} == {(3, 1), (1, 3)}  # 3 kv heads: TP 3 offered
