@@ -23,7 +23,7 @@ export RUN_NAME
 # torchrun --max-restarts: a fresh rendezvous store per restart (see common/train.py).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE := 1
 
-.PHONY: help setup run transcribe export synthesize data-check to-shar test quality bench plan lint clean \
+.PHONY: help setup run transcribe export synthesize data-check to-shar test quality bench plan profile-batches lint clean \
         docker-build docker-run cpu-base container-test k8s-render k8s-apply
 
 # Containers: docker where it exists, else podman (CI); the CPU base and make container-test use podman.
@@ -78,6 +78,9 @@ help:
 	@echo "make bench [BENCH_LABEL=name]    every recipe and layout measured -> bench/results/<label>/ (~15 min on 2 cores)"
 	@echo "make plan RECIPE=<r> GPUS_PER_NODE=8 NODES=2 [ARGS='model size overrides']"
 	@echo "                                 per-GPU memory of every valid layout, and which to pick"
+	@echo "make profile-batches RECIPE=<r> [ARGS='model=<preset> ...'] [PROFILE=file] [FRACTION=0.85]"
+	@echo "                                 largest batch per 2-D bucket in a GPU memory fraction (GPU: measured;"
+	@echo "                                 CPU: the planner's model) -> data.bucket_profile=<file>"
 	@echo "make lint                        ruff + hadolint (containers/Dockerfile)"
 	@echo "make docker-build [IMAGE=name:tag] [BASE_IMAGE=...]"
 	@echo "                                 training image (default base: the pinned NVIDIA PyTorch container)"
@@ -159,6 +162,12 @@ bench: setup
 # Memory planner: predicted per-GPU bytes of each (data x tensor parallel) layout before renting GPUs.
 plan: setup
 	@$(PY) -m common.plan --recipe $(RECIPE) --gpus-per-node $(GPUS_PER_NODE) --nodes $(NODES) $(ARGS)
+
+# Per-bucket batch sizes for data.bucket_profile (common/profile_batches.py).
+PROFILE ?= bucket_profiles/$(RECIPE).json
+FRACTION ?= 0.85
+profile-batches: setup
+	@$(PY) -m common.profile_batches --recipe $(RECIPE) --out $(PROFILE) --memory-fraction $(FRACTION) $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

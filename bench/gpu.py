@@ -9,7 +9,7 @@ Writes ``<out>/gpu.json`` (every figure, plus device name, torch and CUDA versio
 ``<out>/gpu.md`` (the same as Markdown tables). Without CUDA it prints why and exits with status 2.
 
 (a) LLM backbone MFU. The Qwen3 backbone is built by the SALM recipe's own code
-(``common.models.salm.build_llm`` with ``common/conf/salm.yaml``'s ``model.llm`` block), at the
+(``common.models.salm.build_llm`` with ``common/conf/model/salm_tiny.yaml``'s ``llm`` block), at the
 published Qwen3-0.6B / Qwen3-1.7B shapes (random init, no download), in pure bf16 (parameters,
 activations and gradients in bf16, as ``precision: bf16-true`` gives; the loss in fp32). One measured step
 is forward + backward of a causal-LM cross-entropy on random tokens (no optimizer step), timed
@@ -104,7 +104,7 @@ def build_salm_llm(size: dict, vocab_size: int, max_positions: int):
 
     from common.models.salm import build_llm
 
-    model_cfg = OmegaConf.load(ROOT / "common" / "conf" / "salm.yaml").model
+    model_cfg = OmegaConf.load(ROOT / "common" / "conf" / "model" / "salm_tiny.yaml")
     llm = OmegaConf.merge(model_cfg.llm, size, {"max_position_embeddings": max_positions, "initializer_range": 0.02})
     return build_llm(OmegaConf.create({"llm": llm, "pretrained_llm": None, "lora": None}), vocab_size)
 

@@ -101,8 +101,8 @@ def _local_config_dict(path, setting: str, config_cls) -> dict:
 
 def _llm_architecture(cfg) -> dict | None:
     """The pretrained LLM's architecture without its weights: a local directory's or GGUF file's
-    config, else the preset's own ``model.llm`` block (GPU presets spell out their backbone's
-    config.json); None if neither is there."""
+    config, else the preset's own ``model.llm`` block when the preset says it is that backbone's
+    (``model.about.llm_architecture_of``: GPU presets spell out their backbone's config.json); else None."""
     from transformers import AutoConfig
 
     path = Path(cfg.model.pretrained_llm)
@@ -113,8 +113,8 @@ def _llm_architecture(cfg) -> dict | None:
     if (path / "config.json").exists():
         return _local_config_dict(path, "model.pretrained_llm", AutoConfig)
     about = cfg.model.get("about") or {}
-    if cfg.model.get("llm") and about.get("vocab_size"):
-        return {**cfg.model.llm, "vocab_size": about.vocab_size}
+    if cfg.model.get("llm") and about.get("vocab_size") and about.get("llm_architecture_of") == str(path):
+        return {**cfg.model.llm, "vocab_size": about.vocab_size}  # the preset spells out exactly this backbone
     return None
 
 
@@ -130,7 +130,7 @@ def build_meta_model(cfg, tokenizer_dir=None):
         arch = _llm_architecture(cfg)
         if arch is None:
             raise PlanError(f"model.pretrained_llm={pretrained!r} is not a local directory with a config.json or a "
-                            ".gguf file, and the preset spells out no model.llm + model.about.vocab_size; the "
+                            ".gguf file, and the preset does not spell out its architecture (model.about.llm_architecture_of); the "
                             "planner never downloads: pass a local copy of the model (or its config.json)")
         cfg.model.llm, cfg.model.pretrained_llm = arch, None  # the architecture alone: from_config, no weights
         if tokenizer is None:

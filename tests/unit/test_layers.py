@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = {"common.transcribe", "common.synthesize", "common.export", "common.plan", "common.data.__main__",
-         "common.tools.check_run"}
+         "common.tools.check_run", "common.profile_batches"}
 
 
 def _module_name(path: Path) -> str:

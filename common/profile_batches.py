@@ -1,0 +1,211 @@
+"""Per-bucket batch sizes that fill a GPU: the largest batch of each 2-D bucket that fits a memory
+fraction, written to a bucket profile that runs read (``data.bucket_profile=<file>``).
+
+Usage (what ``make profile-batches`` runs)::
+
+    make profile-batches RECIPE=asr_ddp ARGS="model=fastconformer_ctc_large data=librispeech"
+    python -m common.profile_batches --recipe asr_ddp --out bucket_profiles/asr_ddp.json \\
+        [--memory-fraction 0.85] [--measure auto|gpu|planner] [--gpu-memory-gib 80] [hydra overrides ...]
+    make run RECIPE=asr_ddp ARGS="... data.bucket_profile=bucket_profiles/asr_ddp.json"
+
+The buckets are the ones a run estimates from its training data (``common.data.buckets``). For each,
+the batch is searched (doubling, then bisection) at the bucket's largest shapes: every utterance as
+long as the bucket's upper duration edge, with as many target tokens as its upper token edge.
+
+* ``--measure gpu`` (``auto`` on a machine with CUDA): real forward + backward + AdamW steps of the
+  recipe's model on one GPU, peak memory from ``torch.cuda.max_memory_allocated``; an out-of-memory
+  error counts as "does not fit". One GPU holds the whole model, so for FSDP2 recipes the figure is
+  an upper bound (sharding only lowers it).
+* ``--measure planner`` (``auto`` on CPU): the same search against ``common.plan``'s memory model
+  (parameters, gradients, optimizer state, activations, FSDP2 buffers) for the recipe's layout.
+
+Batch sizes are *per GPU*: a run's global batch for a bucket is that number x its world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from common.parallel import ConfigError
+
+GIB = 1024**3
+
+
+def search_largest(fits, limit: int = 1 << 16) -> int:
+    """The largest ``b`` in [1, limit] with ``fits(b)`` (``fits`` monotone); 0 if even 1 does not fit."""
+    if not fits(1):
+        return 0
+    lo = 1
+    while lo * 2 <= limit and fits(lo * 2):
+        lo *= 2
+    hi = min(lo * 2, limit + 1)  # fits(lo), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+class PlannerMemory:
+    """Per-GPU bytes of one training step of ``batch`` utterances at (duration, tokens), from the planner."""
+
+    def __init__(self, cfg, model, precision: str):
+        from common.parallel import resolve_layout
+        from common.plan import PRECISIONS
+
+        self.cfg, self.model = cfg, model
+        layout = resolve_layout(cfg.trainer)
+        self.strategy, self.dp, self.tp = layout.strategy, layout.data_parallel_size, layout.tensor_parallel_size
+        self.param_b, self.act_b = PRECISIONS[precision]
+        policy = cfg.get("parallel", {}).get("mixed_precision", False)
+        self.gather_b = self.param_b
+        if policy is True or (policy == "auto" and precision in ("32-true", "32")):
+            self.act_b = self.gather_b = min(self.act_b, 2)
+
+    def __call__(self, batch: int, duration_s: float, tokens: int) -> int:
+        from common.plan import activation_bytes, fsdp_buffer_bytes, state_bytes
+
+        world = self.dp * self.tp
+        cfg = self.cfg.copy()
+        cfg.data.max_duration_s_per_gpu = None
+        cfg.data.max_tokens_per_gpu = None
+        cfg.data.max_tokens = None
+        cfg.data.max_duration_s = batch * duration_s * world  # the global batch of this bucket
+        cfg.data.max_utterance_s = duration_s
+        kind = "ddp" if self.strategy == "ddp" else "model_parallel"
+        ranks = state_bytes(self.model, kind, self.dp, self.tp, self.param_b,
+                            bool(cfg.get("parallel", {}).get("sequence_parallel", True)))
+        state = max(r["param_bytes"] + r["grad_bytes"] + r["optimizer_state_bytes"] for r in ranks)
+        buffers = fsdp_buffer_bytes(self.model, self.dp, self.tp, self.gather_b, policy=self.gather_b != self.param_b) \
+            if kind == "model_parallel" else 0
+        return state + activation_bytes(cfg, self.model, self.dp, self.tp, self.act_b) + buffers
+
+
+class GPUMemory:
+    """Peak CUDA bytes of real training steps (forward, backward, AdamW) at the bucket's largest shapes."""
+
+    def __init__(self, cfg, tokenizer, device: str = "cuda"):
+        import torch
+
+        from common.models import build_model
+
+        self.torch, self.cfg, self.device = torch, cfg, device
+        self.model = build_model(cfg, tokenizer).to(device).train()
+        self.vocab = tokenizer.vocab_size
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-6)
+        self.low_id = 5  # past the special tokens of every tokenizer here
+
+    def __call__(self, batch: int, duration_s: float, tokens: int) -> int:
+        torch = self.torch
+        frames = math.ceil(duration_s * 100)
+        mels = self.cfg.data.num_mel_bins
+        data = {"input_features": torch.randn(batch, frames, mels, device=self.device),
+                "feature_mask": torch.ones(batch, frames, dtype=torch.bool, device=self.device),
+                "target_ids": torch.randint(self.low_id, self.vocab, (batch, max(1, tokens)), device=self.device),
+                "target_lens": torch.full((batch,), max(1, tokens), device=self.device)}
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            for _ in range(2):  # the second step holds AdamW's state too
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss_sum, _ = self.model(data)
+                loss_sum.backward()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        except torch.OutOfMemoryError:
+            self.optimizer.zero_grad(set_to_none=True)
+            return 1 << 62
+
+
+def profile(recipe: str, overrides=(), memory_fraction: float = 0.85, measure: str = "auto",
+            gpu_memory_gib: float | None = None) -> dict:
+    import torch
+
+    from common.data.buckets import PROFILE_FORMAT, BucketGrid, BudgetBatchSize
+    from common.data.sources import open_sources
+    from common.models import build_tokenizer
+    from common.plan import build_meta_model, compose
+    from common.train import prepare_data
+
+    if not 0 < memory_fraction <= 1:
+        raise ConfigError(f"--memory-fraction must be in (0, 1], got {memory_fraction}")
+    if measure == "auto":
+        measure = "gpu" if torch.cuda.is_available() else "planner"
+    if measure not in ("gpu", "planner"):
+        raise ConfigError(f"--measure must be auto, gpu or planner, got {measure!r}")
+    cfg = compose(recipe, list(overrides))
+    sources = prepare_data(cfg)
+    tokenizer = build_tokenizer(cfg, sources)
+    lengths = []
+    for cut in open_sources(sources["train"], seed=cfg.seed, mix=False):
+        lengths.append((cut.duration, len(tokenizer.encode(cut.supervisions[0].text or ""))))
+        if len(lengths) >= cfg.data.get("bucket_buffer_size", 20000):
+            break
+    longest = float(cfg.data.get("max_utterance_s") or max(d for d, _ in lengths))
+    grid = BucketGrid.estimate(lengths, cfg.data.num_buckets, cfg.data.get("num_token_buckets", 1),
+                               batch_size=BudgetBatchSize(max_duration_s=float(cfg.data.max_duration_s)),
+                               max_duration_s=longest)
+    if measure == "gpu":
+        capacity = torch.cuda.get_device_properties(0).total_memory
+        memory = GPUMemory(cfg, tokenizer)
+        device = torch.cuda.get_device_name(0)
+    else:
+        from common.parallel.layout import gpu_precision
+
+        capacity = int((gpu_memory_gib or 80.0) * GIB)
+        model, _ = build_meta_model(cfg.copy())
+        memory = PlannerMemory(cfg, model, gpu_precision(cfg.trainer.strategy.get("_target_")))
+        device = f"planner ({gpu_memory_gib or 80.0:g} GiB GPU)"
+    limit = memory_fraction * capacity
+    sizes, buckets = [], []
+    for d_edge, row in zip(grid.duration_edges, grid.token_edges):
+        sizes.append([])
+        for t_edge in row:
+            b = search_largest(lambda n, d=d_edge, t=t_edge: memory(n, d, t) <= limit)
+            if b == 0:
+                raise ConfigError(f"bucket ({d_edge:.2f} s, {t_edge} tokens): not even one utterance per GPU fits "
+                                  f"{memory_fraction:.0%} of {capacity / GIB:.1f} GiB ({measure}); lower "
+                                  "data.max_utterance_s or use more GPUs per model (tensor parallel / FSDP2)")
+            sizes[-1].append(b)
+            buckets.append({"max_duration_s": round(d_edge, 3), "max_tokens": t_edge, "batch_size_per_gpu": b,
+                            "bytes": int(memory(b, d_edge, t_edge))})
+    profiled = BucketGrid(grid.duration_edges, grid.token_edges, sizes)
+    return {"format": PROFILE_FORMAT, "recipe": recipe, "overrides": list(overrides), "measured_by": measure,
+            "device": device, "capacity_bytes": int(capacity), "memory_fraction": memory_fraction,
+            "grid": profiled.state_dict(), "buckets": buckets}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m common.profile_batches", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--out", type=Path, required=True, help="the bucket profile to write (JSON)")
+    parser.add_argument("--memory-fraction", type=float, default=0.85)
+    parser.add_argument("--measure", default="auto", help="auto (gpu if CUDA, else planner), gpu or planner")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None, help="planner: GPU memory (default 80)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        result = profile(args.recipe, args.overrides, args.memory_fraction, args.measure, args.gpu_memory_gib)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".partial-{args.out.name}")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(args.out)
+    print(f"{args.recipe}: {len(result['buckets'])} buckets measured by {result['device']}, "
+          f"{args.memory_fraction:.0%} of {result['capacity_bytes'] / GIB:.1f} GiB per GPU -> {args.out}")
+    for b in result["buckets"]:
+        print(f"  <= {b['max_duration_s']:7.2f} s, <= {b['max_tokens']:4d} tokens: {b['batch_size_per_gpu']:5d} "
+              f"per GPU ({b['bytes'] / GIB:.2f} GiB)")
+    print(f"train with: data.bucket_profile={args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

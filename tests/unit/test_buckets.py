@@ -1,0 +1,118 @@
+"""2-D buckets with per-bucket batch sizes and carried tails (common/data/buckets.py)."""
+
+import random
+
+import pytest
+from lhotse import CutSet
+from lhotse.testing.dummies import dummy_cut, dummy_supervision
+
+from common.data.buckets import BucketGrid, BudgetBatchSize, CarryOverBucketSampler
+
+WORDS_PER_S = 2.5
+
+
+def corpus(n: int, seed: int = 0, mixed: bool = False) -> CutSet:
+    """Utterances of 1-8 s (``mixed``: also 10-30 s ones) with ~2.5 words per second."""
+    rng = random.Random(seed)
+    cuts = []
+    for i in range(n):
+        d = round(rng.uniform(10, 30) if mixed and rng.random() < 0.3 else rng.uniform(1, 8), 2)
+        words = max(1, round(d * WORDS_PER_S * rng.uniform(0.6, 1.4)))
+        cuts.append(dummy_cut(i, duration=d, supervisions=[dummy_supervision(i, duration=d, text="w " * words)]))
+    return CutSet.from_cuts(cuts)
+
+
+def words(cut) -> int:
+    return len(cut.supervisions[0].text.split())
+
+
+def sampler_for(cuts, seed=0, max_duration_s=120.0, buckets=(16, 2), longest=30.0):
+    grid = BucketGrid.estimate([(c.duration, words(c)) for c in cuts], *buckets,
+                               batch_size=BudgetBatchSize(max_duration_s=max_duration_s), max_duration_s=longest)
+    return CarryOverBucketSampler(cuts, grid, target_length=words, seed=seed, buffer_size=500)
+
+
+def padding_efficiency(batches) -> float:
+    real = sum(c.duration for b in batches for c in b)
+    padded = sum(len(b) * max(c.duration for c in b) for b in batches)
+    return real / padded
+
+
+def test_every_item_is_trained_once_per_pass_and_tails_are_carried():
+    from collections import Counter
+
+    cuts = corpus(3000)
+    everything = {c.id for c in cuts}
+    sampler = sampler_for(cuts)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        carried_in = Counter(c.id for c in sampler.carried)
+        batches = list(sampler)
+        for b in batches:  # every batch respects the padded-audio budget
+            assert len(b) * max(c.duration for c in b) <= 120.0 + 1e-6
+        trained = Counter(c.id for b in batches for c in b)
+        assert carried_in <= trained  # what the previous pass carried is trained in this one
+        own = trained - carried_in  # this pass's own items: each once
+        assert max(own.values()) == 1
+        carried_out = {c.id for c in sampler._carried_next}
+        assert set(own) | carried_out == everything and not set(own) & carried_out  # trained now or carried
+        if epoch:  # once tails come in as others go out, a pass trains >= 99.5% of the data's size
+            assert sum(trained.values()) >= 0.995 * len(everything), epoch
+        assert not carried_out & {i for i, e in sampler.first_pass.items() if e < epoch - 1}  # waits <= 2 passes
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_padding_efficiency_reaches_095_with_every_item(mixed):
+    cuts = corpus(4000, mixed=mixed)
+    sampler = sampler_for(cuts, buckets=(30, 1), max_duration_s=300.0)
+    sampler.set_epoch(0)
+    list(sampler)
+    sampler.set_epoch(1)
+    batches = list(sampler)  # a steady-state pass: carried tails in, new tails out
+    assert padding_efficiency(batches) >= 0.95
+    assert sum(len(b) for b in batches) >= 0.995 * len(cuts)
+
+
+def test_same_global_batches_for_every_rank_and_layout():
+    cuts = corpus(800)
+    a, b = sampler_for(cuts, seed=3), sampler_for(cuts, seed=3)
+    assert [[c.id for c in x] for x in a] == [[c.id for c in x] for x in b]
+    other = sampler_for(cuts, seed=4)
+    assert [[c.id for c in x] for x in a] != [[c.id for c in x] for x in other]
+
+
+def test_state_round_trip_resumes_the_pass_exactly():
+    cuts = corpus(1500)
+    ref = sampler_for(cuts)
+    ref.set_epoch(0)
+    list(ref)
+    ref.set_epoch(1)
+    state = ref.state_dict()
+    want = [[c.id for c in x] for x in ref]
+    resumed = sampler_for(cuts)
+    resumed.load_state_dict(state)
+    assert resumed.epoch == 1 and [c.id for c in resumed.carried] == [c.id for c in ref.carried]
+    assert [[c.id for c in x] for x in resumed] == want
+    fresh = sampler_for(cuts)  # without the carried tails the pass would differ
+    fresh.set_epoch(1)
+    assert [[c.id for c in x] for x in fresh] != want
+
+
+def test_two_d_bins_split_long_and_short_targets_of_one_duration():
+    cuts = corpus(3000)
+    grid = sampler_for(cuts, buckets=(4, 3)).grid
+    assert len(grid.duration_edges) == 4 and all(len(row) == 3 for row in grid.token_edges)
+    for row in grid.token_edges:
+        assert row == sorted(row) and row[0] < row[-1]
+    assert grid.duration_edges[-1] == 30.0  # the last bin takes anything up to the longest allowed utterance
+    # per-bucket batch sizes: long buckets hold fewer utterances
+    assert grid.batch_sizes[0][0] > grid.batch_sizes[-1][0]
+    assert BucketGrid.from_state_dict(grid.state_dict()).batch_sizes == grid.batch_sizes
+
+
+def test_small_corpora_get_fewer_buckets_so_every_pass_trains():
+    cuts = corpus(60)
+    sampler = sampler_for(cuts, max_duration_s=20.0, buckets=(24, 2))
+    assert len(sampler.grid.keys()) <= 60 / 4
+    sampler.set_epoch(0)
+    assert list(sampler), "a pass without a single batch"
