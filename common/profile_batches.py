@@ -149,7 +149,7 @@ def profile(recipe: str, overrides=(), memory_fraction: float = 0.85, measure: s
     longest = float(cfg.data.get("max_utterance_s") or max(d for d, _ in lengths))
     grid = BucketGrid.estimate(lengths, cfg.data.num_buckets, cfg.data.get("num_token_buckets", 1),
                                batch_size=BudgetBatchSize(max_duration_s=float(cfg.data.max_duration_s)),
-                               max_duration_s=longest)
+                               max_duration_s=longest, min_batches_per_bucket=0)  # sizes come from memory
     if measure == "gpu":
         capacity = torch.cuda.get_device_properties(0).total_memory
         memory = GPUMemory(cfg, tokenizer)
@@ -172,7 +172,7 @@ def profile(recipe: str, overrides=(), memory_fraction: float = 0.85, measure: s
                                   f"{memory_fraction:.0%} of {capacity / GIB:.1f} GiB ({measure}); lower "
                                   "data.max_utterance_s or use more GPUs per model (tensor parallel / FSDP2)")
             sizes[-1].append(b)
-            buckets.append({"max_duration_s": round(d_edge, 3), "max_tokens": t_edge, "batch_size_per_gpu": b,
+            buckets.append({"max_duration_s": d_edge, "max_tokens": t_edge, "batch_size_per_gpu": b,
                             "bytes": int(memory(b, d_edge, t_edge))})
     profiled = BucketGrid(grid.duration_edges, grid.token_edges, sizes)
     return {"format": PROFILE_FORMAT, "recipe": recipe, "overrides": list(overrides), "measured_by": measure,

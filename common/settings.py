@@ -109,6 +109,11 @@ def check_settings(cfg) -> None:
     if _get(cfg, "data.max_tokens") is not None:
         _int(cfg, "data.max_tokens", 1)
     _int(cfg, "data.num_buckets", 1)
+    _int(cfg, "data.num_token_buckets", 1)
+    if _get(cfg, "data.bucket_profile"):
+        from common.data.buckets import load_bucket_profile
+
+        load_bucket_profile(_get(cfg, "data.bucket_profile"), recipe=_get(cfg, "recipe"))  # early: names the file
     _int(cfg, "data.bucket_buffer_size", 1)
     _int(cfg, "data.num_workers", 0)
     _int(cfg, "data.sample_rate", 1000)

@@ -38,8 +38,11 @@ PROFILE_FORMAT = "speech-recipes-bucket-profile/1"  # what common.profile_batche
 
 @dataclass(frozen=True)
 class BudgetBatchSize:
-    """Utterances per global batch at a bucket's upper edges: padded audio within ``max_duration_s``,
-    or (speech-LLMs) padded LLM positions within ``max_tokens`` with ``positions(duration_s, tokens)``."""
+    """Utterances per global batch of a bucket, padded to its longest item: within ``max_duration_s``
+    of audio, or (speech-LLMs) ``max_tokens`` LLM positions with ``positions(duration_s, tokens)``.
+    The longest is the longest of the bucket in the sample the bins come from (as lhotse closes a
+    batch by its longest item so far), so a later, longer item can overshoot by little;
+    ``make profile-batches`` sizes buckets by measured memory at their upper edges instead."""
 
     max_duration_s: float | None = None
     max_tokens: int | None = None
@@ -84,31 +87,47 @@ class BucketGrid:
     @classmethod
     def estimate(cls, lengths: Iterable[tuple[float, int]], num_duration_buckets: int, num_token_buckets: int,
                  batch_size: Callable[[float, int], int], max_duration_s: float | None = None,
-                 min_batches_per_bucket: int = 4) -> BucketGrid:
-        """Bins from a sample of ``(duration_s, target_tokens)``; fewer bins when the sample is too small
-        for every bucket to fill ``min_batches_per_bucket`` batches per pass (small corpora)."""
+                 min_batches_per_bucket: int = 2) -> BucketGrid:
+        """Bins from a sample of ``(duration_s, target_tokens)``: duration quantiles, then target-length
+        quantiles inside each. Where the sample is too small for a bucket to fill ``min_batches_per_bucket``
+        batches per pass (short utterances make big batches), it is merged with its neighbour, and a
+        duration bin gets fewer token bins (0: as many bins as asked, for bucket profiles)."""
         lengths = list(lengths)
         if not lengths:
             raise ValueError("bucket grid: no utterances to estimate bins from")
-        longest = max(d for d, _ in lengths)
-        top = max(float(max_duration_s or longest), longest)
-        # About how many global batches a pass of this sample makes: its size / the batch at the mean lengths.
-        mean_d, mean_t = sum(d for d, _ in lengths) / len(lengths), sum(t for _, t in lengths) / len(lengths)
-        batches = len(lengths) / batch_size(mean_d, math.ceil(mean_t))
-        budget = max(1, int(batches // min_batches_per_bucket))
-        n_dur = max(1, min(num_duration_buckets, budget))
-        n_tok = max(1, min(num_token_buckets, budget // n_dur))
-        duration_edges = _quantile_edges([d for d, _ in lengths], n_dur)
-        duration_edges[-1] = top  # anything up to the longest allowed utterance fits the last bin
+        top = max(float(max_duration_s or 0.0), max(d for d, _ in lengths))
+
+        def fill(cell) -> float:  # batches this bucket fills per pass (the sample standing for a pass)
+            return len(cell) / batch_size(max(d for d, _ in cell), max(t for _, t in cell))
+
+        def cells(edges, key, items):
+            out, lo = [], -math.inf
+            for edge in edges:
+                out.append([x for x in items if lo < key(x) <= edge])
+                lo = edge
+            return out
+
+        edges = _quantile_edges([d for d, _ in lengths], max(1, num_duration_buckets))
+        edges[-1] = top  # anything up to the longest allowed utterance fits the last bin
+        while min_batches_per_bucket and len(edges) > 1:
+            fills = [fill(c) if c else 0.0 for c in cells(edges, lambda x: x[0], lengths)]
+            i = min(range(len(edges)), key=fills.__getitem__)
+            if fills[i] >= min_batches_per_bucket:
+                break
+            # merge bin i into its emptier neighbour (drop the edge between them)
+            j = i - 1 if i == len(edges) - 1 or (i > 0 and fills[i - 1] < fills[i + 1]) else i
+            del edges[j]
         token_edges, sizes = [], []
-        lo = -math.inf
-        for edge in duration_edges:
-            inside = [t for d, t in lengths if lo < d <= edge] or [max(t for _, t in lengths)]
-            row = _quantile_edges(inside, n_tok)
+        for inside in cells(edges, lambda x: x[0], lengths):
+            inside = inside or [(edges[len(token_edges)], max(t for _, t in lengths))]
+            for n_tok in range(max(1, num_token_buckets), 0, -1):
+                row = _quantile_edges([t for _, t in inside], n_tok)
+                parts = [c or inside for c in cells(row, lambda x: x[1], inside)]
+                if not min_batches_per_bucket or n_tok == 1 or min(map(fill, parts)) >= min_batches_per_bucket:
+                    break
             token_edges.append(row)
-            sizes.append([batch_size(edge, t) for t in row])
-            lo = edge
-        return cls(duration_edges, token_edges, sizes)
+            sizes.append([batch_size(max(d for d, _ in c), max(t for _, t in c)) for c in parts])
+        return cls(edges, token_edges, sizes)
 
     def index(self, duration_s: float, tokens: int) -> tuple[int, int]:
         i = min(bisect.bisect_left(self.duration_edges, duration_s - 1e-9), len(self.duration_edges) - 1)
@@ -124,6 +143,10 @@ class BucketGrid:
     def with_batch_sizes(self, batch_size: Callable[[float, int], int]) -> BucketGrid:
         return BucketGrid(self.duration_edges, self.token_edges,
                           [[batch_size(d, t) for t in row] for d, row in zip(self.duration_edges, self.token_edges)])
+
+    def with_batch_sizes_scaled(self, factor: int) -> BucketGrid:
+        """Per-GPU batch sizes (a bucket profile) -> global ones for ``factor`` GPUs."""
+        return BucketGrid(self.duration_edges, self.token_edges, [[b * factor for b in row] for row in self.batch_sizes])
 
     def state_dict(self) -> dict:
         return {"duration_edges": self.duration_edges, "token_edges": self.token_edges,
@@ -148,20 +171,21 @@ class CarryOverBucketSampler:
     """
 
     def __init__(self, cuts, grid: BucketGrid, target_length: Callable, seed: int = 0, buffer_size: int = 20000,
-                 max_wait_passes: int = 2):
+                 max_wait_passes: int = 1):
         self.cuts, self.grid, self.target_length = cuts, grid, target_length
         self.seed, self.buffer_size, self.max_wait_passes = seed, buffer_size, max_wait_passes
         self.epoch = 0
         self.carried: list = []  # cuts carried into `epoch`
         self.first_pass: dict[str, int] = {}  # carried cut id -> the pass that first left it over
+        self._first_next: dict[str, int] = {}
         self._carried_next: list | None = None
         self.duration_bins = grid.duration_edges[:-1]  # lhotse's name: bucket edges for padding (torch.compile)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch == self.epoch + 1 and self._carried_next is not None:
-            self.carried = self._carried_next
+            self.carried, self.first_pass = self._carried_next, self._first_next
         elif epoch != self.epoch:
-            self.carried = []  # jumping passes (not a resume: that loads the state): nothing to carry
+            self.carried, self.first_pass = [], {}  # jumping passes (a resume loads the state instead)
         self._carried_next, self.epoch = None, epoch
 
     def _shuffled(self, rng: random.Random):
@@ -194,7 +218,9 @@ class CarryOverBucketSampler:
                 yield CutSet.from_cuts(left)
             else:
                 carry += left
-        self.first_pass = {c.id: self.first_pass.get(c.id, self.epoch) for c in carry}
+        # (the DataLoader may finish this iteration before the pass is trained: the next pass's
+        # carry is kept aside until set_epoch moves to it)
+        self._first_next = {c.id: self.first_pass.get(c.id, self.epoch) for c in carry}
         self._carried_next = carry
 
     def _full(self, buckets, key, cutset):

@@ -78,6 +78,8 @@ class SpeechDataModule(L.LightningDataModule):
             buffer_size=cfg.get("bucket_buffer_size", 20000),
             check_tokens=train,
             pad_to_bucket_edges=self.pad_to_bucket_edges,
+            num_token_buckets=cfg.get("num_token_buckets", 1),
+            bucket_grid=self._profiled_grid() if train else None,
         )
         self.filters[split] = loader.metadata_filter
         self.features[split] = loader.features
@@ -91,6 +93,16 @@ class SpeechDataModule(L.LightningDataModule):
                          self._resume_state["epoch"], self._resume_state["consumed"])
                 self._resume_state = None
         return loader
+
+    def _profiled_grid(self):
+        """``data.bucket_profile``: the measured per-GPU batch sizes x the world size, or None."""
+        if not self.cfg.get("bucket_profile"):
+            return None
+        from .buckets import load_bucket_profile
+
+        grid, _ = load_bucket_profile(self.cfg.bucket_profile)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return grid.with_batch_sizes_scaled(world)
 
     def train_dataloader(self):
         return self._loader("train", train=True)

@@ -34,6 +34,7 @@ from .checks import ON_BAD_ITEM, BadItem, BadItemError, load_checked, metadata_p
 from .features import FRAME_SHIFT_S, BatchFeatures, PaddedAudio, frames_of_duration, frames_of_samples
 
 log = logging.getLogger(__name__)
+VAL_NUM_BUCKETS = 4  # duration bins of validation batches (in order; training uses common.data.buckets)
 
 
 @dataclass
@@ -90,9 +91,14 @@ class DataParallelBatchSampler(Sampler):
             index += 1
         if passed_before is not None:
             passed = self.metadata_filter.num_passed - passed_before  # the filter runs as each pass reads
-            self.coverage.append({"epoch": self.epoch, "items": items, "passed_checks": passed})
-            log.info("data pass %d: %d of the %d items that passed the checks are in its %d global batches "
-                     "(%.1f%%)", self.epoch, items, passed, index, 100.0 * items / max(passed, 1))
+            carried_in = len(getattr(self.sampler, "carried", ()))
+            carried_out = len(getattr(self.sampler, "_carried_next", None) or ())
+            used = items - carried_in + carried_out  # this pass's own items: trained now or first in the next
+            self.coverage.append({"epoch": self.epoch, "items": items, "passed_checks": passed, "used": used,
+                                  "carried_in": carried_in, "carried_out": carried_out})
+            log.info("data pass %d: %d of the %d items that passed the checks are in its %d global batches or carried "
+                     "to the start of the next pass (%.1f%%; %d carried in, %d carried out)", self.epoch, used, passed,
+                     index, 100.0 * used / max(passed, 1), carried_in, carried_out)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -104,10 +110,15 @@ class DataParallelBatchSampler(Sampler):
         self.epoch, self.consumed = epoch, index + 1
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed}
+        state = {"epoch": self.epoch, "consumed": self.consumed}
+        if hasattr(self.sampler, "carried"):  # CarryOverBucketSampler: the tails carried into this pass
+            state["sampler"] = self.sampler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.set_epoch(state["epoch"])
+        if "sampler" in state and hasattr(self.sampler, "carried"):
+            self.sampler.load_state_dict(state["sampler"])
         self.consumed = self._skip_on_next_iter = state["consumed"]
 
 
@@ -342,11 +353,16 @@ def make_loader(
     buffer_size: int = 20000,
     check_tokens: bool = True,
     pad_to_bucket_edges: bool = False,
+    num_token_buckets: int = 1,
+    bucket_grid=None,
 ) -> DataLoader:
     """A DataLoader of this rank's shards of bucketed global batches, bad items filtered out.
 
-    Global batches hold ``max_duration_s`` of audio, or, with ``token_budget`` and ``max_tokens``,
-    at most ``max_tokens`` LLM positions (padded). Bucket bins are estimated from the data.
+    Training (``shuffle``) batches come from 2-D buckets (duration x target tokens, estimated from the
+    first ``buffer_size`` items, or ``bucket_grid``: a profile's grid with global batch sizes) with a batch
+    size per bucket: padded audio within ``max_duration_s``, or padded LLM positions within ``max_tokens``
+    (with ``token_budget``); ragged tails are carried into the next pass (:mod:`common.data.buckets`).
+    Validation uses lhotse's duration buckets, in order.
     The filter (``loader.metadata_filter``) holds the items it dropped; ``check_tokens`` also drops
     text that encodes to ``<unk>`` (for training targets; validation keeps unseen words as errors).
     Batches hold padded waveforms; ``loader.features`` (a :class:`BatchFeatures`) turns one into
@@ -364,25 +380,28 @@ def make_loader(
     from lhotse import CutSet
     from lhotse.lazy import LazyFilter
 
-    base = DynamicBucketingSampler(
-        # Lazily, for eager manifests too: the checks run as each pass reads the items, so the
-        # filter's counts are per pass (coverage, the bad-item share); the order is unchanged.
-        CutSet(LazyFilter(cuts, predicate=keep)),
-        **({"constraint": token_budget.constraint(max_tokens)} if by_tokens else {"max_duration": max_duration_s}),
-        num_buckets=num_buckets,
-        shuffle=shuffle,
-        drop_last=False,  # every item is trained on: a bucket's ragged tail is a batch of its own
-        seed=seed,
-        buffer_size=buffer_size,
-        world_size=1,  # deliberately: every rank draws the same global batches (see module docstring)
-        rank=0,
-    )
+    # Lazily, for eager manifests too: the checks run as each pass reads the items, so the
+    # filter's counts are per pass (coverage, the bad-item share); the order is unchanged.
+    checked = CutSet(LazyFilter(cuts, predicate=keep))
+    if shuffle:
+        base = _bucket_sampler(cuts, checked, tokenizer, max_duration_s=max_duration_s, num_buckets=num_buckets,
+                               num_token_buckets=num_token_buckets, seed=seed, buffer_size=buffer_size,
+                               longest_s=float(max_utterance_s or max_duration_s),
+                               token_budget=token_budget if by_tokens else None, max_tokens=max_tokens,
+                               grid=bucket_grid)
+    else:
+        base = DynamicBucketingSampler(
+            # few bins: validation sets are small (lhotse needs a cut per bin) and mostly one global batch
+            checked, max_duration=max_duration_s, num_buckets=min(num_buckets, VAL_NUM_BUCKETS), shuffle=False,
+            drop_last=False,  # every item is validated
+            world_size=1, rank=0,  # deliberately: every rank draws the same global batches (module docstring)
+        )
     edges = None
     if pad_to_bucket_edges:
         # torch.compile: every batch's audio is padded to its bucket's upper edge, so the encoder sees
         # at most num_buckets + 1 lengths (a bounded number of compiled graphs, see common.parallel).
         longest = float(max_utterance_s or max_duration_s)
-        bins = [] if by_tokens else [b for b in base.duration_bins if b < longest]
+        bins = [b for b in base.duration_bins if b < longest]
         edges = bins + [longest] if bins else length_ladder(longest)
     loader = DataLoader(
         SpeechTextDataset(tokenizer, sample_rate, token_alignment=token_alignment, on_bad_item=on_bad_item,
@@ -402,6 +421,39 @@ def make_loader(
     loader.features = BatchFeatures(num_mel_bins, sample_rate, normalize=normalize_features,
                                     spec_augment=spec_augment, seed=seed)
     return loader
+
+
+def _bucket_sampler(raw, checked, tokenizer, *, max_duration_s, num_buckets, num_token_buckets, seed, buffer_size,
+                    longest_s, token_budget, max_tokens, grid):
+    """The training sampler: 2-D buckets estimated from the first ``buffer_size`` items (metadata only)."""
+    from functools import lru_cache
+
+    from .buckets import BucketGrid, BudgetBatchSize, CarryOverBucketSampler
+
+    @lru_cache(maxsize=1 << 16)
+    def tokens_of(text: str) -> int:
+        return len(tokenizer.encode(text))
+
+    def target_length(cut) -> int:
+        return tokens_of(cut.supervisions[0].text or "")
+
+    if grid is None:
+        lengths = []
+        for cut in raw:
+            if cut.duration <= longest_s and cut.supervisions:
+                lengths.append((cut.duration, target_length(cut)))
+            if len(lengths) >= buffer_size:
+                break
+        if token_budget is not None:
+            fpt, extra = token_budget.frames_per_token, token_budget.extra_tokens
+            size = BudgetBatchSize(max_tokens=max_tokens,
+                                   positions=lambda d, t: math.ceil(d / token_budget.frame_shift_s / fpt) + t + extra)
+        else:
+            size = BudgetBatchSize(max_duration_s=max_duration_s)
+        grid = BucketGrid.estimate(lengths, num_buckets, num_token_buckets, batch_size=size, max_duration_s=longest_s)
+    log.info("training batches from %r: %s utterances per global batch", grid,
+             sorted({b for row in grid.batch_sizes for b in row}))
+    return CarryOverBucketSampler(checked, grid, target_length=target_length, seed=seed, buffer_size=buffer_size)
 
 
 def length_ladder(longest_s: float, shortest_s: float = 1.0, steps_per_octave: int = 2) -> list[float]:
