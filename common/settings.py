@@ -110,6 +110,10 @@ def check_settings(cfg) -> None:
         _int(cfg, "data.max_tokens", 1)
     _int(cfg, "data.num_buckets", 1)
     _int(cfg, "data.num_token_buckets", 1)
+    if _get(cfg, "data.sampler") not in (None, "buckets_2d", "lhotse_1d"):
+        raise ConfigError(f"data.sampler must be buckets_2d or lhotse_1d, got {_get(cfg, 'data.sampler')!r}")
+    if _get(cfg, "data.bucket_profile") and _get(cfg, "data.sampler") == "lhotse_1d":
+        raise ConfigError("data.bucket_profile needs data.sampler=buckets_2d (lhotse_1d has no per-bucket batch sizes)")
     if _get(cfg, "data.bucket_profile"):
         from common.data.buckets import load_bucket_profile
 

@@ -79,6 +79,7 @@ class SpeechDataModule(L.LightningDataModule):
             check_tokens=train,
             pad_to_bucket_edges=self.pad_to_bucket_edges,
             num_token_buckets=cfg.get("num_token_buckets", 1),
+            sampler=cfg.get("sampler", "buckets_2d"),
             bucket_grid=self._profiled_grid() if train else None,
         )
         self.filters[split] = loader.metadata_filter

@@ -355,6 +355,7 @@ def make_loader(
     pad_to_bucket_edges: bool = False,
     num_token_buckets: int = 1,
     bucket_grid=None,
+    sampler: str = "buckets_2d",
 ) -> DataLoader:
     """A DataLoader of this rank's shards of bucketed global batches, bad items filtered out.
 
@@ -383,7 +384,14 @@ def make_loader(
     # Lazily, for eager manifests too: the checks run as each pass reads the items, so the
     # filter's counts are per pass (coverage, the bad-item share); the order is unchanged.
     checked = CutSet(LazyFilter(cuts, predicate=keep))
-    if shuffle:
+    if shuffle and sampler == "lhotse_1d":  # lhotse's duration buckets (the SALM recipes, see salm.yaml)
+        base = DynamicBucketingSampler(
+            checked,
+            **({"constraint": token_budget.constraint(max_tokens)} if by_tokens else {"max_duration": max_duration_s}),
+            num_buckets=num_buckets, shuffle=True, drop_last=False, seed=seed, buffer_size=buffer_size,
+            world_size=1, rank=0,  # every rank draws the same global batches (module docstring)
+        )
+    elif shuffle:
         base = _bucket_sampler(cuts, checked, tokenizer, max_duration_s=max_duration_s, num_buckets=num_buckets,
                                num_token_buckets=num_token_buckets, seed=seed, buffer_size=buffer_size,
                                longest_s=float(max_utterance_s or max_duration_s),
