@@ -27,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import bisect
+import json
 import math
 import random
 from collections.abc import Callable, Iterable
@@ -233,7 +234,9 @@ class CarryOverBucketSampler:
         return self.grid.index(cut.duration, self.target_length(cut))
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "carried": [c.to_dict() for c in self.carried],
+        # Through JSON, as lhotse writes manifests: ``to_dict`` keeps objects such as word
+        # alignments' AlignmentItem tuples, which a weights_only checkpoint load refuses.
+        return {"epoch": self.epoch, "carried": [json.loads(json.dumps(c.to_dict())) for c in self.carried],
                 "first_pass": {c.id: self.first_pass[c.id] for c in self.carried}}
 
     def load_state_dict(self, state: dict) -> None:
