@@ -75,11 +75,13 @@ SPEECH_SIZES = {
                            "model.encoder.subsampling_factor=8", "model.encoder.subsampling_conv_channels=256",
                            "data.num_mel_bins=80"],
     ("tts_ddp", "default"): [],
-    ("tts_ddp", "large"): ["model.speecht5.hidden_size=768", "model.speecht5.encoder_layers=12",
-                           "model.speecht5.decoder_layers=6", "model.speecht5.encoder_attention_heads=12",
-                           "model.speecht5.decoder_attention_heads=12", "model.speecht5.encoder_ffn_dim=3072",
-                           "model.speecht5.decoder_ffn_dim=3072", "model.speecht5.speech_decoder_prenet_units=256",
-                           "model.speecht5.speech_decoder_postnet_units=256", "data.num_mel_bins=80"],
+    ("tts_ddp", "large"): ["model.fastspeech.hidden_size=384", "model.fastspeech.encoder_layers=4",
+                           "model.fastspeech.decoder_layers=4", "model.fastspeech.encoder_linear_units=1536",
+                           "model.fastspeech.decoder_linear_units=1536", "model.fastspeech.decoder_kernel_size=31",
+                           "model.fastspeech.use_macaron_style_in_conformer=true",
+                           "model.fastspeech.duration_predictor_channels=256",
+                           "model.fastspeech.speech_decoder_postnet_layers=5",
+                           "model.fastspeech.speech_decoder_postnet_units=256", "data.num_mel_bins=80"],
 }
 
 

@@ -43,7 +43,10 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from common.data.buckets import allow_older_sampler_states
+
 log = logging.getLogger("common.train")
+allow_older_sampler_states()  # checkpoints of earlier versions still resume (and are not taken for damaged)
 
 CHECKPOINT_NAME = re.compile(r"^step(\d+)\.ckpt$")
 PARTIAL_PREFIX = ".partial-"

@@ -2,7 +2,9 @@
 
 :func:`intelligibility`: a TTS model's held-out sentences, synthesized (Griffin-Lim) and transcribed
 by an ``asr_ddp`` checkpoint; the character error rate is what ``summary.json`` reports as
-``val.asr_cer`` when ``eval.asr_checkpoint`` is set.
+``val.asr_cer`` when ``eval.asr_checkpoint`` is set, beside how many sentences did not end on their
+own: cut at the model's frame limit (``val.synthesis_hit_frame_limit``) or shorter than their text
+in tokens (``val.synthesis_too_short``).
 
 Usage::
 
@@ -39,7 +41,11 @@ def intelligibility(model, cfg, texts: list[str], asr_checkpoint: str | Path) ->
     vocoder = GriffinLim(cfg.data.num_mel_bins, cfg.data.sample_rate)
     features = BatchFeatures(asr_cfg.data.num_mel_bins, asr_cfg.data.sample_rate)
     hyps = []
-    for mel in model.synthesize(texts):
+    mels = model.synthesize(texts)
+    ended = dict(getattr(model, "last_synthesis", {}))
+    # Fewer frames than tokens: the sentence cannot have said every token (stopped early).
+    too_short = sum(mel.shape[0] < len(model.tokenizer.encode(t)) for mel, t in zip(mels, texts))
+    for mel in mels:
         feats, mask = features.of_waveform(vocoder(mel.cpu()), mel.device)
         hyps.append(asr_tok.decode(asr.generate(feats, mask)[0]))
     refs = [model.tokenizer.normalize(t) for t in texts]
@@ -47,4 +53,5 @@ def intelligibility(model, cfg, texts: list[str], asr_checkpoint: str | Path) ->
     cer = char_error_rate(hyps, refs)
     for ref, hyp in list(zip(refs, hyps))[:3]:
         log.info("intelligibility: %r -> %r", ref, hyp)
-    return {"asr_cer": float(cer), "asr_num_sentences": len(texts)}
+    return {"asr_cer": float(cer), "asr_num_sentences": len(texts),
+            "synthesis_hit_frame_limit": int(ended.get("hit_frame_limit", 0)), "synthesis_too_short": int(too_short)}

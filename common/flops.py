@@ -15,7 +15,7 @@ MFU = model FLOPs per second / (world size x the device's dense bf16 peak, :data
 
 Usage::
 
-    flops = ModelFlops.of(model)                          # SALM, CTCASR or SpeechT5TTS
+    flops = ModelFlops.of(model)                          # SALM, CTCASR, FastSpeechTTS or SpeechT5TTS
     step_flops = flops.training(batch["global_lengths"])  # [(feature frames, target tokens), ...]
     mfu = step_flops / step_s / (world_size * peak_flops(device))
 """
@@ -158,7 +158,8 @@ class ModelFlops:
     def of(cls, model) -> ModelFlops:
         # By class name along the MRO: FSDP2 swaps a sharded model's class for a subclass (FSDPSALM).
         names = [c.__name__ for c in type(model).__mro__]
-        for name, build in (("SALM", cls._salm), ("CTCASR", cls._ctc), ("SpeechT5TTS", cls._speecht5)):
+        for name, build in (("SALM", cls._salm), ("CTCASR", cls._ctc), ("FastSpeechTTS", cls._fastspeech),
+                            ("SpeechT5TTS", cls._speecht5)):
             if name in names:
                 return build(model)
         raise ValueError(f"no FLOPs formula for {type(model).__name__}")
@@ -196,6 +197,34 @@ class ModelFlops:
             return [encoder]
 
         return cls(parts_of, [_trainable_share([model.ctc])])
+
+    @classmethod
+    def _fastspeech(cls, model) -> ModelFlops:
+        c = model.config
+        d, mel, k = c.hidden_size, c.num_mel_bins, c.positionwise_conv_kernel_size
+
+        def conformer(positions: int, layers: int, units: int, conv_kernel: int) -> Part:
+            # q k v o, relative-position keys (2T-1), two k-wide feed-forward convolutions, the
+            # convolution module (pointwise d -> 2d, depthwise, pointwise d -> d)
+            per_position = 4 * d * d + 2 * k * d * units + 3 * d * d + d * conv_kernel
+            return Part(weights=layers * 2 * (positions * per_position + (2 * positions - 1) * d * d),
+                        attention=layers * (2 * 2 * positions * positions * d + 2 * positions * (2 * positions - 1) * d))
+
+        def parts_of(frames: int, tokens: int) -> list[Part]:
+            encoder = conformer(tokens, c.encoder_layers, c.encoder_linear_units, c.encoder_kernel_size)
+            encoder.weights += 2 * tokens * d * mel  # the prior (mu); alignment search is not a matmul
+            p_chans, p_k = c.duration_predictor_channels, c.duration_predictor_kernel_size
+            encoder.weights += 2 * tokens * p_k * (d * p_chans + p_chans * p_chans * (c.duration_predictor_layers - 1))
+            encoder.weights += 2 * tokens * frames * mel  # the likelihood of every frame under every token
+            decoder = conformer(frames, c.decoder_layers, c.decoder_linear_units, c.decoder_kernel_size)
+            units, post_k, post_layers = c.speech_decoder_postnet_units, c.speech_decoder_postnet_kernel, \
+                c.speech_decoder_postnet_layers
+            convs = mel * units + units * units * max(post_layers - 2, 0) + units * mel
+            decoder.weights += 2 * frames * d * mel + 2 * frames * post_k * convs
+            return [encoder, decoder]
+
+        return cls(parts_of, [_trainable_share([model.encoder, model.to_prior, model.duration_predictor]),
+                              _trainable_share([model.progress, model.decoder, model.postnet])])
 
     @classmethod
     def _speecht5(cls, model) -> ModelFlops:

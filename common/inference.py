@@ -18,7 +18,10 @@ from pathlib import Path
 
 import torch
 
+from common.data.buckets import allow_older_sampler_states
 from common.parallel import ConfigError
+
+allow_older_sampler_states()  # checkpoints of earlier versions still load
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -25,7 +25,8 @@ Per rank (the numbers ``common.recording.training_state_bytes`` measures in ``su
 * activations: an ESTIMATE (not validated to 10%) of what backward keeps for one batch of
   ``data.max_duration_s / dp`` seconds (or ``data.max_tokens / dp`` LLM positions): per token and
   layer, ~19h+4i values for a Conformer layer, 4h+5q+4kv+4i for a Qwen3 layer (q/kv: query and
-  key/value widths), 8h+2i / 12h+2i for SpeechT5 encoder/decoder layers, memory-efficient LLM
+  key/value widths), 8h+2i / 12h+2i for SpeechT5 encoder/decoder layers, 19h+2i for the
+  FastSpeech TTS's Conformer layers (tokens, then frames), memory-efficient LLM
   attention, eager encoder attention scores, logits kept twice in fp32 for the loss; TP + sequence
   parallel divide the LLM part by tp; activation checkpointing keeps one input per layer plus one
   layer. Text is assumed at 4 tokens per audio second, utterances at most ``data.max_utterance_s``
@@ -287,6 +288,15 @@ def activation_bytes(cfg, model, dp: int, tp: int, act_bytes: int) -> int:
         vals += _stack(pos, c.num_hidden_layers, per_token, c.hidden_size / sp, ckpt)
         lp = tp if cfg.parallel.get("loss_parallel", True) else 1
         vals += pos * c.vocab_size / lp * (1 + 8 / act_bytes)
+    elif cfg.model.name == "tts_fastspeech":
+        c = model.config
+        h, text, text_utt, frames_utt = c.hidden_size, TEXT_TOKENS_PER_S * audio_s, TEXT_TOKENS_PER_S * utt_s, utt_s / 0.01
+        vals += _stack(text, c.encoder_layers, 19 * h + 2 * c.encoder_linear_units, h, ckpt,
+                       2 * c.encoder_num_attention_heads * text * text_utt)
+        vals += text * frames_utt * 2  # frame likelihoods under every token (alignment search, no grad)
+        vals += _stack(frames, c.decoder_layers, 19 * h + 2 * c.decoder_linear_units, h, ckpt,
+                       2 * c.decoder_num_attention_heads * frames * frames_utt)
+        vals += frames * (c.speech_decoder_postnet_units * c.speech_decoder_postnet_layers * 3 + 6 * c.num_mel_bins)
     elif cfg.model.name == "tts_speecht5":
         c = model.config
         h, text = c.hidden_size, TEXT_TOKENS_PER_S * audio_s

@@ -5,7 +5,8 @@ Usage::
     make synthesize RECIPE=tts_ddp TEXT="alpha bravo charlie"        # latest run's last checkpoint
     python -m common.synthesize outputs/tts_ddp/latest/checkpoints/last.ckpt "alpha bravo" --out hello.wav
 
-writes ``hello.wav`` and ``hello.png``. :func:`common.evaluation.intelligibility` is the check a user wants after training (and what
+writes ``hello.wav`` and ``hello.png``. With ``--reference rec.wav`` (``make synthesize REF=rec.wav``), a
+recording of the same text, the PNG shows its log-mel above the synthesized one, on one scale. :func:`common.evaluation.intelligibility` is the check a user wants after training (and what
 ``eval.asr_checkpoint`` runs): held-out sentences synthesized, transcribed by an ``asr_ddp`` model, CER.
 """
 
@@ -23,34 +24,57 @@ from common.parallel import ConfigError
 log = logging.getLogger(__name__)
 
 
-def save_mel_png(log_mel: torch.Tensor, path: Path, title: str) -> None:
+def save_mel_png(log_mel: torch.Tensor, path: Path, title: str, reference: torch.Tensor | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(4.0, log_mel.shape[0] / 40), 3), dpi=100)
-    image = ax.imshow(log_mel.T.cpu().numpy(), origin="lower", aspect="auto", interpolation="nearest")
-    ax.set(xlabel="frame (10 ms)", ylabel="mel bin", title=title)
-    fig.colorbar(image, ax=ax, label="log energy")
+    panels = [(f"recording: {title}", reference), (f"synthesized: {title}", log_mel)] if reference is not None \
+        else [(title, log_mel)]
+    frames = max(p.shape[0] for _, p in panels)
+    lo, hi = min(float(p.min()) for _, p in panels), max(float(p.max()) for _, p in panels)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(4.0, frames / 40), 3 * len(panels)), dpi=100, squeeze=False)
+    for ax, (name, mel) in zip(axes[:, 0], panels):
+        image = ax.imshow(mel.T.cpu().numpy(), origin="lower", aspect="auto", interpolation="nearest", vmin=lo, vmax=hi)
+        ax.set(xlabel="frame (10 ms)", ylabel="mel bin", title=name, xlim=(-0.5, frames - 0.5))
+        fig.colorbar(image, ax=ax, label="log energy")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def synthesize_to_files(model, cfg, text: str, out_wav: Path) -> tuple[Path, Path]:
+def reference_log_mel(path: Path, cfg) -> torch.Tensor:
+    """The raw log-mel (frames, bins) a TTS model of ``cfg`` was trained to predict, of a recording."""
+    import soundfile as sf
+
+    from common.data.features import BatchFeatures
+
+    try:
+        samples, rate = sf.read(path, dtype="float32", always_2d=True)
+    except (OSError, RuntimeError) as exc:
+        raise ConfigError(f"--reference/REF {path}: not a readable audio file ({exc})") from exc
+    if rate != cfg.data.sample_rate:
+        raise ConfigError(f"--reference/REF {path}: {rate} Hz, but the model speaks at {cfg.data.sample_rate} Hz")
+    features = BatchFeatures(cfg.data.num_mel_bins, cfg.data.sample_rate, normalize=False)
+    feats, mask = features.of_waveform(samples.mean(1))
+    return feats[0, : int(mask.sum())]
+
+
+def synthesize_to_files(model, cfg, text: str, out_wav: Path, reference: Path | None = None) -> tuple[Path, Path]:
     import soundfile as sf
 
     from common.models.vocoder import GriffinLim
 
     if not model.tokenizer.normalize(text):
         raise ConfigError(f"TEXT {text!r} is empty after normalization")
+    ref = reference_log_mel(reference, cfg) if reference else None
     mel = model.synthesize([text])[0].cpu()
     samples = GriffinLim(cfg.data.num_mel_bins, cfg.data.sample_rate)(mel)
     out_wav.parent.mkdir(parents=True, exist_ok=True)
     sf.write(out_wav, samples, cfg.data.sample_rate)
     png = out_wav.with_suffix(".png")
-    save_mel_png(mel, png, title=model.tokenizer.normalize(text))
+    save_mel_png(mel, png, title=model.tokenizer.normalize(text), reference=ref)
     return out_wav, png
 
 
@@ -59,6 +83,7 @@ def main(argv=None) -> int:
     parser.add_argument("checkpoint", help="a tts_ddp checkpoint (.ckpt)")
     parser.add_argument("text")
     parser.add_argument("--out", type=Path, default=Path("synthesized.wav"), help="WAV path; the PNG goes beside it")
+    parser.add_argument("--reference", type=Path, help="a recording of the same text: its log-mel goes above in the PNG")
     args = parser.parse_args(argv)
     from common.inference import load_model
 
@@ -71,7 +96,7 @@ def main(argv=None) -> int:
         if not hasattr(model, "synthesize"):
             raise ConfigError(f"checkpoint {args.checkpoint} is a {cfg.model.name!r} model (recipe "
                               f"{cfg.get('recipe')!r}), which does not synthesize speech; give a tts_ddp checkpoint")
-        wav, png = synthesize_to_files(model, cfg, args.text, args.out)
+        wav, png = synthesize_to_files(model, cfg, args.text, args.out, args.reference)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

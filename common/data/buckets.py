@@ -162,6 +162,16 @@ class BucketGrid:
         return f"BucketGrid({len(self.duration_edges)} duration x up to {max(map(len, self.token_edges))} token bins = {n})"
 
 
+
+def allow_older_sampler_states() -> None:
+    """Let ``weights_only`` loading read checkpoints written before :meth:`CarryOverBucketSampler.state_dict`
+    went through JSON: their carried cuts hold lhotse ``AlignmentItem`` tuples (a symbol and two
+    floats, no code). Without this, such a run could not resume and its checkpoints read as damaged."""
+    import torch
+    from lhotse.supervision import AlignmentItem
+
+    torch.serialization.add_safe_globals([AlignmentItem])
+
 class CarryOverBucketSampler:
     """Global batches (lhotse ``CutSet``s) from a :class:`BucketGrid`; tails carried to the next pass.
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from common.parallel import ConfigError
 
-MODELS = ("salm", "asr_ctc", "tts_speecht5")
+MODELS = ("salm", "asr_ctc", "tts_fastspeech", "tts_speecht5")
 
 
 def check_model_name(cfg) -> None:
@@ -31,7 +31,7 @@ def build_tokenizer(cfg, sources: dict):
     if cfg.model.get("pretrained_llm"):
         return HFTokenizer.from_pretrained(cfg.model.pretrained_llm)
     texts = iter_texts(sources["train"])  # transcripts from metadata; no audio is read
-    if cfg.model.name in ("asr_ctc", "tts_speecht5"):
+    if cfg.model.name in ("asr_ctc", "tts_fastspeech", "tts_speecht5"):
         return BPETokenizer.build(texts, vocab_size=cfg.model.tokenizer.vocab_size)
     return WordTokenizer.build(texts, extra_words=cfg.model.prompt.split(), pad_to_multiple_of=8)
 
@@ -42,6 +42,10 @@ def build_model(cfg, tokenizer):
         from common.models.asr_ctc import CTCASR
 
         return CTCASR(cfg.model, tokenizer)
+    if cfg.model.name == "tts_fastspeech":
+        from common.models.tts_fastspeech import FastSpeechTTS
+
+        return FastSpeechTTS(cfg.model, tokenizer, num_mel_bins=cfg.data.num_mel_bins)
     if cfg.model.name == "tts_speecht5":
         from common.models.tts_speecht5 import SpeechT5TTS
 
@@ -75,9 +79,11 @@ def check_model_family(cfg) -> None:
     """A recipe trains one model family (``family`` in its family file): a preset of another family
     (``RECIPE=asr_ddp ARGS=model=canary_qwen_2p5b``) is an error naming the presets that fit."""
     family = cfg.get("family")
-    if family and cfg.model.name != family:
-        fits = [p for p, name in model_presets().items() if name == family]
-        raise ConfigError(f"recipe {cfg.get('recipe')!r} trains {family!r} models, but the model preset sets "
+    families = [family] if isinstance(family, str) else list(family or [])
+    if families and cfg.model.name not in families:
+        fits = [p for p, name in model_presets().items() if name in families]
+        raise ConfigError(f"recipe {cfg.get('recipe')!r} trains {' or '.join(map(repr, families))} models, but the "
+                          f"model preset sets "
                           f"model.name={cfg.model.name!r}; choose one of model={', model='.join(fits)}")
 
 

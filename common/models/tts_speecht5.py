@@ -87,6 +87,7 @@ class SpeechT5TTS(nn.Module):
         self.register_buffer("speaker", torch.zeros(1, self.config.speaker_embedding_dim), persistent=False)
         self.parallel_hooks = ParallelHooks()
         self.last_sums: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (sum, frames) of the last forward
+        self.last_synthesis: dict[str, int] = {}  # sentences, hit_frame_limit of the last synthesize()
 
     def forward(self, batch) -> tuple[torch.Tensor, int]:
         text, text_lens = batch["target_ids"], batch["target_lens"]
@@ -133,10 +134,13 @@ class SpeechT5TTS(nn.Module):
     @torch.no_grad()
     def synthesize(self, texts: list[str]) -> list[torch.Tensor]:
         """Log-mel spectrograms (frames, bins) for each text, decoded until the stop token."""
-        out = []
+        out, hit_limit = [], 0
         for text in texts:
             ids = torch.tensor([self.tokenizer.encode(text)], device=self.speaker.device)
             ratio = self.max_frames_per_token  # frames allowed per input token
             mel = self.tts.generate_speech(ids, self.speaker, threshold=self.stop_threshold, maxlenratio=ratio)
+            # generate_speech stops at the stop token or after int(tokens x ratio / r) decoder steps
+            hit_limit += mel.shape[0] >= int(ids.shape[1] * ratio / self.r) * self.r
             out.append(mel)
+        self.last_synthesis = {"sentences": len(texts), "hit_frame_limit": int(hit_limit)}
         return out

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def check(run_dir: Path, max_wall_s: float | None, max_wer: float | None, min_wer_drop: float | None,
-          min_mel_loss_drop_ratio: float | None = None) -> list[str]:
+          min_mel_loss_drop_ratio: float | None = None, max_asr_cer: float | None = None) -> list[str]:
     path = run_dir / "summary.json"
     if not path.exists():
         return [f"{path}: no summary.json (did the run start?)"]
@@ -35,6 +35,18 @@ def check(run_dir: Path, max_wall_s: float | None, max_wer: float | None, min_we
         mel is None or mel_first is None or mel > (1 - min_mel_loss_drop_ratio) * mel_first
     ):
         problems.append(f"val.mel_loss fell from {mel_first} to {mel}: less than {min_mel_loss_drop_ratio:.0%}")
+    if max_asr_cer is not None:
+        val = s.get("val", {})
+        cer = val.get("asr_cer")
+        if cer is None:
+            problems.append("no val.asr_cer: the run had no eval.asr_checkpoint (train a recognizer first: "
+                            "make quality RECIPE=asr_ddp)")
+        elif cer > max_asr_cer:
+            problems.append(f"val.asr_cer {cer:.3f} > {max_asr_cer}")
+        # Synthesis must end on its own: no sentence cut at the frame limit, none shorter than its text.
+        for key in ("synthesis_hit_frame_limit", "synthesis_too_short"):
+            if val.get(key):
+                problems.append(f"val.{key}: {val[key]} of {val.get('asr_num_sentences')} sentences")
     return problems
 
 
@@ -45,8 +57,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-wer", type=float)
     p.add_argument("--min-wer-drop", type=float)
     p.add_argument("--min-mel-loss-drop-ratio", type=float, help="e.g. 0.6: val.mel_loss at most 40%% of the first")
+    p.add_argument("--max-asr-cer", type=float,
+                   help="TTS: the recognizer's CER on the synthesized held-out sentences (val.asr_cer), and every "
+                        "sentence's synthesis ended on its own")
     a = p.parse_args(argv)
-    problems = check(a.run_dir, a.max_wall_s, a.max_wer, a.min_wer_drop, a.min_mel_loss_drop_ratio)
+    problems = check(a.run_dir, a.max_wall_s, a.max_wer, a.min_wer_drop, a.min_mel_loss_drop_ratio, a.max_asr_cer)
     summary = json.loads((a.run_dir / "summary.json").read_text()) if (a.run_dir / "summary.json").exists() else {}
     print(json.dumps({k: summary.get(k) for k in ("recipe", "status", "steps", "wall_s", "val", "val_first", "throughput")}, indent=2))
     for problem in problems:

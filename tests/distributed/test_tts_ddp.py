@@ -1,4 +1,4 @@
-"""tts_ddp: DDP loss parity with one process, the run contract, synthesis, and the intelligibility check."""
+"""tts_ddp: DDP loss parity with one process (both models), the run contract, synthesis, and the intelligibility check."""
 
 import json
 import subprocess
@@ -12,14 +12,17 @@ from tests.conftest import ROOT, assert_ddp_parity, ddp_parity_metrics, run_reci
 STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def parity_runs(tiny_corpus, tmp_path_factory):
+def test_ddp_two_processes_match_one_process(tiny_corpus, tmp_path):
+    # The default model: alignment search, durations and decoder all see the same global batch.
+    runs = ddp_parity_metrics("tts_ddp", tiny_corpus, tmp_path, STEPS)
+    assert_ddp_parity(runs, STEPS, ("train_loss", "train_mel_loss", "train_duration_loss"))
+
+
+def test_ddp_two_processes_match_one_process_speecht5(tiny_corpus, tmp_path):
     # The decoder pre-net's dropout is random per process: off, as the parity goal states.
-    return ddp_parity_metrics("tts_ddp", tiny_corpus, tmp_path_factory.mktemp("tts_ddp_parity"), STEPS, "model.speecht5.speech_decoder_prenet_dropout=0.0")
-
-
-def test_ddp_two_processes_match_one_process(parity_runs):
-    assert_ddp_parity(parity_runs, STEPS, ("train_loss", "train_mel_loss"))
+    runs = ddp_parity_metrics("tts_ddp", tiny_corpus, tmp_path, STEPS, "model=speecht5_tiny",
+                              "model.speecht5.speech_decoder_prenet_dropout=0.0", "data.token_alignment=true")
+    assert_ddp_parity(runs, STEPS, ("train_loss", "train_mel_loss"))
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +49,24 @@ def test_run_contract_mel_loss_and_intelligibility(trained):
     assert (s["recipe"], s["status"], s["steps"], s["strategy"]) == ("tts_ddp", "completed", 4, "DDPStrategy")
     assert s["val"]["mel_loss"] > 0 and s["val_first"]["mel_loss"] > s["val"]["mel_loss"]
     assert 0 <= s["val"]["asr_cer"] and s["val"]["asr_num_sentences"] == 3
+    # Whether each synthesized sentence ended on its own is counted (check_run fails on either).
+    assert s["val"]["synthesis_hit_frame_limit"] in range(4) and s["val"]["synthesis_too_short"] == 0
     validations = [json.loads(x) for x in (trained / "validation.jsonl").read_text().splitlines()]
     assert [v["step"] for v in validations] == [0, 4]
-    assert all(v["val_mel_loss"] > 0 and v["val_stop_loss"] > 0 for v in validations)
+    assert all(v["val_mel_loss"] > 0 and v["val_duration_loss"] > 0 for v in validations)
     metrics = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
-    assert all(m["train_mel_loss"] > 0 and m["train_stop_loss"] > 0 for m in metrics)
+    assert all(m["train_mel_loss"] > 0 and m["train_duration_loss"] > 0 for m in metrics)
     # The components are per-frame means of the global batch, so they are below the total.
     assert all(m["train_mel_loss"] < m["train_loss"] for m in metrics)
     ckpt = torch.load(s["checkpoint"], map_location="cpu", weights_only=True)
-    assert ckpt["run_config"]["model"]["name"] == "tts_speecht5" and ckpt["tokenizer_json"]
+    assert ckpt["run_config"]["model"]["name"] == "tts_fastspeech" and ckpt["tokenizer_json"]
 
 
-def test_make_synthesize_writes_wav_and_png(trained, tmp_path):
+def test_make_synthesize_writes_wav_and_png(trained, tiny_corpus, tmp_path):
+    import struct
+
     import soundfile as sf
+    from lhotse import CutSet
 
     out = tmp_path / "hello.wav"
     proc = subprocess.run(["make", "-s", "synthesize", "RECIPE=tts_ddp", f"CKPT={trained / 'checkpoints' / 'last.ckpt'}",
@@ -66,7 +74,21 @@ def test_make_synthesize_writes_wav_and_png(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     samples, rate = sf.read(out)
     assert rate == 16000 and len(samples) > 0
-    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    png = out.with_suffix(".png").read_bytes()
+    assert png[:4] == b"\x89PNG"
+    # REF=<recording>: its log-mel above the synthesized one (twice as tall: two panels).
+    recording = CutSet.from_file(tiny_corpus["val"])[0].recording.sources[0].source
+    ref_out = tmp_path / "with_ref.wav"
+    proc = subprocess.run(["make", "-s", "synthesize", "RECIPE=tts_ddp", f"CKPT={trained / 'checkpoints' / 'last.ckpt'}",
+                           "TEXT=alpha", f"OUT={ref_out}", f"REF={recording}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    height = struct.unpack(">I", ref_out.with_suffix(".png").read_bytes()[20:24])[0]
+    assert height == 2 * struct.unpack(">I", png[20:24])[0]
+    bad_ref = subprocess.run([sys.executable, "-m", "common.synthesize", str(trained / "checkpoints" / "last.ckpt"),
+                              "alpha", "--out", str(tmp_path / "y.wav"), "--reference", str(trained / "summary.json")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad_ref.returncode == 2 and "summary.json: not a readable audio file" in bad_ref.stderr
     empty = subprocess.run([sys.executable, "-m", "common.synthesize", str(trained / "checkpoints" / "last.ckpt"), "?!"],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert empty.returncode == 2 and "empty after normalization" in empty.stderr
@@ -86,7 +108,7 @@ def test_wrong_kind_of_checkpoint_is_named_not_a_traceback(trained, asr_checkpoi
                               timeout=300)
 
     to_asr = cli("common.transcribe", tts_ckpt, wav)
-    assert to_asr.returncode == 2 and "is a 'tts_speecht5' model (recipe 'tts_ddp'), which does not transcribe" \
+    assert to_asr.returncode == 2 and "is a 'tts_fastspeech' model (recipe 'tts_ddp'), which does not transcribe" \
         in to_asr.stderr, to_asr.stderr[-2000:]
     to_tts = cli("common.synthesize", asr_checkpoint, "alpha", "--out", tmp_path / "x.wav")
     assert to_tts.returncode == 2 and "is a 'asr_ctc' model" in to_tts.stderr and "does not synthesize" in to_tts.stderr
@@ -99,5 +121,5 @@ def test_wrong_kind_of_checkpoint_is_named_not_a_traceback(trained, asr_checkpoi
     resumed = run_recipe("tts_ddp", 1, tiny_overrides(tiny_corpus, 1, f"run.resume_from={asr_checkpoint}"),
                          tmp_path / "wrong_resume", timeout=180)
     assert resumed.returncode != 0  # torchrun exits 1 when a rank exits 2
-    assert "is a 'asr_ctc' checkpoint (recipe 'asr_ddp'); this run trains 'tts_speecht5'" in resumed.stderr
+    assert "is a 'asr_ctc' checkpoint (recipe 'asr_ddp'); this run trains 'tts_fastspeech'" in resumed.stderr
     assert not (tmp_path / "wrong_resume").exists()  # a launch that failed its checks leaves nothing behind

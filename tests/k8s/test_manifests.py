@@ -99,7 +99,7 @@ def test_gpu_manifests_train_a_real_size_preset_and_take_model_and_data(recipe):
         assert cfg.model.about.parameters > 5e7, f"{recipe}: the GPU manifest trains {env['MODEL']}, a tiny model"
         assert cfg.data.train and cfg.data.max_duration_s_per_gpu
     out = subprocess.run(["make", "-s", "k8s-render", f"RECIPE={recipe}", "NODES=2", "MODEL=" + (
-        "salm_tiny" if recipe.startswith("salm") else "ctc_tiny" if recipe == "asr_ddp" else "speecht5_tiny"),
+        "salm_tiny" if recipe.startswith("salm") else "ctc_tiny" if recipe == "asr_ddp" else "fastspeech_tiny"),
         "DATA=generated"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     env = {e["name"]: e.get("value") for e in _c(job_of(out.stdout), "Worker")["env"]}

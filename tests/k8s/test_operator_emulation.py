@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) is not installed")]
 
 
-TINY_PRESET = {"salm_tp_fsdp2": "salm_tiny", "salm_fsdp2": "salm_tiny", "asr_ddp": "ctc_tiny", "tts_ddp": "speecht5_tiny"}
+TINY_PRESET = {"salm_tp_fsdp2": "salm_tiny", "salm_fsdp2": "salm_tiny", "asr_ddp": "ctc_tiny", "tts_ddp": "fastspeech_tiny"}
 
 
 def run_job(recipe: str, tiny_corpus, tmp_path, elastic: bool = False, **render_kwargs):

@@ -142,3 +142,25 @@ def test_state_with_word_alignments_loads_as_a_weights_only_checkpoint(tmp_path)
     resumed.load_state_dict(state)
     assert [c.supervisions[0].alignment for c in resumed.carried] == [c.supervisions[0].alignment for c in ref.carried]
     assert [[c.id for c in x] for x in resumed] == [[c.id for c in x] for x in ref]
+
+
+def test_checkpoints_of_earlier_versions_with_alignment_items_still_load(tmp_path):
+    # Written before the state went through JSON: AlignmentItem tuples inside. Reading the checkpoint
+    # through common.inference (or the resume path in common.checkpointing) allows exactly that type.
+    import subprocess
+    import sys
+
+    import torch
+    from lhotse.supervision import AlignmentItem
+
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {}, "loops": {"carried": [{"alignment": {"word": [AlignmentItem("w", 0.0, 1.0)]}}]}},
+               path)
+    code = ("import sys, torch; from pathlib import Path; {imp}; "
+            "c = torch.load(sys.argv[1], weights_only=True); print(c['loops']['carried'][0]['alignment']['word'][0].symbol)")
+    plain = subprocess.run([sys.executable, "-c", code.format(imp="pass"), str(path)], capture_output=True, text=True)
+    assert plain.returncode != 0 and "AlignmentItem" in plain.stderr  # what torch alone says
+    for module in ("common.inference", "common.checkpointing"):
+        proc = subprocess.run([sys.executable, "-c", code.format(imp=f"import {module}"), str(path)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0 and proc.stdout.strip() == "w", proc.stderr[-2000:]

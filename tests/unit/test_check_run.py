@@ -35,3 +35,16 @@ def test_mel_loss_drop_ratio(tmp_path):
     summary["val"]["mel_loss"] = 0.9
     (tmp_path / "summary.json").write_text(_json.dumps(summary))
     assert "val.mel_loss fell from 2.0 to 0.9: less than 60%" in check(tmp_path, 360, None, None, 0.6)[0]
+
+
+def test_tts_intelligibility_goal_fails_above_the_cer_or_when_synthesis_did_not_end(tmp_path, capsys):
+    ok = {"asr_cer": 0.04, "asr_num_sentences": 32, "synthesis_hit_frame_limit": 0, "synthesis_too_short": 0}
+    assert main([str(_summary(tmp_path, val=ok)), "--max-asr-cer", "0.10"]) == 0
+    assert main([str(_summary(tmp_path, val={**ok, "asr_cer": 0.92})), "--max-asr-cer", "0.10"]) == 1
+    assert "val.asr_cer 0.920 > 0.1" in capsys.readouterr().err
+    assert main([str(_summary(tmp_path, val={**ok, "synthesis_hit_frame_limit": 3})), "--max-asr-cer", "0.10"]) == 1
+    assert "val.synthesis_hit_frame_limit: 3 of 32 sentences" in capsys.readouterr().err
+    assert main([str(_summary(tmp_path, val={**ok, "synthesis_too_short": 1})), "--max-asr-cer", "0.10"]) == 1
+    # No recognizer, no measurement: a failure that says what to do, never a pass.
+    assert main([str(_summary(tmp_path, val={"mel_loss": 0.5})), "--max-asr-cer", "0.10"]) == 1
+    assert "make quality RECIPE=asr_ddp" in capsys.readouterr().err

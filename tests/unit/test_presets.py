@@ -10,15 +10,16 @@ from common.parallel import ConfigError
 from common.plan import ROOT, compose
 from common.settings import check_settings, resolve_batch_size
 
-RECIPE_OF = {"salm": "salm_fsdp2", "asr_ctc": "asr_ddp", "tts_speecht5": "tts_ddp"}
-RECIPES_OF = {"salm": ["salm_fsdp2", "salm_tp_fsdp2"], "asr_ctc": ["asr_ddp"], "tts_speecht5": ["tts_ddp"]}
+RECIPE_OF = {"salm": "salm_fsdp2", "asr_ctc": "asr_ddp", "tts_fastspeech": "tts_ddp", "tts_speecht5": "tts_ddp"}
+RECIPES_OF = {"salm": ["salm_fsdp2", "salm_tp_fsdp2"], "asr_ctc": ["asr_ddp"], "tts_fastspeech": ["tts_ddp"],
+              "tts_speecht5": ["tts_ddp"]}
 PRESETS = model_presets()
 
 
 def test_every_family_has_a_tiny_default_and_real_presets():
-    assert {"salm_tiny", "ctc_tiny", "speecht5_tiny", "canary_qwen_2p5b", "salm_0p7b", "fastconformer_ctc_large",
-            "fastconformer_ctc_xl", "speecht5_base"} <= set(PRESETS)
-    for recipe in RECIPE_OF.values():
+    assert {"salm_tiny", "ctc_tiny", "fastspeech_tiny", "speecht5_tiny", "canary_qwen_2p5b", "salm_0p7b",
+            "fastconformer_ctc_large", "fastconformer_ctc_xl", "fastspeech_base", "speecht5_base"} <= set(PRESETS)
+    for recipe in set(RECIPE_OF.values()):
         cfg = compose(recipe, ["run.name=x"])
         assert cfg.model.about.source.startswith("tiny"), f"{recipe}'s default is not its tiny preset"
 
@@ -38,7 +39,7 @@ def test_preset_parameter_counts_match_what_it_documents(preset):
     assert trainable == pytest.approx(about.trainable_parameters, rel=0.02), f"{preset}: {trainable:,} trainable"
     if not preset.endswith("_tiny"):  # GPU presets: batch per GPU, so any cluster size keeps per-GPU memory
         assert cfg.data.max_duration_s_per_gpu or cfg.data.max_tokens_per_gpu, preset
-        assert total > 5e7, f"{preset} is not a real-size preset"
+        assert total > 5e7, f"{preset} is not a real-size preset"  # (FastSpeech2-Conformer: 68 M)
 
 
 def test_frozen_llm_with_lora_is_what_canary_qwen_trains():
@@ -63,6 +64,15 @@ def test_recipe_readmes_document_their_presets():
 def test_a_preset_of_another_family_is_refused_naming_the_ones_that_fit():
     cfg = compose("asr_ddp", ["model=canary_qwen_2p5b", "run.name=x"])
     with pytest.raises(ConfigError, match=r"recipe 'asr_ddp' trains 'asr_ctc'.*model=ctc_tiny.*fastconformer_ctc_large"):
+        check_settings(cfg)
+
+
+def test_a_recipe_with_two_model_families_takes_either_and_names_both():
+    # tts_ddp trains the FastSpeech-style model by default and SpeechT5 on request.
+    for preset in ("fastspeech_tiny", "speecht5_tiny", "fastspeech_base", "speecht5_base"):
+        check_settings(compose("tts_ddp", [f"model={preset}", "run.name=x"]))
+    cfg = compose("tts_ddp", ["model=ctc_tiny", "run.name=x"])
+    with pytest.raises(ConfigError, match=r"trains 'tts_fastspeech' or 'tts_speecht5'.*model=fastspeech_base.*speecht5_tiny"):
         check_settings(cfg)
 
 

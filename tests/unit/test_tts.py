@@ -14,7 +14,7 @@ from tests.conftest import recipe_config
 
 @pytest.fixture(scope="module")
 def setup(tiny_corpus):
-    cfg = recipe_config("tts_ddp", ["model.speecht5.speech_decoder_prenet_dropout=0.0"])
+    cfg = recipe_config("tts_ddp", ["model=speecht5_tiny", "model.speecht5.speech_decoder_prenet_dropout=0.0"])
     cuts = CutSet.from_file(tiny_corpus["train"])
     tok = BPETokenizer.build((c.supervisions[0].text for c in cuts), vocab_size=cfg.model.tokenizer.vocab_size)
     torch.manual_seed(0)
@@ -56,6 +56,11 @@ def test_synthesis_stops_within_its_frame_budget(setup):
     for text, mel in zip(["alpha bravo", "charlie"], mels):
         assert mel.shape[1] == cfg.data.num_mel_bins
         assert 0 < mel.shape[0] <= len(tok.encode(text)) * cfg.model.max_frames_per_token + 2
+    # Sentences that ran to the frame limit instead of ending at the stop token are counted.
+    r = model.r
+    at_limit = sum(mel.shape[0] >= int(len(tok.encode(t)) * cfg.model.max_frames_per_token / r) * r
+                   for t, mel in zip(["alpha bravo", "charlie"], mels))
+    assert model.last_synthesis == {"sentences": 2, "hit_frame_limit": at_limit}
 
 
 def test_griffin_lim_inverts_the_training_features(tiny_corpus):
@@ -86,7 +91,7 @@ def test_synthesize_writes_wav_and_png(setup, tmp_path):
 
 
 def test_config_scales_to_speecht5_base_size():
-    cfg = recipe_config("tts_ddp", ["model.speecht5.hidden_size=768", "model.speecht5.encoder_layers=12",
+    cfg = recipe_config("tts_ddp", ["model=speecht5_tiny", "model.speecht5.hidden_size=768", "model.speecht5.encoder_layers=12",
                                     "model.speecht5.decoder_layers=6", "model.speecht5.encoder_attention_heads=12",
                                     "model.speecht5.decoder_attention_heads=12", "model.speecht5.encoder_ffn_dim=3072",
                                     "model.speecht5.decoder_ffn_dim=3072", "model.speecht5.speech_decoder_prenet_units=256",

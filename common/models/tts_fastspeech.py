@@ -1,0 +1,216 @@
+"""Text-to-speech acoustic model: non-autoregressive, with its own learned text-to-frame alignment.
+
+FastSpeech-style (Ren et al.): a text encoder, a duration per token, a length regulator that
+repeats each token's state over its frames, and a decoder that predicts every log-mel frame at
+once, built from transformers' FastSpeech2-Conformer blocks (encoder/decoder stacks, duration
+predictor, post-net). FastSpeech needs durations; here they are learned the way Glow-TTS and
+Grad-TTS learn them, so any (audio, text) corpus trains without an external aligner:
+
+1. the encoder also predicts a mean log-mel frame per token, ``mu`` (the "prior");
+2. monotonic alignment search (:mod:`common.models.alignment`) finds the monotonic token -> frame
+   path under which the real frames fit ``mu`` best (with a weak prior for an even pace, which
+   keeps the first steps from collapsing onto one token); its frame counts are the durations;
+3. the prior loss pulls ``mu`` towards the frames the path gave it, so alignment and encoder
+   sharpen each other; the duration predictor learns the counts (from the encoder's states,
+   detached, as in Glow-TTS); the decoder learns the frames from the expanded states.
+
+Each expanded frame also carries how far into its token it lies (``progress``), so a token whose
+sound changes over its span (a word piece, a diphthong) can be rendered in one pass.
+
+Synthesis runs the encoder, rounds the predicted durations (at least one frame per token) and
+decodes: its length is decided before decoding, so it always ends on its own; a sentence whose
+predicted length reaches ``max_frames_per_token`` x tokens is cut there and counted.
+
+The loss is a *sum* over the batch's valid frames, normalized by the global batch's frame count in
+:class:`common.module.TrainingModule`, so DDP and one process agree step for step:
+
+    sum over frames of (L1 before post-net + L1 after post-net + prior) / num_mel_bins
+    + duration_loss_weight x sum over tokens of (log(1 + predicted frames) - log(1 + aligned frames))^2
+
+Usage::
+
+    model = FastSpeechTTS(cfg.model, BPETokenizer.build(texts, vocab_size=128), num_mel_bins=64)
+    loss_sum, num_frames = model(batch)        # batch["target_ids"]: text, batch["input_features"]: mel
+    mels = model.synthesize(["alpha bravo"])    # list of (frames, num_mel_bins) tensors
+    model.last_synthesis                        # {"sentences": 1, "hit_frame_limit": 0}
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from common.models.alignment import (
+    diagonal_log_prior,
+    expand,
+    frame_log_likelihood,
+    monotonic_alignment_search,
+)
+from common.models.encoder import ChannelLayerNorm
+from common.parallel.spec import ParallelHooks
+
+PROGRESS_BINS = 16  # resolution of "how far into its token a frame lies"
+
+
+def _replace_batch_norms(module: nn.Module) -> None:
+    """BatchNorm makes a frame's output depend on the rest of the batch (and on the data-parallel
+    layout); the per-frame ChannelLayerNorm does not."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm1d):
+            setattr(module, name, ChannelLayerNorm(child.num_features))
+        else:
+            _replace_batch_norms(child)
+
+
+def _wide_convs(*modules: nn.Module) -> list[nn.Conv1d]:
+    return [m for module in modules for m in module.modules() if isinstance(m, nn.Conv1d) and m.kernel_size[0] > 1]
+
+
+@contextmanager
+def _zero_padding(convs: list[nn.Conv1d], mask: torch.Tensor):
+    """Inside: every convolution reads zeros past each sequence's end, as it would alone.
+
+    Attention masks padded positions, but a convolution at a sequence's last positions also reads
+    the padded ones, which hold whatever the layers made of them; the outputs then depend on how
+    long the batch's longest sequence is, i.e. on the batch and the data-parallel layout.
+    """
+    keep = mask[:, None, :]
+
+    def zero(_module, args):
+        return (args[0] * keep.to(args[0].dtype), *args[1:])
+
+    handles = [conv.register_forward_pre_hook(zero) for conv in convs]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class FastSpeechTTS(nn.Module):
+    loss_normalizer = "global_num_frames"  # the TrainingModule divides loss sums by this batch figure
+    # Reported besides the total loss, per frame like it: |predicted - target| log-mel after the
+    # post-net (per value), and the tokens' squared log-duration errors.
+    validation_metrics = ("mel_loss", "duration_loss")
+
+    def __init__(self, cfg, tokenizer, num_mel_bins: int):
+        super().__init__()
+        from omegaconf import OmegaConf
+        from transformers import FastSpeech2ConformerConfig
+        from transformers.models.fastspeech2_conformer import modeling_fastspeech2_conformer as fs2
+
+        arch = OmegaConf.to_container(cfg.fastspeech, resolve=True) if OmegaConf.is_config(cfg.fastspeech) \
+            else dict(cfg.fastspeech)
+        if tokenizer.pad_id != 0:
+            raise ValueError(f"FastSpeechTTS needs pad id 0 (the encoder embedding's padding_idx), got {tokenizer.pad_id}")
+        self.config = FastSpeech2ConformerConfig(vocab_size=tokenizer.vocab_size, num_mel_bins=num_mel_bins,
+                                                 reduction_factor=1, **arch)
+        c = self.config
+        self.encoder = fs2.FastSpeech2ConformerEncoder(c, c.encoder_config, use_encoder_input_layer=True)
+        self.to_prior = nn.Linear(c.hidden_size, num_mel_bins)  # mu: the mean frame of each token
+        self.duration_predictor = fs2.FastSpeech2ConformerDurationPredictor(c)
+        self.progress = nn.Embedding(PROGRESS_BINS, c.hidden_size)
+        self.decoder = fs2.FastSpeech2ConformerEncoder(c, c.decoder_config, use_encoder_input_layer=False)
+        self.postnet = fs2.FastSpeech2ConformerSpeechDecoderPostnet(c)  # frames out + convolutional refinement
+        _replace_batch_norms(self)
+        for module in self.modules():
+            # Created uninitialized (torch.Tensor(n)) and set only by FastSpeech2ConformerPreTrainedModel's
+            # init, which these blocks do not go through: initialize them as it does.
+            if isinstance(module, fs2.FastSpeech2ConformerAttention):
+                nn.init.xavier_uniform_(module.pos_bias_u)
+                nn.init.xavier_uniform_(module.pos_bias_v)
+        self._text_convs = _wide_convs(self.encoder, self.duration_predictor)  # both read token sequences
+        self._frame_convs = _wide_convs(self.decoder, self.postnet)
+        self.pad_id = tokenizer.pad_id
+        self.tokenizer = tokenizer
+        self.num_mel_bins = num_mel_bins
+        self.duration_loss_weight = float(cfg.get("duration_loss_weight", 1.0))
+        self.alignment_prior_sigma = float(cfg.get("alignment_prior_sigma", 0.2))
+        self.max_frames_per_token = float(cfg.get("max_frames_per_token", 40.0))
+        self.parallel_hooks = ParallelHooks()
+        self.last_sums: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (sum, frames) of the last forward
+        self.last_synthesis: dict[str, int] = {}
+
+    def encode(self, text: torch.Tensor, text_lens: torch.Tensor) -> torch.Tensor:
+        mask = torch.arange(text.shape[1], device=text.device)[None, :] < text_lens[:, None]
+        with _zero_padding(self._text_convs, mask):
+            return self.encoder(text, mask[:, None, :].long(), return_dict=True).last_hidden_state * mask[..., None]
+
+    def decode(self, states: torch.Tensor, durations: torch.Tensor, max_frames: int):
+        frames, progress = expand(states, durations, max_frames)
+        frame_mask = torch.arange(max_frames, device=states.device)[None, :] < durations.sum(1, keepdim=True)
+        bins = (progress * PROGRESS_BINS).long().clamp(max=PROGRESS_BINS - 1)
+        hidden = frames + self.progress(bins) * frame_mask[..., None]
+        with _zero_padding(self._frame_convs, frame_mask):
+            hidden = self.decoder(hidden, frame_mask[:, None, :].long(), return_dict=True).last_hidden_state
+            before, after = self.postnet(hidden * frame_mask[..., None])
+        return before, after, frame_mask
+
+    def forward(self, batch) -> tuple[torch.Tensor, int]:
+        text, text_lens = batch["target_ids"], batch["target_lens"]
+        mel, frame_mask = batch["input_features"], batch["feature_mask"]
+        frame_lens = frame_mask.sum(1)
+        states = self.encode(text, text_lens)
+        text_mask = torch.arange(text.shape[1], device=text.device)[None, :] < text_lens[:, None]
+        mu = self.to_prior(states)
+        # Per mel value, so that the prior's scale does not depend on the number of bins.
+        fit = frame_log_likelihood(mel, mu.detach()) / mel.shape[-1]
+        fit = fit + diagonal_log_prior(text_lens, frame_lens, text.shape[1], mel.shape[1], self.alignment_prior_sigma)
+        durations = monotonic_alignment_search(fit, text_lens, frame_lens)
+        valid = frame_mask[..., None].float()
+        # Prior: each frame against the mean of the token the alignment gave it.
+        mu_frames, _ = expand(mu, durations, mel.shape[1])
+        prior_sum = (0.5 * (mel - mu_frames) ** 2 * valid).sum()
+        # Durations: log(1 + frames) per token, from the encoder's states without moving them. Not
+        # weighted by frames: that would pull every token towards its longest occurrences.
+        log_pred = self.log_durations(states.detach(), text_lens)
+        target = torch.log1p(durations.float())
+        duration_sum = ((log_pred - target) ** 2 * text_mask).sum()
+        before, after, _ = self.decode(states, durations, mel.shape[1])
+        l1_before = ((before - mel).abs() * valid).sum()
+        l1_after = ((after - mel).abs() * valid).sum()
+        bins = mel.shape[-1]
+        loss_sum = (l1_before + l1_after + prior_sum) / bins + self.duration_loss_weight * duration_sum
+        num_frames = batch["num_frames"] if "num_frames" in batch else int(frame_lens.sum())  # no host sync
+        self.last_sums = {"mel_loss": (l1_after.detach() / bins, num_frames),
+                          "duration_loss": (duration_sum.detach(), num_frames)}
+        return loss_sum, num_frames
+
+    def log_durations(self, states: torch.Tensor, text_lens: torch.Tensor) -> torch.Tensor:
+        """log(1 + frames) per token, (batch, tokens), in training and in eval mode alike.
+
+        transformers' predictor returns rounded frame counts from its forward in eval mode (so
+        validation would compare counts with logs); its layers are called directly instead.
+        """
+        mask = torch.arange(states.shape[1], device=states.device)[None, :] < text_lens[:, None]
+        hidden = states.transpose(1, -1)
+        with _zero_padding(self._text_convs, mask):
+            for layer in self.duration_predictor.conv_layers:
+                hidden = layer(hidden)
+        return self.duration_predictor.linear(hidden.transpose(1, -1)).squeeze(-1)
+
+    def predict_durations(self, states: torch.Tensor, text_lens: torch.Tensor) -> torch.Tensor:
+        """Frames per token, at least one on every real token, 0 on padding."""
+        frames = torch.round(torch.expm1(self.log_durations(states, text_lens))).long().clamp(min=1)
+        return frames * (torch.arange(states.shape[1], device=states.device)[None, :] < text_lens[:, None])
+
+    @torch.no_grad()
+    def synthesize(self, texts: list[str]) -> list[torch.Tensor]:
+        """Log-mel spectrograms (frames, bins) for each text, all sentences in one batch."""
+        device = self.to_prior.weight.device
+        ids = [self.tokenizer.encode(t) or [self.tokenizer.unk_id] for t in texts]
+        text_lens = torch.tensor([len(i) for i in ids], device=device)
+        text = torch.zeros(len(ids), int(text_lens.max()), dtype=torch.long, device=device)
+        for row, seq in enumerate(ids):
+            text[row, : len(seq)] = torch.tensor(seq, device=device)
+        states = self.encode(text, text_lens)
+        durations = self.predict_durations(states, text_lens)
+        limit = (text_lens.float() * self.max_frames_per_token).long()
+        lengths = durations.sum(1)
+        hit_limit = lengths > limit
+        lengths = torch.minimum(lengths, limit)
+        _, after, _ = self.decode(states, durations, int(durations.sum(1).max()))
+        self.last_synthesis = {"sentences": len(texts), "hit_frame_limit": int(hit_limit.sum())}
+        return [after[row, : int(n)] for row, n in enumerate(lengths)]
