@@ -123,3 +123,28 @@ def test_wrong_kind_of_checkpoint_is_named_not_a_traceback(trained, asr_checkpoi
     assert resumed.returncode != 0  # torchrun exits 1 when a rank exits 2
     assert "is a 'asr_ctc' checkpoint (recipe 'asr_ddp'); this run trains 'tts_fastspeech'" in resumed.stderr
     assert not (tmp_path / "wrong_resume").exists()  # a launch that failed its checks leaves nothing behind
+
+
+def test_resume_is_exact(tiny_corpus, tmp_path):
+    """Stopped after step 3 and started again: steps 4..6 repeat the uninterrupted run (alignment
+    search, durations and the carried sampler state, whose cuts hold word alignments, included)."""
+    import shutil
+
+    args = ("trainer.max_steps=6", "trainer.limit_val_batches=0", "checkpoint.every_n_steps=3", "data.max_duration_s=8")
+    full_dir, run_dir = tmp_path / "full", tmp_path / "attempt"
+    full = run_recipe("tts_ddp", 2, tiny_overrides(tiny_corpus, 2, *args), full_dir)
+    assert full.returncode == 0, full.stderr[-4000:]
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(full_dir / "checkpoints" / "step000003.ckpt", run_dir / "checkpoints")
+    rows = (full_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows[:3]))
+    again = run_recipe("tts_ddp", 2, tiny_overrides(tiny_corpus, 2, *args), run_dir)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"].endswith("step000003.ckpt")
+    expected = [json.loads(r) for r in rows]
+    got = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in got] == [m["step"] for m in expected] == list(range(1, 7))
+    for x, y in zip(expected, got):
+        assert y["batch"] == x["batch"]
+        for key in ("train_loss", "train_duration_loss", "grad_norm"):
+            assert y[key] == pytest.approx(x[key], rel=1e-6), (key, x["step"])
