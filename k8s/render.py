@@ -59,12 +59,11 @@ def split_image(image: str) -> dict:
 
 def check_presets(recipe: str, model: str | None, data: str | None) -> None:
     """MODEL must be a preset of the recipe's model family, DATA a data preset (common/conf/)."""
-    from common.models import model_presets
+    from common.models import presets_of
     from common.plan import ROOT, compose
 
     if model is not None:
-        presets, family = model_presets(), compose(recipe, []).get("family")
-        fits = sorted(p for p, name in presets.items() if name == family)
+        fits = presets_of(compose(recipe, []))
         if model not in fits:
             raise RenderError(f"MODEL {model!r} is not a model preset of RECIPE={recipe} (its presets: "
                               f"{', '.join(fits)}; all live in common/conf/model/)")

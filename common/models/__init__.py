@@ -75,16 +75,26 @@ def model_presets() -> dict[str, str]:
     return {preset: name_of(preset) for preset in raw}
 
 
-def check_model_family(cfg) -> None:
-    """A recipe trains one model family (``family`` in its family file): a preset of another family
-    (``RECIPE=asr_ddp ARGS=model=canary_qwen_2p5b``) is an error naming the presets that fit."""
+def families_of(cfg) -> list[str]:
+    """The ``model.name`` values a recipe trains: its family file's ``family``, a name or a list."""
     family = cfg.get("family")
-    families = [family] if isinstance(family, str) else list(family or [])
+    return [family] if isinstance(family, str) else list(family or [])
+
+
+def presets_of(cfg) -> list[str]:
+    """The model presets (``model=<preset>``) a recipe takes, sorted."""
+    families = families_of(cfg)
+    return sorted(p for p, name in model_presets().items() if name in families)
+
+
+def check_model_family(cfg) -> None:
+    """A recipe trains its family's models (``family`` in its family file: a name or a list): a preset
+    of another family (``RECIPE=asr_ddp ARGS=model=canary_qwen_2p5b``) is an error naming the presets that fit."""
+    families = families_of(cfg)
     if families and cfg.model.name not in families:
-        fits = [p for p, name in model_presets().items() if name in families]
         raise ConfigError(f"recipe {cfg.get('recipe')!r} trains {' or '.join(map(repr, families))} models, but the "
-                          f"model preset sets "
-                          f"model.name={cfg.model.name!r}; choose one of model={', model='.join(fits)}")
+                          f"model preset sets model.name={cfg.model.name!r}; choose one of "
+                          f"model={', model='.join(presets_of(cfg))}")
 
 
 def parameter_counts(model) -> tuple[int, int]:
