@@ -128,7 +128,7 @@ class FastSpeechTTS(nn.Module):
         self.num_mel_bins = num_mel_bins
         self.duration_loss_weight = float(cfg.get("duration_loss_weight", 1.0))
         self.alignment_prior_sigma = float(cfg.get("alignment_prior_sigma", 0.2))
-        self.max_frames_per_token = float(cfg.get("max_frames_per_token", 40.0))
+        self.max_frames_per_token = float(cfg.get("max_frames_per_token", 60.0))
         self.parallel_hooks = ParallelHooks()
         self.last_sums: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (sum, frames) of the last forward
         self.last_synthesis: dict[str, int] = {}
