@@ -104,3 +104,11 @@ def smollm2_hf_dir(smollm2_gguf, tmp_path_factory) -> Path:
     plain.load_state_dict(loaded.state_dict())
     plain.save_pretrained(out)
     return out
+
+
+def tts_single_utterances(batch: dict):
+    """Each utterance of a TTS batch alone, cut to its own frames and tokens (batch-composition tests)."""
+    for i in range(batch["input_features"].shape[0]):
+        f, t = int(batch["feature_mask"][i].sum()), int(batch["target_lens"][i])
+        yield {"input_features": batch["input_features"][i : i + 1, :f], "feature_mask": batch["feature_mask"][i : i + 1, :f],
+               "target_ids": batch["target_ids"][i : i + 1, :t], "target_lens": batch["target_lens"][i : i + 1]}

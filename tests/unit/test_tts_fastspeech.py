@@ -7,7 +7,7 @@ from lhotse import CutSet
 from common.data.loading import featurized, make_loader
 from common.data.tokenizer import BPETokenizer
 from common.models import build_model
-from tests.conftest import recipe_config
+from tests.conftest import recipe_config, tts_single_utterances
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +43,7 @@ def test_loss_is_a_sum_over_frames_independent_of_batch_composition(setup):
     with torch.no_grad():
         whole, n = model(batch)
         mel_sum, mel_count = model.last_sums["mel_loss"]
-        parts = 0.0
-        for i in range(batch["input_features"].shape[0]):
-            f, t = int(batch["feature_mask"][i].sum()), int(batch["target_lens"][i])
-            single = {"input_features": batch["input_features"][i : i + 1, :f],
-                      "feature_mask": batch["feature_mask"][i : i + 1, :f],
-                      "target_ids": batch["target_ids"][i : i + 1, :t], "target_lens": batch["target_lens"][i : i + 1]}
-            parts += model(single)[0].item()
+        parts = sum(model(single)[0].item() for single in tts_single_utterances(batch))
     assert n == int(batch["feature_mask"].sum()) == mel_count
     assert whole.item() == pytest.approx(parts, rel=1e-4)
     assert mel_sum.item() > 0
