@@ -172,6 +172,7 @@ def allow_older_sampler_states() -> None:
 
     torch.serialization.add_safe_globals([AlignmentItem])
 
+
 class CarryOverBucketSampler:
     """Global batches (lhotse ``CutSet``s) from a :class:`BucketGrid`; tails carried to the next pass.
 
