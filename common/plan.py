@@ -353,6 +353,34 @@ def recommend(layouts: list[dict], gpu_memory_gib: float) -> tuple[str | None, s
                   "/ data.max_tokens")
 
 
+def byte_widths(cfg, precision: str) -> tuple[int, int, int]:
+    """Bytes per element of (parameters, activations, FSDP-gathered units) for ``precision``."""
+    param_b, act_b = PRECISIONS[precision]
+    gather_b = param_b
+    policy = cfg.get("parallel", {}).get("mixed_precision", False)
+    if policy is True or (policy == "auto" and precision in ("32-true", "32")):
+        act_b = gather_b = min(act_b, 2)  # FSDP2's bf16 compute policy: bf16 activations and gathered units
+    return param_b, act_b, gather_b
+
+
+def layout_bytes(cfg, model, strategy: str, dp: int, tp: int, widths: tuple[int, int, int]) -> dict:
+    """Per-GPU bytes of one layout: the largest rank's parameters, gradients and optimizer state,
+    the activations of ``cfg``'s batch and the FSDP2 gather buffers (``total_bytes``: their sum).
+    ``make plan`` lists it per layout; ``make profile-batches`` (on CPU) sizes buckets with it."""
+    param_b, act_b, gather_b = widths
+    seq_par = bool(cfg.get("parallel", {}).get("sequence_parallel", True))
+    ranks = state_bytes(model, strategy, dp, tp, param_b, seq_par)
+    row = {"name": f"DDP x{dp}" if strategy == "ddp" else f"dp{dp} x tp{tp}", "strategy": strategy,
+           "dp": dp, "tp": tp, "per_rank": ranks,
+           **{k: max(r[k] for r in ranks) for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes")},
+           "activation_bytes": activation_bytes(cfg, model, dp, tp, act_b),
+           "buffer_bytes": (fsdp_buffer_bytes(model, dp, tp, gather_b, policy=gather_b != param_b)
+                            if strategy == "model_parallel" else 0)}
+    row["total_bytes"] = max(r["param_bytes"] + r["grad_bytes"] + r["optimizer_state_bytes"] for r in ranks) \
+        + row["activation_bytes"] + row["buffer_bytes"]
+    return row
+
+
 def plan(recipe: str, gpus_per_node: int, nodes: int = 1, overrides=(), precision: str = "auto",
          gpu_memory_gib: float = 80.0, tokenizer=None, vocab_size: int | None = None) -> dict:
     cfg = compose(recipe, overrides)
@@ -372,26 +400,11 @@ def plan(recipe: str, gpus_per_node: int, nodes: int = 1, overrides=(), precisio
         with torch.device("meta"):  # the backbone's real vocabulary (e.g. Qwen3: 151936), not the corpus's words
             model.llm.resize_token_embeddings(vocab_size, mean_resizing=False)
         tok = type("Vocab", (), {"vocab_size": vocab_size})()
-    param_b, act_b = PRECISIONS[precision]
-    gather_b = param_b
-    policy = cfg.get("parallel", {}).get("mixed_precision", False)
-    if policy is True or (policy == "auto" and precision in ("32-true", "32")):
-        act_b = gather_b = min(act_b, 2)  # FSDP2's bf16 compute policy: bf16 activations and gathered units
-    seq_par = bool(cfg.get("parallel", {}).get("sequence_parallel", True))
+    widths = byte_widths(cfg, precision)
     valid, skipped = enumerate_layouts(cfg, model, gpus_per_node, nodes)
-    layouts = []
-    for strategy, dp, tp in valid:
-        ranks = state_bytes(model, strategy, dp, tp, param_b, seq_par)
-        row = {"name": f"DDP x{dp}" if strategy == "ddp" else f"dp{dp} x tp{tp}", "strategy": strategy,
-               "dp": dp, "tp": tp, "per_rank": ranks,
-               **{k: max(r[k] for r in ranks) for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes")},
-               "activation_bytes": activation_bytes(cfg, model, dp, tp, act_b),
-               "buffer_bytes": (fsdp_buffer_bytes(model, dp, tp, gather_b, policy=gather_b != param_b)
-                                if strategy == "model_parallel" else 0)}
-        row["total_bytes"] = max(r["param_bytes"] + r["grad_bytes"] + r["optimizer_state_bytes"] for r in ranks) \
-            + row["activation_bytes"] + row["buffer_bytes"]
+    layouts = [layout_bytes(cfg, model, strategy, dp, tp, widths) for strategy, dp, tp in valid]
+    for row in layouts:
         row["fits"] = row["total_bytes"] <= gpu_memory_gib * GIB
-        layouts.append(row)
     best, text = recommend(layouts, gpu_memory_gib)
     return {"recipe": recipe, "gpus_per_node": gpus_per_node, "nodes": nodes, "world_size": gpus_per_node * nodes,
             "precision": precision, "gpu_memory_gib": gpu_memory_gib, "vocab_size": tok.vocab_size,

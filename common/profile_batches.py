@@ -50,38 +50,29 @@ def search_largest(fits, limit: int = 1 << 16) -> int:
 
 
 class PlannerMemory:
-    """Per-GPU bytes of one training step of ``batch`` utterances at (duration, tokens), from the planner."""
+    """Per-GPU bytes of one training step of ``batch`` utterances at (duration, tokens), from the
+    planner (:func:`common.plan.layout_bytes`, the numbers ``make plan`` prints)."""
 
     def __init__(self, cfg, model, precision: str):
         from common.parallel import resolve_layout
-        from common.plan import PRECISIONS
+        from common.plan import byte_widths
 
         self.cfg, self.model = cfg, model
         layout = resolve_layout(cfg.trainer)
-        self.strategy, self.dp, self.tp = layout.strategy, layout.data_parallel_size, layout.tensor_parallel_size
-        self.param_b, self.act_b = PRECISIONS[precision]
-        policy = cfg.get("parallel", {}).get("mixed_precision", False)
-        self.gather_b = self.param_b
-        if policy is True or (policy == "auto" and precision in ("32-true", "32")):
-            self.act_b = self.gather_b = min(self.act_b, 2)
+        self.strategy = "ddp" if layout.strategy == "ddp" else "model_parallel"
+        self.dp, self.tp = layout.data_parallel_size, layout.tensor_parallel_size
+        self.widths = byte_widths(cfg, precision)
 
     def __call__(self, batch: int, duration_s: float, tokens: int) -> int:
-        from common.plan import activation_bytes, fsdp_buffer_bytes, state_bytes
+        from common.plan import layout_bytes
 
-        world = self.dp * self.tp
         cfg = self.cfg.copy()
         cfg.data.max_duration_s_per_gpu = None
         cfg.data.max_tokens_per_gpu = None
         cfg.data.max_tokens = None
-        cfg.data.max_duration_s = batch * duration_s * world  # the global batch of this bucket
+        cfg.data.max_duration_s = batch * duration_s * self.dp * self.tp  # the global batch of this bucket
         cfg.data.max_utterance_s = duration_s
-        kind = "ddp" if self.strategy == "ddp" else "model_parallel"
-        ranks = state_bytes(self.model, kind, self.dp, self.tp, self.param_b,
-                            bool(cfg.get("parallel", {}).get("sequence_parallel", True)))
-        state = max(r["param_bytes"] + r["grad_bytes"] + r["optimizer_state_bytes"] for r in ranks)
-        buffers = fsdp_buffer_bytes(self.model, self.dp, self.tp, self.gather_b, policy=self.gather_b != self.param_b) \
-            if kind == "model_parallel" else 0
-        return state + activation_bytes(cfg, self.model, self.dp, self.tp, self.act_b) + buffers
+        return layout_bytes(cfg, self.model, self.strategy, self.dp, self.tp, self.widths)["total_bytes"]
 
 
 class GPUMemory:
