@@ -54,6 +54,11 @@ from common.parallel.spec import ParallelHooks
 PROGRESS_BINS = 16  # resolution of "how far into its token a frame lies"
 
 
+def _within(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(batch, width) bool: True at the first ``lengths[i]`` positions of row i (tokens or frames)."""
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+
+
 def _replace_batch_norms(module: nn.Module) -> None:
     """BatchNorm makes a frame's output depend on the rest of the batch (and on the data-parallel
     layout); the per-frame ChannelLayerNorm does not."""
@@ -134,13 +139,14 @@ class FastSpeechTTS(nn.Module):
         self.last_synthesis: dict[str, int] = {}
 
     def encode(self, text: torch.Tensor, text_lens: torch.Tensor) -> torch.Tensor:
-        mask = torch.arange(text.shape[1], device=text.device)[None, :] < text_lens[:, None]
+        mask = _within(text_lens, text.shape[1])
         with _zero_padding(self._text_convs, mask):
             return self.encoder(text, mask[:, None, :].long(), return_dict=True).last_hidden_state * mask[..., None]
 
-    def decode(self, states: torch.Tensor, durations: torch.Tensor, max_frames: int):
-        frames, progress = expand(states, durations, max_frames)
-        frame_mask = torch.arange(max_frames, device=states.device)[None, :] < durations.sum(1, keepdim=True)
+    def decode(self, frames: torch.Tensor, progress: torch.Tensor, durations: torch.Tensor):
+        """Mel frames (before, after the post-net) and their mask from token states already expanded
+        over their ``durations`` (:func:`expand`: ``frames``, ``progress``)."""
+        frame_mask = _within(durations.sum(1), frames.shape[1])
         bins = (progress * PROGRESS_BINS).long().clamp(max=PROGRESS_BINS - 1)
         hidden = frames + self.progress(bins) * frame_mask[..., None]
         with _zero_padding(self._frame_convs, frame_mask):
@@ -153,22 +159,23 @@ class FastSpeechTTS(nn.Module):
         mel, frame_mask = batch["input_features"], batch["feature_mask"]
         frame_lens = frame_mask.sum(1)
         states = self.encode(text, text_lens)
-        text_mask = torch.arange(text.shape[1], device=text.device)[None, :] < text_lens[:, None]
         mu = self.to_prior(states)
         # Per mel value, so that the prior's scale does not depend on the number of bins.
         fit = frame_log_likelihood(mel, mu.detach()) / mel.shape[-1]
         fit = fit + diagonal_log_prior(text_lens, frame_lens, text.shape[1], mel.shape[1], self.alignment_prior_sigma)
         durations = monotonic_alignment_search(fit, text_lens, frame_lens)
         valid = frame_mask[..., None].float()
+        # One expansion of the states and, beside them, the prior means (same gather).
+        both, progress = expand(torch.cat([states, mu], -1), durations, mel.shape[1])
+        frames, mu_frames = both.split([states.shape[-1], mu.shape[-1]], dim=-1)
         # Prior: each frame against the mean of the token the alignment gave it.
-        mu_frames, _ = expand(mu, durations, mel.shape[1])
         prior_sum = (0.5 * (mel - mu_frames) ** 2 * valid).sum()
         # Durations: log(1 + frames) per token, from the encoder's states without moving them. Not
         # weighted by frames: that would pull every token towards its longest occurrences.
         log_pred = self.log_durations(states.detach(), text_lens)
         target = torch.log1p(durations.float())
-        duration_sum = ((log_pred - target) ** 2 * text_mask).sum()
-        before, after, _ = self.decode(states, durations, mel.shape[1])
+        duration_sum = ((log_pred - target) ** 2 * _within(text_lens, text.shape[1])).sum()
+        before, after, _ = self.decode(frames, progress, durations)
         l1_before = ((before - mel).abs() * valid).sum()
         l1_after = ((after - mel).abs() * valid).sum()
         bins = mel.shape[-1]
@@ -184,7 +191,7 @@ class FastSpeechTTS(nn.Module):
         transformers' predictor returns rounded frame counts from its forward in eval mode (so
         validation would compare counts with logs); its layers are called directly instead.
         """
-        mask = torch.arange(states.shape[1], device=states.device)[None, :] < text_lens[:, None]
+        mask = _within(text_lens, states.shape[1])
         hidden = states.transpose(1, -1)
         with _zero_padding(self._text_convs, mask):
             for layer in self.duration_predictor.conv_layers:
@@ -194,7 +201,7 @@ class FastSpeechTTS(nn.Module):
     def predict_durations(self, states: torch.Tensor, text_lens: torch.Tensor) -> torch.Tensor:
         """Frames per token, at least one on every real token, 0 on padding."""
         frames = torch.round(torch.expm1(self.log_durations(states, text_lens))).long().clamp(min=1)
-        return frames * (torch.arange(states.shape[1], device=states.device)[None, :] < text_lens[:, None])
+        return frames * _within(text_lens, states.shape[1])
 
     @torch.no_grad()
     def synthesize(self, texts: list[str]) -> list[torch.Tensor]:
@@ -211,6 +218,6 @@ class FastSpeechTTS(nn.Module):
         lengths = durations.sum(1)
         hit_limit = lengths > limit
         lengths = torch.minimum(lengths, limit)
-        _, after, _ = self.decode(states, durations, int(durations.sum(1).max()))
+        _, after, _ = self.decode(*expand(states, durations, int(durations.sum(1).max())), durations)
         self.last_synthesis = {"sentences": len(texts), "hit_frame_limit": int(hit_limit.sum())}
         return [after[row, : int(n)] for row, n in enumerate(lengths)]

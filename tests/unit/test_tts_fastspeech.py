@@ -34,6 +34,14 @@ def test_every_parameter_is_initialized_and_no_batch_norm_remains(setup):
     # they held whatever memory they got (values up to 1e30: gradient norms of 1e13 in training).
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all() and p.abs().max() < 100, name
+    # Small values alone would not prove it (fresh memory is often zeros): the biases must have
+    # xavier_uniform's range *and* spread (uniform on [-a, a]: std a / sqrt(3)).
+    biases = [(n, p) for n, p in model.named_parameters() if n.endswith(("pos_bias_u", "pos_bias_v"))]
+    assert biases
+    for name, p in biases:
+        bound = (6.0 / (p.shape[0] + p.shape[1])) ** 0.5
+        assert p.abs().max() <= bound, name
+        assert 0.6 * bound / 3**0.5 < p.std() < 1.4 * bound / 3**0.5, name
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
 
 
