@@ -42,9 +42,9 @@ def intelligibility(model, cfg, texts: list[str], asr_checkpoint: str | Path) ->
     features = BatchFeatures(asr_cfg.data.num_mel_bins, asr_cfg.data.sample_rate)
     hyps = []
     mels = model.synthesize(texts)
+    # The model counts what it knows while synthesizing: sentences cut at the frame limit, and
+    # those with fewer frames than tokens (they cannot have said every token: stopped early).
     ended = dict(getattr(model, "last_synthesis", {}))
-    # Fewer frames than tokens: the sentence cannot have said every token (stopped early).
-    too_short = sum(mel.shape[0] < len(model.tokenizer.encode(t)) for mel, t in zip(mels, texts))
     for mel in mels:
         feats, mask = features.of_waveform(vocoder(mel.cpu()), mel.device)
         hyps.append(asr_tok.decode(asr.generate(feats, mask)[0]))
@@ -54,4 +54,4 @@ def intelligibility(model, cfg, texts: list[str], asr_checkpoint: str | Path) ->
     for ref, hyp in list(zip(refs, hyps))[:3]:
         log.info("intelligibility: %r -> %r", ref, hyp)
     return {"asr_cer": float(cer), "asr_num_sentences": len(texts),
-            "synthesis_hit_frame_limit": int(ended.get("hit_frame_limit", 0)), "synthesis_too_short": int(too_short)}
+            "synthesis_hit_frame_limit": int(ended.get("hit_frame_limit", 0)), "synthesis_too_short": int(ended.get("too_short", 0))}

@@ -219,5 +219,6 @@ class FastSpeechTTS(nn.Module):
         hit_limit = lengths > limit
         lengths = torch.minimum(lengths, limit)
         _, after, _ = self.decode(*expand(states, durations, int(durations.sum(1).max())), durations)
-        self.last_synthesis = {"sentences": len(texts), "hit_frame_limit": int(hit_limit.sum())}
+        self.last_synthesis = {"sentences": len(texts), "hit_frame_limit": int(hit_limit.sum()),
+                               "too_short": int((lengths < text_lens).sum())}  # fewer frames than tokens
         return [after[row, : int(n)] for row, n in enumerate(lengths)]

@@ -134,13 +134,14 @@ class SpeechT5TTS(nn.Module):
     @torch.no_grad()
     def synthesize(self, texts: list[str]) -> list[torch.Tensor]:
         """Log-mel spectrograms (frames, bins) for each text, decoded until the stop token."""
-        out, hit_limit = [], 0
+        out, hit_limit, too_short = [], 0, 0
         for text in texts:
             ids = torch.tensor([self.tokenizer.encode(text)], device=self.speaker.device)
             ratio = self.max_frames_per_token  # frames allowed per input token
             mel = self.tts.generate_speech(ids, self.speaker, threshold=self.stop_threshold, maxlenratio=ratio)
             # generate_speech stops at the stop token or after int(tokens x ratio / r) decoder steps
             hit_limit += mel.shape[0] >= int(ids.shape[1] * ratio / self.r) * self.r
+            too_short += mel.shape[0] < ids.shape[1]  # fewer frames than tokens: stopped early
             out.append(mel)
-        self.last_synthesis = {"sentences": len(texts), "hit_frame_limit": int(hit_limit)}
+        self.last_synthesis = {"sentences": len(texts), "hit_frame_limit": int(hit_limit), "too_short": int(too_short)}
         return out

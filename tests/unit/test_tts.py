@@ -54,7 +54,8 @@ def test_synthesis_stops_within_its_frame_budget(setup):
     r = model.r
     at_limit = sum(mel.shape[0] >= int(len(tok.encode(t)) * cfg.model.max_frames_per_token / r) * r
                    for t, mel in zip(["alpha bravo", "charlie"], mels))
-    assert model.last_synthesis == {"sentences": 2, "hit_frame_limit": at_limit}
+    short = sum(mel.shape[0] < len(tok.encode(t)) for t, mel in zip(["alpha bravo", "charlie"], mels))
+    assert model.last_synthesis == {"sentences": 2, "hit_frame_limit": at_limit, "too_short": short}
 
 
 def test_griffin_lim_inverts_the_training_features(tiny_corpus):

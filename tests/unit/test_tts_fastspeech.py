@@ -79,7 +79,7 @@ def test_synthesis_length_comes_from_the_durations_and_the_frame_limit_is_counte
     model.eval()
     texts = ["alpha bravo", "charlie", "delta echo foxtrot golf"]
     mels = model.synthesize(texts)
-    assert model.last_synthesis["sentences"] == 3
+    assert model.last_synthesis["sentences"] == 3 and model.last_synthesis["too_short"] == 0
     for text, mel in zip(texts, mels):
         tokens = len(tok.encode(text))
         assert mel.shape[1] == cfg.data.num_mel_bins and tokens <= mel.shape[0] <= tokens * cfg.model.max_frames_per_token
@@ -90,4 +90,7 @@ def test_synthesis_length_comes_from_the_durations_and_the_frame_limit_is_counte
     capped = model.synthesize(texts)
     assert model.last_synthesis["hit_frame_limit"] == sum(m.shape[0] > len(tok.encode(t)) for m, t in zip(mels, texts))
     assert all(m.shape[0] <= len(tok.encode(t)) for m, t in zip(capped, texts))
+    model.max_frames_per_token = 0.5  # every sentence is cut below one frame per token: all counted
+    model.synthesize(texts)
+    assert model.last_synthesis["too_short"] == 3 and model.last_synthesis["hit_frame_limit"] == 3
     model.max_frames_per_token = float(cfg.model.max_frames_per_token)
