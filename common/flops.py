@@ -176,7 +176,8 @@ class ModelFlops:
             encoder, t = fastconformer_forward(enc, frames)
             if ctc:
                 encoder.weights += 2 * t * enc.hidden_size * vocab
-            audio = math.ceil(t / stack)
+            # CTC compression: about one position per spoken unit (the transcript's tokens) instead of t / stack
+            audio = tokens if model.ctc_compress else math.ceil(t / stack)
             projector = Part(weights=2 * audio * (enc.hidden_size * stack * llm_dim + llm_dim * llm_dim))
             positions = audio + prompt + tokens
             llm = decoder_lm_forward(llm_cfg, positions, with_head=False)

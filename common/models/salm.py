@@ -57,6 +57,32 @@ class Projector(nn.Module):
         return self.mlp(stacked), torch.div(lens + k - 1, k, rounding_mode="floor")
 
 
+def ctc_compress(frames: torch.Tensor, lens: torch.Tensor, labels: torch.Tensor, blank: int):
+    """CTC compression (Gaido et al. 2021; Speech-LLaMA, Wu et al. 2023): the mean of each run of
+    frames with the same non-blank CTC label, blank frames dropped; batched, no per-utterance loop.
+
+    ``frames`` (B, T, D), ``lens`` (B,) valid frames per row, ``labels`` (B, T) the CTC head's argmax.
+    Returns ``(segments (B, S, D), segment counts (B,))``, S the most segments of a row (>= 1): one
+    position per spoken unit, in order. Reading an utterance in order is then what the LLM's
+    positions already do; over 40 ms frames it is a search. The segment count is data-dependent,
+    so this costs one host sync per batch.
+
+        labels [a a _ b b _ _ a] -> segments [mean(f0, f1), mean(f3, f4), f7]
+    """
+    b, t, d = frames.shape
+    keep = (labels != blank) & (torch.arange(t, device=frames.device)[None, :] < lens[:, None])
+    prev_label = F.pad(labels, (1, 0), value=-1)[:, :-1]
+    prev_keep = F.pad(keep, (1, 0), value=False)[:, :-1]
+    start = keep & ~(prev_keep & (prev_label == labels))  # a kept frame that opens a new run
+    index = (start.long().cumsum(1) - 1).clamp(min=0)  # its run's index, per row
+    counts = start.sum(1)
+    width = max(int(counts.max()), 1)
+    weight = keep.to(frames.dtype)
+    sums = frames.new_zeros(b, width, d).scatter_add(1, index[..., None].expand(-1, -1, d), frames * weight[..., None])
+    sizes = frames.new_zeros(b, width).scatter_add(1, index, weight)
+    return sums / sizes.clamp(min=1)[..., None], counts
+
+
 # Rows of a pretrained LLM's embedding table after the tokenizer outgrew it (the audio placeholder):
 # a multiple of 192 = 64 x 3, so every tensor-parallel size that divides the heads of common
 # backbones (1, 2, 3, 4, 6, 8, 12, ...: SmolLM2 has 3 key/value heads) also divides the vocabulary.
@@ -154,6 +180,11 @@ class SALM(nn.Module):
         # encoder a direct, alignment-free signal long before the LLM learns to attend to audio.
         self.ctc_weight = float(cfg.get("ctc_aux_weight", 0.0))
         self.ctc_head = nn.Linear(self.encoder.config.hidden_size, tokenizer.vocab_size) if self.ctc_weight else None
+        # CTC compression of the audio before the projector (see ctc_compress); the CTC head picks the runs.
+        self.ctc_compress = bool(cfg.projector.get("ctc_compress", False))
+        if self.ctc_compress and self.ctc_head is None:
+            raise ValueError("model.projector.ctc_compress needs model.ctc_aux_weight > 0: the CTC head's "
+                             "labels choose the segments")
         self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
         self.audio_id = tokenizer.audio_id
         # The token ids before and after the audio frames (the answer follows them).
@@ -190,11 +221,17 @@ class SALM(nn.Module):
     def encode_audio(self, features: torch.Tensor, feature_mask: torch.Tensor, targets=None, target_lens=None):
         out = self.encoder(input_features=features, attention_mask=feature_mask.long())
         lens = out.attention_mask.sum(-1)
-        audio, audio_lens = self.projector(out.last_hidden_state, lens)
-        if targets is None or self.ctc_head is None:
+        hidden = out.last_hidden_state
+        train_ctc = targets is not None and self.ctc_head is not None
+        logits = self.ctc_head(hidden) if train_ctc or self.ctc_compress else None
+        if self.ctc_compress:
+            audio, audio_lens = self.projector(*ctc_compress(hidden, lens, logits.detach().argmax(-1), self.pad_id))
+        else:
+            audio, audio_lens = self.projector(hidden, lens)
+        if not train_ctc:
             return audio, audio_lens, None
         # CTC over the transcript words (the padded targets minus their <eos>); the pad id is the blank.
-        log_probs = self.ctc_head(out.last_hidden_state).float().log_softmax(-1).transpose(0, 1)
+        log_probs = logits.float().log_softmax(-1).transpose(0, 1)
         ctc = F.ctc_loss(log_probs, targets, lens, target_lens - 1, blank=self.pad_id, reduction="sum",
                          zero_infinity=True)
         return audio, audio_lens, ctc

@@ -129,3 +129,41 @@ def test_freeze_by_pattern(tiny_corpus, salm_cfg):
     cfg.freeze = ["nothing.here"]
     with pytest.raises(ValueError, match="'nothing.here' matches no parameter"):
         SALM(cfg, tok)
+
+
+def test_ctc_compression_averages_each_run_of_a_label_and_drops_blanks():
+    from common.models.salm import ctc_compress
+
+    frames = torch.arange(2 * 8, dtype=torch.float32).reshape(2, 8, 1).repeat(1, 1, 3)
+    blank = 0
+    labels = torch.tensor([[5, 5, 0, 7, 7, 0, 0, 5],   # runs: (0, 1) (3, 4) (7)
+                           [0, 6, 6, 6, 0, 9, 9, 9]])  # runs: (1, 2, 3); frames 5.. are past its end
+    out, counts = ctc_compress(frames, torch.tensor([8, 5]), labels, blank)
+    assert counts.tolist() == [3, 1] and out.shape == (2, 3, 3)
+    assert out[0, :, 0].tolist() == [0.5, 3.5, 7.0]
+    assert out[1, 0, 0].item() == 10.0 and out[1, 1:].abs().sum() == 0  # (9 + 10 + 11) / 3; nothing past the end
+    # Gradients reach every kept frame (through the means), none reach blanks or padding.
+    frames.requires_grad_(True)
+    ctc_compress(frames, torch.tensor([8, 5]), labels, blank)[0].sum().backward()
+    assert (frames.grad[0, :, 0] > 0).tolist() == [True, True, False, True, True, False, False, True]
+    assert (frames.grad[1, :, 0] > 0).tolist() == [False, True, True, True, False, False, False, False]
+    # A row with no non-blank label yet (early training) has no audio position.
+    assert ctc_compress(frames, torch.tensor([8, 8]), torch.zeros(2, 8, dtype=torch.long), blank)[1].tolist() == [0, 0]
+
+
+def test_ctc_compressed_salm_trains_and_decodes(tiny_corpus, salm_cfg):
+    from omegaconf import OmegaConf
+
+    cuts = CutSet.from_file(tiny_corpus["train"])
+    tok = WordTokenizer.build((c.supervisions[0].text for c in cuts), extra_words=["transcribe"])
+    cfg = OmegaConf.merge(salm_cfg.model, {"projector": {"ctc_compress": True, "stack_frames": 1}})
+    torch.manual_seed(0)
+    model = SALM(cfg, tok)
+    batch = next(featurized(make_loader(cuts, tok, dp_rank=0, dp_size=1, max_duration_s=12, shuffle=False, seed=0)))
+    loss, n = model(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and n == int(batch["target_lens"].sum())
+    assert model.ctc_head.weight.grad.abs().sum() > 0 and model.encoder.layers[0].parameters().__next__().grad is not None
+    assert len(model.eval().generate(batch["input_features"][:2], batch["feature_mask"][:2])) == 2
+    with pytest.raises(ValueError, match="ctc_aux_weight"):
+        SALM(OmegaConf.merge(cfg, {"ctc_aux_weight": 0.0}), tok)
