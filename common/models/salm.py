@@ -211,7 +211,10 @@ class SALM(nn.Module):
             backbone.embed_tokens, [backbone.norm, self.llm.lm_head]]
         return ParallelSpec(
             block_lists=[self.encoder.layers, backbone.layers],
-            extra_fsdp_units=[[self.encoder.subsampling, self.projector], *ends],
+            # With CTC compression the CTC head runs in generate() too, outside the root's forward
+            # (where FSDP2 gathers root parameters): it joins the projector's unit then.
+            extra_fsdp_units=[[self.encoder.subsampling, self.projector,
+                               *([self.ctc_head] if self.ctc_compress else [])], *ends],
             tp_backbone=backbone,
             lm_head=self.llm.lm_head,
             tied_lm_head=tied,
