@@ -59,7 +59,7 @@ class PlannerMemory:
 
         self.cfg, self.model = cfg, model
         layout = resolve_layout(cfg.trainer)
-        self.strategy = "ddp" if layout.strategy == "ddp" else "model_parallel"
+        self.strategy = layout.strategy  # "ddp" | "model_parallel", as common.plan names them
         self.dp, self.tp = layout.data_parallel_size, layout.tensor_parallel_size
         self.widths = byte_widths(cfg, precision)
 
