@@ -140,6 +140,12 @@ def check_settings(cfg) -> None:
         raise ConfigError(f"data.generated.min_words ({words[0]!r}) and max_words ({words[1]!r}) must be whole "
                           "numbers with 1 <= min_words <= max_words")
 
+    if _get(cfg, "model.name") == "salm" and _get(cfg, "model.projector.ctc_compress") \
+            and not _get(cfg, "model.ctc_aux_weight"):
+        raise ConfigError(f"model.projector.ctc_compress=true needs a CTC head, but model.ctc_aux_weight is "
+                          f"{_get(cfg, 'model.ctc_aux_weight')!r}: set model.ctc_aux_weight > 0, or "
+                          "model.projector.ctc_compress=false (then stack frames, e.g. model.projector.stack_frames=2)")
+
     _num(cfg, "optim.lr", 0, lo_open=True)
     betas = _get(cfg, "optim.betas")
     if betas is None or len(betas) != 2 or not all(_is_num(b) and 0 <= b < 1 for b in betas):

@@ -183,8 +183,8 @@ class SALM(nn.Module):
         # CTC compression of the audio before the projector (see ctc_compress); the CTC head picks the runs.
         self.ctc_compress = bool(cfg.projector.get("ctc_compress", False))
         if self.ctc_compress and self.ctc_head is None:
-            raise ValueError("model.projector.ctc_compress needs model.ctc_aux_weight > 0: the CTC head's "
-                             "labels choose the segments")
+            raise ValueError("model.projector.ctc_compress needs model.ctc_aux_weight > 0 (the CTC head's "
+                             "labels choose the segments), or set model.projector.ctc_compress=false")
         self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
         self.audio_id = tokenizer.audio_id
         # The token ids before and after the audio frames (the answer follows them).

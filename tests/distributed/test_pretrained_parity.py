@@ -25,7 +25,7 @@ def _run(name, nproc, dp, tp, pretrained, tiny_corpus, root, *extra):
         f"trainer.strategy.tensor_parallel_size={tp}", f"trainer.max_steps={STEPS}", "trainer.limit_val_batches=0",
         "logger.wandb=false", "data.max_duration_s=6", f"data.dir={tiny_corpus['dir']}",
         "data.generated.num_train=120", "data.generated.num_val=16", f"model.pretrained_llm={pretrained}",
-        "model.ctc_aux_weight=0", "model.max_new_tokens=4", *extra,
+        "model.ctc_aux_weight=0", "model.projector.ctc_compress=false", "model.max_new_tokens=4", *extra,
     ], run_dir, timeout=900)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-4000:]}"
     return run_dir, [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

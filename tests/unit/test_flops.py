@@ -41,10 +41,20 @@ def _batch(recipe, tok, frames, tokens):
             "target_ids": target, "target_lens": torch.tensor([tokens]), "global_num_frames": frames}
 
 
-@pytest.mark.parametrize("recipe", ["salm_fsdp2", "asr_ddp", "tts_ddp"])
-def test_forward_flops_match_pytorchs_counter(recipe):
+SALM_STACKED = ["model.projector.ctc_compress=false", "model.projector.stack_frames=2"]
+
+
+@pytest.mark.parametrize("recipe,overrides,lengths", [
+    ("salm_fsdp2", SALM_STACKED, ((173, 5), (301, 7))),
+    # CTC compression, the default: the formula counts one LLM position per answer token. The CTC head
+    # is pinned below to one non-blank label (one run per row), so answers of one token (<eos>) match.
+    ("salm_fsdp2", [], ((173, 1), (301, 1))),
+    ("asr_ddp", [], ((173, 5), (301, 7))),
+    ("tts_ddp", [], ((173, 5), (301, 7))),
+], ids=["salm_fsdp2-stacked", "salm_fsdp2-ctc_compress", "asr_ddp", "tts_ddp"])
+def test_forward_flops_match_pytorchs_counter(recipe, overrides, lengths):
     """The formulas count every matrix multiply and convolution the real model runs (1%)."""
-    cfg = recipe_config(recipe, [])
+    cfg = recipe_config(recipe, overrides)
     texts = ["alpha bravo charlie", "delta echo foxtrot"]
     tok = (WordTokenizer.build(texts, extra_words=["transcribe"]) if recipe.startswith("salm")
            else BPETokenizer.build(texts, vocab_size=20))
@@ -52,10 +62,14 @@ def test_forward_flops_match_pytorchs_counter(recipe):
     model = build_model(cfg, tok)
     if recipe.startswith("salm"):
         model.pad_to_multiple_of = 1  # count the real positions only (padding is waste, not model work)
+        if model.ctc_compress:
+            with torch.no_grad():
+                model.ctc_head.weight.zero_()
+                model.ctc_head.bias.copy_(torch.arange(tok.vocab_size) == 3)
     for module in model.modules():  # PyTorch's counter does not see CPU's fused attention kernel
         if hasattr(module, "config") and hasattr(module.config, "_attn_implementation"):
             module.config._attn_implementation = "eager"
-    for frames, tokens in ((173, 5), (301, 7)):
+    for frames, tokens in lengths:
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             model(_batch(recipe, tok, frames, tokens))

@@ -16,6 +16,7 @@ def smollm2(smollm2_gguf, salm_cfg):
 
     cfg = salm_cfg.model.copy()
     cfg.pretrained_llm, cfg.prompt_format, cfg.ctc_aux_weight = str(smollm2_gguf), "chat", 0.0
+    cfg.projector.ctc_compress = False  # no CTC head over a 49k vocabulary (ctc_aux_weight 0)
     tok = HFTokenizer.from_pretrained(cfg.pretrained_llm)
     model = SALM(cfg, tok)
     assert model.llm.training  # it trains (from_pretrained hands back eval mode)
@@ -79,6 +80,7 @@ def test_planner_reads_the_architecture_from_the_gguf_file(smollm2_gguf, smollm2
 
     model, _, _ = smollm2
     result = plan("salm_tp_fsdp2", gpus_per_node=3, nodes=1,
-                  overrides=[f"model.pretrained_llm={smollm2_gguf}", "model.prompt_format=chat", "model.ctc_aux_weight=0"])
+                  overrides=[f"model.pretrained_llm={smollm2_gguf}", "model.prompt_format=chat", "model.ctc_aux_weight=0",
+                            "model.projector.ctc_compress=false"])
     assert result["parameters"] == parameter_counts(model)[0]  # the meta model is the real one, shape for shape
     assert {(lay["dp"], lay["tp"]) for lay in result["layouts"]} == {(3, 1), (1, 3)}  # 3 kv heads: TP 3 offered

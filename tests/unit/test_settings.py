@@ -37,6 +37,16 @@ def test_bad_settings_are_named(override, message):
     assert message in str(e.value)
 
 
+def test_ctc_compression_without_a_ctc_head_is_refused_with_the_fix():
+    from common.settings import check_settings
+
+    cfg = recipe_config("salm_fsdp2", ["run.name=ok", "model.ctc_aux_weight=0"])
+    with pytest.raises(ConfigError, match=r"ctc_compress=true needs a CTC head, but model.ctc_aux_weight is 0"):
+        check_settings(cfg)
+    check_settings(recipe_config("salm_fsdp2", ["run.name=ok", "model.ctc_aux_weight=0",
+                                                "model.projector.ctc_compress=false"]))
+
+
 def test_every_recipe_default_passes_the_checks():
     from common.settings import check_settings
 
