@@ -272,7 +272,8 @@ FASTCONFORMER_108M = ["model.encoder.hidden_size=512", "model.encoder.num_hidden
                       "model.encoder.subsampling_factor=8", "model.encoder.subsampling_conv_channels=256",
                       "data.num_mel_bins=80"]
 QWEN3_1P7B = [f"model.llm.{k}={v}" for k, v in LLM_SIZES["qwen3-1.7b"].items() if k != "tie_word_embeddings"] + [
-    "model.llm.max_position_embeddings=8192", "model.llm.initializer_range=0.02", "model.projector.stack_frames=1"]
+    "model.llm.max_position_embeddings=8192", "model.llm.initializer_range=0.02", "model.projector.stack_frames=1",
+    "model.projector.ctc_compress=false"]  # Canary-Qwen's shape: every 80 ms frame is an LLM position (as measured before)
 RECIPE_CASES = {
     # name: (recipe, overrides, global batch)
     "salm_1.7b_long_eager": ("salm_fsdp2", [*QWEN3_1P7B, *FASTCONFORMER_108M, *LONG_UTTERANCES], "data.max_duration_s=600"),
