@@ -77,10 +77,14 @@ def ctc_compress(frames: torch.Tensor, lens: torch.Tensor, labels: torch.Tensor,
     index = (start.long().cumsum(1) - 1).clamp(min=0)  # its run's index, per row
     counts = start.sum(1)
     width = max(int(counts.max()), 1)
-    weight = keep.to(frames.dtype)
-    sums = frames.new_zeros(b, width, d).scatter_add(1, index[..., None].expand(-1, -1, d), frames * weight[..., None])
-    sizes = frames.new_zeros(b, width).scatter_add(1, index, weight)
-    return sums / sizes.clamp(min=1)[..., None], counts
+    # Sums and counts in fp32: under bf16 autocast the encoder's frames are bf16, which holds whole
+    # numbers exactly only up to 256 (a long run's count and sum would round), and CUDA's scatter_add
+    # rounds each atomic add to the tensor's dtype.
+    weight = keep.float()
+    sums = frames.new_zeros(b, width, d, dtype=torch.float32).scatter_add(
+        1, index[..., None].expand(-1, -1, d), frames.float() * weight[..., None])
+    sizes = weight.new_zeros(b, width).scatter_add(1, index, weight)
+    return (sums / sizes.clamp(min=1)[..., None]).to(frames.dtype), counts
 
 
 # Rows of a pretrained LLM's embedding table after the tokenizer outgrew it (the audio placeholder):

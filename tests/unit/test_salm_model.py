@@ -151,6 +151,17 @@ def test_ctc_compression_averages_each_run_of_a_label_and_drops_blanks():
     assert ctc_compress(frames, torch.tensor([8, 8]), torch.zeros(2, 8, dtype=torch.long), blank)[1].tolist() == [0, 0]
 
 
+def test_ctc_compression_of_bf16_frames_sums_in_fp32():
+    from common.models.salm import ctc_compress
+
+    # One run of 257 frames: 256 x 1.0 and one 3.0. bf16 holds whole numbers exactly only up to 256,
+    # so a bf16 sum (259 -> 260) and count (257 -> 256) would give 1.0156 instead of 1.0078.
+    frames = torch.cat([torch.ones(256), torch.full((1,), 3.0)]).to(torch.bfloat16)[None, :, None]
+    out, counts = ctc_compress(frames, torch.tensor([257]), torch.ones(1, 257, dtype=torch.long), blank=0)
+    assert out.dtype == torch.bfloat16 and counts.tolist() == [1]
+    assert out.float().item() == pytest.approx(259 / 257, abs=2.0**-8)
+
+
 def test_ctc_compressed_salm_trains_and_decodes(tiny_corpus, salm_cfg):
     from omegaconf import OmegaConf
 
