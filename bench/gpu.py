@@ -37,6 +37,11 @@ the generated corpus. A number of global batches is computed first and kept on t
 figures are the model's training-step throughput (forward, backward, gradient clipping, AdamW),
 not the data loader's: utterances/s and audio seconds/s. Precision through Lightning's own plugins:
 by default what ``precision: auto`` gives on a GPU (bf16-true), ``--speech-precision`` for others.
+
+(c) The recipes end to end (``RECIPE_CASES``): one ``common.train`` process each, figures from its
+``summary.json``. (d) Bucket profiles (``PROFILE_CASES``): ``common.profile_batches`` on the GPU, then
+a run with the profile and one with the single-number batch: peak memory against the profile's
+budget, mean batch of each.
 """
 
 from __future__ import annotations
@@ -312,6 +317,8 @@ def measure_recipe(case: str, recipe: str, overrides: list[str], *, steps: int =
         if proc.returncode != 0 or not (run_dir / "summary.json").exists():
             raise RuntimeError(f"{case}: exit {proc.returncode}: {proc.stderr[-1500:]}")
         summary = json.loads((run_dir / "summary.json").read_text())
+        batches = [json.loads(line)["utterances"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                   if '"utterances"' in line]
     t = summary["throughput"]
     peak = max((r["peak_memory_bytes"] for r in summary["memory"]["per_rank"]), default=0)
     step, wait = t.get("step_time_s"), t.get("data_wait_s")
@@ -325,6 +332,8 @@ def measure_recipe(case: str, recipe: str, overrides: list[str], *, steps: int =
         "compiled_graphs": summary.get("compile", {}).get("graphs"),
         "peak_memory_gb": round(peak / 2**30, 2), "wall_s": round(time.perf_counter() - t0, 1),
         "padding_efficiency": summary["data"].get("padding_efficiency"),
+        "mean_batch_utterances": round(sum(batches) / len(batches), 2) if batches else None,
+        "peak_memory_bytes": peak,
     }
 
 
@@ -355,6 +364,57 @@ def recipe_goals(results: list[dict]) -> list[dict]:
     put("asr_109m_speedup", ratio(get("asr_109m", "audio_s_per_s"), ASR_109M_BASELINE_AUDIO_S_PER_S), ">=", 4.0,
         f"audio s/s against {ASR_109M_BASELINE_AUDIO_S_PER_S:g} before")
     return goals
+
+
+# (d) Batch sizes from a bucket profile (issue 16): `make profile-batches` on this GPU, then a run that
+# reads the profile beside one with the single-number batch. The profiled run must stay under the memory
+# fraction the profile was made for (no OOM), and its mean batch shows what the profile buys.
+PROFILE_CASES = {
+    # name: (recipe, overrides, the single-number global batch it is compared with)
+    "asr_109m_long": ("asr_ddp", [*SPEECH_SIZES["asr_ddp", "large"], *LONG_UTTERANCES, "data.num_buckets=8"],
+                      "data.max_duration_s=480"),
+    "salm_1.7b_long": ("salm_fsdp2", [*QWEN3_1P7B, *FASTCONFORMER_108M, *LONG_UTTERANCES, "data.num_buckets=8"],
+                       "data.max_duration_s=600"),
+}
+
+
+def measure_bucket_profile(case: str, recipe: str, overrides: list[str], single_batch: str, *, steps: int = 500,
+                           memory_fraction: float = 0.85, measure: str = "auto", num_workers: int = 4,
+                           out_dir: Path) -> dict:
+    """Profile ``case``'s buckets (``python -m common.profile_batches``), then run ``steps`` steps with the
+    profile and with ``single_batch``. ``peak_over_budget``: the profiled run's peak memory / (memory
+    fraction x device memory), the goal <= 1.0 (<= 0.95 leaves a margin; on a CPU the profile comes from
+    the planner and the peak is the process's RSS, so the ratio is not a GPU figure)."""
+    import subprocess
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    profile_path = out_dir / f"{case}.bucket_profile.json"
+    cmd = [sys.executable, "-m", "common.profile_batches", "--recipe", recipe, "--out", str(profile_path),
+           "--memory-fraction", str(memory_fraction), "--measure", measure, *overrides, single_batch]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{case}: profile-batches exit {proc.returncode}: {proc.stderr[-1500:]}")
+    profile_s = round(time.perf_counter() - t0, 1)
+    prof = json.loads(profile_path.read_text())
+    budget = prof["memory_fraction"] * prof["capacity_bytes"]
+    runs = {}
+    for name, extra in (("profiled", [single_batch, f"data.bucket_profile={profile_path}"]), ("single", [single_batch])):
+        runs[name] = measure_recipe(f"{case}_{name}", recipe, [*overrides, *extra], steps=steps,
+                                    num_workers=num_workers, out_dir=out_dir)
+    profiled, single = runs["profiled"], runs["single"]
+    return {
+        "case": case, "recipe": recipe, "device": profiled["device"], "measured_by": prof["measured_by"],
+        "steps": steps, "buckets": len(prof["buckets"]), "profile_s": profile_s,
+        "memory_fraction": prof["memory_fraction"], "budget_gb": round(budget / 2**30, 2),
+        "peak_gb": profiled["peak_memory_gb"], "peak_over_budget": round(profiled["peak_memory_bytes"] / budget, 4),
+        "mean_batch_profiled": profiled["mean_batch_utterances"], "mean_batch_single": single["mean_batch_utterances"],
+        "mean_batch_ratio": round(profiled["mean_batch_utterances"] / single["mean_batch_utterances"], 3)
+        if profiled["mean_batch_utterances"] and single["mean_batch_utterances"] else None,
+        "step_s_profiled": profiled["step_s"], "step_s_single": single["step_s"],
+        "audio_s_per_s_profiled": profiled["audio_s_per_s"], "audio_s_per_s_single": single["audio_s_per_s"],
+        "peak_gb_single": single["peak_memory_gb"], "profile": str(profile_path),
+    }
 
 
 def to_markdown(report: dict) -> str:
@@ -405,6 +465,19 @@ def to_markdown(report: dict) -> str:
         lines += [f"| {g['goal']} ({g['what']}) | {g['value']} | {g['target']} | {g['met']} |"
                   for g in recipe_goals(report["recipes"])]
         lines.append("")
+    if report.get("profile"):
+        lines += ["## Bucket profile against the single-number batch (make profile-batches, one GPU)", "",
+                  "| case | steps | buckets | budget (GB) | peak (GB) | peak / budget (<= 1) | mean batch: profile "
+                  "| single | ratio | audio s/s: profile | single |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in report["profile"]:
+            if "error" in r:
+                lines.append(f"| {r['case']} | {r['error']} | | | | | | | | | |")
+                continue
+            lines.append(f"| {r['case']} | {r['steps']} | {r['buckets']} | {r['budget_gb']} | {r['peak_gb']} "
+                         f"| {r['peak_over_budget']} | {r['mean_batch_profiled']} | {r['mean_batch_single']} "
+                         f"| {r['mean_batch_ratio']} | {r['audio_s_per_s_profiled']} | {r['audio_s_per_s_single']} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -423,7 +496,11 @@ def _guard(fn, base: dict, **kwargs) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu.json and gpu.md")
-    parser.add_argument("--only", choices=["llm", "speech", "recipes"], action="append", help="run only these parts")
+    parser.add_argument("--only", choices=["llm", "speech", "recipes", "profile"], action="append",
+                        help="run only these parts")
+    parser.add_argument("--profile-cases", nargs="+", default=["asr_109m_long"], choices=list(PROFILE_CASES))
+    parser.add_argument("--profile-steps", type=int, default=500, help="steps of each run of the profile part")
+    parser.add_argument("--memory-fraction", type=float, default=0.85, help="profile part: the fraction to fill")
     parser.add_argument("--recipe-cases", nargs="+", default=list(RECIPE_CASES), choices=list(RECIPE_CASES))
     parser.add_argument("--recipe-steps", type=int, default=40)
     parser.add_argument("--llm-sizes", nargs="+", default=list(LLM_SIZES), choices=list(LLM_SIZES))
@@ -443,14 +520,14 @@ def main(argv=None) -> int:
         print("error: bench.gpu needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured",
               file=sys.stderr)
         return 2
-    parts = args.only or ["llm", "speech", "recipes"]
+    parts = args.only or ["llm", "speech", "recipes", "profile"]
     name = torch.cuda.get_device_name(0)
     import transformers
 
     peak = args.peak_tflops or peak_bf16_tflops(name)
     report = {"env": {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
                       "transformers": transformers.__version__, "peak_bf16_tflops": peak,
-                      "date": time.strftime("%Y-%m-%d")}, "llm": [], "speech": [], "recipes": []}
+                      "date": time.strftime("%Y-%m-%d")}, "llm": [], "speech": [], "recipes": [], "profile": []}
     args.out.mkdir(parents=True, exist_ok=True)
 
     def save(part: str, result: dict) -> None:  # after every case: a run cut short keeps what it measured
@@ -489,6 +566,13 @@ def main(argv=None) -> int:
                                    overrides=[*overrides, batch], steps=args.recipe_steps))
         report["recipe_goals"] = recipe_goals(report["recipes"])
         (args.out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    if "profile" in parts:
+        for case in args.profile_cases:
+            recipe, overrides, batch = PROFILE_CASES[case]
+            print(f"bucket profile {case}", flush=True)
+            save("profile", _guard(measure_bucket_profile, {"case": case, "recipe": recipe}, case=case, recipe=recipe,
+                                   overrides=overrides, single_batch=batch, steps=args.profile_steps,
+                                   memory_fraction=args.memory_fraction, out_dir=args.out / "bucket_profiles"))
     print(to_markdown(report))
     print(f"wrote {args.out / 'gpu.json'} and {args.out / 'gpu.md'}")
     return 0

@@ -58,6 +58,23 @@ def test_measure_recipe_runs_the_real_recipe_on_cpu(tiny_corpus, tmp_path):
     assert r["step_s"] > 0 and 0 <= r["data_wait_share"] < 1 and r["model_tflops_per_s"] > 0
     assert r["mfu"] is None  # no bf16 peak for a CPU
     assert not list(tmp_path.iterdir())  # its run directory is temporary; no checkpoint was written
+    assert r["mean_batch_utterances"] > 0
+
+
+def test_bucket_profile_part_profiles_then_runs_both_batchings_on_cpu(tiny_corpus, tmp_path):
+    """Issue 16's GPU check is one command away: profile-batches (the planner here, the GPU there), then a
+    run that reads the profile beside one with the single-number batch."""
+    data = [f"data.dir={tiny_corpus['dir']}", "data.generated.num_train=120", "data.generated.num_val=16"]
+    r = gpu.measure_bucket_profile("tiny", "asr_ddp", data, "data.max_duration_s=12", steps=4, measure="planner",
+                                   num_workers=1, out_dir=tmp_path)
+    assert r["measured_by"] == "planner" and r["buckets"] >= 1 and r["steps"] == 4
+    assert r["budget_gb"] == pytest.approx(0.85 * 80, abs=0.01)  # the planner's default 80 GiB GPU
+    # An 80 GiB profile holds far more than 12 s of tiny audio per step: the profiled batches are larger.
+    assert r["mean_batch_profiled"] > r["mean_batch_single"] > 0 and r["mean_batch_ratio"] > 1
+    assert 0 < r["peak_over_budget"] < 1
+    md = gpu.to_markdown({"env": {"device": "cpu", "torch": "", "cuda": None, "transformers": "",
+                                  "peak_bf16_tflops": None, "date": ""}, "profile": [r]})
+    assert "| tiny | 4 |" in md
 
 
 def test_recipe_goals_judge_the_runs():
