@@ -7,7 +7,8 @@
 2. activation checkpointing of each block (optional);
 3. ``torch.compile`` of each block (optional);
 4. FSDP2 ``fully_shard`` of each block, of the extra units, then of the root: units holding TP
-   DTensors over the dp mesh, units TP left whole over all dp x tp ranks.
+   DTensors over the dp mesh, units TP left whole over all dp x tp ranks; at dp=1 too, where it
+   shards nothing but gives the bf16-compute policy and checkpoints the strategy can load.
 
 Usage (inside ``LightningModule.configure_model``)::
 
@@ -90,9 +91,11 @@ def parallelize(model: nn.Module, mesh, options: ParallelOptions) -> nn.Module:
         for blocks in spec.block_lists:
             for block in blocks:
                 block.compile(dynamic=True, backend=options.compile_backend)
-    if dp_size > 1 or (options.mixed_precision and mesh is not None):
-        # Also at dp=1 under the bf16-compute policy: FSDP2 keeps the fp32 weights and casts each unit
-        # to bf16 for its forward and backward (nothing is sharded over one rank).
+    if mesh is not None:
+        # Also at dp=1 (nothing is sharded over one rank): under the bf16-compute policy FSDP2 keeps
+        # the fp32 weights and casts each unit to bf16 for its forward and backward; and the strategy's
+        # distributed checkpoints load only into DTensor parameters (a 1 x 1 run could save but never
+        # resume).
         _apply_fsdp(model, spec, mesh, options)
     log.info("parallelized %s: tp=%d (sp=%s) dp=%d (FSDP2)", type(model).__name__, tp_size,
              options.sequence_parallel and tp_size > 1, dp_size)

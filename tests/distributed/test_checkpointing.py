@@ -113,3 +113,22 @@ def test_fsdp2_checkpoint_resumes_resharded_under_tp_x_fsdp2(tiny_corpus, tmp_pa
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"].endswith("step000003.ckpt") and summary["tensor_parallel_size"] == 2
     _assert_same_losses(_metrics(fsdp_dir)[3:], _metrics(run_dir), rel=1e-4)
+
+
+def test_one_process_model_parallel_run_resumes_exactly(tiny_corpus, tmp_path):
+    """salm_fsdp2 on one process (dp=1, as on one GPU or a laptop): its DCP checkpoint resumes, steps
+    4..6 equal the uninterrupted run's. The strategy loads DCP checkpoints only into DTensor
+    parameters, so FSDP2 is applied over the one rank too; before that such a run saved but could
+    never resume ("Could not find a distributed model")."""
+    one = (*SALM, "trainer.strategy.data_parallel_size=1")
+    full_dir = tmp_path / "full"
+    full = run_recipe("salm_fsdp2", 1, tiny_overrides(tiny_corpus, 1, *one), full_dir)
+    assert full.returncode == 0, full.stderr[-4000:]
+    step3 = full_dir / "checkpoints" / "step000003.ckpt"
+    run_dir = tmp_path / "attempt"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step3, run_dir / "checkpoints" / step3.name)
+    again = run_recipe("salm_fsdp2", 1, tiny_overrides(tiny_corpus, 1, *one), run_dir)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"].endswith("step000003.ckpt")
+    _assert_same_losses(_metrics(full_dir)[3:], _metrics(run_dir), rel=1e-6)
