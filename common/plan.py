@@ -210,7 +210,7 @@ def state_bytes(model, strategy: str, dp: int, tp: int, param_bytes: int, sequen
 
     sharded = strategy == "model_parallel"
     dims, touched = tp_split_dims(model, sequence_parallel) if sharded and tp > 1 else ({}, set())
-    fsdp = sharded and dp > 1  # common.parallel applies FSDP2 only with more than one dp group
+    fsdp = sharded  # common.parallel applies FSDP2 to every model-parallel layout, dp=1 included
     units = fsdp_units(model, model.parallel_spec()) if fsdp else [(model, list(model.parameters()))]
     ranks = []
     for rank in range(dp * tp):
@@ -229,11 +229,10 @@ def state_bytes(model, strategy: str, dp: int, tp: int, param_bytes: int, sequen
     return ranks
 
 
-def fsdp_buffer_bytes(model, dp: int, tp: int, param_bytes: int, policy: bool = False) -> int:
+def fsdp_buffer_bytes(model, dp: int, tp: int, param_bytes: int) -> int:
     """Two gathered copies of the largest FSDP2 unit (params + grads of the TP-local tensors), in the
-    compute dtype. Under the bf16-compute policy FSDP2 gathers even at dp=1 (a bf16 copy of the unit)."""
-    if dp == 1 and not policy:
-        return 0
+    compute dtype. FSDP2 wraps every model-parallel layout, dp=1 included (there it gathers a copy:
+    an upper bound for one rank without the bf16 policy)."""
     from common.parallel import fsdp_units
 
     spec = model.parallel_spec()
@@ -374,7 +373,7 @@ def layout_bytes(cfg, model, strategy: str, dp: int, tp: int, widths: tuple[int,
            "dp": dp, "tp": tp, "per_rank": ranks,
            **{k: max(r[k] for r in ranks) for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes")},
            "activation_bytes": activation_bytes(cfg, model, dp, tp, act_b),
-           "buffer_bytes": (fsdp_buffer_bytes(model, dp, tp, gather_b, policy=gather_b != param_b)
+           "buffer_bytes": (fsdp_buffer_bytes(model, dp, tp, gather_b)
                             if strategy == "model_parallel" else 0)}
     row["total_bytes"] = max(r["param_bytes"] + r["grad_bytes"] + r["optimizer_state_bytes"] for r in ranks) \
         + row["activation_bytes"] + row["buffer_bytes"]
