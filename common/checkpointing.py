@@ -126,6 +126,36 @@ def checkpoint_run_config(path: Path) -> dict | None:
     return ckpt.get("run_config") if isinstance(ckpt, dict) else None
 
 
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def model_settings_changed(path: Path, cfg) -> list[str]:
+    """``model.<key>=<the checkpoint's value>`` for every model setting of this run that differs from
+    the one ``path`` was written with (``model.about``, documentation only, left out): the overrides
+    that give the checkpoint's model back, e.g. after a default changed."""
+    from omegaconf import OmegaConf
+
+    run_config = checkpoint_run_config(path)
+    if not run_config or not isinstance(run_config.get("model"), dict):
+        return []
+    theirs = _flat(run_config["model"])
+    ours = _flat(OmegaConf.to_container(cfg.model, resolve=True))
+    unset = object()
+    changed = []
+    for key in sorted(set(theirs) | set(ours)):
+        if key.split(".")[0] != "about" and theirs.get(key, unset) != ours.get(key, unset):
+            value = theirs.get(key, unset)
+            changed.append(f"model.{key}={'null' if value is None else value}" if value is not unset
+                           else f"~model.{key}")
+    return changed
+
+
 def resolve_resume(cfg, run_dir: Path, rank: int = 0) -> tuple[str | None, int]:
     """The checkpoint this run continues from (``None``: from scratch) and its step.
 
@@ -174,6 +204,11 @@ def resolve_resume(cfg, run_dir: Path, rank: int = 0) -> tuple[str | None, int]:
             problem = checkpoint_problem(path)
             if problem is None:
                 log.info("resuming %s from its latest complete checkpoint %s (step %d)", cfg.run.name, path, step)
+                changed = model_settings_changed(path, cfg)
+                if changed:  # e.g. a default changed since the run began: name what to pass if loading fails
+                    log.warning("the model settings of this run differ from those %s was written with; if it "
+                                "does not load, resume with the checkpoint's: %s (or start a new run: another "
+                                "run.name)", path.name, " ".join(changed))
                 if rank == 0 and path != found[-1][1]:
                     _link(path, ckpt_dir / LAST_LINK)
                 return str(path), step
