@@ -27,8 +27,9 @@ Usage::
 from __future__ import annotations
 
 import bisect
-import json
 import math
+import numbers
+import os
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -245,9 +246,10 @@ class CarryOverBucketSampler:
         return self.grid.index(cut.duration, self.target_length(cut))
 
     def state_dict(self) -> dict:
-        # Through JSON, as lhotse writes manifests: ``to_dict`` keeps objects such as word
-        # alignments' AlignmentItem tuples, which a weights_only checkpoint load refuses.
-        return {"epoch": self.epoch, "carried": [json.loads(json.dumps(c.to_dict())) for c in self.carried],
+        # Plain types only (see _plain): ``to_dict`` keeps objects such as word alignments'
+        # AlignmentItem tuples, which a weights_only checkpoint load refuses, and Shar cuts hold
+        # their audio in memory (bytes), which JSON cannot carry.
+        return {"epoch": self.epoch, "carried": [_plain(c.to_dict()) for c in self.carried],
                 "first_pass": {c.id: self.first_pass[c.id] for c in self.carried}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -257,6 +259,27 @@ class CarryOverBucketSampler:
         self.carried = [deserialize_item(d) for d in state.get("carried", [])]
         self.first_pass = dict(state.get("first_pass", {}))
         self._carried_next = None
+
+
+def _plain(value):
+    """A cut's ``to_dict()`` as the types a ``weights_only`` checkpoint load accepts: dicts, lists,
+    strings, numbers, None and bytes. A Shar cut's audio is in memory (``AudioSource`` type
+    ``memory``): its bytes stay, so a carried Shar cut resumes without its shard; named tuples
+    (lhotse ``AlignmentItem``) become lists and paths strings, as in a JSON manifest."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, bytes, bool, int, float)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"a carried cut holds a {type(value).__name__} ({value!r:.80}), which a checkpoint cannot "
+                    "store as plain data")
 
 
 def load_bucket_profile(path, recipe: str | None = None) -> tuple[BucketGrid, dict]:
