@@ -82,24 +82,62 @@ def test_error_mode_stops_and_names_the_file(user_data, tiny_corpus, tmp_path):
     assert user_data["paths"]["unreadable_audio"] in errors[0] and "unreadable or corrupt audio" in errors[0]
 
 
-def test_resumed_run_continues_the_same_data_order(tiny_corpus, tmp_path):
-    common = ("trainer.max_steps=6", "trainer.limit_val_batches=0", "checkpoint.every_n_steps=3",
-              "data.max_duration_s=8")
+@pytest.fixture(scope="module")
+def small_sources(tiny_corpus, tmp_path_factory) -> dict:
+    """32 training items in each format users bring: a pass is a handful of steps, so a run crosses it."""
+    from lhotse import CutSet
+
+    root = tmp_path_factory.mktemp("small_sources")
+    cuts = root / "cuts.jsonl.gz"
+    CutSet.from_file(tiny_corpus["train"]).subset(first=32).to_file(cuts)
+    assert data_cli(["to-shar", str(cuts), str(root / "shar"), "--shard-size", "12"]) == 0
+    nemo, _ = write_nemo_corpus(root, tone_cuts(cuts, 32))
+    return {"val": f"[{tiny_corpus['val']}]", "cuts": f"[{cuts}]", "shar": f"[{root / 'shar'}]", "nemo": f"[{nemo}]",
+            # Endless by design (each source repeats): its pass boundary is a source's repeat, and
+            # the 24-item NeMo share repeats within the first steps.
+            "mix": f"[{{path:{root / 'shar'},weight:2}},{{path:{nemo},weight:1}}]"}
+
+
+def _train_sampler(ckpt) -> dict:
+    import torch
+
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["SpeechDataModule"]["train_sampler"]
+
+
+@pytest.mark.parametrize("source", ["cuts", "shar", "nemo", "mix"])
+def test_resume_after_a_pass_boundary_repeats_the_losses(source, small_sources, tiny_corpus, tmp_path):
+    """A checkpoint taken after the first pass ended (tails carried into the second pass; for the
+    endless mix, after a source repeated) resumes in another run directory with the same global
+    batches and the uninterrupted run's losses to 1e-6: model, optimizer, data position, carried
+    cuts (Shar's with their in-memory audio) and every rank's RNG states."""
+    common = ("trainer.max_steps=14", "trainer.limit_val_batches=0", "checkpoint.every_n_steps=1",
+              "checkpoint.keep_last=20", "data.max_duration_s=8", f"data.train={small_sources[source]}",
+              f"data.val={small_sources['val']}")
     full = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *common), tmp_path / "full")
     assert full.returncode == 0, full.stderr[-4000:]
-    ckpt = tmp_path / "full" / "checkpoints" / "step000003.ckpt"
-    resumed = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *common, f"run.resume_from={ckpt}"),
+    ckpts = sorted((tmp_path / "full" / "checkpoints").glob("step*.ckpt"))
+    states = {int(c.name[4:10]): _train_sampler(c) for c in ckpts}
+    if source == "mix":
+        step = 8
+        assert all(s["epoch"] == 0 for s in states.values())  # one endless pass
+    else:
+        after = [k for k, s in sorted(states.items()) if s["epoch"] >= 1 and s["sampler"]["carried"] and 0 < s["consumed"]]
+        assert after and after[0] <= 10, {k: (s["epoch"], s["consumed"]) for k, s in states.items()}
+        step = after[0]
+        carried = states[step]["sampler"]["carried"]
+        if source == "shar":  # the tails' audio travels in the checkpoint
+            assert all(isinstance(c["recording"]["sources"][0]["source"], bytes) for c in carried)
+    resumed = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *common,
+                                                      f"run.resume_from={tmp_path / 'full' / 'checkpoints' / f'step{step:06d}.ckpt'}"),
                          tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     a = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in b] == [4, 5, 6]
-    assert [m["batch"] for m in b] == [m["batch"] for m in a[3:]]  # the same global batches, in order
-    assert len({m["batch"] for m in a}) == 6
-    for x, y in zip(a[3:], b):
-        # Exact: weights, optimizer, data position and every rank's RNG states continue from step 3
-        # (a checkpoint given by run.resume_from to another run directory).
-        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-6)
+    assert [m["step"] for m in b] == list(range(step + 1, 15))
+    assert [m["batch"] for m in b] == [m["batch"] for m in a[step:]]  # the same global batches, in order
+    for x, y in zip(a[step:], b):
+        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-6), x["step"]
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-6), x["step"]
 
 
 def _unreadable_manifest(root, cuts, name: str):
