@@ -83,19 +83,27 @@ SALM = ("trainer.max_steps=6", "trainer.limit_val_batches=0", "checkpoint.every_
 def test_tp_fsdp2_resume_from_a_sharded_checkpoint_is_exact(tiny_corpus, tmp_path):
     """salm_tp_fsdp2 (TP=2 x FSDP2 dp=2, 4 processes): DCP checkpoint directories, resumed
     under the same run name, steps 4..6 equal the uninterrupted run's to 1e-6."""
-    full_dir = tmp_path / "full"
-    full = run_recipe("salm_tp_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM), full_dir)
-    assert full.returncode == 0, full.stderr[-4000:]
+    full_dir, run_dir = _run_then_resume_from_step3("salm_tp_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM),
+                                                    tmp_path)
     step3 = full_dir / "checkpoints" / "step000003.ckpt"
     assert step3.is_dir() and (step3 / "meta.pt").exists() and _ckpts(full_dir) == ["step000003.ckpt",
                                                                                      "step000006.ckpt"]
+    _assert_same_losses(_metrics(full_dir)[3:], _metrics(run_dir), rel=1e-6)
+
+
+def _run_then_resume_from_step3(recipe: str, nproc: int, overrides: list[str], tmp_path):
+    """A full 6-step run, then a new attempt that holds only its step-3 checkpoint and resumes it."""
+    full_dir = tmp_path / "full"
+    full = run_recipe(recipe, nproc, overrides, full_dir)
+    assert full.returncode == 0, full.stderr[-4000:]
+    step3 = full_dir / "checkpoints" / "step000003.ckpt"
     run_dir = tmp_path / "attempt"
     (run_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(step3, run_dir / "checkpoints" / step3.name)
-    again = run_recipe("salm_tp_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM), run_dir)
+    again = run_recipe(recipe, nproc, overrides, run_dir)
     assert again.returncode == 0, again.stderr[-4000:]
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from"].endswith("step000003.ckpt")
-    _assert_same_losses(_metrics(full_dir)[3:], _metrics(run_dir), rel=1e-6)
+    return full_dir, run_dir
 
 
 def test_fsdp2_checkpoint_resumes_resharded_under_tp_x_fsdp2(tiny_corpus, tmp_path):
@@ -120,15 +128,6 @@ def test_one_process_model_parallel_run_resumes_exactly(tiny_corpus, tmp_path):
     4..6 equal the uninterrupted run's. The strategy loads DCP checkpoints only into DTensor
     parameters, so FSDP2 is applied over the one rank too; before that such a run saved but could
     never resume ("Could not find a distributed model")."""
-    one = (*SALM, "trainer.strategy.data_parallel_size=1")
-    full_dir = tmp_path / "full"
-    full = run_recipe("salm_fsdp2", 1, tiny_overrides(tiny_corpus, 1, *one), full_dir)
-    assert full.returncode == 0, full.stderr[-4000:]
-    step3 = full_dir / "checkpoints" / "step000003.ckpt"
-    run_dir = tmp_path / "attempt"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(step3, run_dir / "checkpoints" / step3.name)
-    again = run_recipe("salm_fsdp2", 1, tiny_overrides(tiny_corpus, 1, *one), run_dir)
-    assert again.returncode == 0, again.stderr[-4000:]
-    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"].endswith("step000003.ckpt")
+    one = tiny_overrides(tiny_corpus, 1, *SALM, "trainer.strategy.data_parallel_size=1")
+    full_dir, run_dir = _run_then_resume_from_step3("salm_fsdp2", 1, one, tmp_path)
     _assert_same_losses(_metrics(full_dir)[3:], _metrics(run_dir), rel=1e-6)
