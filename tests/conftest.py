@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.ci_guard import (  # noqa: F401  (hooks: no skips in CI)
+    pytest_runtest_logreport,
+    pytest_sessionfinish,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 

