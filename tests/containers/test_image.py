@@ -15,21 +15,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
 
+from tests.ci_guard import require_tool
 from tests.conftest import ROOT
 
 CPU_BASE_IMAGE = os.environ.get("CPU_BASE_IMAGE", "localhost/speech-recipes-cpu-base:bookworm-py311-torch2.13.0")
 IMAGE = "localhost/speech-recipes:0.1.0-cpu"
 STEPS = 3
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("podman") is None,
-                                 reason="podman is not installed (CI installs it: apt-get install -y podman "
-                                        "mmdebstrap runc uidmap; then make container-test)")]
+pytestmark = pytest.mark.slow
+INSTALL = "CI installs it: apt-get install -y podman mmdebstrap runc uidmap; then make container-test"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _podman() -> str:
+    return require_tool("podman", INSTALL)
 
 
 def make(*args: str, timeout: int) -> subprocess.CompletedProcess:
@@ -56,8 +59,8 @@ def podman(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def image() -> str:
     exists = podman("image", "exists", CPU_BASE_IMAGE).returncode == 0
-    if not exists and shutil.which("mmdebstrap") is None:
-        pytest.skip(f"{CPU_BASE_IMAGE} is absent and mmdebstrap (to bootstrap it) is not installed")
+    if not exists:
+        require_tool("mmdebstrap", f"{CPU_BASE_IMAGE} is absent and mmdebstrap bootstraps it; {INSTALL}")
     proc = make("cpu-base", f"CPU_BASE_IMAGE={CPU_BASE_IMAGE}", timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     proc = make("docker-build", f"IMAGE={IMAGE}", f"BASE_IMAGE={CPU_BASE_IMAGE}", timeout=1200)
@@ -108,8 +111,7 @@ def test_salm_tp_fsdp2_trains_in_the_container(image, tmp_path):
 
 
 def test_cpu_base_script_names_a_bad_wheel(tmp_path):
-    if shutil.which("mmdebstrap") is None:
-        pytest.skip("mmdebstrap is not installed")
+    require_tool("mmdebstrap", INSTALL)
     proc = subprocess.run([str(ROOT / "containers" / "build-cpu-base.sh")], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "FORCE": "1", "TORCH_WHEEL": str(tmp_path / "nope.whl"),
                                "CPU_BASE_IMAGE": "localhost/speech-recipes-cpu-base:never-built"})
