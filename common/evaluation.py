@@ -53,5 +53,5 @@ def intelligibility(model, cfg, texts: list[str], asr_checkpoint: str | Path) ->
     cer = char_error_rate(hyps, refs)
     for ref, hyp in list(zip(refs, hyps))[:3]:
         log.info("intelligibility: %r -> %r", ref, hyp)
-    return {"asr_cer": float(cer), "asr_num_sentences": len(texts),
+    return {"asr_cer": float(cer), "asr_num_sentences": len(hyps),  # sentences the recognizer scored
             "synthesis_hit_frame_limit": int(ended.get("hit_frame_limit", 0)), "synthesis_too_short": int(ended.get("too_short", 0))}

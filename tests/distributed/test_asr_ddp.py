@@ -38,7 +38,9 @@ def test_run_contract_with_ddp_strategy(trained):
     s = json.loads((trained / "summary.json").read_text())
     assert (s["recipe"], s["status"], s["steps"], s["strategy"]) == ("asr_ddp", "completed", 4, "DDPStrategy")
     assert (s["world_size"], s["data_parallel_size"], s["tensor_parallel_size"]) == (2, 2, 1)
-    assert 0 <= s["val"]["wer"] and s["val"]["loss"] > 0 and s["val_first"]["wer"] > 0
+    # The untrained model inserts words (WER above 1); after 4 steps it emits no more words than the
+    # references hold: a real WER, bounded by 1, from a model that learned something.
+    assert s["val"]["wer"] <= 1.0 < s["val_first"]["wer"] and s["val"]["loss"] < s["val_first"]["loss"]
     config = (trained / "config.yaml").read_text()
     assert "DDPStrategy" in config and "gradient_as_bucket_view: true" in config
     assert "ModelParallelStrategy" not in config

@@ -56,7 +56,8 @@ def test_gradient_norms_match_across_layouts(losses):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_memory_plan_matches_measured_bytes(losses, layout):
-    """`make plan`'s parameter, gradient and optimizer-state bytes are what each rank really held (within 10%)."""
+    """`make plan`'s parameter, gradient and optimizer-state bytes are what each rank really held (within 1%:
+    exact quantities; only padding of uneven shards may differ)."""
     from common.plan import plan
 
     nproc, dp, tp, extra = LAYOUTS[layout]
@@ -68,7 +69,7 @@ def test_memory_plan_matches_measured_bytes(losses, layout):
     assert [r["rank"] for r in measured] == [r["rank"] for r in predicted] == list(range(nproc))
     for m, p in zip(measured, predicted):
         for key in ("param_bytes", "grad_bytes", "optimizer_state_bytes"):
-            assert abs(p[key] - m[key]) / m[key] <= 0.10, (layout, m["rank"], key, p[key], m[key])
+            assert abs(p[key] - m[key]) / m[key] <= 0.01, (layout, m["rank"], key, p[key], m[key])
 
 
 def test_every_rank_holds_about_a_world_share_of_the_training_state(losses):

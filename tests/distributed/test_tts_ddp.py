@@ -1,5 +1,6 @@
 """tts_ddp: DDP loss parity with one process (both models), the run contract, synthesis, and the intelligibility check."""
 
+import ast
 import json
 import subprocess
 import sys
@@ -41,6 +42,7 @@ def trained(tiny_corpus, asr_checkpoint, tmp_path_factory):
                                                f"eval.asr_checkpoint={asr_checkpoint}", "eval.num_sentences=3",
                                                "model.max_frames_per_token=3"), run_dir)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (run_dir.parent / "launch.log").write_text(proc.stdout + proc.stderr)
     return run_dir
 
 
@@ -48,7 +50,17 @@ def test_run_contract_mel_loss_and_intelligibility(trained):
     s = json.loads((trained / "summary.json").read_text())
     assert (s["recipe"], s["status"], s["steps"], s["strategy"]) == ("tts_ddp", "completed", 4, "DDPStrategy")
     assert s["val"]["mel_loss"] > 0 and s["val_first"]["mel_loss"] > s["val"]["mel_loss"]
-    assert 0 <= s["val"]["asr_cer"] and s["val"]["asr_num_sentences"] == 3
+    # The recognizer scored every sentence: each one's (reference, hypothesis) is logged, and the
+    # reported CER is the CER of exactly those pairs.
+    from torchmetrics.functional.text import char_error_rate
+
+    lines = [line.split("intelligibility: ", 1)[1] for line in (trained.parent / "launch.log").read_text().splitlines()
+             if "intelligibility: " in line]
+    last = max(i for i, line in enumerate(lines) if line.startswith("synthesizing "))  # the final validation
+    pairs = [line.split(" -> ") for line in lines[last + 1 : last + 1 + s["val"]["asr_num_sentences"]]]
+    refs, hyps = zip(*[(ast.literal_eval(r), ast.literal_eval(h)) for r, h in pairs])
+    assert len(refs) == s["val"]["asr_num_sentences"] == 3 and all(refs)
+    assert s["val"]["asr_cer"] == pytest.approx(float(char_error_rate(list(hyps), list(refs))), abs=1e-6)
     # Whether each synthesized sentence ended on its own is counted (check_run fails on either).
     assert s["val"]["synthesis_hit_frame_limit"] in range(4) and s["val"]["synthesis_too_short"] == 0
     validations = [json.loads(x) for x in (trained / "validation.jsonl").read_text().splitlines()]
