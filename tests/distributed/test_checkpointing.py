@@ -16,7 +16,7 @@ def _metrics(run_dir) -> list[dict]:
 
 
 def _ckpts(run_dir) -> list[str]:
-    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name != "last.ckpt")
+    names = sorted(p.name for p in (run_dir / "checkpoints").glob("step*.ckpt"))  # not last.ckpt, unreadable/
     assert (run_dir / "checkpoints" / "last.ckpt").resolve().name == names[-1]  # links the newest
     return names
 
@@ -80,19 +80,25 @@ def test_ddp_auto_resume_is_exact_and_ignores_an_incomplete_checkpoint(tiny_corp
 SALM = ("trainer.max_steps=6", "trainer.limit_val_batches=0", "checkpoint.every_n_steps=3", "data.max_tokens=216")
 
 
-def test_tp_fsdp2_resume_from_a_sharded_checkpoint_is_exact(tiny_corpus, tmp_path):
-    """salm_tp_fsdp2 (TP=2 x FSDP2 dp=2, 4 processes): DCP checkpoint directories, resumed
-    under the same run name, steps 4..6 equal the uninterrupted run's to 1e-6."""
+def test_tp_fsdp2_resume_from_a_sharded_checkpoint_is_exact_and_passes_a_damaged_one(tiny_corpus, tmp_path):
+    """salm_tp_fsdp2 (TP=2 x FSDP2 dp=2, 4 processes): DCP checkpoint directories, resumed under the
+    same run name, steps 4..6 equal the uninterrupted run's to 1e-6. The attempt's newer step-6
+    checkpoint has a shard cut short (a full disk): it is set aside into checkpoints/unreadable/,
+    and the run resumes from step 3 instead of failing on it."""
     full_dir, run_dir = _run_then_resume_from_step3("salm_tp_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM),
-                                                    tmp_path)
+                                                    tmp_path, damaged_step6=True)
     step3 = full_dir / "checkpoints" / "step000003.ckpt"
     assert step3.is_dir() and (step3 / "meta.pt").exists() and _ckpts(full_dir) == ["step000003.ckpt",
                                                                                      "step000006.ckpt"]
     _assert_same_losses(_metrics(full_dir)[3:], _metrics(run_dir), rel=1e-6)
+    (aside,) = (run_dir / "checkpoints" / "unreadable").iterdir()
+    assert aside.name.startswith("step000006.ckpt.") and aside.is_dir()
+    assert _ckpts(run_dir) == ["step000003.ckpt", "step000006.ckpt"]  # step 6 written again, complete
 
 
-def _run_then_resume_from_step3(recipe: str, nproc: int, overrides: list[str], tmp_path):
-    """A full 6-step run, then a new attempt that holds only its step-3 checkpoint and resumes it."""
+def _run_then_resume_from_step3(recipe: str, nproc: int, overrides: list[str], tmp_path, damaged_step6: bool = False):
+    """A full 6-step run, then a new attempt that holds its step-3 checkpoint (``damaged_step6``: and
+    its step-6 one with a shard cut to half) and resumes from step 3."""
     full_dir = tmp_path / "full"
     full = run_recipe(recipe, nproc, overrides, full_dir)
     assert full.returncode == 0, full.stderr[-4000:]
@@ -100,7 +106,13 @@ def _run_then_resume_from_step3(recipe: str, nproc: int, overrides: list[str], t
     run_dir = tmp_path / "attempt"
     (run_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(step3, run_dir / "checkpoints" / step3.name)
+    if damaged_step6:
+        step6 = shutil.copytree(full_dir / "checkpoints" / "step000006.ckpt", run_dir / "checkpoints" / "step000006.ckpt")
+        shard = max(step6.glob("*.distcp"), key=lambda p: p.stat().st_size)
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     again = run_recipe(recipe, nproc, overrides, run_dir)
+    if damaged_step6:
+        assert "step000006.ckpt cannot be read (shard" in again.stdout + again.stderr, again.stderr[-4000:]
     assert again.returncode == 0, again.stderr[-4000:]
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from"].endswith("step000003.ckpt")
     return full_dir, run_dir
