@@ -104,22 +104,62 @@ def test_transcribe_reports_each_bad_file_and_goes_on(trained, tiny_corpus, tmp_
     assert no_ckpt.returncode == 2 and "none.ckpt: no such file or directory" in no_ckpt.stderr
 
 
+def test_a_chunked_transcript_is_the_one_piece_transcripts_of_its_pieces(trained, tiny_corpus, tmp_path):
+    """Two utterances with 0.5 s of silence between them, in one short file: in one piece, the CLI
+    prints the model's transcript of the whole file; cut into chunks (--chunk-s below the file's
+    length), it cuts inside the silence and prints the one-piece transcripts of the two sides,
+    each written as its own file, joined by a space. The step-2 checkpoint still emits words for
+    any sound, so neither side is empty."""
+    from common.inference import load_model
+    from common.transcribe import audio_chunks, read_features
+
+    model, tok, cfg = load_model(trained / "checkpoints" / "step000002.ckpt")
+
+    def one_piece(path):
+        feats = read_features(path, 16000, cfg.data.num_mel_bins)[None]
+        return tok.decode(model.generate(feats, torch.ones(feats.shape[:2], dtype=torch.bool))[0]).strip()
+
+    cuts = list(CutSet.from_file(tiny_corpus["val"]))
+    first, second = cuts[2].load_audio()[0], cuts[6].load_audio()[0]
+    audio = np.concatenate([first, np.zeros(8000, dtype=first.dtype), second])
+    short = tmp_path / "two_utterances.wav"
+    sf.write(short, audio, 16000, subtype="FLOAT")
+    whole = _transcribe(trained / "checkpoints" / "step000002.ckpt", short)
+    assert whole.returncode == 0 and whole.stdout.split("\t")[1].strip() == one_piece(short), whole.stderr[-3000:]
+
+    chunk_s = (len(first) + 8000) / 16000  # the first chunk's search window [chunk_s - 1, chunk_s) holds the silence
+    (a, b) = audio_chunks(short, 16000, chunk_s=chunk_s, search_s=1.0)
+    assert len(first) <= len(a) <= len(first) + 8000  # the cut is in the silence
+    sides = [tmp_path / "a.wav", tmp_path / "b.wav"]
+    for path, piece in zip(sides, (a, b)):
+        sf.write(path, piece, 16000, subtype="FLOAT")
+    expected = [one_piece(p) for p in sides]
+    assert all(expected), expected
+    chunked = _transcribe(trained / "checkpoints" / "step000002.ckpt", "--chunk-s", chunk_s, "--search-s", 1.0, short)
+    assert chunked.returncode == 0, chunked.stderr[-3000:]
+    assert chunked.stdout.split("\t")[1].strip() == " ".join(expected)
+
+
 def test_transcribe_long_audio_in_bounded_memory(trained, tiny_corpus, tmp_path):
     """Ten minutes of speech-like audio: transcribed in 30 s chunks, peak memory of the process
     under 2 GB (whole-file attention over 15k positions needed several times that)."""
     from common.transcribe import audio_chunks
 
-    pieces, total = [], 0
+    pieces, silences, total = [], [], 0  # silences: [start, end) sample spans
     cuts = list(CutSet.from_file(tiny_corpus["val"]))
     while total < 600 * 16000:
         audio = cuts[len(pieces) % len(cuts)].load_audio()[0]
         pieces += [audio, np.zeros(4800, dtype=audio.dtype)]
+        silences.append((total + len(audio), total + len(audio) + 4800))
         total += len(audio) + 4800
     long_wav = tmp_path / "ten_minutes.wav"
     sf.write(long_wav, np.concatenate(pieces), 16000)
     chunks = list(audio_chunks(long_wav, 16000))
     assert sum(len(c) for c in chunks) == total and max(len(c) for c in chunks) <= 30 * 16000
-    assert 20 <= len(chunks) <= 23  # each ends at a quiet frame in its last 3 s
+    # Every chunk ends inside one of the 0.3 s silences between utterances (its quietest frames),
+    # never in the noisy speech a plain 30 s cut would split.
+    ends = np.cumsum([len(c) for c in chunks])[:-1]
+    assert len(ends) >= 20 and all(any(a <= e <= b for a, b in silences) for e in ends), ends
 
     code = ("import resource, sys; from common.transcribe import main; rc = main(sys.argv[1:]); "
             "print('MAXRSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")

@@ -184,9 +184,11 @@ def test_a_run_that_cannot_read_its_data_fails_instead_of_completing(tiny_corpus
     assert "the validation set has no readable item: 8 of 8 skipped" in summary["error"]
 
 
-def test_each_pass_trains_on_every_item_that_passed_the_checks(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("sampler", ["buckets_2d", "lhotse_1d"])
+def test_each_pass_trains_on_every_item_that_passed_the_checks(sampler, tiny_corpus, tmp_path):
     """100 utterances (one used to be 32 per step, the same ones: drop_last kept one bucket):
-    a 2-process run covers all of them in each pass, and summary.json says so."""
+    a 2-process run covers all of them in each pass, and summary.json says so; with either
+    training sampler (lhotse_1d: lhotse's duration buckets, which carry no tails)."""
     from lhotse import CutSet
 
     hundred = tmp_path / "hundred.jsonl.gz"
@@ -194,8 +196,12 @@ def test_each_pass_trains_on_every_item_that_passed_the_checks(tiny_corpus, tmp_
     run_dir = tmp_path / "hundred"
     proc = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, "trainer.max_steps=30", "trainer.limit_val_batches=0",
                                                    "data.max_duration_s=30", f"data.train=[{hundred}]",
-                                                   f"data.val=[{tiny_corpus['val']}]"), run_dir)
+                                                   f"data.val=[{tiny_corpus['val']}]", f"data.sampler={sampler}",
+                                                   # lhotse's 1-D buckets: ~4 items each of 24, one per batch
+                                                   *(["data.num_buckets=4"] if sampler == "lhotse_1d" else [])),
+                     run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"sampler: {sampler}" in (run_dir / "config.yaml").read_text()
     coverage = json.loads((run_dir / "summary.json").read_text())["data"]["coverage"]
     # every item of a pass is in its batches or carried to the start of the next one: none dropped
     assert len(coverage) >= 2 and all(c["used"] == c["passed_checks"] == 100 for c in coverage), coverage
@@ -204,3 +210,5 @@ def test_each_pass_trains_on_every_item_that_passed_the_checks(tiny_corpus, tmp_
     assert "data pass 0: 100 of the 100 items that passed the checks" in proc.stdout + proc.stderr
     batches = [json.loads(x)["batch"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(set(batches)) > 5  # not the same batch again and again
+    if sampler == "lhotse_1d":
+        assert all(c["carried_out"] == c["carried_in"] == 0 for c in coverage), coverage

@@ -107,6 +107,18 @@ def test_export_merges_lora_into_the_weights(lora_runs, tmp_path):
     assert config["model"]["lora"] is None and config["model"]["pretrained_llm"] is None
     with safe_open(out / WEIGHTS_FILE, "pt") as f:
         assert not [k for k in f.keys() if "lora_" in k]
+        merged = {k.removeprefix("llm."): f.get_tensor(k) for k in f.keys() if k.startswith("llm.")}
+    # The merged delta (B @ A, scaled) is in the exported weights: the adapted projections moved
+    # away from the pretrained ones, and the frozen rest of the backbone did not.
+    with safe_open(lora_runs["tp2_x_fsdp2_dp2"][0].parent / "qwen3" / "model.safetensors", "pt") as f:
+        base = {k: f.get_tensor(k) for k in f.keys()}
+    for layer in range(2):
+        attn = f"model.layers.{layer}.self_attn"
+        for proj in ("q_proj", "v_proj"):
+            delta = (merged[f"{attn}.{proj}.weight"] - base[f"{attn}.{proj}.weight"]).abs().max().item()
+            assert delta > 1e-4, f"{attn}.{proj}: merged LoRA delta {delta}"
+        for frozen in ("k_proj", "o_proj"):
+            assert torch.equal(merged[f"{attn}.{frozen}.weight"], base[f"{attn}.{frozen}.weight"]), f"{attn}.{frozen}"
     trained, tok, _ = load_model(ckpt)
     exported, _, _ = load_model(out)
     assert type(exported.llm).__name__ == "Qwen3ForCausalLM"  # a plain model, adapters merged
