@@ -51,6 +51,11 @@ allow_older_sampler_states()  # checkpoints of earlier versions still resume (an
 CHECKPOINT_NAME = re.compile(r"^step(\d+)\.ckpt$")
 PARTIAL_PREFIX = ".partial-"
 LAST_LINK = "last.ckpt"  # -> the newest complete checkpoint (make transcribe's default); resume reads names
+# Fault injection for tests (never set in a real run): rank 0 writes the checkpoint of this step
+# in full, logs HELD_MESSAGE and waits there, before the rename that makes it complete, so a
+# test kills the job at the one moment an atomic write must survive, without racing the write.
+HOLD_STEP_ENV = "SPEECH_RECIPES_HOLD_CHECKPOINT_AT_STEP"
+HELD_MESSAGE = "held before its rename"
 
 
 class Preempted(Exception):
@@ -242,6 +247,7 @@ class RunCheckpoint(ModelCheckpoint):
         # cover that many steps.
         self.check_stop_every = max(1, int(check_stop_every_n_steps))
         self.at_end = at_end  # False: the end of max_steps saves nothing (benchmarks); a signal still saves
+        self._hold_at_step = int(os.environ.get(HOLD_STEP_ENV) or -1)  # tests only (HOLD_STEP_ENV)
 
     @property
     def latest_path(self) -> str | None:
@@ -304,6 +310,11 @@ class RunCheckpoint(ModelCheckpoint):
             _remove(partial)  # left by a writer that was killed
         trainer.strategy.barrier("checkpoint.clean")
         trainer.save_checkpoint(partial, self.save_weights_only)  # every rank; returns after a barrier
+        if trainer.is_global_zero and trainer.global_step == self._hold_at_step:
+            log.warning("checkpoint %s written, %s (%s=%d): waiting to be killed", partial, HELD_MESSAGE,
+                        HOLD_STEP_ENV, self._hold_at_step)
+            while True:
+                time.sleep(1)
         if trainer.is_global_zero:
             _remove(final)  # the same step saved before (a re-run of a step after a crash)
             os.replace(partial, final)  # the moment the checkpoint becomes visible, complete

@@ -23,13 +23,14 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _launch(run_dir: Path, overrides: list[str], max_restarts: int) -> subprocess.Popen:
+def _launch(run_dir: Path, overrides: list[str], max_restarts: int, extra_env: dict | None = None) -> subprocess.Popen:
     """`make run`'s torchrun command, with an elastic restart budget (what a job would pass)."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     cmd = [TORCHRUN, "--standalone", "--nproc-per-node=2", f"--max-restarts={max_restarts}", "--monitor-interval=1",
            "-m", "common.train", f"--config-path={ROOT / 'recipes' / 'asr_ddp'}", "--config-name=config",
            f"run.output_dir={run_dir}", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN_NAME": "", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN_NAME": "", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+           **(extra_env or {})}
     log = open(run_dir.parent / f"{run_dir.name}.log", "w")  # a file: a full pipe would block the run
     return subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -123,14 +124,13 @@ def test_a_sigkilled_rank_fails_the_job_fast_without_restarts(tiny_corpus, tmp_p
                                            "run.collective_timeout_s=30"), max_restarts=0)
     try:
         _, survivor = _kill_rank_after(proc, run_dir, "step000003.ckpt", rank=1, deadline_s=300)
-        t0 = time.monotonic()
-        proc.wait(timeout=180)
-        took = time.monotonic() - t0
+        # The event, with a bound no load reaches but a hang would: a survivor left waiting in a
+        # collective would wait torch's default 30 minutes (run.collective_timeout_s here: 30 s).
+        proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
             _kill_tree(proc.pid)
     assert proc.returncode != 0, _output(run_dir)
-    assert took < 120, took
     assert survivor and not _alive(survivor)  # no rank left behind
 
 
@@ -175,52 +175,42 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-def _kill_while_writing(run_dir: Path, overrides: list[str]) -> Path | None:
-    """Start the job; SIGKILL every process of it while a checkpoint is being written (after a complete
-    one exists). The incomplete checkpoint left behind, or None if the kill landed just after a rename."""
-    proc = _launch(run_dir, overrides, max_restarts=0)
-    ckpt_dir, partial = run_dir / "checkpoints", None
+def test_a_job_killed_before_a_written_checkpoint_is_renamed_resumes_from_the_last_complete_one(tiny_corpus, tmp_path):
+    """SIGKILL to every process at the one moment atomicity is for: the step-4 checkpoint is fully
+    written but not yet renamed (rank 0 holds there, common.checkpointing.HOLD_STEP_ENV). The
+    previous complete checkpoint is intact, and the restarted run takes it, not the un-renamed
+    one, which it replaces, and records every step once."""
+    import torch
+
+    from common.checkpointing import HELD_MESSAGE, HOLD_STEP_ENV
+
+    overrides = tiny_overrides(tiny_corpus, 2, "trainer.max_steps=8", "trainer.limit_val_batches=0",
+                               "checkpoint.every_n_steps=2", "checkpoint.keep_last=3", "data.max_duration_s=4")
+    run_dir = tmp_path / "run"
+    proc = _launch(run_dir, overrides, max_restarts=0, extra_env={HOLD_STEP_ENV: "4"})
     try:
-        t0 = time.monotonic()
-        while partial is None and time.monotonic() - t0 < 300 and proc.poll() is None:
-            found = list(ckpt_dir.glob(".partial-step*.ckpt")) if ckpt_dir.exists() else []
-            if found and any(ckpt_dir.glob("step*.ckpt")):
-                _kill_tree(proc.pid)  # torchrun starts each rank in its own session: not one killpg
-                partial = found[0]
-            time.sleep(0.002)
+        deadline = time.monotonic() + 600  # a generous bound on the event, not a timing check
+        while HELD_MESSAGE not in (run_dir.parent / "run.log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, _output(run_dir)
+            time.sleep(0.05)
+        _kill_tree(proc.pid)  # torchrun starts each rank in its own session: not one killpg
     finally:
         if proc.poll() is None:
             _kill_tree(proc.pid)
         proc.wait()
-    time.sleep(1)
-    assert not [p for p in Path("/proc").glob("[0-9]*") if str(run_dir) in _cmdline(p)], "a process survived"
-    assert partial is not None, "never saw a checkpoint being written:\n" + _output(run_dir)
-    return partial if partial.exists() else None
-
-
-def test_a_job_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tiny_corpus, tmp_path):
-    """SIGKILL to every process while a checkpoint is being written: the previous complete checkpoint
-    is intact and loads, the restarted run ignores the incomplete one and records every step once."""
-    import torch
-
-    # A wider encoder (~13M parameters, ~150 MB with AdamW state per checkpoint) so that a write lasts
-    # long enough for the kill to land inside it.
-    overrides = tiny_overrides(tiny_corpus, 2, "trainer.max_steps=16", "trainer.limit_val_batches=0",
-                               "checkpoint.every_n_steps=2", "checkpoint.keep_last=3", "data.max_duration_s=4",
-                               "model.encoder.hidden_size=384", "model.encoder.num_hidden_layers=6",
-                               "model.encoder.num_attention_heads=6", "model.encoder.intermediate_size=1536")
-    for attempt in range(3):  # a kill may land just after a rename; then try again
-        run_dir = tmp_path / f"run{attempt}"
-        partial = _kill_while_writing(run_dir, overrides)
-        if partial is not None:
-            break
-    assert partial is not None, "three kills all landed outside a checkpoint write"
-    last_complete = sorted((run_dir / "checkpoints").glob("step*.ckpt"))[-1]
-    assert torch.load(last_complete, weights_only=True)["global_step"] < int(partial.name[len(".partial-step"):-5])
+    gone = time.monotonic() + 60
+    while [p for p in Path("/proc").glob("[0-9]*") if str(run_dir) in _cmdline(p)]:
+        assert time.monotonic() < gone, "a process survived SIGKILL"
+        time.sleep(0.1)
+    partial = run_dir / "checkpoints" / ".partial-step000004.ckpt"
+    assert partial.exists() and torch.load(partial, weights_only=True)["global_step"] == 4  # whole, but not named
+    (last_complete,) = sorted((run_dir / "checkpoints").glob("step*.ckpt"))
+    assert last_complete.name == "step000002.ckpt" and torch.load(last_complete, weights_only=True)["global_step"] == 2
 
     resumed = run_recipe("asr_ddp", 2, overrides, run_dir)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["steps"] == 16
+    assert summary["status"] == "completed" and summary["steps"] == 8
     assert Path(summary["resumed_from"]).name == last_complete.name
-    assert [m["step"] for m in _metrics(run_dir)] == list(range(1, 17))
+    assert [m["step"] for m in _metrics(run_dir)] == list(range(1, 9))
+    assert not partial.exists() and (run_dir / "checkpoints" / "step000004.ckpt").exists()

@@ -34,7 +34,7 @@ def test_signal_saves_at_a_step_boundary_and_the_same_command_resumes(sig, statu
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-4000:]
         time.sleep(0.2)
     proc.send_signal(sig)  # to torchrun, which forwards it to every rank's process group
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=600)  # the event: it stops; a bound only a hang reaches
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == status, err[-4000:]
     stopped_at = summary["steps"]

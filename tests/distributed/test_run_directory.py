@@ -100,8 +100,8 @@ def test_one_writer_per_run_directory_and_a_killed_holder_frees_it(tiny_corpus, 
     run_dir = tmp_path / "outputs" / "asr_ddp" / "busy"
     run_dir.parent.mkdir(parents=True)
     overrides = tiny_overrides(tiny_corpus, 2, "trainer.limit_val_batches=0", "checkpoint.every_n_steps=100000",
-                               "data.max_duration_s=8", "trainer.max_steps=2000")
-    first = _launch(run_dir, overrides)
+                               "data.max_duration_s=8", "trainer.max_steps=1000000")
+    first = _launch(run_dir, overrides)  # trains until it is killed below
     try:
         metrics = run_dir / "metrics.jsonl"
         deadline = time.monotonic() + 240
@@ -109,9 +109,9 @@ def test_one_writer_per_run_directory_and_a_killed_holder_frees_it(tiny_corpus, 
             assert first.poll() is None and time.monotonic() < deadline, (run_dir.parent / "first.log").read_text()[-3000:]
             time.sleep(0.2)
         holder = json.loads((run_dir / "run.lock").read_text())
-        start = time.monotonic()
-        second = run_recipe("asr_ddp", 2, overrides, run_dir, timeout=120)
-        assert second.returncode != 0 and time.monotonic() - start < 90
+        # The event, not its time: the refusal is asserted whatever the machine's load makes it take.
+        second = run_recipe("asr_ddp", 2, overrides, run_dir, timeout=600)
+        assert second.returncode != 0
         assert (f"error: run directory {run_dir} is in use by another launch (pid {holder['pid']} on "
                 f"{holder['host']}") in second.stderr, second.stderr[-3000:]
         assert first.poll() is None  # the first run goes on, alone
