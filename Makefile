@@ -114,18 +114,18 @@ run: setup
 CKPT ?= outputs/$(RECIPE)/latest/checkpoints/last.ckpt
 transcribe: setup
 	@test -n "$(AUDIO)" || { echo "error: AUDIO is not set (make transcribe RECIPE=$(RECIPE) AUDIO=<file>)" >&2; exit 2; }
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m common.transcribe $(CKPT) $(AUDIO)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m common.tools.transcribe $(CKPT) $(AUDIO)
 
 # OUT given by the user, else the run's export/ (OUT's own default below is synthesize's WAV).
 EXPORT_OUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),outputs/$(RECIPE)/latest/export)
 export: setup
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m common.export $(CKPT) $(EXPORT_OUT)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m common.tools.export $(CKPT) $(EXPORT_OUT)
 
 TEXT ?=
 OUT ?= outputs/$(RECIPE)/latest/synthesized.wav
 synthesize: setup
 	@test -n "$(TEXT)" || { echo "error: TEXT is not set (make synthesize RECIPE=$(RECIPE) TEXT='alpha bravo')" >&2; exit 2; }
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m common.synthesize $(CKPT) "$(TEXT)" --out $(OUT) $(if $(REF),--reference $(REF))
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m common.tools.synthesize $(CKPT) "$(TEXT)" --out $(OUT) $(if $(REF),--reference $(REF))
 
 MANIFEST ?=
 SHAR ?=
@@ -161,13 +161,13 @@ bench: setup
 
 # Memory planner: predicted per-GPU bytes of each (data x tensor parallel) layout before renting GPUs.
 plan: setup
-	@$(PY) -m common.plan --recipe $(RECIPE) --gpus-per-node $(GPUS_PER_NODE) --nodes $(NODES) $(ARGS)
+	@$(PY) -m common.tools.plan --recipe $(RECIPE) --gpus-per-node $(GPUS_PER_NODE) --nodes $(NODES) $(ARGS)
 
-# Per-bucket batch sizes for data.bucket_profile (common/profile_batches.py).
+# Per-bucket batch sizes for data.bucket_profile (common/tools/profile_batches.py).
 PROFILE ?= bucket_profiles/$(RECIPE).json
 FRACTION ?= 0.85
 profile-batches: setup
-	@$(PY) -m common.profile_batches --recipe $(RECIPE) --out $(PROFILE) --memory-fraction $(FRACTION) $(ARGS)
+	@$(PY) -m common.tools.profile_batches --recipe $(RECIPE) --out $(PROFILE) --memory-fraction $(FRACTION) $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

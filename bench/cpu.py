@@ -107,27 +107,20 @@ def run_layout(name: str, runs_dir: Path, steps: int, data_dir: Path) -> dict:
 
 # --- in-process measurements ---------------------------------------------------------------------
 def recipe_config(recipe: str, overrides: list[str]):
-    from bench.gpu import recipe_config as compose
-    from common.train import resolve_hardware
+    """A recipe's config as a run checks and completes it (common.run.check_run)."""
+    from common.run import check_run, compose
 
     cfg = compose(recipe, overrides)
-    resolve_hardware(cfg)
+    check_run(cfg)
     return cfg
 
 
 def _data(cfg):
     """Sources, tokenizer and a 1-rank datamodule of a recipe config (the recipe's own pipeline)."""
-    from types import SimpleNamespace
+    from common.run import build_run
 
-    from common.data.datamodule import SpeechDataModule
-    from common.models import build_tokenizer
-    from common.train import audio_frames_per_token, prepare_data
-
-    sources = prepare_data(cfg)
-    tokenizer = build_tokenizer(cfg, sources)
-    data = SpeechDataModule(cfg.data, tokenizer, sources, seed=cfg.seed, audio_frames_per_token=audio_frames_per_token(cfg))
-    data.trainer = SimpleNamespace(strategy=SimpleNamespace(), global_rank=0, world_size=1)  # one dp rank
-    return sources, tokenizer, data
+    run = build_run(cfg, with_model=False)
+    return run.sources, run.tokenizer, run.datamodule(one_rank=True)
 
 
 def measure_overhead(recipe: str, data_dir: Path, warmup: int, steps: int) -> dict:
@@ -136,7 +129,7 @@ def measure_overhead(recipe: str, data_dir: Path, warmup: int, steps: int) -> di
     import lightning as L
 
     from common.checkpointing import ExactResume
-    from common.models import build_model
+    from common.models import build_model, spec_of
     from common.module import TrainingModule, build_optimizer
     from common.parallel import build_strategy
     from common.parallel.gradients import clip_grad_norm_
@@ -157,7 +150,7 @@ def measure_overhead(recipe: str, data_dir: Path, warmup: int, steps: int) -> di
     bare = build_model(cfg, tokenizer).train()
     params = [p for p in bare.parameters() if p.requires_grad]
     opt, sched = build_optimizer(params, cfg.optim, max_steps=warmup + steps)  # the recipe's AdamW + schedule
-    normalizer = getattr(bare, "loss_normalizer", "global_num_target_tokens")
+    normalizer = spec_of(cfg).loss_normalizer
 
     def bare_step():
         loss_sum, _ = bare(batch)
@@ -189,7 +182,7 @@ def measure_overhead(recipe: str, data_dir: Path, warmup: int, steps: int) -> di
 
     torch.manual_seed(cfg.seed)
     parallel = dict(cfg.parallel) if cfg.get("parallel") else None
-    module = TrainingModule(build_model(cfg, tokenizer), tokenizer, optim=cfg.optim, parallel=parallel)
+    module = TrainingModule(build_model(cfg, tokenizer), tokenizer, spec_of(cfg), optim=cfg.optim, parallel=parallel)
     clock = Clock()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(accelerator="cpu", devices=1, precision=cfg.trainer.precision,

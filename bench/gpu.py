@@ -39,7 +39,7 @@ not the data loader's: utterances/s and audio seconds/s. Precision through Light
 by default what ``precision: auto`` gives on a GPU (bf16-true), ``--speech-precision`` for others.
 
 (c) The recipes end to end (``RECIPE_CASES``): one ``common.train`` process each, figures from its
-``summary.json``. (d) Bucket profiles (``PROFILE_CASES``): ``common.profile_batches`` on the GPU, then
+``summary.json``. (d) Bucket profiles (``PROFILE_CASES``): ``common.tools.profile_batches`` on the GPU, then
 a run with the profile and one with the single-number batch: peak memory against the profile's
 budget, mean batch of each.
 """
@@ -177,7 +177,7 @@ def measure_llm(size_name: str, size: dict, *, batch: int, seq_len: int, compile
 
 def recipe_config(recipe: str, overrides: list[str]):
     """A recipe's config composed exactly as ``make run`` composes it."""
-    from common.plan import compose
+    from common.run import compose
 
     return compose(recipe, overrides)
 
@@ -194,7 +194,7 @@ def precision_plugin(precision: str, device):
 
 
 def default_gpu_precision() -> str:
-    """What ``trainer.precision: auto`` becomes on a GPU for the DDP recipes (common.train.resolve_hardware)."""
+    """What ``trainer.precision: auto`` becomes on a GPU for the DDP recipes (common.run.resolve_hardware)."""
     from common.parallel.layout import DDP, gpu_precision
 
     return gpu_precision(DDP)  # the speech models here are the DDP recipes
@@ -203,29 +203,20 @@ def default_gpu_precision() -> str:
 def measure_speech(recipe: str, size_name: str, overrides: list[str], *, batch_s: float, warmup: int, steps: int,
                    num_batches: int = 16, num_workers: int = 4, device="cuda", precision: str = "bf16-true") -> dict:
     """Training-step throughput of a recipe model on GPU-resident global batches of its own data pipeline."""
-    from types import SimpleNamespace
-
-    from common.data.datamodule import SpeechDataModule
-    from common.models import build_model, build_tokenizer
     from common.parallel.gradients import clip_grad_norm_
-    from common.train import prepare_data
+    from common.run import build_run
 
     cfg = recipe_config(recipe, [*overrides, f"data.max_duration_s={batch_s}", f"data.num_workers={num_workers}"])
-    torch.manual_seed(cfg.seed)
-    manifests = prepare_data(cfg)
-    tokenizer = build_tokenizer(cfg, manifests)
-    model = build_model(cfg, tokenizer)
+    run = build_run(cfg)  # seeded: the same weights as a run of this config
     prec = precision_plugin(precision, device)
-    model = prec.convert_module(model.to(device)).train()
-    data = SpeechDataModule(cfg.data, tokenizer, manifests, seed=cfg.seed)
-    # One process, one data-parallel rank: what data_parallel_rank_size() reads from a trainer.
-    data.trainer = SimpleNamespace(strategy=SimpleNamespace(), global_rank=0, world_size=1)
+    model = prec.convert_module(run.model.to(device)).train()
+    data = run.datamodule(one_rank=True)
     batches = []
     for batch in data.train_dataloader():
         batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
         if len(batches) == num_batches:
             break
-    normalizer = getattr(model, "loss_normalizer", "global_num_target_tokens")
+    normalizer = run.spec.loss_normalizer
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             weight_decay=cfg.optim.weight_decay, foreach=True)
@@ -381,7 +372,7 @@ PROFILE_CASES = {
 def measure_bucket_profile(case: str, recipe: str, overrides: list[str], single_batch: str, *, steps: int = 500,
                            memory_fraction: float = 0.85, measure: str = "auto", num_workers: int = 4,
                            out_dir: Path) -> dict:
-    """Profile ``case``'s buckets (``python -m common.profile_batches``), then run ``steps`` steps with the
+    """Profile ``case``'s buckets (``python -m common.tools.profile_batches``), then run ``steps`` steps with the
     profile and with ``single_batch``. ``peak_over_budget``: the profiled run's peak memory / (memory
     fraction x device memory), the goal <= 1.0 (<= 0.95 leaves a margin; on a CPU the profile comes from
     the planner and the peak is the process's RSS, so the ratio is not a GPU figure)."""
@@ -389,7 +380,7 @@ def measure_bucket_profile(case: str, recipe: str, overrides: list[str], single_
 
     out_dir.mkdir(parents=True, exist_ok=True)
     profile_path = out_dir / f"{case}.bucket_profile.json"
-    cmd = [sys.executable, "-m", "common.profile_batches", "--recipe", recipe, "--out", str(profile_path),
+    cmd = [sys.executable, "-m", "common.tools.profile_batches", "--recipe", recipe, "--out", str(profile_path),
            "--memory-fraction", str(memory_fraction), "--measure", measure, *overrides, single_batch]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)

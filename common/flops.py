@@ -15,7 +15,7 @@ MFU = model FLOPs per second / (world size x the device's dense bf16 peak, :data
 
 Usage::
 
-    flops = ModelFlops.of(model)                          # SALM, CTCASR, FastSpeechTTS or SpeechT5TTS
+    flops = model_spec(cfg.model.name).flops(model)       # each model file has its formula (common.models.spec)
     step_flops = flops.training(batch["global_lengths"])  # [(feature frames, target tokens), ...]
     mfu = step_flops / step_s / (world_size * peak_flops(device))
 """
@@ -117,7 +117,7 @@ def training_flops(parts: list[tuple[Part, float]]) -> float:
     return total
 
 
-def _trainable_share(modules) -> float:
+def trainable_share(modules) -> float:
     """Share of the weight-matrix parameters (2-D and up) of ``modules`` that train."""
     total = trains = 0
     for module in modules:
@@ -153,99 +153,3 @@ class ModelFlops:
             for total, part in zip(totals, parts):
                 total += part
         return totals or []
-
-    @classmethod
-    def of(cls, model) -> ModelFlops:
-        # By class name along the MRO: FSDP2 swaps a sharded model's class for a subclass (FSDPSALM).
-        names = [c.__name__ for c in type(model).__mro__]
-        for name, build in (("SALM", cls._salm), ("CTCASR", cls._ctc), ("FastSpeechTTS", cls._fastspeech),
-                            ("SpeechT5TTS", cls._speecht5)):
-            if name in names:
-                return build(model)
-        raise ValueError(f"no FLOPs formula for {type(model).__name__}")
-
-    @classmethod
-    def _salm(cls, model) -> ModelFlops:
-        enc, llm_cfg = model.encoder.config, model.llm.config
-        stack = model.projector.stack_frames
-        llm_dim, vocab = llm_cfg.hidden_size, model.llm.get_input_embeddings().num_embeddings
-        prompt = len(model.head_ids) + len(model.prompt_ids)
-        ctc = model.ctc_head is not None
-
-        def parts_of(frames: int, tokens: int) -> list[Part]:
-            encoder, t = fastconformer_forward(enc, frames)
-            if ctc:
-                encoder.weights += 2 * t * enc.hidden_size * vocab
-            # CTC compression: about one position per spoken unit (the transcript's tokens) instead of t / stack
-            audio = tokens if model.ctc_compress else math.ceil(t / stack)
-            projector = Part(weights=2 * audio * (enc.hidden_size * stack * llm_dim + llm_dim * llm_dim))
-            positions = audio + prompt + tokens
-            llm = decoder_lm_forward(llm_cfg, positions, with_head=False)
-            llm.weights += 2 * positions * llm_dim * vocab
-            return [encoder, projector, llm]
-
-        trainable = [_trainable_share([model.encoder, model.ctc_head]), _trainable_share([model.projector]),
-                     _trainable_share([model.llm])]
-        return cls(parts_of, trainable)
-
-    @classmethod
-    def _ctc(cls, model) -> ModelFlops:
-        enc, vocab = model.ctc.encoder.config, model.ctc.config.vocab_size
-
-        def parts_of(frames: int, tokens: int) -> list[Part]:
-            encoder, t = fastconformer_forward(enc, frames)
-            encoder.weights += 2 * t * enc.hidden_size * vocab  # the CTC head
-            return [encoder]
-
-        return cls(parts_of, [_trainable_share([model.ctc])])
-
-    @classmethod
-    def _fastspeech(cls, model) -> ModelFlops:
-        c = model.config
-        d, mel, k = c.hidden_size, c.num_mel_bins, c.positionwise_conv_kernel_size
-
-        def conformer(positions: int, layers: int, units: int, conv_kernel: int) -> Part:
-            # q k v o, relative-position keys (2T-1), two k-wide feed-forward convolutions, the
-            # convolution module (pointwise d -> 2d, depthwise, pointwise d -> d)
-            per_position = 4 * d * d + 2 * k * d * units + 3 * d * d + d * conv_kernel
-            return Part(weights=layers * 2 * (positions * per_position + (2 * positions - 1) * d * d),
-                        attention=layers * (2 * 2 * positions * positions * d + 2 * positions * (2 * positions - 1) * d))
-
-        def parts_of(frames: int, tokens: int) -> list[Part]:
-            encoder = conformer(tokens, c.encoder_layers, c.encoder_linear_units, c.encoder_kernel_size)
-            encoder.weights += 2 * tokens * d * mel  # the prior (mu); alignment search is not a matmul
-            p_chans, p_k = c.duration_predictor_channels, c.duration_predictor_kernel_size
-            encoder.weights += 2 * tokens * p_k * (d * p_chans + p_chans * p_chans * (c.duration_predictor_layers - 1))
-            encoder.weights += 2 * tokens * frames * mel  # the likelihood of every frame under every token
-            decoder = conformer(frames, c.decoder_layers, c.decoder_linear_units, c.decoder_kernel_size)
-            units, post_k, post_layers = c.speech_decoder_postnet_units, c.speech_decoder_postnet_kernel, \
-                c.speech_decoder_postnet_layers
-            convs = mel * units + units * units * max(post_layers - 2, 0) + units * mel
-            decoder.weights += 2 * frames * d * mel + 2 * frames * post_k * convs
-            return [encoder, decoder]
-
-        return cls(parts_of, [_trainable_share([model.encoder, model.to_prior, model.duration_predictor]),
-                              _trainable_share([model.progress, model.decoder, model.postnet])])
-
-    @classmethod
-    def _speecht5(cls, model) -> ModelFlops:
-        c = model.config
-        d, r, mel = c.hidden_size, c.reduction_factor, c.num_mel_bins
-        units, k = c.speech_decoder_postnet_units, c.speech_decoder_postnet_kernel
-        prenet_units = c.speech_decoder_prenet_units
-
-        def parts_of(frames: int, tokens: int) -> list[Part]:
-            steps = math.ceil(frames / r)
-            encoder = Part(weights=2 * tokens * c.encoder_layers * (4 * d * d + 2 * d * c.encoder_ffn_dim),
-                           attention=c.encoder_layers * 2 * 2 * tokens * tokens * d)
-            prenet = 2 * steps * (mel * prenet_units + prenet_units * prenet_units * (c.speech_decoder_prenet_layers - 1)
-                                  + prenet_units * d + (d + c.speaker_embedding_dim) * d)
-            per_step = 4 * d * d + 2 * d * d + 2 * d * c.decoder_ffn_dim  # self q k v o, cross q o, FF
-            decoder = Part(weights=prenet + 2 * c.decoder_layers * (steps * per_step + tokens * 2 * d * d),  # cross k v
-                           attention=c.decoder_layers * 2 * 2 * (steps * steps + steps * tokens) * d)
-            post_layers = c.speech_decoder_postnet_layers
-            convs = mel * units + units * units * max(post_layers - 2, 0) + units * mel
-            decoder.weights += 2 * steps * (d * mel * r + d * r) + 2 * steps * r * k * convs
-            return [encoder, decoder]
-
-        return cls(parts_of, [_trainable_share([model.tts.speecht5.encoder]), _trainable_share([model.tts])])

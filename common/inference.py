@@ -1,7 +1,7 @@
 """Loading trained models for inference: one place for checkpoints and exports.
 
-Every tool that runs a trained model (``common.transcribe``, ``common.synthesize``,
-``common.export``) and the TTS intelligibility check (``common.evaluation``) load it here, so a
+Every tool that runs a trained model (``common.tools.transcribe``, ``common.tools.synthesize``,
+``common.tools.export``) and the TTS intelligibility check (``common.evaluation``) load it here, so a
 checkpoint of any layout and an exported directory give the same ``(model, tokenizer, config)``.
 
 Usage::
@@ -54,7 +54,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict | None]:
 
 def load_model(checkpoint: str | Path):
     """(model in eval mode, tokenizer, resolved run config) rebuilt from a checkpoint, or from an
-    exported model directory (``common.export``)."""
+    exported model directory (``common.tools.export``)."""
     from omegaconf import OmegaConf
 
     from common.data.tokenizer import load_tokenizer, tokenizer_from_json

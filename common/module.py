@@ -11,7 +11,7 @@ average, leaving d(sum over the global batch)/d(theta) / global tokens.
 
 Usage::
 
-    module = TrainingModule(SALM(cfg.model, tok), tok, optim=cfg.optim, parallel=cfg.parallel)
+    module = TrainingModule(SALM(cfg.model, tok), tok, spec_of(cfg), optim=cfg.optim, parallel=cfg.parallel)
     trainer.fit(module, datamodule)
 """
 
@@ -29,19 +29,20 @@ from common.parallel.gradients import clip_grad_norm_, grad_norm, is_dtensor, to
 
 
 class TrainingModule(L.LightningModule):
-    def __init__(self, model, tokenizer, optim, parallel=None, run_config: dict | None = None):
+    def __init__(self, model, tokenizer, spec, optim, parallel=None, run_config: dict | None = None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        self.spec = spec  # common.models.spec.ModelSpec: what this model reports and can do
         self.run_config = run_config
         self.optim_cfg = optim
         self.parallel_options = ParallelOptions(**(parallel or {}))
         self.val_loss = MeanMetric()
-        # Recognizers (models with generate()) are scored by WER; other models may report extra
-        # per-value means (e.g. TTS "mel_loss") through `validation_metrics` + `last_sums`.
-        self.val_wer = WordErrorRate() if hasattr(model, "generate") else None
-        self.val_extra = torch.nn.ModuleDict({name: MeanMetric() for name in getattr(model, "validation_metrics", ())})
-        self.loss_normalizer = getattr(model, "loss_normalizer", "global_num_target_tokens")
+        # Recognizers are scored by WER; other models may report extra per-value means (e.g. TTS
+        # "mel_loss") named by their spec's `validation_metrics`, through the model's `last_sums`.
+        self.val_wer = WordErrorRate() if spec.transcribes else None
+        self.val_extra = torch.nn.ModuleDict({name: MeanMetric() for name in spec.validation_metrics})
+        self.loss_normalizer = spec.loss_normalizer
         self.last_grad_norm = torch.tensor(float("nan"))
         self.step_shares: dict[str, torch.Tensor] = {}  # this step's loss shares (summed over ranks by the recorder)
         self.last_lr = float("nan")
@@ -105,7 +106,7 @@ class TrainingModule(L.LightningModule):
 
     # --- checkpoints ------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # A checkpoint explains itself: `python -m common.transcribe` rebuilds the model and
+        # A checkpoint explains itself: `python -m common.tools.transcribe` rebuilds the model and
         # tokenizer from it alone (plain strings and dicts, so it loads with weights_only=True).
         if self.run_config is not None:
             checkpoint["run_config"] = self.run_config

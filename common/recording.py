@@ -106,14 +106,11 @@ class RunRecorder(L.Callback):
                 f.write("".join(json.dumps(record) + "\n" for record in records))
 
     def on_train_start(self, trainer, pl_module):
-        from common.flops import ModelFlops, peak_flops
+        from common.flops import peak_flops
 
         self.t_start = time.perf_counter()
         self.device_info = device_info(pl_module.device)
-        try:
-            self.model_flops = ModelFlops.of(pl_module.model)
-        except ValueError:
-            self.model_flops = None
+        self.model_flops = pl_module.spec.flops(pl_module.model)  # the model file's formula
         peak = peak_flops(pl_module.device)
         self.peak_flops = peak * trainer.world_size if peak else None
         self.device_info["peak_bf16_tflops"] = round(peak / 1e12, 1) if peak else None

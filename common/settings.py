@@ -70,9 +70,9 @@ def check_run_name(name) -> None:
 def check_settings(cfg) -> None:
     """Types and ranges of the settings every recipe reads (raises :class:`ConfigError`)."""
     check_run_name(_get(cfg, "run.name"))
-    from common.models import check_model_family, check_model_name
+    from common.models import check_model_family, spec_of
 
-    check_model_name(cfg)
+    spec = spec_of(cfg)  # an unknown model.name is an error naming the known ones
     check_model_family(cfg)
     _int(cfg, "seed", 0)
     if not isinstance(_get(cfg, "run.resume"), bool):
@@ -140,11 +140,8 @@ def check_settings(cfg) -> None:
         raise ConfigError(f"data.generated.min_words ({words[0]!r}) and max_words ({words[1]!r}) must be whole "
                           "numbers with 1 <= min_words <= max_words")
 
-    if _get(cfg, "model.name") == "salm" and _get(cfg, "model.projector.ctc_compress") \
-            and not _get(cfg, "model.ctc_aux_weight"):
-        raise ConfigError(f"model.projector.ctc_compress=true needs a CTC head, but model.ctc_aux_weight is "
-                          f"{_get(cfg, 'model.ctc_aux_weight')!r}: set model.ctc_aux_weight > 0, or "
-                          "model.projector.ctc_compress=false (then stack frames, e.g. model.projector.stack_frames=2)")
+    if spec.check is not None:  # the model family's own settings
+        spec.check(cfg)
 
     _num(cfg, "optim.lr", 0, lo_open=True)
     betas = _get(cfg, "optim.betas")

@@ -24,40 +24,12 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.models import build_model, build_tokenizer
-from common.parallel import ConfigError, build_strategy, check_launch, check_tensor_parallel, resolve_layout
+from common.parallel import ConfigError, build_strategy
+from common.run import build_run, check_run
 
 log = logging.getLogger("common.train")
 RANK = int(os.environ.get("RANK", 0))
 NONZERO_RANK_ERROR_DELAY_S = 5.0
-
-
-def resolve_run_name() -> str:
-    """``RUN_NAME`` (``make run`` sets ``<timestamp>-<random>`` once for all ranks). Without it: one
-    name for all ranks of a torchrun launch from its run id, else a timestamp with a random
-    suffix, so that two launches in the same second never share a run directory. Generated once
-    per process: ``run.name`` is resolved lazily, and every access must give the same name."""
-    global _generated_run_name
-    if os.environ.get("RUN_NAME"):
-        return os.environ["RUN_NAME"]
-    if _generated_run_name is None:
-        _generated_run_name = new_run_name()
-    return _generated_run_name
-
-
-_generated_run_name: str | None = None
-
-
-def new_run_name() -> str:
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and run_id and run_id != "none":
-        return "torchrun-" + "".join(c for c in run_id if c.isalnum() or c in "-_")[:24]
-    import secrets
-
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-
-
-OmegaConf.register_new_resolver("run_name", resolve_run_name, replace=True)
 
 
 def setup_logging() -> None:
@@ -75,45 +47,6 @@ def setup_logging() -> None:
     common.propagate = False
     for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.distributed"):
         logging.getLogger(noisy).setLevel(logging.INFO if RANK == 0 else logging.WARNING)
-
-
-def resolve_hardware(cfg: DictConfig) -> None:
-    """``auto`` accelerator/precision: on GPUs NCCL, fp32 master weights and bf16 compute
-    (:func:`common.parallel.layout.gpu_precision`); on CPUs gloo and fp32."""
-    from common.parallel.layout import gpu_precision
-
-    gpu = torch.cuda.is_available()
-    if cfg.trainer.accelerator == "auto":
-        cfg.trainer.accelerator = "gpu" if gpu else "cpu"
-    on_gpu = cfg.trainer.accelerator == "gpu"
-    if cfg.trainer.precision == "auto":
-        cfg.trainer.precision = gpu_precision(cfg.trainer.strategy.get("_target_")) if on_gpu else "32-true"
-    if cfg.get("parallel") and cfg.parallel.get("mixed_precision") == "auto":
-        # FSDP2's bf16-compute policy where Lightning keeps fp32 weights (with bf16-true it has nothing to do).
-        cfg.parallel.mixed_precision = on_gpu and str(cfg.trainer.precision) in ("32-true", "32")
-    if cfg.trainer.accelerator == "cpu":
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
-
-
-def prepare_data(cfg: DictConfig) -> dict:
-    """``{"train": [SourceSpec, ...], "val": [...]}`` from ``data.train`` / ``data.val``
-    (lhotse cuts, recordings + supervisions, Shar, NeMo); both empty = the generated tone corpus."""
-    from common.data.sources import SourceError, parse_sources
-
-    try:
-        sources = {split: parse_sources(cfg.data.get(split), setting=f"data.{split}") for split in ("train", "val")}
-    except SourceError as exc:
-        raise ConfigError(str(exc)) from exc
-    if sources["train"] and sources["val"]:
-        return sources
-    if sources["train"] or sources["val"]:
-        missing = "val" if sources["train"] else "train"
-        raise ConfigError(f"data.{missing} is empty: set both data.train and data.val (or neither, for the "
-                          "generated tone corpus)")
-    from common.data.corpus import ensure_tone_corpus
-
-    generated = ensure_tone_corpus(cfg.data.dir, **cfg.data.generated)
-    return {split: parse_sources([str(generated[split])], setting=f"data.{split}") for split in ("train", "val")}
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, recorder, resuming: bool, callbacks: list = ()):
@@ -234,18 +167,8 @@ def train(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run.output_dir).resolve()
 
     # 1. Validate settings and layout before anything expensive (every rank raises the same error; no hang).
-    from common.settings import check_settings, resolve_batch_size
-
-    check_settings(cfg)
-    layout = resolve_layout(cfg.trainer)
-    check_launch(layout)
+    layout = check_run(cfg)
     warn_if_restarts_reuse_the_store()
-    if layout.strategy == "model_parallel":
-        # "auto" means world // tp (as resolve_layout computes it); Lightning's own "auto" would be
-        # num_nodes, so hand it the number. Kubernetes manifests rely on this for any node count.
-        cfg.trainer.strategy.data_parallel_size = layout.data_parallel_size
-    resolve_hardware(cfg)
-    resolve_batch_size(cfg.data, layout.world_size)
 
     # 2. One writer per run directory: a second launch on it stops here, naming the holder.
     from common.rundir import RunDirectory
@@ -283,7 +206,7 @@ def train(cfg: DictConfig) -> None:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         data_report = gather_data_report(datamodule)
-        extra_val = evaluate_intelligibility(cfg, model, sources) if RANK == 0 else {}
+        extra_val = evaluate_intelligibility(cfg, model, module.spec, sources) if RANK == 0 else {}
         status = "completed"
     except Preempted as exc:  # SIGTERM/SIGINT: every rank saved at the same step; a relaunch resumes
         status, error = exc.status, str(exc)
@@ -310,54 +233,23 @@ def train(cfg: DictConfig) -> None:
             print(f"\nrun {status}: results in {run_dir}\n  summary.json, metrics.jsonl, validation.jsonl, "
                   f"config.yaml, attempts.jsonl, history/, checkpoints/ -- val {summary['val']}", flush=True)
             if summary["checkpoint"]:
-                print(f"  transcribe: python -m common.transcribe {summary['checkpoint']} <audio file>", flush=True)
+                print(f"  transcribe: python -m common.tools.transcribe {summary['checkpoint']} <audio file>", flush=True)
 
 
 def prepare_run(cfg: DictConfig, layout, run_dir: Path) -> tuple:
     """Data sources, tokenizer, model, training module, data module and the checkpoint to resume,
     every check included; nothing in the run directory changes but moving unusable checkpoints aside."""
-    import lightning as L
-
-    # Same seed on every rank, so every rank starts from identical weights.
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    sources = prepare_data(cfg)
-    tokenizer = build_tokenizer(cfg, sources)
-    model = build_model(cfg, tokenizer)
-    if hasattr(model, "llm"):
-        check_tensor_parallel(layout.tensor_parallel_size, model.llm.config, model.llm.get_input_embeddings().num_embeddings,
-                              lora=bool(cfg.model.get("lora")))
-
     from common.checkpointing import resolve_resume
-    from common.data.datamodule import SpeechDataModule
     from common.module import TrainingModule
 
+    run = build_run(cfg, layout)
     parallel = OmegaConf.to_container(cfg.parallel) if cfg.get("parallel") else None  # ModelParallelStrategy only
-    module = TrainingModule(model, tokenizer, optim=cfg.optim, parallel=parallel,
+    module = TrainingModule(run.model, run.tokenizer, run.spec, optim=cfg.optim, parallel=parallel,
                             run_config=OmegaConf.to_container(cfg, resolve=True))
-    check_data_options(cfg)
-    datamodule = SpeechDataModule(cfg.data, tokenizer, sources, seed=cfg.seed,
-                                  audio_frames_per_token=audio_frames_per_token(cfg),
-                                  pad_to_bucket_edges=bool(cfg.get("parallel", {}).get("compile", False)))
+    datamodule = run.datamodule()
     # The same run.name again continues from its newest readable checkpoint (common.checkpointing).
     ckpt_path, resume_step = resolve_resume(cfg, run_dir, rank=RANK)
-    return module, datamodule, tokenizer, model, sources, ckpt_path, resume_step
-
-
-def check_data_options(cfg: DictConfig) -> None:
-    from common.data.checks import ON_BAD_ITEM
-
-    if cfg.data.get("on_bad_item", "skip") not in ON_BAD_ITEM:
-        raise ConfigError(f"data.on_bad_item must be one of {', '.join(ON_BAD_ITEM)}, got {cfg.data.on_bad_item!r}")
-    if cfg.data.get("max_tokens") and not audio_frames_per_token(cfg):
-        raise ConfigError("data.max_tokens bounds speech-LLM batches by LLM positions; "
-                          f"model {cfg.model.name!r} has none (use data.max_duration_s)")
-
-
-def audio_frames_per_token(cfg: DictConfig) -> int | None:
-    """Feature frames per LLM position of a speech-LLM (encoder subsampling x projector stacking)."""
-    if cfg.model.name != "salm":
-        return None
-    return int(cfg.model.encoder.subsampling_factor) * int(cfg.model.projector.stack_frames)
+    return module, datamodule, run.tokenizer, run.model, run.sources, ckpt_path, resume_step
 
 
 def gather_data_report(datamodule) -> dict:
@@ -384,10 +276,10 @@ def write_bad_items(run_dir: Path, bad_items: dict) -> None:
             f.writelines(json.dumps(item) + "\n" for item in bad_items.values())
 
 
-def evaluate_intelligibility(cfg: DictConfig, model, sources: dict) -> dict:
+def evaluate_intelligibility(cfg: DictConfig, model, spec, sources: dict) -> dict:
     """TTS only, when ``eval.asr_checkpoint`` is set: CER of that recognizer on synthesized held-out text."""
     asr_checkpoint = cfg.get("eval", {}).get("asr_checkpoint")
-    if not asr_checkpoint or not hasattr(model, "synthesize"):
+    if not asr_checkpoint or not spec.synthesizes:
         return {}
     from itertools import islice
 

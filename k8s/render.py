@@ -60,7 +60,7 @@ def split_image(image: str) -> dict:
 def check_presets(recipe: str, model: str | None, data: str | None) -> None:
     """MODEL must be a preset of the recipe's model family, DATA a data preset (common/conf/)."""
     from common.models import presets_of
-    from common.plan import ROOT, compose
+    from common.run import ROOT, compose
 
     if model is not None:
         fits = presets_of(compose(recipe, []))
@@ -135,7 +135,7 @@ def build_kustomization(recipe: str, nodes: int, gpus_per_node: int, image: str,
 
 def recipe_tensor_parallel_size(recipe: str) -> int:
     """The recipe's trainer.strategy.tensor_parallel_size, composed as a run composes it (1 for DDP)."""
-    from common.plan import compose
+    from common.run import compose
 
     strategy = compose(recipe, []).trainer.strategy
     tp = strategy.get("tensor_parallel_size", 1) if "ModelParallel" in strategy.get("_target_", "") else 1

@@ -29,7 +29,7 @@ def tiny_corpus(tmp_path_factory) -> dict:
 
 def recipe_config(recipe: str, overrides: list[str] = ()):
     """A recipe's config composed exactly as `make run` composes it (base.yaml + family + recipe)."""
-    from common.plan import compose
+    from common.run import compose
 
     return compose(recipe, overrides)
 

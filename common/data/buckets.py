@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 FRAME_S = 0.01
-PROFILE_FORMAT = "speech-recipes-bucket-profile/1"  # what common.profile_batches writes
+PROFILE_FORMAT = "speech-recipes-bucket-profile/1"  # what common.tools.profile_batches writes
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,7 @@ def metadata_problem(cut, tokenizer=None, max_duration_s: float | None = None,
 
 def load_checked(cut, sample_rate: int) -> np.ndarray:
     """Mono audio of ``cut`` at ``sample_rate``, or :class:`BadItem` saying what is wrong with it."""
-    from common.data.loading import load_mono
+    from common.data.audio import load_mono
 
     path = audio_path(cut)
     rec = getattr(cut, "recording", None)

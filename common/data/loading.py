@@ -152,14 +152,6 @@ class TokenBudget:
         return LLMTokenConstraint(max_tokens=max_tokens)
 
 
-def load_mono(cut, sample_rate: int) -> np.ndarray:
-    """Audio of a cut at ``sample_rate`` (resampled if needed), multi-channel downmixed to mono."""
-    if cut.sampling_rate != sample_rate:
-        cut = cut.resample(sample_rate)
-    audio = cut.load_audio()
-    return audio.mean(axis=0) if audio.ndim == 2 else audio
-
-
 class SpeechTextDataset(torch.utils.data.Dataset):
     """Turns a ``GlobalBatch`` into this rank's tensors: padded waveforms + target token ids.
 

@@ -1,4 +1,5 @@
-"""The model registry: ``model.name`` -> how its tokenizer and model are built.
+"""The model registry: ``model.name`` -> its spec (common.models.spec): how its tokenizer and
+model are built, its FLOPs and memory formulas, what it can do.
 
 Training (:mod:`common.train`), inference (:mod:`common.inference`), the planner and the
 benchmarks all build models here, so a recipe's model is the same object everywhere.
@@ -7,52 +8,55 @@ Usage::
 
     tokenizer = build_tokenizer(cfg, sources)    # from the training text, or the pretrained LLM's own
     model = build_model(cfg, tokenizer)           # random init, or pretrained weights per cfg.model
+    spec = spec_of(cfg)                           # everything else known about the model
 """
 
 from __future__ import annotations
 
+from common.models.spec import ModelSpec, registered
 from common.parallel import ConfigError
 
-MODELS = ("salm", "asr_ctc", "tts_fastspeech", "tts_speecht5")
+# model.name -> the model file that registers its spec (common.models.spec). A model file outside
+# this package is named by model.module in the preset and registers itself when imported.
+BUILTIN = {"salm": "common.models.salm", "asr_ctc": "common.models.asr_ctc",
+           "tts_fastspeech": "common.models.tts_fastspeech", "tts_speecht5": "common.models.tts_speecht5"}
+MODELS = tuple(BUILTIN)
 
 
-def check_model_name(cfg) -> None:
-    if cfg.model.name not in MODELS:
-        raise ConfigError(f"model.name {cfg.model.name!r} is not known (known: {', '.join(MODELS)})")
+def model_spec(name: str, module: str | None = None) -> ModelSpec:
+    """The registered spec of ``model.name`` (importing its model file), or a ConfigError naming the known ones."""
+    import importlib
+
+    source = module or BUILTIN.get(name)
+    if source is not None and name not in registered():
+        try:
+            importlib.import_module(source)
+        except ImportError as exc:
+            raise ConfigError(f"model.module {source!r} (model.name {name!r}) cannot be imported: {exc}") from exc
+    spec = registered().get(name)
+    if spec is None:
+        known = [*BUILTIN, *(n for n in registered() if n not in BUILTIN)]
+        where = f" (model.module {module!r} registers no spec of that name)" if module else ""
+        raise ConfigError(f"model.name {name!r} is not known{where} (known: {', '.join(known)})")
+    return spec
+
+
+def spec_of(cfg) -> ModelSpec:
+    """The spec of a run config's model (``model.name``, and ``model.module`` for a model file of its own)."""
+    return model_spec(cfg.model.name, cfg.model.get("module"))
 
 
 def build_tokenizer(cfg, sources: dict):
-    """The run's tokenizer: the pretrained LLM's own (SALM with ``model.pretrained_llm``), a BPE
-    built from the training transcripts (CTC, TTS) or a word vocabulary (tiny SALM)."""
+    """The run's tokenizer, as the model's spec builds it from the training transcripts (metadata
+    only, no audio is read), or the pretrained LLM's own."""
     from common.data.sources import iter_texts
-    from common.data.tokenizer import BPETokenizer, HFTokenizer, WordTokenizer
 
-    check_model_name(cfg)
-    if cfg.model.get("pretrained_llm"):
-        return HFTokenizer.from_pretrained(cfg.model.pretrained_llm)
-    texts = iter_texts(sources["train"])  # transcripts from metadata; no audio is read
-    if cfg.model.name in ("asr_ctc", "tts_fastspeech", "tts_speecht5"):
-        return BPETokenizer.build(texts, vocab_size=cfg.model.tokenizer.vocab_size)
-    return WordTokenizer.build(texts, extra_words=cfg.model.prompt.split(), pad_to_multiple_of=8)
+    return spec_of(cfg).tokenizer(cfg, iter_texts(sources["train"]))
 
 
 def build_model(cfg, tokenizer):
-    check_model_name(cfg)
-    if cfg.model.name == "asr_ctc":
-        from common.models.asr_ctc import CTCASR
-
-        return CTCASR(cfg.model, tokenizer)
-    if cfg.model.name == "tts_fastspeech":
-        from common.models.tts_fastspeech import FastSpeechTTS
-
-        return FastSpeechTTS(cfg.model, tokenizer, num_mel_bins=cfg.data.num_mel_bins)
-    if cfg.model.name == "tts_speecht5":
-        from common.models.tts_speecht5 import SpeechT5TTS
-
-        return SpeechT5TTS(cfg.model, tokenizer, num_mel_bins=cfg.data.num_mel_bins)
-    from common.models.salm import SALM
-
-    return SALM(cfg.model, tokenizer)
+    """The model of ``cfg`` (random init, or pretrained weights per ``cfg.model``)."""
+    return spec_of(cfg).build(cfg, tokenizer)
 
 
 def model_presets() -> dict[str, str]:

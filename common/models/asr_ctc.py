@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.models.encoder import build_encoder
+from common.flops import ModelFlops, fastconformer_forward, trainable_share
+from common.models.encoder import build_encoder, encoder_activation_values
+from common.models.spec import ModelSpec, bpe_tokenizer, register
 from common.parallel.spec import ParallelHooks
 
 
@@ -72,3 +74,25 @@ class CTCASR(nn.Module):
     def generate(self, features: torch.Tensor, feature_mask: torch.Tensor) -> list[list[int]]:
         log_probs, lens = self.encode(features, feature_mask)
         return ctc_greedy_decode(log_probs, lens, self.blank_id)
+
+
+def ctc_flops(model: CTCASR) -> ModelFlops:
+    enc, vocab = model.ctc.encoder.config, model.ctc.config.vocab_size
+
+    def parts_of(frames: int, tokens: int):
+        encoder, t = fastconformer_forward(enc, frames)
+        encoder.weights += 2 * t * enc.hidden_size * vocab  # the CTC head
+        return [encoder]
+
+    return ModelFlops(parts_of, [trainable_share([model.ctc])])
+
+
+def ctc_activation_values(cfg, model: CTCASR, batch) -> float:
+    return encoder_activation_values(model.ctc.encoder.config, batch, head_vocab=model.ctc.config.vocab_size)[0]
+
+
+SPEC = register(ModelSpec(
+    name="asr_ctc", build=lambda cfg, tokenizer: CTCASR(cfg.model, tokenizer), tokenizer=bpe_tokenizer,
+    flops=ctc_flops, activation_values=ctc_activation_values, transcribes=True,
+    speech_encoder=lambda model: model.ctc.encoder,
+))

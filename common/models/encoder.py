@@ -152,3 +152,20 @@ def build_encoder(cfg) -> nn.Module:
         for block in encoder.layers:
             block.conv.norm = ChannelLayerNorm(block.conv.norm.num_features)
     return encoder
+
+
+def encoder_activation_values(enc_config, batch, head_vocab: int | None = None) -> tuple[float, float]:
+    """(values a FastConformer encoder keeps for backward on one rank, its output frames): the conv
+    subsampling, ~19h+4i values per frame and layer with eager attention scores over one
+    utterance, and a head over ``head_vocab`` outputs (logits kept twice in fp32 for the loss).
+    ``batch``: a :class:`common.models.spec.RankBatch`."""
+    from common.models.spec import FRAME_S
+
+    h, i, sub = enc_config.hidden_size, enc_config.intermediate_size, enc_config.subsampling_factor
+    t_enc, t_utt = batch.frames / sub, batch.utterance_s / FRAME_S / sub
+    values = batch.frames * enc_config.num_mel_bins * enc_config.subsampling_conv_channels / 2  # conv subsampling
+    values += batch.stack(t_enc, enc_config.num_hidden_layers, 19 * h + 4 * i, h,
+                          2 * enc_config.num_attention_heads * t_enc * t_utt)
+    if head_vocab:
+        values += t_enc * head_vocab * (1 + 8 / batch.act_bytes)
+    return values, t_enc

@@ -31,7 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.models.encoder import build_encoder
+from common.flops import ModelFlops, Part, decoder_lm_forward, fastconformer_forward, trainable_share
+from common.models.encoder import build_encoder, encoder_activation_values
+from common.models.spec import ModelSpec, register
+from common.parallel import ConfigError
 from common.parallel.spec import ParallelHooks, ParallelSpec
 
 log = logging.getLogger(__name__)
@@ -360,3 +363,80 @@ class SALM(nn.Module):
                 attention, positions = attention[:, : past + 1], positions[:, :1]
         out = torch.stack(tokens, dim=1).tolist()  # one copy to the host at the end
         return [seq[: seq.index(self.eos_id)] if self.eos_id in seq else seq for seq in out]
+
+
+def salm_tokenizer(cfg, texts):
+    """The pretrained LLM's own tokenizer (``model.pretrained_llm``), else a word vocabulary of the
+    training transcripts and the prompt."""
+    from common.data.tokenizer import HFTokenizer, WordTokenizer
+
+    if cfg.model.get("pretrained_llm"):
+        return HFTokenizer.from_pretrained(cfg.model.pretrained_llm)
+    return WordTokenizer.build(texts, extra_words=cfg.model.prompt.split(), pad_to_multiple_of=8)
+
+
+def salm_flops(model: SALM) -> ModelFlops:
+    enc, llm_cfg = model.encoder.config, model.llm.config
+    stack = model.projector.stack_frames
+    llm_dim, vocab = llm_cfg.hidden_size, model.llm.get_input_embeddings().num_embeddings
+    prompt = len(model.head_ids) + len(model.prompt_ids)
+    ctc = model.ctc_head is not None
+
+    def parts_of(frames: int, tokens: int) -> list[Part]:
+        encoder, t = fastconformer_forward(enc, frames)
+        if ctc:
+            encoder.weights += 2 * t * enc.hidden_size * vocab
+        # CTC compression: about one position per spoken unit (the transcript's tokens) instead of t / stack
+        audio = tokens if model.ctc_compress else math.ceil(t / stack)
+        projector = Part(weights=2 * audio * (enc.hidden_size * stack * llm_dim + llm_dim * llm_dim))
+        positions = audio + prompt + tokens
+        llm = decoder_lm_forward(llm_cfg, positions, with_head=False)
+        llm.weights += 2 * positions * llm_dim * vocab
+        return [encoder, projector, llm]
+
+    trainable = [trainable_share([model.encoder, model.ctc_head]), trainable_share([model.projector]),
+                 trainable_share([model.llm])]
+    return ModelFlops(parts_of, trainable)
+
+
+def salm_activation_values(cfg, model: SALM, batch) -> float:
+    """The encoder (and its CTC head), the projector and a Qwen3-style LLM: 4h+5q+4kv+4i values per
+    position and layer (q/kv: query and key/value widths; memory-efficient attention), sequence
+    parallel dividing the norms' part and tensor parallel the rest by tp, and the logits kept
+    twice in fp32 for the loss (divided by tp under loss parallel)."""
+    enc = model.encoder.config
+    head = model.ctc_head.out_features if model.ctc_head is not None else None
+    values, t_enc = encoder_activation_values(enc, batch, head_vocab=head)
+    c, tp = model.llm.config, batch.tp
+    sp = tp if batch.sequence_parallel else 1
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    pos = t_enc / cfg.model.projector.stack_frames + batch.text_tokens
+    if batch.llm_positions is not None:
+        pos = batch.llm_positions
+    values += pos * (enc.hidden_size * 2 + 2 * c.hidden_size)  # projector
+    per_token = 4 * c.hidden_size / sp + (5 * q + 4 * kv + 4 * c.intermediate_size) / tp
+    values += batch.stack(pos, c.num_hidden_layers, per_token, c.hidden_size / sp)
+    lp = tp if batch.loss_parallel else 1
+    values += pos * c.vocab_size / lp * (1 + 8 / batch.act_bytes)
+    return values
+
+
+def merge_lora(model: SALM) -> None:
+    model.llm = model.llm.merge_and_unload()  # peft: the adapters' B @ A (scaled) added to the weights
+
+
+def check_salm_settings(cfg) -> None:
+    if cfg.model.projector.get("ctc_compress") and not cfg.model.get("ctc_aux_weight"):
+        raise ConfigError(f"model.projector.ctc_compress=true needs a CTC head, but model.ctc_aux_weight is "
+                          f"{cfg.model.get('ctc_aux_weight')!r}: set model.ctc_aux_weight > 0, or "
+                          "model.projector.ctc_compress=false (then stack frames, e.g. model.projector.stack_frames=2)")
+
+
+SPEC = register(ModelSpec(
+    name="salm", build=lambda cfg, tokenizer: SALM(cfg.model, tokenizer), tokenizer=salm_tokenizer,
+    flops=salm_flops, activation_values=salm_activation_values, transcribes=True,
+    llm=lambda model: model.llm, merge_lora=merge_lora, speech_encoder=lambda model: model.encoder,
+    # encoder subsampling x projector stacking
+    audio_frames_per_token=lambda cfg: int(cfg.model.encoder.subsampling_factor) * int(cfg.model.projector.stack_frames),
+    check=check_salm_settings,
+))

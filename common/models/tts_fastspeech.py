@@ -42,6 +42,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from common.flops import ModelFlops, Part, trainable_share
 from common.models.alignment import (
     diagonal_log_prior,
     expand,
@@ -49,6 +50,7 @@ from common.models.alignment import (
     monotonic_alignment_search,
 )
 from common.models.encoder import ChannelLayerNorm
+from common.models.spec import FRAME_S, TEXT_TOKENS_PER_S, ModelSpec, bpe_tokenizer, register
 from common.parallel.spec import ParallelHooks
 
 PROGRESS_BINS = 16  # resolution of "how far into its token a frame lies"
@@ -95,11 +97,6 @@ def _zero_padding(convs: list[nn.Conv1d], mask: torch.Tensor):
 
 
 class FastSpeechTTS(nn.Module):
-    loss_normalizer = "global_num_frames"  # the TrainingModule divides loss sums by this batch figure
-    # Reported besides the total loss, per frame like it: |predicted - target| log-mel after the
-    # post-net (per value), and the tokens' squared log-duration errors.
-    validation_metrics = ("mel_loss", "duration_loss")
-
     def __init__(self, cfg, tokenizer, num_mel_bins: int):
         super().__init__()
         from omegaconf import OmegaConf
@@ -222,3 +219,56 @@ class FastSpeechTTS(nn.Module):
         self.last_synthesis = {"sentences": len(texts), "hit_frame_limit": int(hit_limit.sum()),
                                "too_short": int((lengths < text_lens).sum())}  # fewer frames than tokens
         return [after[row, : int(n)] for row, n in enumerate(lengths)]
+
+
+def fastspeech_flops(model: FastSpeechTTS) -> ModelFlops:
+    c = model.config
+    d, mel, k = c.hidden_size, c.num_mel_bins, c.positionwise_conv_kernel_size
+
+    def conformer(positions: int, layers: int, units: int, conv_kernel: int) -> Part:
+        # q k v o, relative-position keys (2T-1), two k-wide feed-forward convolutions, the
+        # convolution module (pointwise d -> 2d, depthwise, pointwise d -> d)
+        per_position = 4 * d * d + 2 * k * d * units + 3 * d * d + d * conv_kernel
+        return Part(weights=layers * 2 * (positions * per_position + (2 * positions - 1) * d * d),
+                    attention=layers * (2 * 2 * positions * positions * d + 2 * positions * (2 * positions - 1) * d))
+
+    def parts_of(frames: int, tokens: int) -> list[Part]:
+        encoder = conformer(tokens, c.encoder_layers, c.encoder_linear_units, c.encoder_kernel_size)
+        encoder.weights += 2 * tokens * d * mel  # the prior (mu); alignment search is not a matmul
+        p_chans, p_k = c.duration_predictor_channels, c.duration_predictor_kernel_size
+        encoder.weights += 2 * tokens * p_k * (d * p_chans + p_chans * p_chans * (c.duration_predictor_layers - 1))
+        encoder.weights += 2 * tokens * frames * mel  # the likelihood of every frame under every token
+        decoder = conformer(frames, c.decoder_layers, c.decoder_linear_units, c.decoder_kernel_size)
+        units, post_k, post_layers = c.speech_decoder_postnet_units, c.speech_decoder_postnet_kernel, \
+            c.speech_decoder_postnet_layers
+        convs = mel * units + units * units * max(post_layers - 2, 0) + units * mel
+        decoder.weights += 2 * frames * d * mel + 2 * frames * post_k * convs
+        return [encoder, decoder]
+
+    return ModelFlops(parts_of, [trainable_share([model.encoder, model.to_prior, model.duration_predictor]),
+                                 trainable_share([model.progress, model.decoder, model.postnet])])
+
+
+def fastspeech_activation_values(cfg, model: FastSpeechTTS, batch) -> float:
+    """19h+2i values per position and layer of the Conformer stacks (tokens, then frames), the
+    frame likelihoods under every token (alignment search, no grad) and the post-net."""
+    c = model.config
+    h, text = c.hidden_size, batch.text_tokens
+    text_utt, frames_utt = TEXT_TOKENS_PER_S * batch.utterance_s, batch.utterance_s / FRAME_S
+    values = batch.stack(text, c.encoder_layers, 19 * h + 2 * c.encoder_linear_units, h,
+                         2 * c.encoder_num_attention_heads * text * text_utt)
+    values += text * frames_utt * 2
+    values += batch.stack(batch.frames, c.decoder_layers, 19 * h + 2 * c.decoder_linear_units, h,
+                          2 * c.decoder_num_attention_heads * batch.frames * frames_utt)
+    values += batch.frames * (c.speech_decoder_postnet_units * c.speech_decoder_postnet_layers * 3 + 6 * c.num_mel_bins)
+    return values
+
+
+SPEC = register(ModelSpec(
+    name="tts_fastspeech", build=lambda cfg, tokenizer: FastSpeechTTS(cfg.model, tokenizer, num_mel_bins=cfg.data.num_mel_bins),
+    tokenizer=bpe_tokenizer, flops=fastspeech_flops, activation_values=fastspeech_activation_values,
+    loss_normalizer="global_num_frames",  # loss sums are per mel frame
+    # Reported besides the total loss, per frame like it: |predicted - target| log-mel after the
+    # post-net (per value), and the tokens' squared log-duration errors.
+    validation_metrics=("mel_loss", "duration_loss"), synthesizes=True,
+))

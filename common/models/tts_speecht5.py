@@ -20,11 +20,15 @@ Usage::
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.flops import ModelFlops, Part, trainable_share
 from common.models.encoder import ChannelLayerNorm
+from common.models.spec import FRAME_S, TEXT_TOKENS_PER_S, ModelSpec, bpe_tokenizer, register
 from common.parallel.spec import ParallelHooks
 
 
@@ -55,11 +59,6 @@ def aligned_attention_weights(token_end_frames, text_lens, frame_lens, num_steps
 
 
 class SpeechT5TTS(nn.Module):
-    loss_normalizer = "global_num_frames"  # the TrainingModule divides loss sums by this batch figure
-    # Per-frame means reported besides the total loss: |predicted - target| log-mel after the
-    # post-net (per value), and the stop-token BCE.
-    validation_metrics = ("mel_loss", "stop_loss")
-
     def __init__(self, cfg, tokenizer, num_mel_bins: int):
         super().__init__()
         from omegaconf import OmegaConf
@@ -145,3 +144,51 @@ class SpeechT5TTS(nn.Module):
             out.append(mel)
         self.last_synthesis = {"sentences": len(texts), "hit_frame_limit": int(hit_limit), "too_short": int(too_short)}
         return out
+
+
+def speecht5_flops(model: SpeechT5TTS) -> ModelFlops:
+    c = model.config
+    d, r, mel = c.hidden_size, c.reduction_factor, c.num_mel_bins
+    units, k = c.speech_decoder_postnet_units, c.speech_decoder_postnet_kernel
+    prenet_units = c.speech_decoder_prenet_units
+
+    def parts_of(frames: int, tokens: int) -> list[Part]:
+        steps = math.ceil(frames / r)
+        encoder = Part(weights=2 * tokens * c.encoder_layers * (4 * d * d + 2 * d * c.encoder_ffn_dim),
+                       attention=c.encoder_layers * 2 * 2 * tokens * tokens * d)
+        prenet = 2 * steps * (mel * prenet_units + prenet_units * prenet_units * (c.speech_decoder_prenet_layers - 1)
+                              + prenet_units * d + (d + c.speaker_embedding_dim) * d)
+        per_step = 4 * d * d + 2 * d * d + 2 * d * c.decoder_ffn_dim  # self q k v o, cross q o, FF
+        decoder = Part(weights=prenet + 2 * c.decoder_layers * (steps * per_step + tokens * 2 * d * d),  # cross k v
+                       attention=c.decoder_layers * 2 * 2 * (steps * steps + steps * tokens) * d)
+        post_layers = c.speech_decoder_postnet_layers
+        convs = mel * units + units * units * max(post_layers - 2, 0) + units * mel
+        decoder.weights += 2 * steps * (d * mel * r + d * r) + 2 * steps * r * k * convs
+        return [encoder, decoder]
+
+    return ModelFlops(parts_of, [trainable_share([model.tts.speecht5.encoder]), trainable_share([model.tts])])
+
+
+def speecht5_activation_values(cfg, model: SpeechT5TTS, batch) -> float:
+    """8h+2i / 12h+2i values per position and layer of the encoder / decoder (decoder steps of
+    ``reduction_factor`` frames, cross-attention to the text) and the post-net."""
+    c = model.config
+    h, text = c.hidden_size, batch.text_tokens
+    steps, text_utt = batch.frames / c.reduction_factor, TEXT_TOKENS_PER_S * batch.utterance_s
+    steps_utt = batch.utterance_s / FRAME_S / c.reduction_factor
+    values = batch.stack(text, c.encoder_layers, 8 * h + 2 * c.encoder_ffn_dim, h,
+                         2 * c.encoder_attention_heads * text * text_utt)
+    values += batch.stack(steps, c.decoder_layers, 12 * h + 2 * c.decoder_ffn_dim, h,
+                          2 * c.decoder_attention_heads * steps * (steps_utt + text_utt))
+    values += batch.frames * c.speech_decoder_postnet_units * c.speech_decoder_postnet_layers * 3
+    return values
+
+
+SPEC = register(ModelSpec(
+    name="tts_speecht5", build=lambda cfg, tokenizer: SpeechT5TTS(cfg.model, tokenizer, num_mel_bins=cfg.data.num_mel_bins),
+    tokenizer=bpe_tokenizer, flops=speecht5_flops, activation_values=speecht5_activation_values,
+    loss_normalizer="global_num_frames",  # loss sums are per mel frame
+    # Per-frame means reported besides the total loss: |predicted - target| log-mel after the
+    # post-net (per value), and the stop-token BCE.
+    validation_metrics=("mel_loss", "stop_loss"), synthesizes=True,
+))

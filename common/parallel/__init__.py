@@ -142,7 +142,7 @@ def _apply_tensor_parallel(model, spec: ParallelSpec, tp_mesh, options: Parallel
 
 def fsdp_units(model: nn.Module, spec: ParallelSpec) -> list[tuple]:
     """``[(unit, parameters it manages)]`` in the order ``fully_shard`` is applied: every block, every
-    extra unit, then the root with whatever parameters are left (``common.plan`` counts bytes with it)."""
+    extra unit, then the root with whatever parameters are left (``common.tools.plan`` counts bytes with it)."""
     units = [block for blocks in spec.block_lists for block in blocks] + list(spec.extra_fsdp_units) + [model]
     seen: set[int] = set()
     out = []

@@ -53,7 +53,7 @@ def test_run_contract_with_ddp_strategy(trained):
 
 
 def _transcribe(*args):
-    return subprocess.run([sys.executable, "-m", "common.transcribe", *map(str, args)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "common.tools.transcribe", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -61,7 +61,7 @@ def test_transcribe_any_rate_and_channels(trained, tiny_corpus, tmp_path):
     from lhotse.augmentation import Resample
 
     from common.inference import load_model
-    from common.transcribe import read_features, transcribe
+    from common.tools.transcribe import read_features, transcribe
 
     audio = CutSet.from_file(tiny_corpus["val"])[0].load_audio()[0]  # 16 kHz mono
     orig, wav, flac = tmp_path / "orig.wav", tmp_path / "stereo.wav", tmp_path / "b.flac"
@@ -111,7 +111,7 @@ def test_a_chunked_transcript_is_the_one_piece_transcripts_of_its_pieces(trained
     each written as its own file, joined by a space. The step-2 checkpoint still emits words for
     any sound, so neither side is empty."""
     from common.inference import load_model
-    from common.transcribe import audio_chunks, read_features
+    from common.tools.transcribe import audio_chunks, read_features
 
     model, tok, cfg = load_model(trained / "checkpoints" / "step000002.ckpt")
 
@@ -143,7 +143,7 @@ def test_a_chunked_transcript_is_the_one_piece_transcripts_of_its_pieces(trained
 def test_transcribe_long_audio_in_bounded_memory(trained, tiny_corpus, tmp_path):
     """Ten minutes of speech-like audio: transcribed in 30 s chunks, peak memory of the process
     under 2 GB (whole-file attention over 15k positions needed several times that)."""
-    from common.transcribe import audio_chunks
+    from common.tools.transcribe import audio_chunks
 
     pieces, silences, total = [], [], 0  # silences: [start, end) sample spans
     cuts = list(CutSet.from_file(tiny_corpus["val"]))
@@ -161,7 +161,7 @@ def test_transcribe_long_audio_in_bounded_memory(trained, tiny_corpus, tmp_path)
     ends = np.cumsum([len(c) for c in chunks])[:-1]
     assert len(ends) >= 20 and all(any(a <= e <= b for a, b in silences) for e in ends), ends
 
-    code = ("import resource, sys; from common.transcribe import main; rc = main(sys.argv[1:]); "
+    code = ("import resource, sys; from common.tools.transcribe import main; rc = main(sys.argv[1:]); "
             "print('MAXRSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, str(trained / "checkpoints" / "last.ckpt"), str(long_wav)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -16,7 +16,7 @@ from tests.conftest import ROOT, run_recipe, tiny_overrides
 
 def test_export_of_a_sharded_checkpoint_gives_the_same_outputs(tiny_corpus, tmp_path):
     from common.inference import CONFIG_FILE, WEIGHTS_FILE, load_exported, load_model
-    from common.transcribe import read_features, transcribe
+    from common.tools.transcribe import read_features, transcribe
 
     run_dir = tmp_path / "run"
     proc = run_recipe("salm_tp_fsdp2", 4, tiny_overrides(tiny_corpus, 4, "trainer.max_steps=3",
@@ -63,7 +63,7 @@ def test_export_of_a_sharded_checkpoint_gives_the_same_outputs(tiny_corpus, tmp_
     assert sharded.generate(batch, mask) == exported.generate(batch, mask)
 
     # The transcribe CLI takes the export directory like a checkpoint: the same text.
-    cli = subprocess.run([sys.executable, "-m", "common.transcribe", str(out), *map(str, paths)], cwd=ROOT,
+    cli = subprocess.run([sys.executable, "-m", "common.tools.transcribe", str(out), *map(str, paths)], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stderr[-3000:]
     texts = [line.split("\t")[1] for line in cli.stdout.splitlines()]

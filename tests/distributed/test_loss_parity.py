@@ -58,7 +58,7 @@ def test_gradient_norms_match_across_layouts(losses):
 def test_memory_plan_matches_measured_bytes(losses, layout):
     """`make plan`'s parameter, gradient and optimizer-state bytes are what each rank really held (within 1%:
     exact quantities; only padding of uneven shards may differ)."""
-    from common.plan import plan
+    from common.tools.plan import plan
 
     nproc, dp, tp, extra = LAYOUTS[layout]
     summary = json.loads((RUN_DIRS[layout] / "summary.json").read_text())

@@ -98,8 +98,8 @@ def test_lora_on_a_pretrained_backbone_under_tp_x_fsdp2_matches_one_process(lora
 def test_export_merges_lora_into_the_weights(lora_runs, tmp_path):
     from safetensors import safe_open
 
-    from common.export import export
     from common.inference import WEIGHTS_FILE, load_model
+    from common.tools.export import export
 
     ckpt = lora_runs["tp2_x_fsdp2_dp2"][0] / "checkpoints" / "last.ckpt"
     out = export(ckpt, tmp_path / "export")

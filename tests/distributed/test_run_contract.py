@@ -69,7 +69,7 @@ def test_recipe_run_writes_the_contract(recipe, nproc, dp, tp, tiny_corpus, tmp_
 
     audio = tmp_path / "utt.flac"
     CutSet.from_file(tiny_corpus["val"])[0].recording.to_cut().save_audio(audio)
-    out = subprocess.run([sys.executable, "-m", "common.transcribe", s["checkpoint"], str(audio)], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "common.tools.transcribe", s["checkpoint"], str(audio)], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.startswith(f"{audio}\t"), out.stderr[-3000:]
     assert "Warning" not in out.stderr

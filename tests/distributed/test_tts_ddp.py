@@ -97,11 +97,11 @@ def test_make_synthesize_writes_wav_and_png(trained, tiny_corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     height = struct.unpack(">I", ref_out.with_suffix(".png").read_bytes()[20:24])[0]
     assert height == 2 * struct.unpack(">I", png[20:24])[0]
-    bad_ref = subprocess.run([sys.executable, "-m", "common.synthesize", str(trained / "checkpoints" / "last.ckpt"),
+    bad_ref = subprocess.run([sys.executable, "-m", "common.tools.synthesize", str(trained / "checkpoints" / "last.ckpt"),
                               "alpha", "--out", str(tmp_path / "y.wav"), "--reference", str(trained / "summary.json")],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad_ref.returncode == 2 and "summary.json: not a readable audio file" in bad_ref.stderr
-    empty = subprocess.run([sys.executable, "-m", "common.synthesize", str(trained / "checkpoints" / "last.ckpt"), "?!"],
+    empty = subprocess.run([sys.executable, "-m", "common.tools.synthesize", str(trained / "checkpoints" / "last.ckpt"), "?!"],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert empty.returncode == 2 and "empty after normalization" in empty.stderr
 
@@ -119,14 +119,14 @@ def test_wrong_kind_of_checkpoint_is_named_not_a_traceback(trained, asr_checkpoi
         return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                               timeout=300)
 
-    to_asr = cli("common.transcribe", tts_ckpt, wav)
+    to_asr = cli("common.tools.transcribe", tts_ckpt, wav)
     assert to_asr.returncode == 2 and "is a 'tts_fastspeech' model (recipe 'tts_ddp'), which does not transcribe" \
         in to_asr.stderr, to_asr.stderr[-2000:]
-    to_tts = cli("common.synthesize", asr_checkpoint, "alpha", "--out", tmp_path / "x.wav")
+    to_tts = cli("common.tools.synthesize", asr_checkpoint, "alpha", "--out", tmp_path / "x.wav")
     assert to_tts.returncode == 2 and "is a 'asr_ctc' model" in to_tts.stderr and "does not synthesize" in to_tts.stderr
-    not_wav = cli("common.synthesize", tts_ckpt, "alpha", "--out", trained / "summary.json")
+    not_wav = cli("common.tools.synthesize", tts_ckpt, "alpha", "--out", trained / "summary.json")
     assert not_wav.returncode == 2 and "must name a .wav file" in not_wav.stderr
-    run_dir = cli("common.export", trained, tmp_path / "exp")
+    run_dir = cli("common.tools.export", trained, tmp_path / "exp")
     assert run_dir.returncode == 2 and "is a run directory, not a checkpoint" in run_dir.stderr
     assert all("Traceback" not in p.stderr for p in (to_asr, to_tts, not_wav, run_dir))
 

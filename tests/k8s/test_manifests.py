@@ -92,7 +92,7 @@ def test_make_k8s_render_prints_the_job():
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_gpu_manifests_train_a_real_size_preset_and_take_model_and_data(recipe):
-    from common.plan import compose
+    from common.run import compose
 
     for role in ("Master", "Worker"):
         c = _c(job_of(render.render(recipe)), role)

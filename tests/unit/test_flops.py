@@ -8,8 +8,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.data.tokenizer import BPETokenizer, WordTokenizer
-from common.flops import PEAK_BF16_TFLOPS, ModelFlops, Part, decoder_lm_forward, peak_flops, training_flops
-from common.models import build_model
+from common.flops import PEAK_BF16_TFLOPS, Part, decoder_lm_forward, peak_flops, training_flops
+from common.models import build_model, spec_of
+from common.models.salm import salm_flops
 from tests.conftest import recipe_config
 
 
@@ -73,18 +74,18 @@ def test_forward_flops_match_pytorchs_counter(recipe, overrides, lengths):
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             model(_batch(recipe, tok, frames, tokens))
-        assert ModelFlops.of(model).forward([(frames, tokens)]) == pytest.approx(counter.get_total_flops(), rel=0.01)
+        assert spec_of(cfg).flops(model).forward([(frames, tokens)]) == pytest.approx(counter.get_total_flops(), rel=0.01)
 
 
 def test_frozen_weights_have_no_weight_gradient_flops(salm_cfg):
     tok = WordTokenizer.build(["alpha bravo"], extra_words=["transcribe"])
     cfg = salm_cfg.model.copy()
-    full = ModelFlops.of(build_model(recipe_config("salm_fsdp2", []), tok)).training([(300, 4)])
+    full = salm_flops(build_model(recipe_config("salm_fsdp2", []), tok)).training([(300, 4)])
     from common.models.salm import SALM
 
     cfg.freeze = ["llm.*"]
-    frozen = ModelFlops.of(SALM(cfg, tok)).training([(300, 4)])
-    llm_weights = ModelFlops.of(SALM(cfg, tok))._parts([(300, 4)])[2].weights
+    frozen = salm_flops(SALM(cfg, tok)).training([(300, 4)])
+    llm_weights = salm_flops(SALM(cfg, tok))._parts([(300, 4)])[2].weights
     assert frozen == pytest.approx(full - llm_weights)
 
 

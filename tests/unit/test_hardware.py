@@ -4,7 +4,7 @@
 import torch
 from omegaconf import OmegaConf
 
-from common.train import resolve_hardware
+from common.run import resolve_hardware
 
 
 def _cfg(**trainer):

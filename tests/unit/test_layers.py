@@ -1,14 +1,35 @@
-"""Layers point one way: models and data below the training loop, command-line tools above it.
+"""Layers point one way, and no module imports itself back.
 
-The import graph of ``common`` is read from the source (module-level and function-level imports
-alike, so a lazy import cannot hide a cycle)."""
+    parallel core  <  data and models  <  building a run  <  training loop  <  tools and launchers
+
+The import graph of ``common/``, ``bench/`` and ``k8s/`` is read from the source: module-level and
+function-level imports alike (a lazy import cannot hide a cycle), relative imports resolved
+against their package, ``from package import module`` counted as an import of that module."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TOOLS = {"common.transcribe", "common.synthesize", "common.export", "common.plan", "common.data.__main__",
-         "common.tools.check_run", "common.profile_batches"}
+PACKAGES = ("common", "bench", "k8s")
+
+# The first prefix that matches names a module's layer (a prefix ending in "." names a package).
+LAYERS = (
+    ("tools and launchers", ("common.tools.", "common.tools", "common.data.__main__", "bench.", "bench", "k8s.",
+                             "k8s")),
+    ("training loop", ("common.train", "common.module", "common.checkpointing", "common.recording",
+                       "common.evaluation")),
+    ("building a run", ("common.run", "common.settings", "common.inference", "common.rundir")),
+    ("data and models", ("common.data.", "common.data", "common.models.", "common.models", "common.flops")),
+    ("parallel core", ("common.parallel.", "common.parallel")),
+)
+ORDER = [name for name, _ in reversed(LAYERS)]  # lowest first
+
+
+def layer_of(module: str) -> str:
+    for name, prefixes in LAYERS:
+        if any(module.startswith(p) if p.endswith(".") else module == p for p in prefixes):
+            return name
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS in {__file__}")
 
 
 def _module_name(path: Path) -> str:
@@ -16,18 +37,28 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _absolute(node: ast.ImportFrom, importer: str, is_package: bool) -> str:
+    """``from ..x import y`` inside ``importer`` -> the absolute module name of ``..x``."""
+    if node.level == 0:
+        return node.module or ""
+    package = importer.split(".") if is_package else importer.split(".")[:-1]
+    base = package[: len(package) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def import_graph() -> dict[str, set[str]]:
-    modules = {_module_name(p): p for p in (ROOT / "common").rglob("*.py")}
+    files = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
     graph = {}
-    for name, path in modules.items():
+    for name, path in files.items():
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
             targets = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            deps |= {t for t in targets if t in modules and t != name}
+            elif isinstance(node, ast.ImportFrom):
+                base = _absolute(node, name, path.name == "__init__.py")
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            deps |= {t for t in targets if t in files and t != name}
         graph[name] = deps
     return graph
 
@@ -41,20 +72,45 @@ def _reachable(graph, start) -> set[str]:
     return seen
 
 
-def test_training_entry_imports_no_command_line_tool():
-    reached = _reachable(import_graph(), "common.train")
-    assert not reached & TOOLS, f"common.train reaches command-line tools {sorted(reached & TOOLS)}"
-    assert {"common.models", "common.evaluation", "common.inference"} <= reached  # evaluation loads the ASR model
+def upward_imports(graph) -> list[str]:
+    return [f"{module} ({layer_of(module)}) imports {dep} ({layer_of(dep)})"
+            for module, deps in graph.items() for dep in sorted(deps)
+            if ORDER.index(layer_of(dep)) > ORDER.index(layer_of(module))]
 
 
-def test_no_import_cycles_in_common():
+def cycles(graph) -> list[str]:
+    return sorted(name for name in graph if name in _reachable(graph, name))
+
+
+def test_every_import_points_down_or_within_its_layer():
+    wrong = upward_imports(import_graph())
+    assert not wrong, "imports that point up:\n" + "\n".join(wrong)
+
+
+def test_no_import_cycles():
+    found = cycles(import_graph())
+    assert not found, f"import cycles through {found}"
+
+
+def test_the_graph_sees_relative_imports_and_the_tools():
     graph = import_graph()
-    cycles = sorted(name for name in graph if name in _reachable(graph, name))
-    assert not cycles, f"import cycles through {cycles}"
+    assert {"common.data.loading", "common.data.sources"} <= graph["common.data.datamodule"]  # `from .loading import`
+    assert {"common.run", "common.parallel"} <= graph["common.train"]
+    assert "common.run" in graph["common.tools.plan"] and "common.run" in graph["bench.cpu"]
+    assert "common.run" in graph["k8s.render"]
+    assert not any("common.train" in deps for deps in graph.values())  # only torchrun runs it
+
+
+def test_an_import_that_points_up_or_closes_a_cycle_is_found():
+    graph = import_graph()
+    up = {**graph, "common.data.loading": graph["common.data.loading"] | {"common.run"}}
+    assert upward_imports(up) == ["common.data.loading (data and models) imports common.run (building a run)"]
+    back = {**graph, "common.data.audio": graph["common.data.audio"] | {"common.data.checks"}}  # the old cycle
+    assert cycles(back) == ["common.data.audio", "common.data.checks"]
 
 
 def test_tools_load_models_through_common_inference():
     graph = import_graph()
-    for tool in ("common.transcribe", "common.synthesize", "common.export", "common.evaluation"):
+    for tool in ("common.tools.transcribe", "common.tools.synthesize", "common.tools.export", "common.evaluation"):
         assert "common.inference" in graph[tool], tool
     assert "common.train" not in _reachable(graph, "common.inference")

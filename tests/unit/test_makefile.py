@@ -77,7 +77,7 @@ def test_bench_and_plan_targets_are_wired(tmp_path):
     assert "-m bench.cpu --out bench/results/lab" in cpu_only and "bench.gpu" not in cpu_only
     assert "-m bench.gpu --out bench/results/lab" in dry_run("bench", "BENCH_LABEL=lab", path=f"{tmp_path}:{cpu_path}")
     plan = dry_run("plan", "RECIPE=salm_fsdp2", "GPUS_PER_NODE=4", "NODES=2", "ARGS=model.llm.num_hidden_layers=4")
-    assert "-m common.plan --recipe salm_fsdp2 --gpus-per-node 4 --nodes 2 model.llm.num_hidden_layers=4" in plan
+    assert "-m common.tools.plan --recipe salm_fsdp2 --gpus-per-node 4 --nodes 2 model.llm.num_hidden_layers=4" in plan
 
 
 def test_every_launcher_gives_torchrun_restarts_a_fresh_store():

@@ -1,4 +1,4 @@
-"""The memory planner (common.plan): layouts offered, per-rank bytes, recommendation, CLI errors.
+"""The memory planner (common.tools.plan): layouts offered, per-rank bytes, recommendation, CLI errors.
 
 Its parameter/gradient/optimizer bytes are checked against real multi-process runs in
 tests/distributed/test_loss_parity.py; here against a real DDP (whole-model) state on one process.
@@ -7,8 +7,9 @@ tests/distributed/test_loss_parity.py; here against a real DDP (whole-model) sta
 import pytest
 import torch
 
-from common.plan import GIB, PlanError, build_meta_model, compose, main, plan, recommend, state_bytes
 from common.recording import training_state_bytes
+from common.run import compose
+from common.tools.plan import GIB, PlanError, build_meta_model, main, plan, recommend, state_bytes
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from common.models.spec import ModelSpec
 from common.module import TrainingModule
 
 
@@ -18,7 +19,8 @@ class _Recognizer(nn.Module):
 
 
 def test_bf16_true_keeps_metric_states_fp32():
-    module = TrainingModule(_Recognizer(), tokenizer=None, optim={})
+    spec = ModelSpec(name="recognizer", build=None, tokenizer=None, flops=None, activation_values=None, transcribes=True)
+    module = TrainingModule(_Recognizer(), tokenizer=None, spec=spec, optim={})
     module.to(dtype=torch.bfloat16)  # what HalfPrecision("bf16-true").convert_module does
     assert module.model.proj.weight.dtype == torch.bfloat16
     assert module.val_wer.errors.dtype == module.val_wer.total.dtype == torch.float32

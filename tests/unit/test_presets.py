@@ -7,7 +7,7 @@ import torch
 from common.data.tokenizer import SizedVocabulary
 from common.models import build_model, model_presets, parameter_counts
 from common.parallel import ConfigError
-from common.plan import ROOT, compose
+from common.run import ROOT, compose
 from common.settings import check_settings, resolve_batch_size
 
 RECIPE_OF = {"salm": "salm_fsdp2", "asr_ctc": "asr_ddp", "tts_fastspeech": "tts_ddp", "tts_speecht5": "tts_ddp"}

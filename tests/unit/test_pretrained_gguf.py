@@ -76,7 +76,7 @@ def test_salm_trains_on_the_real_backbone(smollm2):
 
 def test_planner_reads_the_architecture_from_the_gguf_file(smollm2_gguf, smollm2):
     from common.models import parameter_counts
-    from common.plan import plan
+    from common.tools.plan import plan
 
     model, _, _ = smollm2
     result = plan("salm_tp_fsdp2", gpus_per_node=3, nodes=1,

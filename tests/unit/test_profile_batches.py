@@ -8,8 +8,8 @@ import pytest
 
 from common.data.buckets import PROFILE_FORMAT, load_bucket_profile
 from common.parallel import ConfigError
-from common.plan import ROOT
-from common.profile_batches import PlannerMemory, profile, search_largest
+from common.run import ROOT
+from common.tools.profile_batches import PlannerMemory, profile, search_largest
 
 
 def test_search_finds_the_largest_fitting_batch():
@@ -26,7 +26,8 @@ def asr_profile(tiny_corpus):
 
 
 def test_profile_fills_the_fraction_bucket_by_bucket(asr_profile):
-    from common.plan import build_meta_model, compose
+    from common.run import compose
+    from common.tools.plan import build_meta_model
 
     result, overrides = asr_profile
     assert result["format"] == PROFILE_FORMAT and result["measured_by"] == "planner"

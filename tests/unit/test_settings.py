@@ -55,7 +55,7 @@ def test_every_recipe_default_passes_the_checks():
 
 
 def test_default_run_names_never_collide(monkeypatch):
-    from common.train import new_run_name, resolve_run_name
+    from common.run import new_run_name, resolve_run_name
 
     monkeypatch.delenv("RUN_NAME", raising=False)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
@@ -106,7 +106,7 @@ def test_k8s_render_refuses_tensor_parallel_groups_across_nodes(gpus_per_node):
     assert (f"RECIPE=salm_tp_fsdp2 uses tensor_parallel_size 2, which does not divide GPUS_PER_NODE "
             f"({gpus_per_node}): a tensor-parallel group would span nodes") in proc.stderr
     # The same rule make plan applies: it lists tp=2 as rejected for this node size.
-    from common.plan import plan
+    from common.tools.plan import plan
 
     result = plan("salm_tp_fsdp2", gpus_per_node, 2)
     assert any(s["tp"] == 2 and "span nodes" in s["reason"] for s in result["skipped"])
@@ -138,7 +138,7 @@ def test_a_damaged_sharded_checkpoint_is_detected(tmp_path):
 
 
 def test_export_refuses_a_directory_it_did_not_write(tmp_path):
-    from common.export import CONFIG_FILE, WEIGHTS_FILE, check_out_dir
+    from common.tools.export import CONFIG_FILE, WEIGHTS_FILE, check_out_dir
 
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)

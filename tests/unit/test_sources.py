@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from common.data.__main__ import main as data_cli
-from common.data.loading import load_mono
+from common.data.audio import load_mono
 from common.data.sources import (
     SourceError,
     iter_texts,

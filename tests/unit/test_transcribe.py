@@ -1,11 +1,11 @@
-"""Where `common.transcribe.audio_chunks` cuts long audio: at the quietest 10 ms of each search window."""
+"""Where `common.tools.transcribe.audio_chunks` cuts long audio: at the quietest 10 ms of each search window."""
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from common.parallel import ConfigError
-from common.transcribe import audio_chunks
+from common.tools.transcribe import audio_chunks
 
 SR = 16000
 

@@ -76,7 +76,7 @@ def test_griffin_lim_inverts_the_training_features(tiny_corpus):
 def test_synthesize_writes_wav_and_png(setup, tmp_path):
     import soundfile as sf
 
-    from common.synthesize import synthesize_to_files
+    from common.tools.synthesize import synthesize_to_files
 
     model, _, _, cfg = setup
     wav, png = synthesize_to_files(model, cfg, "Alpha, BRAVO!", tmp_path / "out.wav")

@@ -12,8 +12,8 @@ Writes ``<out_dir>/``:
 
 Usage (what ``make export`` does)::
 
-    python -m common.export outputs/salm_tp_fsdp2/latest/checkpoints/last.ckpt outputs/salm_tp_fsdp2/latest/export
-    python -m common.transcribe outputs/salm_tp_fsdp2/latest/export a.wav    # an export loads like a checkpoint
+    python -m common.tools.export outputs/salm_tp_fsdp2/latest/checkpoints/last.ckpt outputs/salm_tp_fsdp2/latest/export
+    python -m common.tools.transcribe outputs/salm_tp_fsdp2/latest/export a.wav    # an export loads like a checkpoint
 
 ``common.inference.load_model(dir)`` loads it back: ``(model in eval mode, tokenizer, config)``,
 as for a checkpoint.
@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from common.inference import CONFIG_FILE, FORMAT, WEIGHTS_FILE, is_export, load_model, read_checkpoint
+from common.models import spec_of
 from common.parallel import ConfigError
 
 DATA_KEYS = ("sample_rate", "num_mel_bins", "feature_normalization")  # what turns audio into model inputs
@@ -56,19 +57,18 @@ def _architecture(config) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE and not k.startswith("_")}
 
 
-def self_contained(model, model_cfg: dict) -> dict:
+def self_contained(model, model_cfg: dict, spec) -> dict:
     """The exported model needs nothing but its directory: LoRA adapters are merged into the LLM's
     weights (``model.lora`` becomes null), and pretrained sources (a hub id, a GGUF or .nemo file)
     are replaced by the architecture they had (``model.llm`` / ``model.encoder``), so loading an
     export never downloads or dequantizes anything. Changes ``model`` in place."""
-    llm = getattr(model, "llm", None)
-    if llm is not None and hasattr(llm, "merge_and_unload"):  # a peft model
-        model.llm = llm = llm.merge_and_unload()
+    if model_cfg.get("lora"):
+        spec.merge_lora(model)
         model_cfg["lora"] = None
-    if llm is not None and model_cfg.get("pretrained_llm"):
-        model_cfg["llm"], model_cfg["pretrained_llm"] = _architecture(llm.config), None
+    if model_cfg.get("pretrained_llm"):
+        model_cfg["llm"], model_cfg["pretrained_llm"] = _architecture(spec.llm(model).config), None
     if model_cfg.get("pretrained_encoder"):
-        encoder = model.encoder if hasattr(model, "encoder") else model.ctc.encoder
+        encoder = spec.speech_encoder(model)
         model_cfg["encoder"], model_cfg["pretrained_encoder"] = _architecture(encoder.config), None
         model_cfg["encoder_conv_norm"] = "batch_norm"  # what a pretrained encoder kept (common.models.encoder)
     return model_cfg
@@ -83,7 +83,7 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     check_out_dir(out_dir)
     model, tokenizer, cfg = load_model(checkpoint)  # a DCP directory: full tensors, read in this process
     meta, _ = read_checkpoint(checkpoint)
-    model_cfg = self_contained(model, OmegaConf.to_container(cfg.model, resolve=True))
+    model_cfg = self_contained(model, OmegaConf.to_container(cfg.model, resolve=True), spec_of(cfg))
     tmp = out_dir.with_name(f".partial-{out_dir.name}")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -4,7 +4,7 @@ fraction, written to a bucket profile that runs read (``data.bucket_profile=<fil
 Usage (what ``make profile-batches`` runs)::
 
     make profile-batches RECIPE=asr_ddp ARGS="model=fastconformer_ctc_large data=librispeech"
-    python -m common.profile_batches --recipe asr_ddp --out bucket_profiles/asr_ddp.json \\
+    python -m common.tools.profile_batches --recipe asr_ddp --out bucket_profiles/asr_ddp.json \\
         [--memory-fraction 0.85] [--measure auto|gpu|planner] [--gpu-memory-gib 80] [hydra overrides ...]
     make run RECIPE=asr_ddp ARGS="... data.bucket_profile=bucket_profiles/asr_ddp.json"
 
@@ -16,7 +16,7 @@ long as the bucket's upper duration edge, with as many target tokens as its uppe
   recipe's model on one GPU, peak memory from ``torch.cuda.max_memory_allocated``; an out-of-memory
   error counts as "does not fit". One GPU holds the whole model, so for FSDP2 recipes the figure is
   an upper bound (sharding only lowers it).
-* ``--measure planner`` (``auto`` on CPU): the same search against ``common.plan``'s memory model
+* ``--measure planner`` (``auto`` on CPU): the same search against ``common.tools.plan``'s memory model
   (parameters, gradients, optimizer state, activations, FSDP2 buffers) for the recipe's layout.
 
 Batch sizes are *per GPU*: a run's global batch for a bucket is that number x its world size.
@@ -51,20 +51,20 @@ def search_largest(fits, limit: int = 1 << 16) -> int:
 
 class PlannerMemory:
     """Per-GPU bytes of one training step of ``batch`` utterances at (duration, tokens), from the
-    planner (:func:`common.plan.layout_bytes`, the numbers ``make plan`` prints)."""
+    planner (:func:`common.tools.plan.layout_bytes`, the numbers ``make plan`` prints)."""
 
     def __init__(self, cfg, model, precision: str):
         from common.parallel import resolve_layout
-        from common.plan import byte_widths
+        from common.tools.plan import byte_widths
 
         self.cfg, self.model = cfg, model
         layout = resolve_layout(cfg.trainer)
-        self.strategy = layout.strategy  # "ddp" | "model_parallel", as common.plan names them
+        self.strategy = layout.strategy  # "ddp" | "model_parallel", as common.tools.plan names them
         self.dp, self.tp = layout.data_parallel_size, layout.tensor_parallel_size
         self.widths = byte_widths(cfg, precision)
 
     def __call__(self, batch: int, duration_s: float, tokens: int) -> int:
-        from common.plan import layout_bytes
+        from common.tools.plan import layout_bytes
 
         cfg = self.cfg.copy()
         cfg.data.max_duration_s_per_gpu = None
@@ -81,10 +81,10 @@ class GPUMemory:
     def __init__(self, cfg, tokenizer, device: str = "cuda"):
         import torch
 
-        from common.models import build_model
+        from common.run import build_run
 
         self.torch, self.cfg, self.device = torch, cfg, device
-        self.model = build_model(cfg, tokenizer).to(device).train()
+        self.model = build_run(cfg, tokenizer=tokenizer).model.to(device).train()
         self.vocab = tokenizer.vocab_size
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-6)
         self.low_id = 5  # past the special tokens of every tokenizer here
@@ -119,9 +119,8 @@ def profile(recipe: str, overrides=(), memory_fraction: float = 0.85, measure: s
 
     from common.data.buckets import PROFILE_FORMAT, BucketGrid, BudgetBatchSize
     from common.data.sources import open_sources
-    from common.models import build_tokenizer
-    from common.plan import build_meta_model, compose
-    from common.train import prepare_data
+    from common.run import build_run, compose
+    from common.tools.plan import build_meta_model
 
     if not 0 < memory_fraction <= 1:
         raise ConfigError(f"--memory-fraction must be in (0, 1], got {memory_fraction}")
@@ -130,8 +129,8 @@ def profile(recipe: str, overrides=(), memory_fraction: float = 0.85, measure: s
     if measure not in ("gpu", "planner"):
         raise ConfigError(f"--measure must be auto, gpu or planner, got {measure!r}")
     cfg = compose(recipe, list(overrides))
-    sources = prepare_data(cfg)
-    tokenizer = build_tokenizer(cfg, sources)
+    run = build_run(cfg, with_model=False)
+    sources, tokenizer = run.sources, run.tokenizer
     lengths = []
     for cut in open_sources(sources["train"], seed=cfg.seed, mix=False):
         lengths.append((cut.duration, len(tokenizer.encode(cut.supervisions[0].text or ""))))
@@ -172,7 +171,7 @@ def profile(recipe: str, overrides=(), memory_fraction: float = 0.85, measure: s
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m common.profile_batches", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m common.tools.profile_batches", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--out", type=Path, required=True, help="the bucket profile to write (JSON)")
     parser.add_argument("--memory-fraction", type=float, default=0.85)

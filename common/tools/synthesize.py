@@ -3,7 +3,7 @@
 Usage::
 
     make synthesize RECIPE=tts_ddp TEXT="alpha bravo charlie"        # latest run's last checkpoint
-    python -m common.synthesize outputs/tts_ddp/latest/checkpoints/last.ckpt "alpha bravo" --out hello.wav
+    python -m common.tools.synthesize outputs/tts_ddp/latest/checkpoints/last.ckpt "alpha bravo" --out hello.wav
 
 writes ``hello.wav`` and ``hello.png``. With ``--reference rec.wav`` (``make synthesize REF=rec.wav``), a
 recording of the same text, the PNG shows its log-mel above the synthesized one, on one scale. :func:`common.evaluation.intelligibility` is the check a user wants after training (and what
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", type=Path, help="a recording of the same text: its log-mel goes above in the PNG")
     args = parser.parse_args(argv)
     from common.inference import load_model
+    from common.models import spec_of
 
     try:
         if args.out.suffix.lower() != ".wav":
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
         if args.out.is_dir():
             raise ConfigError(f"--out/OUT {args.out} is a directory; name a .wav file")
         model, _, cfg = load_model(args.checkpoint)
-        if not hasattr(model, "synthesize"):
+        if not spec_of(cfg).synthesizes:
             raise ConfigError(f"checkpoint {args.checkpoint} is a {cfg.model.name!r} model (recipe "
                               f"{cfg.get('recipe')!r}), which does not synthesize speech; give a tts_ddp checkpoint")
         wav, png = synthesize_to_files(model, cfg, args.text, args.out, args.reference)

@@ -6,8 +6,8 @@ of any sample rate is resampled to the model's, and multi-channel audio is downm
 Usage::
 
     make transcribe RECIPE=asr_ddp AUDIO=my.wav          # the latest run's last checkpoint
-    python -m common.transcribe outputs/asr_ddp/latest/checkpoints/last.ckpt a.wav b.flac
-    python -m common.transcribe outputs/salm_tp_fsdp2/latest/export a.wav   # a `make export` directory
+    python -m common.tools.transcribe outputs/asr_ddp/latest/checkpoints/last.ckpt a.wav b.flac
+    python -m common.tools.transcribe outputs/salm_tp_fsdp2/latest/export a.wav   # a `make export` directory
 
 Prints one line per file: ``<path>\\t<transcript>``. A file that cannot be read gets an
 ``error:`` line on stderr and the others go on; the exit status is then 1. A missing, unreadable
@@ -54,7 +54,7 @@ def audio_chunks(audio_path: str | Path, sample_rate: int, chunk_s: float = CHUN
     """Mono pieces of at most ``chunk_s`` seconds at ``sample_rate``, read one at a time."""
     import numpy as np
 
-    from common.data.loading import load_mono
+    from common.data.audio import load_mono
 
     if chunk_s <= 0 or not 0 <= search_s < chunk_s:
         raise ConfigError(f"--chunk-s ({chunk_s}) must be > 0 and --search-s ({search_s}) in [0, chunk-s)")
@@ -80,8 +80,8 @@ def audio_chunks(audio_path: str | Path, sample_rate: int, chunk_s: float = CHUN
 
 def read_features(audio_path: str | Path, sample_rate: int, num_mel_bins: int) -> torch.Tensor:
     """Log-mel features (frames, bins) of a whole (short) audio file, as the training data loader computes them."""
+    from common.data.audio import load_mono
     from common.data.features import BatchFeatures
-    from common.data.loading import load_mono
 
     cut = _open_audio(audio_path)
     try:
@@ -94,7 +94,9 @@ def read_features(audio_path: str | Path, sample_rate: int, num_mel_bins: int) -
 
 
 def check_recognizer(model, cfg, checkpoint) -> None:
-    if not hasattr(model, "generate"):
+    from common.models import spec_of
+
+    if not spec_of(cfg).transcribes:
         raise ConfigError(f"checkpoint {checkpoint} is a {cfg.model.name!r} model (recipe {cfg.get('recipe')!r}), "
                           "which does not transcribe; give an asr_ddp, salm_fsdp2 or salm_tp_fsdp2 checkpoint "
                           "(make synthesize speaks with a TTS one)")

@@ -2,7 +2,7 @@
 
 Usage (what ``make plan RECIPE=... GPUS_PER_NODE=... NODES=... ARGS=...`` runs)::
 
-    python -m common.plan --recipe salm_tp_fsdp2 --gpus-per-node 8 --nodes 2 \\
+    python -m common.tools.plan --recipe salm_tp_fsdp2 --gpus-per-node 8 --nodes 2 \\
         [--gpu-memory-gib 80] [--precision auto|bf16-true] [--tokenizer RUN_DIR/tokenizer] [--json] \\
         model.llm.hidden_size=2048 model.llm.num_hidden_layers=28 ...   # any Hydra overrides
 
@@ -45,50 +45,18 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from common.run import build_run, compose
+
 GIB = 1024**3
 # precision -> (parameter bytes, activation bytes); "-mixed" keeps fp32 weights, computes in 16 bit.
 PRECISIONS = {"bf16-true": (2, 2), "16-true": (2, 2), "bf16-mixed": (4, 2), "16-mixed": (4, 2),
               "32-true": (4, 4), "32": (4, 4), "64-true": (8, 8)}
 ADAM_STEP_BYTES = 4  # AdamW's per-parameter `step`: a float32 scalar tensor
-TEXT_TOKENS_PER_S = 4
 MAX_UTTERANCE_S_UNSET = 40.0
 
 
 class PlanError(ValueError):
     """A request the planner cannot answer; the message names the bad value."""
-
-
-def known_recipes() -> list[str]:
-    return sorted(p.parent.name for p in (ROOT / "recipes").glob("*/config.yaml"))
-
-
-def compose(recipe: str, overrides=()):
-    """A recipe's config composed exactly as ``make run`` composes it; a bad recipe or override is a
-    ``PlanError`` naming it. (The benchmarks and the tests compose through this too.)"""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    import common.train  # noqa: F401 - registers the ${run_name:} resolver
-
-    if recipe not in known_recipes():
-        raise PlanError(f"unknown recipe {recipe!r}; known recipes: {', '.join(known_recipes())}")
-
-    def attempt(ovr):
-        with initialize_config_dir(str(ROOT / "recipes" / recipe), version_base="1.3"):
-            return hydra_compose("config", overrides=list(ovr))
-
-    try:
-        return attempt(overrides)
-    except (HydraException, OmegaConfBaseException) as exc:
-        for one in overrides:  # name the culprit, not just Hydra's message
-            try:
-                attempt([one])
-            except (HydraException, OmegaConfBaseException) as single:
-                raise PlanError(f"bad override {one!r}: {single}") from None
-        raise PlanError(f"bad overrides {list(overrides)}: {exc}") from None
 
 
 def _local_config_dict(path, setting: str, config_cls) -> dict:
@@ -120,10 +88,9 @@ def _llm_architecture(cfg) -> dict | None:
 
 
 def build_meta_model(cfg, tokenizer_dir=None):
-    """(model on the meta device, tokenizer), as ``common.train`` builds them."""
+    """(model on the meta device, tokenizer), built by the run layer as ``common.train`` builds them,
+    from the pretrained backbone's architecture alone (never its weights)."""
     from common.data.tokenizer import SizedVocabulary, load_tokenizer
-    from common.models import build_model, build_tokenizer
-    from common.train import prepare_data
 
     pretrained = cfg.model.get("pretrained_llm")
     tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
@@ -151,11 +118,8 @@ def build_meta_model(cfg, tokenizer_dir=None):
         cfg.model.encoder = (nemo_encoder_config(enc) if is_nemo_file(enc)
                              else _local_config_dict(enc, "model.pretrained_encoder", ParakeetEncoderConfig))
         cfg.model.pretrained_encoder = None
-    if tokenizer is None:
-        tokenizer = build_tokenizer(cfg, prepare_data(cfg))
-    with torch.device("meta"):
-        model = build_model(cfg, tokenizer)
-    return model, tokenizer
+    run = build_run(cfg, tokenizer=tokenizer, device="meta")
+    return run.model, run.tokenizer
 
 
 def tp_split_dims(model, sequence_parallel: bool = True) -> tuple[dict[int, int], set[int]]:
@@ -241,71 +205,35 @@ def fsdp_buffer_bytes(model, dp: int, tp: int, param_bytes: int) -> int:
     return 2 * max(sizes) * param_bytes // tp_div
 
 
-def _stack(tokens, layers, per_token, hidden, ckpt, scores=0.0) -> float:
-    """Values a stack of layers keeps for backward: all of them, or (checkpointed) one input per layer + one layer."""
-    one_layer = tokens * per_token + scores
-    return tokens * hidden * layers + one_layer if ckpt else one_layer * layers
-
-
 def activation_bytes(cfg, model, dp: int, tp: int, act_bytes: int) -> int:
-    """Rough estimate of the activations of one training step per rank (see the module docstring)."""
-    ckpt = bool(cfg.get("parallel", {}).get("activation_checkpointing", False))
+    """Rough estimate of the activations of one training step per rank (see the module docstring):
+    the model's own formula (its spec's ``activation_values``) on this rank's share of the batch."""
+    from common.models import spec_of
+    from common.models.spec import FRAME_S, RankBatch
     from common.settings import resolve_batch_size
 
+    spec = spec_of(cfg)
+    if spec.activation_values is None:
+        raise PlanError(f"model {cfg.model.name!r} has no activation estimate (its ModelSpec.activation_values): "
+                        "the planner cannot size its batches")
     d = cfg.data.copy()
     resolve_batch_size(d, dp * tp)  # a GPU preset's per-GPU batch, in this layout
     # Attention spans one utterance: data.max_utterance_s, or when unset (it then defaults to the
     # whole batch) 40 s, longer than the utterances of common ASR corpora. Set it for long-form data.
     utt_s = float(d.get("max_utterance_s") or min(float(d.max_duration_s), MAX_UTTERANCE_S_UNSET))
-    if d.get("max_tokens") and cfg.model.name == "salm":  # positions -> audio seconds (upper bound)
-        fpt = cfg.model.encoder.subsampling_factor * cfg.model.projector.stack_frames
-        audio_s = d.max_tokens / dp * fpt * 0.01
+    positions = None
+    if d.get("max_tokens") and spec.audio_frames_per_token:  # positions -> audio seconds (upper bound)
+        positions = d.max_tokens / dp
+        audio_s = d.max_tokens / dp * spec.audio_frames_per_token(cfg) * FRAME_S
     else:
         audio_s = float(d.max_duration_s) / dp  # the global batch splits evenly over dp ranks
-    utt_s = min(utt_s, audio_s)  # attention spans one utterance, at most the rank's whole batch
-    frames, vals, vocab = audio_s / 0.01, 0.0, None
-    if cfg.model.name in ("salm", "asr_ctc"):
-        enc = model.encoder.config if cfg.model.name == "salm" else model.ctc.encoder.config
-        h, i, sub = enc.hidden_size, enc.intermediate_size, enc.subsampling_factor
-        t_enc, t_utt = frames / sub, utt_s / 0.01 / sub
-        vals += frames * enc.num_mel_bins * enc.subsampling_conv_channels / 2  # conv subsampling
-        vals += _stack(t_enc, enc.num_hidden_layers, 19 * h + 4 * i, h, ckpt, 2 * enc.num_attention_heads * t_enc * t_utt)
-        vocab = model.ctc.config.vocab_size if cfg.model.name == "asr_ctc" else None
-        if cfg.model.name == "salm" and getattr(model, "ctc_head", None) is not None:
-            vocab = model.ctc_head.out_features
-        if vocab:
-            vals += t_enc * vocab * (1 + 8 / act_bytes)
-    if cfg.model.name == "salm":
-        c = model.llm.config
-        sp = tp if cfg.parallel.get("sequence_parallel", True) else 1
-        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        pos = t_enc / cfg.model.projector.stack_frames + TEXT_TOKENS_PER_S * audio_s
-        if d.get("max_tokens"):
-            pos = d.max_tokens / dp
-        vals += pos * (enc.hidden_size * 2 + 2 * c.hidden_size)  # projector
-        per_token = 4 * c.hidden_size / sp + (5 * q + 4 * kv + 4 * c.intermediate_size) / tp
-        vals += _stack(pos, c.num_hidden_layers, per_token, c.hidden_size / sp, ckpt)
-        lp = tp if cfg.parallel.get("loss_parallel", True) else 1
-        vals += pos * c.vocab_size / lp * (1 + 8 / act_bytes)
-    elif cfg.model.name == "tts_fastspeech":
-        c = model.config
-        h, text, text_utt, frames_utt = c.hidden_size, TEXT_TOKENS_PER_S * audio_s, TEXT_TOKENS_PER_S * utt_s, utt_s / 0.01
-        vals += _stack(text, c.encoder_layers, 19 * h + 2 * c.encoder_linear_units, h, ckpt,
-                       2 * c.encoder_num_attention_heads * text * text_utt)
-        vals += text * frames_utt * 2  # frame likelihoods under every token (alignment search, no grad)
-        vals += _stack(frames, c.decoder_layers, 19 * h + 2 * c.decoder_linear_units, h, ckpt,
-                       2 * c.decoder_num_attention_heads * frames * frames_utt)
-        vals += frames * (c.speech_decoder_postnet_units * c.speech_decoder_postnet_layers * 3 + 6 * c.num_mel_bins)
-    elif cfg.model.name == "tts_speecht5":
-        c = model.config
-        h, text = c.hidden_size, TEXT_TOKENS_PER_S * audio_s
-        steps, text_utt, steps_utt = frames / c.reduction_factor, TEXT_TOKENS_PER_S * utt_s, utt_s / 0.01 / c.reduction_factor
-        vals += _stack(text, c.encoder_layers, 8 * h + 2 * c.encoder_ffn_dim, h, ckpt,
-                       2 * c.encoder_attention_heads * text * text_utt)
-        vals += _stack(steps, c.decoder_layers, 12 * h + 2 * c.decoder_ffn_dim, h, ckpt,
-                       2 * c.decoder_attention_heads * steps * (steps_utt + text_utt))
-        vals += frames * c.speech_decoder_postnet_units * c.speech_decoder_postnet_layers * 3
-    return int(vals * act_bytes)
+    parallel = cfg.get("parallel") or {}
+    batch = RankBatch(audio_s=audio_s, utterance_s=min(utt_s, audio_s),  # one utterance, at most the rank's batch
+                      llm_positions=positions, dp=dp, tp=tp,
+                      activation_checkpointing=bool(parallel.get("activation_checkpointing", False)),
+                      sequence_parallel=bool(parallel.get("sequence_parallel", True)),
+                      loss_parallel=bool(parallel.get("loss_parallel", True)), act_bytes=act_bytes)
+    return int(spec.activation_values(cfg, model, batch) * act_bytes)
 
 
 def enumerate_layouts(cfg, model, gpus_per_node: int, nodes: int):
@@ -317,14 +245,20 @@ def enumerate_layouts(cfg, model, gpus_per_node: int, nodes: int):
     strategy = resolve_layout(cfg.trainer).strategy
     if strategy == "ddp":
         return [("ddp", world, 1)], []
+    from common.models import spec_of
+
+    llm = spec_of(cfg).llm(model) if spec_of(cfg).llm else None
     valid, skipped = [], []
     for tp in (t for t in range(1, world + 1) if world % t == 0):
         reason = None
         try:
             check_tensor_parallel_within_node(tp, gpus_per_node)
-            # the embedding's rows (the tokenizer's vocabulary grown to VOCAB_MULTIPLE), as common.train checks
-            rows = model.llm.get_input_embeddings().num_embeddings
-            check_tensor_parallel(tp, model.llm.config, rows, lora=bool(cfg.model.get("lora")))
+            if llm is None and tp > 1:
+                raise ConfigError(f"model {cfg.model.name!r} declares no tensor-parallel backbone")
+            if llm is not None:
+                # the embedding's rows (the tokenizer's vocabulary grown to VOCAB_MULTIPLE), as a run checks
+                rows = llm.get_input_embeddings().num_embeddings
+                check_tensor_parallel(tp, llm.config, rows, lora=bool(cfg.model.get("lora")))
         except ConfigError as exc:
             reason = str(exc)
         if reason:
@@ -393,11 +327,14 @@ def plan(recipe: str, gpus_per_node: int, nodes: int = 1, overrides=(), precisio
         raise PlanError(f"--gpus-per-node ({gpus_per_node}) and --nodes ({nodes}) must be positive")
     model, tok = build_meta_model(cfg, tokenizer)
     if vocab_size:
-        if not hasattr(model, "llm"):
+        from common.models import spec_of
+
+        spec = spec_of(cfg)
+        if spec.llm is None:
             raise PlanError(f"--vocab-size is for the speech-LLM recipes; {recipe} sets its vocabulary with "
                             "model.tokenizer.vocab_size")
         with torch.device("meta"):  # the backbone's real vocabulary (e.g. Qwen3: 151936), not the corpus's words
-            model.llm.resize_token_embeddings(vocab_size, mean_resizing=False)
+            spec.llm(model).resize_token_embeddings(vocab_size, mean_resizing=False)
         tok = type("Vocab", (), {"vocab_size": vocab_size})()
     widths = byte_widths(cfg, precision)
     valid, skipped = enumerate_layouts(cfg, model, gpus_per_node, nodes)
@@ -430,7 +367,7 @@ def format_plan(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m common.plan", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m common.tools.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--gpus-per-node", type=int, required=True)
     parser.add_argument("--nodes", type=int, default=1)

@@ -1,0 +1,108 @@
+"""One spec per model family: everything the training loop, the planner, the benchmarks and the
+tools know about a model, in one registered object (as torchtitan's TrainSpec).
+
+A model file ends with its spec; ``common.models`` finds it by ``model.name`` (or imports
+``model.module``, a model file outside this package, which registers its own). Nothing else
+matches class names or probes a model with ``hasattr``.
+
+Usage (in a model file)::
+
+    SPEC = register(ModelSpec(
+        name="asr_ctc", build=lambda cfg, tok: CTCASR(cfg.model, tok), tokenizer=bpe_tokenizer,
+        flops=ctc_flops, activation_values=ctc_activations, transcribes=True))
+
+and everywhere else::
+
+    spec = model_spec(cfg.model.name)
+    model = spec.build(cfg, tokenizer)
+    flops = spec.flops(model).training(batch["global_lengths"])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from common.parallel import ConfigError
+
+FRAME_S = 0.01  # one log-mel feature frame (common.data.features)
+TEXT_TOKENS_PER_S = 4  # the planner's assumption for target text per audio second
+
+
+@dataclass(frozen=True)
+class RankBatch:
+    """One rank's share of a training batch, as the planner sizes activations (``common.tools.plan``)."""
+
+    audio_s: float            # audio seconds on this rank
+    utterance_s: float        # the longest utterance: what one attention spans
+    llm_positions: float | None  # LLM positions on this rank when data.max_tokens bounds the batch, else None
+    dp: int
+    tp: int
+    activation_checkpointing: bool
+    sequence_parallel: bool
+    loss_parallel: bool
+    act_bytes: int            # bytes per activation value
+
+    @property
+    def frames(self) -> float:
+        return self.audio_s / FRAME_S
+
+    @property
+    def text_tokens(self) -> float:
+        return TEXT_TOKENS_PER_S * self.audio_s
+
+    def stack(self, positions: float, layers: int, per_position: float, width: float, scores: float = 0.0) -> float:
+        """Values a stack of ``layers`` layers keeps for backward: all of each layer's ``per_position``
+        values (+ its attention ``scores``), or with activation checkpointing one input per layer plus
+        one whole layer."""
+        one_layer = positions * per_position + scores
+        return positions * width * layers + one_layer if self.activation_checkpointing else one_layer * layers
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What is known about one model family (``model.name``)."""
+
+    name: str
+    build: Callable             # (cfg, tokenizer) -> nn.Module: random init, or pretrained weights per cfg.model
+    tokenizer: Callable         # (cfg, texts) -> tokenizer built from the training transcripts
+    flops: Callable             # model -> common.flops.ModelFlops (training FLOPs per global batch, for MFU)
+    activation_values: Callable  # (cfg, model, RankBatch) -> values backward keeps on one rank (planner estimate)
+    loss_normalizer: str = "global_num_target_tokens"  # the batch figure the loop divides loss sums by
+    validation_metrics: tuple[str, ...] = ()  # per-value means the model reports beside the loss (model.last_sums)
+    transcribes: bool = False   # model.generate(features, mask) -> token ids: WER in validation, make transcribe
+    synthesizes: bool = False   # model.synthesize(texts) -> mels: make synthesize, intelligibility
+    llm: Callable | None = None  # model -> its causal-LM backbone (tensor parallel checks, vocabulary)
+    merge_lora: Callable | None = None  # model -> None: LoRA adapters merged into the backbone's weights (export)
+    speech_encoder: Callable | None = None  # model -> its speech encoder (export of a pretrained encoder)
+    audio_frames_per_token: Callable | None = None  # cfg -> feature frames per LLM position (speech-LLMs)
+    check: Callable | None = None  # cfg -> None: the family's own settings; raises ConfigError naming them
+
+    @property
+    def capabilities(self) -> list[str]:
+        return [c for c, yes in (("transcribe", self.transcribes), ("synthesize", self.synthesizes),
+                                 ("merge LoRA", self.merge_lora is not None)) if yes] + ["export"]
+
+
+def bpe_tokenizer(cfg, texts):
+    """A BPE vocabulary of ``model.tokenizer.vocab_size`` learned from the training transcripts."""
+    from common.data.tokenizer import BPETokenizer
+
+    return BPETokenizer.build(texts, vocab_size=cfg.model.tokenizer.vocab_size)
+
+
+_SPECS: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Make ``spec`` known under ``spec.name`` (a model file calls this once, at import)."""
+    known = _SPECS.get(spec.name)
+    if known is not None and known is not spec and known.build is not spec.build:
+        raise ConfigError(f"model.name {spec.name!r} is registered twice (by {known.build.__module__} and "
+                          f"{spec.build.__module__})")
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def registered() -> dict[str, ModelSpec]:
+    return dict(_SPECS)
