@@ -181,7 +181,7 @@ def measure_overhead(recipe: str, data_dir: Path, warmup: int, steps: int) -> di
             self.last = time.perf_counter()
 
     torch.manual_seed(cfg.seed)
-    parallel = dict(cfg.parallel) if cfg.get("parallel") else None
+    parallel = dict(cfg.parallel) if cfg.parallel else None
     module = TrainingModule(build_model(cfg, tokenizer), tokenizer, spec_of(cfg), optim=cfg.optim, parallel=parallel)
     clock = Clock()
     with tempfile.TemporaryDirectory() as tmp:

@@ -204,7 +204,7 @@ def resolve_resume(cfg, run_dir: Path, rank: int = 0) -> tuple[str | None, int]:
                               "(make export gives consolidated weights)")
         return str(path), checkpoint_step(path) or 0
     found = complete_checkpoints(ckpt_dir)
-    if cfg.run.get("resume", True):
+    if cfg.run.resume:
         for step, path in reversed(found):
             problem = checkpoint_problem(path)
             if problem is None:

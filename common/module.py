@@ -156,13 +156,13 @@ def build_optimizer(params: list, cfg, max_steps: int):
     opt = torch.optim.AdamW(
         [g for g in groups if g["params"]],
         lr=cfg.lr,
-        betas=tuple(cfg.get("betas", (0.9, 0.98))),
-        weight_decay=cfg.get("weight_decay", 0.0),
+        betas=tuple(cfg.betas),
+        weight_decay=cfg.weight_decay,
         # One multi-tensor kernel per update instead of one per parameter: the per-parameter path
         # pays DTensor dispatch for every tensor on every step.
         foreach=True,
     )
-    warmup, min_ratio = cfg.warmup_steps, cfg.get("min_lr_ratio", 0.1)
+    warmup, min_ratio = cfg.warmup_steps, cfg.min_lr_ratio
 
     def lr_lambda(step: int) -> float:
         if step < warmup:

@@ -311,7 +311,7 @@ def summarize(cfg, layout, recorder: RunRecorder, *, status: str, error: str | N
         "accelerator": cfg.trainer.accelerator,
         "precision": cfg.trainer.precision,
         # bf16 compute over fp32 weights: FSDP2's policy (parallel.mixed_precision) or autocast (-mixed).
-        "bf16_compute": bool(cfg.get("parallel", {}).get("mixed_precision", False) is True
+        "bf16_compute": bool((cfg.parallel and cfg.parallel.mixed_precision is True)
                              or str(cfg.trainer.precision).startswith("bf16")),
         "device": recorder.device_info or previous.get("device", {}),
         "steps": history[-1]["step"] if history else 0,

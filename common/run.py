@@ -101,7 +101,9 @@ def compose(recipe: str, overrides=()) -> DictConfig:
 # --- settings, layout, hardware ------------------------------------------------------------------
 def check_run(cfg: DictConfig) -> Layout:
     """Every setting and the parallel layout checked, ``auto`` hardware settings and per-GPU batch
-    sizes resolved (``cfg`` is completed in place); the same error on every rank, before any work."""
+    sizes resolved; the same error on every rank, before any work. ``cfg`` is completed here, in
+    this one place, and is read-only afterwards: what a run derives from it is written into it now
+    (and so into its ``config.yaml``), never later."""
     from common.settings import check_settings, resolve_batch_size
 
     check_settings(cfg)
@@ -114,6 +116,7 @@ def check_run(cfg: DictConfig) -> Layout:
     resolve_hardware(cfg)
     resolve_batch_size(cfg.data, layout.world_size)
     check_data_options(cfg)
+    OmegaConf.set_readonly(cfg, True)
     return layout
 
 
@@ -128,7 +131,7 @@ def resolve_hardware(cfg: DictConfig) -> None:
     on_gpu = cfg.trainer.accelerator == "gpu"
     if cfg.trainer.precision == "auto":
         cfg.trainer.precision = gpu_precision(cfg.trainer.strategy.get("_target_")) if on_gpu else "32-true"
-    if cfg.get("parallel") and cfg.parallel.get("mixed_precision") == "auto":
+    if cfg.parallel and cfg.parallel.mixed_precision == "auto":
         # FSDP2's bf16-compute policy where Lightning keeps fp32 weights (with bf16-true it has nothing to do).
         cfg.parallel.mixed_precision = on_gpu and str(cfg.trainer.precision) in ("32-true", "32")
     if cfg.trainer.accelerator == "cpu":
@@ -136,11 +139,7 @@ def resolve_hardware(cfg: DictConfig) -> None:
 
 
 def check_data_options(cfg: DictConfig) -> None:
-    from common.data.checks import ON_BAD_ITEM
-
-    if cfg.data.get("on_bad_item", "skip") not in ON_BAD_ITEM:
-        raise ConfigError(f"data.on_bad_item must be one of {', '.join(ON_BAD_ITEM)}, got {cfg.data.on_bad_item!r}")
-    if cfg.data.get("max_tokens") and not audio_frames_per_token(cfg):
+    if cfg.data.max_tokens and not audio_frames_per_token(cfg):
         raise ConfigError("data.max_tokens bounds speech-LLM batches by LLM positions; "
                           f"model {cfg.model.name!r} has none (use data.max_duration_s)")
 
@@ -196,7 +195,7 @@ class Run:
             self.sources = prepare_data(self.cfg)
         datamodule = SpeechDataModule(self.cfg.data, self.tokenizer, self.sources, seed=self.cfg.seed,
                                       audio_frames_per_token=audio_frames_per_token(self.cfg),
-                                      pad_to_bucket_edges=bool(self.cfg.get("parallel", {}).get("compile", False)))
+                                      pad_to_bucket_edges=bool(self.cfg.parallel and self.cfg.parallel.compile))
         if one_rank:  # what data_parallel_rank_size() reads from a trainer
             datamodule.trainer = SimpleNamespace(strategy=SimpleNamespace(), global_rank=0, world_size=1)
         return datamodule

@@ -110,7 +110,11 @@ def check_settings(cfg) -> None:
         _int(cfg, "data.max_tokens", 1)
     _int(cfg, "data.num_buckets", 1)
     _int(cfg, "data.num_token_buckets", 1)
-    if _get(cfg, "data.sampler") not in (None, "buckets_2d", "lhotse_1d"):
+    from common.data.checks import ON_BAD_ITEM
+
+    if _get(cfg, "data.on_bad_item") not in ON_BAD_ITEM:
+        raise ConfigError(f"data.on_bad_item must be one of {', '.join(ON_BAD_ITEM)}, got {_get(cfg, 'data.on_bad_item')!r}")
+    if _get(cfg, "data.sampler") not in ("buckets_2d", "lhotse_1d"):
         raise ConfigError(f"data.sampler must be buckets_2d or lhotse_1d, got {_get(cfg, 'data.sampler')!r}")
     if _get(cfg, "data.bucket_profile") and _get(cfg, "data.sampler") == "lhotse_1d":
         raise ConfigError("data.bucket_profile needs data.sampler=buckets_2d (lhotse_1d has no per-bucket batch sizes)")

@@ -60,9 +60,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, recorder, resuming: bool, call
         trainer_kwargs["num_sanity_val_steps"] = 0  # the step-0 validation is in validation.jsonl already
     checkpoint = RunCheckpoint(run_dir / "checkpoints", every_n_steps=cfg.checkpoint.every_n_steps,
                                keep_last=cfg.checkpoint.keep_last,
-                               preemption_grace_s=cfg.checkpoint.get("preemption_grace_s", 60),
+                               preemption_grace_s=cfg.checkpoint.preemption_grace_s,
                                check_stop_every_n_steps=cfg.trainer.log_every_n_steps,
-                               at_end=cfg.checkpoint.get("at_end", True) is not False)
+                               at_end=cfg.checkpoint.at_end is not False)
     loggers = []
     if cfg.logger.wandb:
         from lightning.pytorch.loggers import WandbLogger
@@ -197,7 +197,7 @@ def train(cfg: DictConfig) -> None:
     recorder = RunRecorder(run_dir, print_every_n_steps=cfg.run.print_every_n_steps,
                            log_every_n_steps=cfg.trainer.log_every_n_steps,
                            resume_step=resume_step if ckpt_path else None)
-    guard = DataGuard(datamodule, max_bad_item_fraction=cfg.data.get("max_bad_item_fraction", 0.5))
+    guard = DataGuard(datamodule, max_bad_item_fraction=cfg.data.max_bad_item_fraction)
     trainer, checkpoint = build_trainer(cfg, run_dir, recorder, resuming=ckpt_path is not None, callbacks=[guard])
 
     # 4. Train; the summary is written whether it completes or fails.
@@ -243,7 +243,7 @@ def prepare_run(cfg: DictConfig, layout, run_dir: Path) -> tuple:
     from common.module import TrainingModule
 
     run = build_run(cfg, layout)
-    parallel = OmegaConf.to_container(cfg.parallel) if cfg.get("parallel") else None  # ModelParallelStrategy only
+    parallel = OmegaConf.to_container(cfg.parallel) if cfg.parallel else None  # ModelParallelStrategy only
     module = TrainingModule(run.model, run.tokenizer, run.spec, optim=cfg.optim, parallel=parallel,
                             run_config=OmegaConf.to_container(cfg, resolve=True))
     datamodule = run.datamodule()
@@ -278,9 +278,9 @@ def write_bad_items(run_dir: Path, bad_items: dict) -> None:
 
 def evaluate_intelligibility(cfg: DictConfig, model, spec, sources: dict) -> dict:
     """TTS only, when ``eval.asr_checkpoint`` is set: CER of that recognizer on synthesized held-out text."""
-    asr_checkpoint = cfg.get("eval", {}).get("asr_checkpoint")
-    if not asr_checkpoint or not spec.synthesizes:
+    if not spec.synthesizes or not cfg.eval.asr_checkpoint:  # eval: tts.yaml
         return {}
+    asr_checkpoint = cfg.eval.asr_checkpoint
     from itertools import islice
 
     from common.data.sources import iter_texts

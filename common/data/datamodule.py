@@ -69,17 +69,17 @@ class SpeechDataModule(L.LightningDataModule):
             sample_rate=cfg.sample_rate,
             # Training only (lhotse's SpecAugment settings; applied on the device, common.data.features).
             spec_augment=_to_dict(cfg.get("spec_augment")) if train else None,
-            normalize_features=cfg.get("feature_normalization", "utterance") == "utterance",
-            token_alignment=bool(cfg.get("token_alignment", False)),
-            on_bad_item=cfg.get("on_bad_item", "skip"),
+            normalize_features=cfg.feature_normalization == "utterance",
+            token_alignment=bool(cfg.token_alignment),
+            on_bad_item=cfg.on_bad_item,
             max_utterance_s=cfg.get("max_utterance_s"),
             token_budget=budget,
             max_tokens=max_tokens,
-            buffer_size=cfg.get("bucket_buffer_size", 20000),
+            buffer_size=cfg.bucket_buffer_size,
             check_tokens=train,
             pad_to_bucket_edges=self.pad_to_bucket_edges,
-            num_token_buckets=cfg.get("num_token_buckets", 1),
-            sampler=cfg.get("sampler", "buckets_2d"),
+            num_token_buckets=cfg.num_token_buckets,
+            sampler=cfg.sampler,
             bucket_grid=self._profiled_grid() if train else None,
         )
         self.filters[split] = loader.metadata_filter

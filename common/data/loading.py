@@ -365,8 +365,6 @@ def make_loader(
     """
     from lhotse.dataset import DynamicBucketingSampler
 
-    if on_bad_item not in ON_BAD_ITEM:
-        raise ValueError(f"data.on_bad_item must be one of {ON_BAD_ITEM}, got {on_bad_item!r}")
     by_tokens = token_budget is not None and max_tokens is not None
     keep = MetadataFilter(tokenizer if check_tokens else None, max_utterance_s or max_duration_s, token_budget if by_tokens else None,
                           max_tokens if by_tokens else None, on_bad_item)

@@ -227,12 +227,12 @@ def activation_bytes(cfg, model, dp: int, tp: int, act_bytes: int) -> int:
         audio_s = d.max_tokens / dp * spec.audio_frames_per_token(cfg) * FRAME_S
     else:
         audio_s = float(d.max_duration_s) / dp  # the global batch splits evenly over dp ranks
-    parallel = cfg.get("parallel") or {}
+    parallel = cfg.parallel  # null for DDP recipes
     batch = RankBatch(audio_s=audio_s, utterance_s=min(utt_s, audio_s),  # one utterance, at most the rank's batch
                       llm_positions=positions, dp=dp, tp=tp,
-                      activation_checkpointing=bool(parallel.get("activation_checkpointing", False)),
-                      sequence_parallel=bool(parallel.get("sequence_parallel", True)),
-                      loss_parallel=bool(parallel.get("loss_parallel", True)), act_bytes=act_bytes)
+                      activation_checkpointing=bool(parallel and parallel.activation_checkpointing),
+                      sequence_parallel=bool(parallel and parallel.sequence_parallel),
+                      loss_parallel=bool(parallel and parallel.loss_parallel), act_bytes=act_bytes)
     return int(spec.activation_values(cfg, model, batch) * act_bytes)
 
 
@@ -290,7 +290,7 @@ def byte_widths(cfg, precision: str) -> tuple[int, int, int]:
     """Bytes per element of (parameters, activations, FSDP-gathered units) for ``precision``."""
     param_b, act_b = PRECISIONS[precision]
     gather_b = param_b
-    policy = cfg.get("parallel", {}).get("mixed_precision", False)
+    policy = cfg.parallel.mixed_precision if cfg.parallel else False
     if policy is True or (policy == "auto" and precision in ("32-true", "32")):
         act_b = gather_b = min(act_b, 2)  # FSDP2's bf16 compute policy: bf16 activations and gathered units
     return param_b, act_b, gather_b
@@ -301,7 +301,7 @@ def layout_bytes(cfg, model, strategy: str, dp: int, tp: int, widths: tuple[int,
     the activations of ``cfg``'s batch and the FSDP2 gather buffers (``total_bytes``: their sum).
     ``make plan`` lists it per layout; ``make profile-batches`` (on CPU) sizes buckets with it."""
     param_b, act_b, gather_b = widths
-    seq_par = bool(cfg.get("parallel", {}).get("sequence_parallel", True))
+    seq_par = bool(cfg.parallel and cfg.parallel.sequence_parallel)
     ranks = state_bytes(model, strategy, dp, tp, param_b, seq_par)
     row = {"name": f"DDP x{dp}" if strategy == "ddp" else f"dp{dp} x tp{tp}", "strategy": strategy,
            "dp": dp, "tp": tp, "per_rank": ranks,

@@ -134,10 +134,10 @@ def profile(recipe: str, overrides=(), memory_fraction: float = 0.85, measure: s
     lengths = []
     for cut in open_sources(sources["train"], seed=cfg.seed, mix=False):
         lengths.append((cut.duration, len(tokenizer.encode(cut.supervisions[0].text or ""))))
-        if len(lengths) >= cfg.data.get("bucket_buffer_size", 20000):
+        if len(lengths) >= cfg.data.bucket_buffer_size:
             break
     longest = float(cfg.data.get("max_utterance_s") or max(d for d, _ in lengths))
-    grid = BucketGrid.estimate(lengths, cfg.data.num_buckets, cfg.data.get("num_token_buckets", 1),
+    grid = BucketGrid.estimate(lengths, cfg.data.num_buckets, cfg.data.num_token_buckets,
                                batch_size=BudgetBatchSize(max_duration_s=float(cfg.data.max_duration_s)),
                                max_duration_s=longest, min_batches_per_bucket=0)  # sizes come from memory
     if measure == "gpu":

@@ -30,7 +30,8 @@ def test_gpu_defaults(monkeypatch):
 def test_gpu_defaults_ddp(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cfg = OmegaConf.create({"trainer": {"accelerator": "auto", "precision": "auto",
-                                        "strategy": {"_target_": "lightning.pytorch.strategies.DDPStrategy"}}})
+                                        "strategy": {"_target_": "lightning.pytorch.strategies.DDPStrategy"}},
+                            "parallel": None})  # base.yaml: DDP recipes have no parallel block
     resolve_hardware(cfg)
     assert cfg.trainer.precision == "bf16-mixed"
 
