@@ -9,13 +9,18 @@ step-0 validation).
 Usage::
 
     check_settings(cfg)        # raises ConfigError
+
+The plain settings are a typed table (:data:`SETTINGS`): each names its type and range, while its
+default and its documentation stay where the YAML declares it, in one place.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
+from common.data.checks import ON_BAD_ITEM
 from common.parallel import ConfigError
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]*$")
@@ -30,26 +35,104 @@ def _is_num(v) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
-def _int(cfg, key: str, lo: int, hi: int | None = None, allowed: tuple = ()) -> None:
-    v = _get(cfg, key)
-    if v in allowed and not isinstance(v, bool):
-        return
-    if not _is_int(v) or v < lo or (hi is not None and v > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        extra = f" (or {', '.join(map(str, allowed))})" if allowed else ""
-        raise ConfigError(f"{key} must be an integer {rng}{extra}, got {v!r}")
+@dataclass(frozen=True)
+class Setting:
+    """The type and range of one setting (its default and its documentation are in the YAML that
+    declares it: base.yaml or a family file). ``kind``: ``int`` (``lo``/``hi`` inclusive, plus
+    ``allowed`` extra values), ``number`` (finite; ``lo_open``/``hi_open`` bounds), ``bool``,
+    ``choice`` (one of ``choices``; ``listed`` words the message as "one of a, b" rather than "a or b")."""
+
+    key: str
+    kind: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    nullable: bool = False   # null is a valid value (the feature is off, or "not set")
+    allowed: tuple = ()
+    choices: tuple = ()
+    listed: bool = False
+
+    def check(self, cfg) -> None:
+        v = _get(cfg, self.key)
+        if v is None and self.nullable:
+            return
+        if self.kind == "int":
+            if v in self.allowed and not isinstance(v, bool):
+                return
+            if not _is_int(v) or v < self.lo or (self.hi is not None and v > self.hi):
+                rng = f">= {self.lo}" if self.hi is None else f"in [{self.lo}, {self.hi}]"
+                extra = f" (or {', '.join(map(str, self.allowed))})" if self.allowed else ""
+                raise ConfigError(f"{self.key} must be an integer {rng}{extra}, got {v!r}")
+        elif self.kind == "number":
+            lo, hi = self.lo, self.hi
+            ok = _is_num(v) and (v > lo if self.lo_open else v >= lo) and (
+                hi is None or (v < hi if self.hi_open else v <= hi))
+            if not ok:
+                left, right = ("(" if self.lo_open else "["), (")" if self.hi_open or hi is None else "]")
+                rng = f"in {left}{lo:g}, {'inf' if hi is None else f'{hi:g}'}{right}"
+                raise ConfigError(f"{self.key} must be a number {rng}{' or null' if self.nullable else ''}, got {v!r}")
+        elif self.kind == "bool":
+            if not isinstance(v, bool):
+                raise ConfigError(f"{self.key} must be true or false, got {v!r}")
+        elif self.kind == "choice":
+            if str(v) not in self.choices:
+                words = ("one of " + ", ".join(self.choices) if self.listed
+                         else f"{', '.join(self.choices[:-1])} or {self.choices[-1]}")
+                raise ConfigError(f"{self.key} must be {words}, got {v!r}")
+        else:
+            raise ValueError(f"{self.key}: unknown kind {self.kind!r}")
 
 
-def _num(cfg, key: str, lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
-         nullable: bool = False) -> None:
-    v = _get(cfg, key)
-    if v is None and nullable:
-        return
-    ok = _is_num(v) and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
-    if not ok:
-        left, right = ("(" if lo_open else "["), (")" if hi_open or hi is None else "]")
-        rng = f"in {left}{lo:g}, {'inf' if hi is None else f'{hi:g}'}{right}"
-        raise ConfigError(f"{key} must be a number {rng}{' or null' if nullable else ''}, got {v!r}")
+def _int(key: str, lo: int, hi: int | None = None, **kw) -> Setting:
+    return Setting(key, "int", lo, hi, **kw)
+
+
+def _num(key: str, lo: float, hi: float | None = None, **kw) -> Setting:
+    return Setting(key, "number", lo, hi, **kw)
+
+
+PRECISIONS = ("auto", "32-true", "32", "bf16-true", "bf16-mixed", "bf16", "16-mixed", "16-true", "16",
+              "64-true", "64", "transformer-engine", "transformer-engine-float16")
+
+# Every plain setting every recipe reads, in the order they are checked.
+SETTINGS = (
+    _int("seed", 0),
+    Setting("run.resume", "bool"),
+    _int("run.print_every_n_steps", 1),
+    _num("run.collective_timeout_s", 0, lo_open=True, nullable=True),
+    _int("trainer.max_steps", 1),
+    _int("trainer.max_epochs", -1),
+    _int("trainer.log_every_n_steps", 1),
+    _int("trainer.num_sanity_val_steps", -1),
+    Setting("trainer.precision", "choice", choices=PRECISIONS, listed=True),
+    Setting("trainer.accelerator", "choice", choices=("auto", "cpu", "gpu", "cuda")),
+    _num("data.max_duration_s", 0, lo_open=True),
+    _num("data.max_duration_s_per_gpu", 0, lo_open=True, nullable=True),
+    _int("data.max_tokens_per_gpu", 1, nullable=True),
+    _num("data.val_max_duration_s", 0, lo_open=True),
+    _num("data.max_utterance_s", 0, lo_open=True, nullable=True),
+    _int("data.max_tokens", 1, nullable=True),
+    _int("data.num_buckets", 1),
+    _int("data.num_token_buckets", 1),
+    Setting("data.on_bad_item", "choice", choices=ON_BAD_ITEM, listed=True),
+    Setting("data.sampler", "choice", choices=("buckets_2d", "lhotse_1d")),
+    _int("data.bucket_buffer_size", 1),
+    _int("data.num_workers", 0),
+    _int("data.sample_rate", 1000),
+    _int("data.num_mel_bins", 1),
+    _num("data.max_bad_item_fraction", 0, 1),
+    Setting("data.feature_normalization", "choice", choices=("utterance", "none")),
+    _num("optim.lr", 0, lo_open=True),
+    _num("optim.weight_decay", 0),
+    _int("optim.warmup_steps", 0),
+    _num("optim.min_lr_ratio", 0, 1),
+    _num("optim.max_grad_norm", 0, lo_open=True, nullable=True),
+    _int("checkpoint.every_n_steps", 1),
+    _int("checkpoint.keep_last", 1, allowed=(-1,)),  # -1: keep every checkpoint
+    _num("checkpoint.preemption_grace_s", 0, lo_open=True),
+    Setting("checkpoint.at_end", "bool", nullable=True),
+)
 
 
 def _get(cfg, key: str):
@@ -68,22 +151,16 @@ def check_run_name(name) -> None:
 
 
 def check_settings(cfg) -> None:
-    """Types and ranges of the settings every recipe reads (raises :class:`ConfigError`)."""
+    """Types and ranges of the settings every recipe reads (:data:`SETTINGS`), then the ones a
+    table cannot say, then the model family's own (its spec's ``check``); raises :class:`ConfigError`."""
     check_run_name(_get(cfg, "run.name"))
     from common.models import check_model_family, spec_of
 
     spec = spec_of(cfg)  # an unknown model.name is an error naming the known ones
     check_model_family(cfg)
-    _int(cfg, "seed", 0)
-    if not isinstance(_get(cfg, "run.resume"), bool):
-        raise ConfigError(f"run.resume must be true or false, got {_get(cfg, 'run.resume')!r}")
-    _int(cfg, "run.print_every_n_steps", 1)
-    _num(cfg, "run.collective_timeout_s", 0, lo_open=True, nullable=True)
+    for setting in SETTINGS:
+        setting.check(cfg)
 
-    _int(cfg, "trainer.max_steps", 1)
-    _int(cfg, "trainer.max_epochs", -1)
-    _int(cfg, "trainer.log_every_n_steps", 1)
-    _int(cfg, "trainer.num_sanity_val_steps", -1)
     vci = _get(cfg, "trainer.val_check_interval")
     if not ((_is_int(vci) and vci >= 1) or (isinstance(vci, float) and 0 < vci <= 1)):
         raise ConfigError(f"trainer.val_check_interval must be a number of steps >= 1 or a fraction in (0, 1], "
@@ -92,45 +169,15 @@ def check_settings(cfg) -> None:
     if not ((_is_int(lvb) and lvb >= 0) or (isinstance(lvb, float) and 0 <= lvb <= 1)):
         raise ConfigError(f"trainer.limit_val_batches must be a number of batches >= 0 or a fraction in [0, 1], "
                           f"got {lvb!r}")
-    precisions = ("auto", "32-true", "32", "bf16-true", "bf16-mixed", "bf16", "16-mixed", "16-true", "16",
-                  "64-true", "64", "transformer-engine", "transformer-engine-float16")
-    if str(_get(cfg, "trainer.precision")) not in precisions:
-        raise ConfigError(f"trainer.precision must be one of {', '.join(precisions)}, "
-                          f"got {_get(cfg, 'trainer.precision')!r}")
-    if _get(cfg, "trainer.accelerator") not in ("auto", "cpu", "gpu", "cuda"):
-        raise ConfigError(f"trainer.accelerator must be auto, cpu, gpu or cuda, got {_get(cfg, 'trainer.accelerator')!r}")
-
-    _num(cfg, "data.max_duration_s", 0, lo_open=True)
-    _num(cfg, "data.max_duration_s_per_gpu", 0, lo_open=True, nullable=True)
-    if _get(cfg, "data.max_tokens_per_gpu") is not None:
-        _int(cfg, "data.max_tokens_per_gpu", 1)
-    _num(cfg, "data.val_max_duration_s", 0, lo_open=True)
-    _num(cfg, "data.max_utterance_s", 0, lo_open=True, nullable=True)
-    if _get(cfg, "data.max_tokens") is not None:
-        _int(cfg, "data.max_tokens", 1)
-    _int(cfg, "data.num_buckets", 1)
-    _int(cfg, "data.num_token_buckets", 1)
-    from common.data.checks import ON_BAD_ITEM
-
-    if _get(cfg, "data.on_bad_item") not in ON_BAD_ITEM:
-        raise ConfigError(f"data.on_bad_item must be one of {', '.join(ON_BAD_ITEM)}, got {_get(cfg, 'data.on_bad_item')!r}")
-    if _get(cfg, "data.sampler") not in ("buckets_2d", "lhotse_1d"):
-        raise ConfigError(f"data.sampler must be buckets_2d or lhotse_1d, got {_get(cfg, 'data.sampler')!r}")
-    if _get(cfg, "data.bucket_profile") and _get(cfg, "data.sampler") == "lhotse_1d":
-        raise ConfigError("data.bucket_profile needs data.sampler=buckets_2d (lhotse_1d has no per-bucket batch sizes)")
+    betas = _get(cfg, "optim.betas")
+    if betas is None or len(betas) != 2 or not all(_is_num(b) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas!r}")
     if _get(cfg, "data.bucket_profile"):
+        if _get(cfg, "data.sampler") == "lhotse_1d":
+            raise ConfigError("data.bucket_profile needs data.sampler=buckets_2d (lhotse_1d has no per-bucket batch sizes)")
         from common.data.buckets import load_bucket_profile
 
         load_bucket_profile(_get(cfg, "data.bucket_profile"), recipe=_get(cfg, "recipe"))  # early: names the file
-    _int(cfg, "data.bucket_buffer_size", 1)
-    _int(cfg, "data.num_workers", 0)
-    _int(cfg, "data.sample_rate", 1000)
-    _int(cfg, "data.num_mel_bins", 1)
-    _num(cfg, "data.max_bad_item_fraction", 0, 1)
-    if _get(cfg, "data.feature_normalization") not in ("utterance", "none"):
-        raise ConfigError(f"data.feature_normalization must be utterance or none, "
-                          f"got {_get(cfg, 'data.feature_normalization')!r}")
-
     augment = _get(cfg, "data.spec_augment")
     if augment is not None:
         from common.data.features import SpecAugmentConfig
@@ -146,21 +193,6 @@ def check_settings(cfg) -> None:
 
     if spec.check is not None:  # the model family's own settings
         spec.check(cfg)
-
-    _num(cfg, "optim.lr", 0, lo_open=True)
-    betas = _get(cfg, "optim.betas")
-    if betas is None or len(betas) != 2 or not all(_is_num(b) and 0 <= b < 1 for b in betas):
-        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas!r}")
-    _num(cfg, "optim.weight_decay", 0)
-    _int(cfg, "optim.warmup_steps", 0)
-    _num(cfg, "optim.min_lr_ratio", 0, 1)
-    _num(cfg, "optim.max_grad_norm", 0, lo_open=True, nullable=True)
-
-    _int(cfg, "checkpoint.every_n_steps", 1)
-    _int(cfg, "checkpoint.keep_last", 1, allowed=(-1,))  # -1: keep every checkpoint
-    _num(cfg, "checkpoint.preemption_grace_s", 0, lo_open=True)
-    if not isinstance(_get(cfg, "checkpoint.at_end"), (bool, type(None))):
-        raise ConfigError(f"checkpoint.at_end must be true or false, got {_get(cfg, 'checkpoint.at_end')!r}")
 
 
 def resolve_batch_size(data, world_size: int) -> None:

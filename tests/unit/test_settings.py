@@ -157,3 +157,22 @@ def test_export_refuses_a_directory_it_did_not_write(tmp_path):
     check_out_dir(earlier)  # an earlier export is replaced
     check_out_dir(tmp_path / "new")
     assert (other / "todo.txt").read_text() == "mine" and (run_dir / "metrics.jsonl").exists()
+
+
+def test_every_typed_setting_is_declared_once_in_the_yaml_and_refuses_a_wrong_type():
+    """Defaults live in one place: each setting of the typed table is declared by base.yaml or the
+    family file of every recipe (no code restates it); a value of the wrong type is named."""
+    from omegaconf import OmegaConf
+
+    from common.settings import SETTINGS, check_settings
+
+    for recipe in ("asr_ddp", "tts_ddp", "salm_fsdp2", "salm_tp_fsdp2"):
+        cfg = recipe_config(recipe, ["run.name=ok"])
+        undeclared = [s.key for s in SETTINGS if OmegaConf.select(cfg, s.key, default="<undeclared>") == "<undeclared>"]
+        assert not undeclared, f"{recipe}: {undeclared}"
+    base = recipe_config("asr_ddp", ["run.name=ok"])
+    for setting in SETTINGS:
+        bad = base.copy()
+        OmegaConf.update(bad, setting.key, "abc" if setting.kind != "choice" else "nope", force_add=True)
+        with pytest.raises(ConfigError, match=rf"^{setting.key} must be .*, got '(abc|nope)'$"):
+            check_settings(bad)
