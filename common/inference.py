@@ -58,7 +58,7 @@ def load_model(checkpoint: str | Path):
     from omegaconf import OmegaConf
 
     from common.data.tokenizer import load_tokenizer, tokenizer_from_json
-    from common.models import build_model
+    from common.models import build_model, with_legacy_settings
 
     path = Path(checkpoint)
     if is_export(path):
@@ -71,7 +71,7 @@ def load_model(checkpoint: str | Path):
     meta, state = read_checkpoint(path)
     if "run_config" not in meta:
         raise ConfigError(f"checkpoint {path}: no run_config inside (not written by common.train)")
-    cfg = OmegaConf.create(meta["run_config"])
+    cfg = with_legacy_settings(OmegaConf.create(meta["run_config"]))  # an older checkpoint: as it was trained
     if "tokenizer_json" in meta:
         tokenizer = tokenizer_from_json(meta["tokenizer_json"])
     else:  # e.g. a pretrained Hugging Face tokenizer: saved in the run directory
@@ -101,7 +101,7 @@ def load_exported(directory: str | Path):
     from safetensors.torch import load_model as load_weights
 
     from common.data.tokenizer import load_tokenizer
-    from common.models import build_model
+    from common.models import build_model, with_legacy_settings
 
     directory = Path(directory)
     if not is_export(directory):
@@ -109,7 +109,8 @@ def load_exported(directory: str | Path):
     config = json.loads((directory / CONFIG_FILE).read_text())
     if config.get("format") != FORMAT:
         raise ConfigError(f"{directory}/{CONFIG_FILE}: format {config.get('format')!r}, expected {FORMAT!r}")
-    cfg = OmegaConf.create({"recipe": config.get("recipe"), "model": config["model"], "data": config["data"]})
+    cfg = with_legacy_settings(OmegaConf.create({"recipe": config.get("recipe"), "model": config["model"],
+                                                 "data": config["data"]}))
     tokenizer = load_tokenizer(directory)
     model = build_model(cfg, tokenizer)
     load_weights(model, directory / WEIGHTS_FILE, strict=True)  # re-ties shared tensors

@@ -8,7 +8,7 @@ loop and above data and models; it never imports :mod:`common.train`.
 Usage::
 
     cfg = compose("salm_tp_fsdp2", ["trainer.devices=4"])  # as `make run` composes it
-    layout = check_run(cfg)        # settings, layout, hardware and global batch sizes, before any work
+    layout = check_run(cfg).layout  # settings, layout, hardware and global batch sizes, before any work
     run = build_run(cfg, layout)   # data sources, tokenizer, model (same seed: same weights on every rank)
     datamodule = run.datamodule()  # the training and validation batches of this run
 
@@ -99,13 +99,25 @@ def compose(recipe: str, overrides=()) -> DictConfig:
 
 
 # --- settings, layout, hardware ------------------------------------------------------------------
-def check_run(cfg: DictConfig) -> Layout:
+# The settings a run derives from others ("auto", per-GPU batch sizes), in check_run and nowhere else.
+DERIVED_SETTINGS = ("trainer.strategy.data_parallel_size", "trainer.accelerator", "trainer.precision",
+                    "parallel.mixed_precision", "data.max_duration_s", "data.max_tokens")
+
+
+@dataclass(frozen=True)
+class CheckedRun:
+    layout: Layout
+    derived: dict  # {setting: {"given": as composed, "used": as the run uses it}} for each one the check resolved
+
+
+def check_run(cfg: DictConfig) -> CheckedRun:
     """Every setting and the parallel layout checked, ``auto`` hardware settings and per-GPU batch
     sizes resolved; the same error on every rank, before any work. ``cfg`` is completed here, in
-    this one place, and is read-only afterwards: what a run derives from it is written into it now
-    (and so into its ``config.yaml``), never later."""
+    this one place, and is read-only afterwards: what a run derives is written into it now (so into
+    its ``config.yaml``) and listed in ``derived`` (the run's ``summary.json``), never changed later."""
     from common.settings import check_settings, resolve_batch_size
 
+    given = {key: OmegaConf.select(cfg, key) for key in DERIVED_SETTINGS}
     check_settings(cfg)
     layout = resolve_layout(cfg.trainer)
     check_launch(layout)
@@ -117,7 +129,8 @@ def check_run(cfg: DictConfig) -> Layout:
     resolve_batch_size(cfg.data, layout.world_size)
     check_data_options(cfg)
     OmegaConf.set_readonly(cfg, True)
-    return layout
+    used = {key: OmegaConf.select(cfg, key) for key in DERIVED_SETTINGS}
+    return CheckedRun(layout, {k: {"given": given[k], "used": used[k]} for k in DERIVED_SETTINGS if used[k] != given[k]})
 
 
 def resolve_hardware(cfg: DictConfig) -> None:

@@ -167,7 +167,8 @@ def train(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run.output_dir).resolve()
 
     # 1. Validate settings and layout before anything expensive (every rank raises the same error; no hang).
-    layout = check_run(cfg)
+    checked = check_run(cfg)
+    layout = checked.layout
     warn_if_restarts_reuse_the_store()
 
     # 2. One writer per run directory: a second launch on it stops here, naming the holder.
@@ -226,6 +227,7 @@ def train(cfg: DictConfig) -> None:
             summary["data"]["substituted_batches"] = data_report["substituted_batches"]
             summary["data"]["coverage"] = datamodule.coverage
             summary["data"]["bad_item_share"] = guard.last_share
+            summary["derived_settings"] = checked.derived  # what check_run resolved (config.yaml has the results)
             write_bad_items(run_dir, data_report["items"])
             summary["val"].update(extra_val if status == "completed" else {})
             write_summary(run_dir, summary)

@@ -46,6 +46,18 @@ def spec_of(cfg) -> ModelSpec:
     return model_spec(cfg.model.name, cfg.model.get("module"))
 
 
+def with_legacy_settings(cfg):
+    """A stored run config (a checkpoint's or an export's) with the settings its model family added
+    since filled in as that model was trained (:attr:`ModelSpec.legacy_settings`); ``cfg`` is changed."""
+    from omegaconf import OmegaConf
+
+    absent = object()
+    for key, value in (spec_of(cfg).legacy_settings or {}).items():
+        if OmegaConf.select(cfg, key, default=absent) is absent:
+            OmegaConf.update(cfg, key, value, force_add=True)
+    return cfg
+
+
 def build_tokenizer(cfg, sources: dict):
     """The run's tokenizer, as the model's spec builds it from the training transcripts (metadata
     only, no audio is read), or the pretrained LLM's own."""

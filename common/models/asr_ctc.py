@@ -94,5 +94,5 @@ def ctc_activation_values(cfg, model: CTCASR, batch) -> float:
 SPEC = register(ModelSpec(
     name="asr_ctc", build=lambda cfg, tokenizer: CTCASR(cfg.model, tokenizer), tokenizer=bpe_tokenizer,
     flops=ctc_flops, activation_values=ctc_activation_values, transcribes=True,
-    speech_encoder=lambda model: model.ctc.encoder,
+    speech_encoder=lambda model: model.ctc.encoder, legacy_settings={"model.encoder_conv_norm": "auto"},
 ))

@@ -127,7 +127,7 @@ def build_encoder(cfg) -> nn.Module:
     from transformers import ParakeetEncoder, ParakeetEncoderConfig
 
     pretrained = cfg.get("pretrained_encoder")
-    conv_norm = cfg.get("encoder_conv_norm", "auto")
+    conv_norm = cfg.encoder_conv_norm
     if conv_norm == "auto":  # keep a pretrained encoder's BatchNorm (its statistics are weights too)
         conv_norm = "batch_norm" if pretrained else "layer_norm"
     if conv_norm not in ("layer_norm", "batch_norm"):

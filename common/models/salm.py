@@ -185,21 +185,21 @@ class SALM(nn.Module):
         )
         # Optional auxiliary CTC on the encoder (hybrid CTC/attention): from random init it gives the
         # encoder a direct, alignment-free signal long before the LLM learns to attend to audio.
-        self.ctc_weight = float(cfg.get("ctc_aux_weight", 0.0))
+        self.ctc_weight = float(cfg.ctc_aux_weight)
         self.ctc_head = nn.Linear(self.encoder.config.hidden_size, tokenizer.vocab_size) if self.ctc_weight else None
         # CTC compression of the audio before the projector (see ctc_compress); the CTC head picks the runs.
-        self.ctc_compress = bool(cfg.projector.get("ctc_compress", False))
+        self.ctc_compress = bool(cfg.projector.ctc_compress)
         if self.ctc_compress and self.ctc_head is None:
             raise ValueError("model.projector.ctc_compress needs model.ctc_aux_weight > 0 (the CTC head's "
                              "labels choose the segments), or set model.projector.ctc_compress=false")
         self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
         self.audio_id = tokenizer.audio_id
         # The token ids before and after the audio frames (the answer follows them).
-        self.head_ids, self.prompt_ids = prompt_ids(tokenizer, cfg.prompt, cfg.get("prompt_format", "plain"))
+        self.head_ids, self.prompt_ids = prompt_ids(tokenizer, cfg.prompt, cfg.prompt_format)
         self.max_new_tokens = cfg.max_new_tokens
         # Few distinct sequence lengths: DTensor caches its sharding decisions per shape, and
         # GPU kernels (and torch.compile) like fixed shapes too.
-        self.pad_to_multiple_of = int(cfg.get("pad_to_multiple_of", 1))
+        self.pad_to_multiple_of = int(cfg.pad_to_multiple_of)
         self.parallel_hooks = ParallelHooks()
         for pattern in cfg.get("freeze") or []:
             matched = [p for n, p in self.named_parameters() if fnmatch.fnmatchcase(n, pattern)]
@@ -426,9 +426,9 @@ def merge_lora(model: SALM) -> None:
 
 
 def check_salm_settings(cfg) -> None:
-    if cfg.model.projector.get("ctc_compress") and not cfg.model.get("ctc_aux_weight"):
+    if cfg.model.projector.ctc_compress and not cfg.model.ctc_aux_weight:
         raise ConfigError(f"model.projector.ctc_compress=true needs a CTC head, but model.ctc_aux_weight is "
-                          f"{cfg.model.get('ctc_aux_weight')!r}: set model.ctc_aux_weight > 0, or "
+                          f"{cfg.model.ctc_aux_weight!r}: set model.ctc_aux_weight > 0, or "
                           "model.projector.ctc_compress=false (then stack frames, e.g. model.projector.stack_frames=2)")
 
 
@@ -439,4 +439,6 @@ SPEC = register(ModelSpec(
     # encoder subsampling x projector stacking
     audio_frames_per_token=lambda cfg: int(cfg.model.encoder.subsampling_factor) * int(cfg.model.projector.stack_frames),
     check=check_salm_settings,
+    legacy_settings={"model.ctc_aux_weight": 0.0, "model.projector.ctc_compress": False,
+                     "model.prompt_format": "plain", "model.pad_to_multiple_of": 1, "model.encoder_conv_norm": "auto"},
 ))

@@ -77,6 +77,11 @@ class ModelSpec:
     speech_encoder: Callable | None = None  # model -> its speech encoder (export of a pretrained encoder)
     audio_frames_per_token: Callable | None = None  # cfg -> feature frames per LLM position (speech-LLMs)
     check: Callable | None = None  # cfg -> None: the family's own settings; raises ConfigError naming them
+    # Settings added after some of the family's checkpoints and exports were written, with the value
+    # that rebuilds those models as they were trained ({"model.<key>": value}). Loading fills them in
+    # where a stored config lacks them (common.models.with_legacy_settings); the model code reads
+    # every setting directly, and today's defaults live in the presets alone.
+    legacy_settings: dict | None = None
 
     @property
     def capabilities(self) -> list[str]:

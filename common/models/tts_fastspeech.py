@@ -128,9 +128,9 @@ class FastSpeechTTS(nn.Module):
         self.pad_id = tokenizer.pad_id
         self.tokenizer = tokenizer
         self.num_mel_bins = num_mel_bins
-        self.duration_loss_weight = float(cfg.get("duration_loss_weight", 1.0))
-        self.alignment_prior_sigma = float(cfg.get("alignment_prior_sigma", 0.2))
-        self.max_frames_per_token = float(cfg.get("max_frames_per_token", 60.0))
+        self.duration_loss_weight = float(cfg.duration_loss_weight)
+        self.alignment_prior_sigma = float(cfg.alignment_prior_sigma)
+        self.max_frames_per_token = float(cfg.max_frames_per_token)
         self.parallel_hooks = ParallelHooks()
         self.last_sums: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (sum, frames) of the last forward
         self.last_synthesis: dict[str, int] = {}
@@ -271,4 +271,6 @@ SPEC = register(ModelSpec(
     # Reported besides the total loss, per frame like it: |predicted - target| log-mel after the
     # post-net (per value), and the tokens' squared log-duration errors.
     validation_metrics=("mel_loss", "duration_loss"), synthesizes=True,
+    legacy_settings={"model.duration_loss_weight": 1.0, "model.alignment_prior_sigma": 0.2,
+                     "model.max_frames_per_token": 60.0},
 ))

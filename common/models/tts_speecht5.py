@@ -78,10 +78,10 @@ class SpeechT5TTS(nn.Module):
         self.pad_id = tokenizer.pad_id
         self.tokenizer = tokenizer
         self.r = self.config.reduction_factor
-        self.guided_attention_weight = float(cfg.get("guided_attention_weight", 1.0))
-        self.guided_attention_sigma = float(cfg.get("guided_attention_sigma", 0.4))
-        self.max_frames_per_token = float(cfg.get("max_frames_per_token", 12.0))
-        self.stop_threshold = float(cfg.get("stop_threshold", 0.5))
+        self.guided_attention_weight = float(cfg.guided_attention_weight)
+        self.guided_attention_sigma = float(cfg.guided_attention_sigma)
+        self.max_frames_per_token = float(cfg.max_frames_per_token)
+        self.stop_threshold = float(cfg.stop_threshold)
         # Single speaker: SpeechT5's decoder pre-net always concatenates a speaker embedding.
         self.register_buffer("speaker", torch.zeros(1, self.config.speaker_embedding_dim), persistent=False)
         self.parallel_hooks = ParallelHooks()
@@ -191,4 +191,6 @@ SPEC = register(ModelSpec(
     # Per-frame means reported besides the total loss: |predicted - target| log-mel after the
     # post-net (per value), and the stop-token BCE.
     validation_metrics=("mel_loss", "stop_loss"), synthesizes=True,
+    legacy_settings={"model.guided_attention_weight": 1.0, "model.guided_attention_sigma": 0.4,
+                     "model.max_frames_per_token": 12.0, "model.stop_threshold": 0.5},
 ))

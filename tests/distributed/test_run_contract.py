@@ -11,7 +11,7 @@ from tests.conftest import ROOT, run_recipe
 
 SUMMARY_KEYS = {"recipe", "status", "world_size", "data_parallel_size", "tensor_parallel_size", "strategy",
                 "accelerator", "precision", "steps", "train_loss_first", "train_loss_last", "val", "throughput",
-                "memory", "wall_s", "checkpoint", "device"}
+                "memory", "wall_s", "checkpoint", "device", "derived_settings"}
 
 
 @pytest.mark.parametrize("recipe,nproc,dp,tp", [("salm_fsdp2", 2, 2, 1), ("salm_tp_fsdp2", 4, 2, 2)])
@@ -38,6 +38,7 @@ def test_recipe_run_writes_the_contract(recipe, nproc, dp, tp, tiny_corpus, tmp_
     assert (s["recipe"], s["status"], s["steps"]) == (recipe, "completed", 4)
     assert (s["world_size"], s["data_parallel_size"], s["tensor_parallel_size"]) == (nproc, dp, tp)
     assert (s["strategy"], s["accelerator"], s["precision"]) == ("ModelParallelStrategy", "cpu", "32-true")
+    assert s["derived_settings"]["trainer.precision"] == {"given": "auto", "used": "32-true"}  # resolved once, listed
     assert (s["device"]["type"], s["device"]["distributed_backend"]) == ("cpu", "gloo")
     assert s["device"]["torch"] == __import__("torch").__version__
     assert 0 <= s["val"]["wer"] and s["val"]["loss"] > 0

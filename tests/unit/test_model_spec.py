@@ -67,3 +67,17 @@ def test_nothing_outside_the_specs_probes_a_model_or_matches_its_class():
             if isinstance(node, ast.Attribute) and node.attr == "__mro__":
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} __mro__")
     assert not found, found
+
+
+def test_a_stored_config_without_newer_settings_gets_the_values_its_model_was_trained_with():
+    """Model code reads every setting directly (defaults live in the presets); a checkpoint or export
+    written before a setting existed is filled in from the spec's legacy_settings, nothing else."""
+    from common.models import with_legacy_settings
+
+    old = OmegaConf.create({"model": {"name": "salm", "ctc_aux_weight": 0.3, "projector": {"stack_frames": 2}}})
+    cfg = with_legacy_settings(old)
+    assert cfg.model.ctc_aux_weight == 0.3  # present: kept
+    assert (cfg.model.projector.ctc_compress, cfg.model.prompt_format, cfg.model.pad_to_multiple_of,
+            cfg.model.encoder_conv_norm) == (False, "plain", 1, "auto")
+    today = recipe_config("tts_ddp", ["run.name=x"])
+    assert with_legacy_settings(today.copy()) == today  # a current config: nothing to fill

@@ -114,4 +114,4 @@ def test_nemo_errors_name_the_file_and_the_setting(reference_and_nemo, tmp_path)
     with pytest.raises(ValueError, match=r"broken.nemo: no model_config.yaml inside"):
         build_encoder(OmegaConf.create({"pretrained_encoder": str(broken), "encoder_conv_norm": "auto"}))
     with pytest.raises(FileNotFoundError, match=r"missing.nemo: no such .nemo file"):
-        build_encoder(OmegaConf.create({"pretrained_encoder": str(tmp_path / "missing.nemo")}))
+        build_encoder(OmegaConf.create({"pretrained_encoder": str(tmp_path / "missing.nemo"), "encoder_conv_norm": "auto"}))
