@@ -234,8 +234,13 @@ def train(cfg: DictConfig) -> None:
             rundir.end_attempt(status, wall_s, steps=summary["steps"], error=error)
             print(f"\nrun {status}: results in {run_dir}\n  summary.json, metrics.jsonl, validation.jsonl, "
                   f"config.yaml, attempts.jsonl, history/, checkpoints/ -- val {summary['val']}", flush=True)
-            if summary["checkpoint"]:
-                print(f"  transcribe: python -m common.tools.transcribe {summary['checkpoint']} <audio file>", flush=True)
+            if summary["checkpoint"]:  # only commands that accept this model's checkpoint
+                if module.spec.transcribes:
+                    print(f"  transcribe: python -m common.tools.transcribe {summary['checkpoint']} <audio file>",
+                          flush=True)
+                if module.spec.synthesizes:
+                    print(f"  synthesize: python -m common.tools.synthesize {summary['checkpoint']} \"<text>\" "
+                          "--out speech.wav", flush=True)
 
 
 def prepare_run(cfg: DictConfig, layout, run_dir: Path) -> tuple:

@@ -25,6 +25,7 @@ def test_recipe_run_writes_the_contract(recipe, nproc, dp, tp, tiny_corpus, tmp_
     ], run_dir, extra_env={"WANDB_MODE": "online"})  # no API key: must still stay offline
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"results in {run_dir}" in proc.stdout
+    assert "transcribe: python -m common.tools.transcribe" in proc.stdout and "synthesize: python" not in proc.stdout
 
     config = (run_dir / "config.yaml").read_text()
     assert "ModelParallelStrategy" in config and "use_distributed_sampler: false" in config and "${" not in config

@@ -50,6 +50,9 @@ def test_run_contract_mel_loss_and_intelligibility(trained):
     s = json.loads((trained / "summary.json").read_text())
     assert (s["recipe"], s["status"], s["steps"], s["strategy"]) == ("tts_ddp", "completed", 4, "DDPStrategy")
     assert s["val"]["mel_loss"] > 0 and s["val_first"]["mel_loss"] > s["val"]["mel_loss"]
+    # The closing lines suggest what takes a TTS checkpoint, not the recognizer's tool, which refuses it.
+    log = (trained.parent / "launch.log").read_text()
+    assert f"synthesize: python -m common.tools.synthesize {s['checkpoint']}" in log and "transcribe: python" not in log
     # The recognizer scored every sentence: each one's (reference, hypothesis) is logged, and the
     # reported CER is the CER of exactly those pairs.
     from torchmetrics.functional.text import char_error_rate
