@@ -20,7 +20,6 @@ from common.parallel import ConfigError
 # this package is named by model.module in the preset and registers itself when imported.
 BUILTIN = {"salm": "common.models.salm", "asr_ctc": "common.models.asr_ctc",
            "tts_fastspeech": "common.models.tts_fastspeech", "tts_speecht5": "common.models.tts_speecht5"}
-MODELS = tuple(BUILTIN)
 
 
 def model_spec(name: str, module: str | None = None) -> ModelSpec:

@@ -36,7 +36,6 @@ class RankBatch:
     audio_s: float            # audio seconds on this rank
     utterance_s: float        # the longest utterance: what one attention spans
     llm_positions: float | None  # LLM positions on this rank when data.max_tokens bounds the batch, else None
-    dp: int
     tp: int
     activation_checkpointing: bool
     sequence_parallel: bool
@@ -82,11 +81,6 @@ class ModelSpec:
     # where a stored config lacks them (common.models.with_legacy_settings); the model code reads
     # every setting directly, and today's defaults live in the presets alone.
     legacy_settings: dict | None = None
-
-    @property
-    def capabilities(self) -> list[str]:
-        return [c for c, yes in (("transcribe", self.transcribes), ("synthesize", self.synthesizes),
-                                 ("merge LoRA", self.merge_lora is not None)) if yes] + ["export"]
 
 
 def bpe_tokenizer(cfg, texts):

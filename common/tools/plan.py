@@ -229,7 +229,7 @@ def activation_bytes(cfg, model, dp: int, tp: int, act_bytes: int) -> int:
         audio_s = float(d.max_duration_s) / dp  # the global batch splits evenly over dp ranks
     parallel = cfg.parallel  # null for DDP recipes
     batch = RankBatch(audio_s=audio_s, utterance_s=min(utt_s, audio_s),  # one utterance, at most the rank's batch
-                      llm_positions=positions, dp=dp, tp=tp,
+                      llm_positions=positions, tp=tp,
                       activation_checkpointing=bool(parallel and parallel.activation_checkpointing),
                       sequence_parallel=bool(parallel and parallel.sequence_parallel),
                       loss_parallel=bool(parallel and parallel.loss_parallel), act_bytes=act_bytes)
@@ -247,7 +247,8 @@ def enumerate_layouts(cfg, model, gpus_per_node: int, nodes: int):
         return [("ddp", world, 1)], []
     from common.models import spec_of
 
-    llm = spec_of(cfg).llm(model) if spec_of(cfg).llm else None
+    backbone_of = spec_of(cfg).llm
+    llm = backbone_of(model) if backbone_of else None
     valid, skipped = [], []
     for tp in (t for t in range(1, world + 1) if world % t == 0):
         reason = None
