@@ -55,10 +55,15 @@ MODEL ?=
 DATA ?=
 ELASTIC ?=
 MIN_NODES ?=
+OBJECT_STORE ?=
+TRAIN_DATA ?=
+VAL_DATA ?=
 K8S_RENDER_ARGS = --recipe $(RECIPE) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) \
   $(if $(filter-out speech-recipes:0.1.0,$(IMAGE)),--image $(IMAGE)) $(if $(JOB),--job $(JOB)) \
   $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) \
-  $(if $(filter 1 true yes,$(ELASTIC)),--elastic) $(if $(MIN_NODES),--min-nodes $(MIN_NODES))
+  $(if $(filter 1 true yes,$(ELASTIC)),--elastic) $(if $(MIN_NODES),--min-nodes $(MIN_NODES)) \
+  $(if $(filter 1 true yes,$(OBJECT_STORE)),--object-store) $(if $(TRAIN_DATA),--train-data $(TRAIN_DATA)) \
+  $(if $(VAL_DATA),--val-data $(VAL_DATA))
 
 help:
 	@echo "make setup                       create $(VENV) and install pinned dependencies"
@@ -90,6 +95,7 @@ help:
 	@echo "make container-test              CPU image from the same Dockerfile, 4-process salm_tp_fsdp2 in it (podman)"
 	@echo "make k8s-render RECIPE=<r> NODES=4 GPUS_PER_NODE=8 IMAGE=<registry/name:tag> [MODEL=preset] [DATA=preset]"
 	@echo "                                 [JOB=name] [ELASTIC=1 MIN_NODES=2]  (presets: common/conf/model/, common/conf/data/)"
+	@echo "                                 [OBJECT_STORE=1 TRAIN_DATA=s3://... VAL_DATA=s3://...]  (credentials: a Secret)"
 	@echo "                                 print the validated Kubeflow PyTorchJob (offline: kubectl kustomize)"
 	@echo "make k8s-apply  (same variables) render, then kubectl apply -f -"
 

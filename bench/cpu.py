@@ -19,6 +19,7 @@ What is measured (after ``RunRecorder``'s 3 warm-up steps):
   same per-rank batch (gloo runs its collectives inside the step; they cannot be timed apart);
   peak RSS per rank; parameter, gradient and optimizer-state bytes per rank.
 * ratios against a baseline measured in the same run, each with its goal (``GOALS``).
+* bytes read per pass of a served corpus by 4 data-parallel ranks (``bench.data_reads``).
 
 Data-parallel layouts keep the per-rank batch fixed (``data.max_duration_s`` is the *global*
 batch, so it grows with dp): throughput ratios are weak scaling.
@@ -68,6 +69,9 @@ GOALS = {
                                      "batches and 1-D buckets beside it)"),
     "data_loading_headroom": (3.0, ">=", "loader audio s/s alone / audio s/s one rank's training consumes"),
     "ddp_scaling_2x1": (None, "", "2 processes x 1 thread / 1 process x 1 thread throughput (ideal 2.0)"),
+    "data_read_amplification": (1.15, "<=", "audio bytes 4 data-parallel ranks read in one pass of Shar over HTTP "
+                                "(2 loader workers each) / the corpus's audio bytes, counted by the server "
+                                "(lhotse's streaming Shar reader, as read before, beside it)"),
 }
 
 
@@ -295,7 +299,21 @@ def _child(kind: str, recipe: str, data_dir: Path, **kwargs) -> dict:
         return json.loads(Path(f.name).read_text())
 
 
-CHILDREN = {"overhead": measure_overhead, "loader": measure_loader, "padding": measure_padding}
+def measure_data_reads(recipe: str, data_dir: Path) -> dict:
+    """Bytes read per pass from a served corpus (bench.data_reads): Shar by index and a URL cut manifest
+    at dp 4 with 0 and 2 workers, and lhotse's streaming Shar reader at dp 4 as the baseline."""
+    from .data_reads import corpus_forms, measure
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp, \
+            corpus_forms(Path(tmp), num_utterances=2000, data_dir=data_dir, shard_size=200) as forms:
+        for kind, workers in (("shar", 0), ("shar", 2), ("cuts", 2), ("shar_stream", 0)):
+            rows.append(measure(forms, kind, dp_size=4, num_workers=workers, max_duration_s=PER_RANK_BATCH_S))
+    return {"rows": rows}
+
+
+CHILDREN = {"overhead": measure_overhead, "loader": measure_loader, "padding": measure_padding,
+            "data_reads": measure_data_reads}
 
 
 # --- ratios and report -----------------------------------------------------------------------------
@@ -348,6 +366,13 @@ def ratios(report: dict) -> dict:
         if min(r["used_share"] for r in pad.values()) < 0.995:
             out["bucketing_padding_efficiency"]["met"] = False
             out["bucketing_padding_efficiency"]["holds_back"] = "a pass trains < 99.5% of the utterances"
+    reads = report.get("data_reads", {}).get("all", {}).get("rows", [])
+    if reads:
+        ours = [r for r in reads if r["source"] == "shar"]
+        put("data_read_amplification", max(r["read_amplification"] for r in ours),
+            {f"{r['source']}/dp{r['dp_size']}/workers{r['num_workers']}": {
+                k: r[k] for k in ("read_amplification", "audio_bytes_read", "corpus_audio_bytes",
+                                  "metadata_bytes_per_rank", "audio_s_per_s")} for r in reads})
     loaders = report.get("loader", {})
     if loaders:
         # One rank's loader reads that rank's shard only: it must keep up with audio_s_per_s / dp.
@@ -482,9 +507,10 @@ def main(argv=None) -> int:
                       "torch": torch.__version__,
                       "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
                       "per_rank_batch_audio_s": PER_RANK_BATCH_S, "steps": args.steps},
-              "runs": {}, "overhead": {}, "loader": {}, "padding": {}}
+              "runs": {}, "overhead": {}, "loader": {}, "padding": {}, "data_reads": {}}
     t0 = time.perf_counter()
     todo = [("padding", r, {}) for r in recipes] + [("loader", r, {"num_batches": 20}) for r in recipes]
+    todo += [("data_reads", "all", {})]
     todo += [("overhead", r, {"warmup": 3, "steps": 25}) for r in recipes if r != "salm_tp_fsdp2"]
     for kind, recipe, kwargs in todo:
         print(f"[{time.perf_counter() - t0:6.0f}s] {kind} {recipe}", flush=True)

@@ -75,7 +75,8 @@ def check_presets(recipe: str, model: str | None, data: str | None) -> None:
 
 def build_kustomization(recipe: str, nodes: int, gpus_per_node: int, image: str, job: str | None,
                         elastic: bool, min_nodes: int | None, max_nodes: int | None, tmp: Path,
-                        model: str | None = None, data: str | None = None) -> dict:
+                        model: str | None = None, data: str | None = None, object_store: bool = False,
+                        train_data: str | None = None, val_data: str | None = None) -> dict:
     if recipe not in recipes():
         raise RenderError(f"unknown RECIPE {recipe!r}: no k8s/overlays/{recipe}/kustomization.yaml "
                           f"(have: {', '.join(recipes())})")
@@ -120,17 +121,39 @@ def build_kustomization(recipe: str, nodes: int, gpus_per_node: int, image: str,
         "images": [split_image(image)],
         "patches": [{"target": {"kind": "PyTorchJob"}, "patch": json.dumps(ops)}],
     }
+    if (train_data or val_data) and not object_store:
+        raise RenderError("TRAIN_DATA / VAL_DATA go with OBJECT_STORE=1 (data read from object storage with credentials "
+                          "from the speech-recipes-object-store Secret); local data is a DATA preset")
+    for value in (train_data, val_data):
+        if value and "?" in value:
+            raise RenderError(f"{value.split('?')[0]}?...: no query strings (a presigned URL carries a key); "
+                              "credentials come from the speech-recipes-object-store Secret")
+    if object_store:
+        components = kustomization.setdefault("components", [])
+        components.append(os.path.relpath(K8S / "components" / "object-store", tmp))
+        first = len(_base_env())  # the component appends DATA_TRAIN, DATA_VAL, then the credentials
+        kustomization["patches"].append({"target": {"kind": "PyTorchJob"}, "patch": json.dumps([
+            {"op": "replace", "path": f"/spec/pytorchReplicaSpecs/{role}/template/spec/containers/0/env/{first + i}/value",
+             "value": value} for role in (ROLES if nodes > 1 else ["Master"])  # 1 node: no Worker
+            for i, value in enumerate((train_data, val_data)) if value])})
     if elastic:
         lo, hi = min_nodes or nodes, max_nodes or nodes
         if not 1 <= lo <= hi or hi != nodes:
             raise RenderError(f"elastic range MIN_NODES={lo} MAX_NODES={hi} must satisfy 1 <= MIN_NODES <= "
                               f"MAX_NODES = NODES ({nodes}): the job is created with NODES pods")
-        kustomization["components"] = [os.path.relpath(K8S / "components" / "elastic", tmp)]
+        kustomization.setdefault("components", []).append(os.path.relpath(K8S / "components" / "elastic", tmp))
         kustomization["patches"].append({"target": {"kind": "PyTorchJob"}, "patch": json.dumps([
             {"op": "replace", "path": "/spec/elasticPolicy/minReplicas", "value": lo},
             {"op": "replace", "path": "/spec/elasticPolicy/maxReplicas", "value": hi},
         ])})
     return kustomization
+
+
+def _base_env() -> list:
+    import yaml
+
+    job = yaml.safe_load((K8S / "base" / "pytorchjob.yaml").read_text())
+    return job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
 
 
 def recipe_tensor_parallel_size(recipe: str) -> int:
@@ -162,11 +185,13 @@ def kustomize(directory: Path) -> str:
 
 def render(recipe: str, nodes: int = 4, gpus_per_node: int = 8, image: str = f"{BASE_IMAGE_NAME}:0.1.0",
            job: str | None = None, elastic: bool = False, min_nodes: int | None = None,
-           max_nodes: int | None = None, model: str | None = None, data: str | None = None) -> str:
+           max_nodes: int | None = None, model: str | None = None, data: str | None = None,
+           object_store: bool = False, train_data: str | None = None, val_data: str | None = None) -> str:
     """The rendered manifests (YAML stream: the volume claim and the PyTorchJob)."""
     with tempfile.TemporaryDirectory(prefix="k8s-render-") as tmp:
         kustomization = build_kustomization(recipe, nodes, gpus_per_node, image, job, elastic, min_nodes,
-                                            max_nodes, Path(tmp), model=model, data=data)
+                                            max_nodes, Path(tmp), model=model, data=data, object_store=object_store,
+                                            train_data=train_data, val_data=val_data)
         # JSON is YAML: no dependency needed to write it.
         (Path(tmp) / "kustomization.yaml").write_text(json.dumps(kustomization, indent=2))
         return kustomize(Path(tmp))
@@ -183,11 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--job", default=None, help="PyTorchJob name = run name (default: the recipe's)")
     ap.add_argument("--elastic", action="store_true", help="c10d rendezvous, MIN_NODES..NODES nodes")
     ap.add_argument("--min-nodes", type=int, default=None)
+    ap.add_argument("--object-store", action="store_true",
+                    help="data from S3 / an S3-compatible store, credentials from the speech-recipes-object-store Secret")
+    ap.add_argument("--train-data", default=None, help="with --object-store: data.train (e.g. s3://corpus/shar/train)")
+    ap.add_argument("--val-data", default=None, help="with --object-store: data.val")
     ap.add_argument("--max-nodes", type=int, default=None)
     a = ap.parse_args(argv)
     try:
         text = render(a.recipe, a.nodes, a.gpus_per_node, a.image, a.job, a.elastic, a.min_nodes, a.max_nodes,
-                      model=a.model, data=a.data)
+                      model=a.model, data=a.data, object_store=a.object_store, train_data=a.train_data,
+                      val_data=a.val_data)
         sys.path.insert(0, str(K8S))
         from validate import validate_stream
 

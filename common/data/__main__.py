@@ -6,6 +6,13 @@ Usage::
     python -m common.data check /data/nemo/train.json --tokenizer outputs/asr_ddp/latest/tokenizer
     python -m common.data check --recordings recs.jsonl.gz --supervisions sups.jsonl.gz --max-duration-s 20
     python -m common.data to-shar data/train_cuts.jsonl.gz /data/shar/train --shard-size 1000
+    python -m common.data to-shar s3://corpus/nemo/train.json /data/shar/train     # remote input
+    python -m common.data shar-index /data/shar/from_elsewhere   # offsets for a Shar dir lhotse wrote
+
+Manifests may be local paths, ``s3://`` or ``http(s)://`` URLs or ``pipe:`` commands (credentials from
+the environment, :mod:`common.data.remote`). ``to-shar`` writes locally, with the offset index that
+lets each rank read only its own items (:mod:`common.data.shar`); upload the directory whole
+(``aws s3 sync /data/shar/train s3://corpus/shar/train``).
 
 (``make data-check MANIFEST=...`` and ``make to-shar MANIFEST=... OUT=...`` run the same.)
 
@@ -23,6 +30,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from .checks import KINDS, BadItem, load_checked, metadata_problem
+from .remote import RemoteError, is_remote, redact
+from .shar import SharError, materialize, write_index
 from .sources import SourceError, SourceSpec, open_source, parse_sources
 
 
@@ -80,6 +89,10 @@ def check(args) -> int:
 
 
 def to_shar(args) -> int:
+    if is_remote(args.out_dir):
+        print(f"error: SHAR/out_dir {redact(args.out_dir)}: to-shar writes a local directory (with its offset index); "
+              "upload it afterwards, e.g. aws s3 sync <dir> s3://bucket/prefix (nothing was written)", file=sys.stderr)
+        return 2
     out = Path(args.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         print(f"error: SHAR/out_dir {out} exists and is not an empty directory; to-shar writes a new directory "
@@ -88,11 +101,23 @@ def to_shar(args) -> int:
     spec = _source_from_args(args)
     cuts = open_source(spec)
     out.mkdir(parents=True, exist_ok=True)
-    written = cuts.to_shar(args.out_dir, fields={"recording": args.audio_format}, shard_size=args.shard_size,
-                           num_jobs=args.num_jobs)
+    # A Shar or remote source's items are fetched as they are written (materialize: one ranged read each).
+    written = cuts.map(materialize).to_shar(args.out_dir, fields={"recording": args.audio_format},
+                                           shard_size=args.shard_size, num_jobs=args.num_jobs)
     shards = len(written.get("cuts", []))
-    print(f"wrote {shards} shard(s) of at most {args.shard_size} items to {args.out_dir} "
+    write_index(out)
+    print(f"wrote {shards} shard(s) of at most {args.shard_size} items, with their offset index, to {args.out_dir} "
           f"(train with data.train={args.out_dir})")
+    return 0
+
+
+def shar_index(args) -> int:
+    if is_remote(args.shar_dir):
+        print(f"error: {redact(args.shar_dir)}: shar-index indexes a local copy (it reads the tar headers); upload "
+              "the recording_index.*.jsonl.gz files it writes beside the tars", file=sys.stderr)
+        return 2
+    written = write_index(args.shar_dir)
+    print(f"indexed {written} shard(s) of {args.shar_dir} (shards already indexed are left as they are)")
     return 0
 
 
@@ -110,6 +135,8 @@ def main(argv=None) -> int:
         p.add_argument("--recordings", help="lhotse RecordingSet (with --supervisions), as lhotse recipes write")
         p.add_argument("--supervisions")
         p.add_argument("--format", choices=("cuts", "recordings+supervisions", "shar", "nemo"))
+    i = sub.add_parser("shar-index", help="write the offset index of a local Shar directory lhotse wrote")
+    i.add_argument("shar_dir")
     c = sub.choices["check"]
     c.add_argument("--tokenizer", help="a saved tokenizer directory (a run's tokenizer/): flags untokenizable text")
     c.add_argument("--max-duration-s", type=float, default=30.0, help="longer items are reported (default 30)")
@@ -118,8 +145,8 @@ def main(argv=None) -> int:
     c.add_argument("--skip-audio", action="store_true", help="metadata checks only (no audio decoding)")
     args = parser.parse_args(argv)
     try:
-        return check(args) if args.command == "check" else to_shar(args)
-    except SourceError as exc:
+        return {"check": check, "to-shar": to_shar, "shar-index": shar_index}[args.command](args)
+    except (SourceError, SharError, RemoteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

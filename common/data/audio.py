@@ -11,7 +11,11 @@ import numpy as np
 
 
 def load_mono(cut, sample_rate: int) -> np.ndarray:
-    """Audio of a cut at ``sample_rate`` (resampled if needed), multi-channel downmixed to mono."""
+    """Audio of a cut at ``sample_rate`` (resampled if needed), multi-channel downmixed to mono.
+    A Shar item planned from its index is fetched here, by one ranged read (:mod:`common.data.shar`)."""
+    from .shar import materialize
+
+    cut = materialize(cut)
     if cut.sampling_rate != sample_rate:
         cut = cut.resample(sample_rate)
     audio = cut.load_audio()

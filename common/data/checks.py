@@ -60,9 +60,11 @@ def audio_path(cut) -> str:
     rec = getattr(cut, "recording", None)
     if rec is None:
         return "<no recording>"
+    from .remote import redact
+
     for src in rec.sources:
-        if src.type in ("file", "url", "command"):
-            return str(src.source)
+        if src.type in ("file", "url", "command") or (src.type == "shar" and src.source):
+            return redact(str(src.source))
     return f"<{rec.sources[0].type} audio of {rec.id}>" if rec.sources else f"<{rec.id}>"
 
 

@@ -10,7 +10,12 @@ path, a list of paths, or a list of mappings (an empty list means the generated 
            supervisions: /data/libri/librispeech_supervisions_train-other-500.jsonl.gz}
         - {path: /data/shar/commonvoice, weight: 1}        # a Lhotse Shar directory
         - {path: /data/nemo/train_manifest.json}            # NeMo JSON lines
-      val: /data/libri/librispeech_cuts_dev-clean.jsonl.gz
+        - {path: s3://corpus/shar/librispeech}              # Shar on object storage
+      val: https://data.example.org/dev_cuts.jsonl.gz
+
+Paths may be local, ``s3://`` (credentials from the environment, see :mod:`common.data.remote`),
+``http(s)://`` or lhotse ``pipe:`` commands (``pipe:aws s3 cp s3://b/cuts.jsonl.gz -``; manifests
+only: a Shar directory's items are read by byte range, :mod:`common.data.shar`).
 
 ``format`` is detected (``cuts``, ``recordings+supervisions``, ``shar``, ``nemo``) and may be
 given explicitly. Every source becomes a lhotse ``CutSet`` with one supervision per cut
@@ -31,12 +36,15 @@ Usage::
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from .remote import RemoteError, exists, is_pipe, is_remote, open_text, redact
+from .shar import SharError, SharIndex, shards
 
 log = logging.getLogger(__name__)
 
@@ -97,26 +105,44 @@ def _resolve_format(spec: SourceSpec) -> SourceSpec:
             raise SourceError(f"{spec.setting}: give both 'recordings' and 'supervisions' (lhotse recipe "
                               "manifests), or 'path' alone")
         for key in ("recordings", "supervisions"):
-            if not Path(getattr(spec, key)).exists():
-                raise SourceError(f"{spec.setting}.{key}: no such file: {getattr(spec, key)}")
+            if not _exists(getattr(spec, key), f"{spec.setting}.{key}"):
+                raise SourceError(f"{spec.setting}.{key}: no such file: {redact(getattr(spec, key))}")
         fmt = fmt or "recordings+supervisions"
     elif not spec.path:
         raise SourceError(f"{spec.setting}: needs 'path' (or 'recordings' + 'supervisions')")
     else:
-        path = Path(spec.path)
-        if not path.exists():
-            raise SourceError(f"{spec.setting}: no such file or directory: {path}")
-        fmt = fmt or _detect_format(path, spec.setting)
+        directory = is_remote(spec.path) and not _looks_like_manifest(spec.path)  # listed/probed by shards()
+        if not directory and not _exists(spec.path, spec.setting):
+            raise SourceError(f"{spec.setting}: no such file or directory: {redact(spec.path)}")
+        fmt = fmt or _detect_format(spec.path, spec.setting)
     if fmt not in FORMATS:
         raise SourceError(f"{spec.setting}: format {fmt!r} is not known (known: {', '.join(FORMATS)})")
+    if fmt == "shar":
+        try:
+            shards(spec.path)  # every shard complete, indexed where it is remote: said now, not mid-run
+        except (SharError, RemoteError) as exc:
+            raise SourceError(f"{spec.setting}: {exc}") from None
     return SourceSpec(**{**spec.__dict__, "format": fmt, "weight": float(spec.weight)})
 
 
-def _detect_format(path: Path, setting: str) -> str:
-    if path.is_dir():
-        if any(path.glob("cuts.*.jsonl*")):
+def _exists(path: str, setting: str) -> bool:
+    try:
+        return exists(path)
+    except RemoteError as exc:
+        raise SourceError(f"{setting}: {exc}") from None
+
+
+def _looks_like_manifest(path: str) -> bool:
+    return is_pipe(path) or bool(re.search(r"\.(json|jsonl)(\.gz)?$", path))
+
+
+def _detect_format(path: str, setting: str) -> str:
+    if (Path(path).is_dir() if not is_remote(path) else not _looks_like_manifest(path)):
+        try:
+            shards(path)
             return "shar"
-        raise SourceError(f"{setting}: directory {path} holds no Lhotse Shar shards (cuts.NNNNNN.jsonl.gz)")
+        except (SharError, RemoteError) as exc:
+            raise SourceError(f"{setting}: {exc}") from None
     first = _first_record(path, setting)
     if "audio_filepath" in first:
         return "nemo"
@@ -129,16 +155,17 @@ def _detect_format(path: Path, setting: str) -> str:
                       f"set 'format' to one of {', '.join(FORMATS)}")
 
 
-def _first_record(path: Path, setting: str) -> dict:
-    opener = gzip.open if path.suffix == ".gz" else open
+def _first_record(path: str, setting: str) -> dict:
     try:
-        with opener(path, "rt") as f:
+        with open_text(path) as f:
             for line in f:
                 if line.strip():
                     return json.loads(line)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{setting}: cannot read {path} as JSON lines: {exc}") from exc
-    raise SourceError(f"{setting}: {path} is empty")
+    except RemoteError as exc:
+        raise SourceError(f"{setting}: {exc}") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, EOFError) as exc:
+        raise SourceError(f"{setting}: cannot read {redact(path)} as JSON lines: {exc}") from exc
+    raise SourceError(f"{setting}: {redact(path)} is empty")
 
 
 def open_source(spec: SourceSpec):
@@ -148,7 +175,7 @@ def open_source(spec: SourceSpec):
     if spec.format == "cuts":
         cuts = CutSet.from_file(spec.path)
     elif spec.format == "shar":
-        cuts = CutSet.from_shar(in_dir=spec.path)
+        cuts = CutSet(SharIndex(spec.path))  # metadata only; each item's audio is fetched by the rank that trains it
     elif spec.format == "nemo":
         cuts = nemo_to_cuts(spec.path)
     else:  # recordings+supervisions, as `lhotse prepare <corpus>` writes them
@@ -192,15 +219,14 @@ def iter_texts(specs: list[SourceSpec]) -> Iterator[str]:
         elif spec.format == "recordings+supervisions":
             yield from (s.text or "" for s in SupervisionSet.from_file(spec.supervisions))
         else:
-            cuts = (CutSet.from_shar(fields={"cuts": sorted(str(p) for p in Path(spec.path).glob("cuts.*.jsonl*"))})
-                    if spec.format == "shar" else CutSet.from_file(spec.path))
+            cuts = SharIndex(spec.path) if spec.format == "shar" else CutSet.from_file(spec.path)
             yield from (s.text or "" for c in cuts for s in c.supervisions)
 
 
 # --- NeMo manifests -------------------------------------------------------------------------------
 
 def _nemo_records(path: str) -> Iterator[tuple[int, dict]]:
-    with open(path) as f:
+    with open_text(path) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -221,7 +247,7 @@ def nemo_to_cuts(path: str | Path):
     from lhotse import AudioSource, CutSet, Recording, SupervisionSegment
     from lhotse.cut import MonoCut, MultiCut
 
-    base = Path(path).resolve().parent
+    base = None if is_remote(str(path)) else Path(path).resolve().parent
     recordings: dict[str, Recording] = {}
     cuts = []
     for line_no, rec in _nemo_records(str(path)):
@@ -229,6 +255,10 @@ def nemo_to_cuts(path: str | Path):
             raise SourceError(f"{path}:{line_no}: a NeMo manifest line needs 'audio_filepath' and 'duration' "
                               f"(has {sorted(rec)})")
         audio = Path(rec["audio_filepath"])
+        if not audio.is_absolute() and base is None:
+            raise SourceError(f"{redact(str(path))}:{line_no}: a relative audio_filepath ({audio}) in a manifest read "
+                              "from object storage or a pipe has no folder to resolve against; give absolute paths "
+                              "(a shared file system), or export the corpus to Shar (make to-shar)")
         audio = audio if audio.is_absolute() else base / audio
         key = str(audio)
         if key not in recordings:

@@ -110,8 +110,33 @@ def test_gpu_manifests_train_a_real_size_preset_and_take_model_and_data(recipe):
     assert env["MODEL"].endswith("_tiny") and env["DATA"] == "generated"
 
 
+@pytest.mark.parametrize("nodes", [1, 4])
+def test_object_store_data_takes_credentials_only_from_a_secret(nodes, crd_schema):
+    """OBJECT_STORE=1: every pod trains on the given s3:// data with the access key, secret key and
+    (optional) endpoint from the speech-recipes-object-store Secret; no literal credential anywhere."""
+    text = render.render("asr_ddp", nodes=nodes, gpus_per_node=8, image="registry.example.com/speech-recipes:0.1.0",
+                         object_store=True, train_data="s3://corpus/shar/train", val_data="s3://corpus/dev_cuts.jsonl.gz")
+    job = job_of(text)
+    assert validate.validate_job(job, crd_schema) == []
+    for role in ("Master", "Worker")[:1 if nodes == 1 else 2]:
+        c = _c(job, role)
+        env = {e["name"]: e for e in c["env"]}
+        assert "data.train=$(DATA_TRAIN)" in c["args"] and "data.val=$(DATA_VAL)" in c["args"]
+        assert env["DATA_TRAIN"]["value"] == "s3://corpus/shar/train"
+        assert env["DATA_VAL"]["value"] == "s3://corpus/dev_cuts.jsonl.gz"
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+            assert "value" not in env[key]
+            assert env[key]["valueFrom"]["secretKeyRef"]["name"] == "speech-recipes-object-store", key
+        assert env["AWS_ENDPOINT_URL"]["valueFrom"]["secretKeyRef"].get("optional") is True
+        assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"].get("optional") is not True
+    assert "AWS_" not in render.render("asr_ddp", nodes=2, gpus_per_node=8)  # only when asked for
+
+
 @pytest.mark.parametrize("args,message", [
     (["--recipe", "nope"], "unknown RECIPE 'nope'"),
+    (["--recipe", "asr_ddp", "--train-data", "s3://c/x"], "TRAIN_DATA / VAL_DATA go with OBJECT_STORE=1"),
+    (["--recipe", "asr_ddp", "--object-store", "--train-data", "https://h/c.jsonl.gz?X-Amz-Signature=k"],
+     "no query strings"),
     (["--recipe", "asr_ddp", "--image", "reg.io/sr:latest"], "'latest' is not a pinned version"),
     (["--recipe", "asr_ddp", "--image", "reg.io/sr"], "has no tag"),
     (["--recipe", "asr_ddp", "--nodes", "0"], "NODES must be >= 1, got 0"),

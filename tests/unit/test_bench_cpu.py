@@ -29,6 +29,10 @@ def report():
         "loader": {"asr_ddp": {"audio_s_per_s": 400.0}},
         "padding": {"asr_ddp": {"bucketed": 0.86, "used_share": 1.0},
                     "tts_ddp": {"bucketed": 0.97, "used_share": 1.0}},
+        "data_reads": {"all": {"rows": [
+            {"source": s, "dp_size": 4, "num_workers": w, "read_amplification": a, "audio_bytes_read": int(a * 1000),
+             "corpus_audio_bytes": 1000, "metadata_bytes_per_rank": 50, "audio_s_per_s": 300.0}
+            for s, w, a in (("shar", 0, 0.98), ("shar", 2, 1.02), ("cuts", 2, 0.98), ("shar_stream", 0, 8.1))]}},
     }
 
 
@@ -44,6 +48,9 @@ def test_ratios_against_the_same_runs_baselines():
     assert r["framework_overhead"]["value"] == 1.2 and r["framework_overhead"]["met"] is False  # the worst recipe
     # One rank's loader serves audio_s_per_s / dp: 400 / max(60 / 1, 100 / 2).
     assert r["data_loading_headroom"]["value"] == round(400 / 60, 4) and r["data_loading_headroom"]["met"]
+    # the worst of the Shar-by-index rows, not the streaming baseline beside it
+    assert r["data_read_amplification"]["value"] == 1.02 and r["data_read_amplification"]["met"]
+    assert r["data_read_amplification"]["detail"]["shar_stream/dp4/workers0"]["read_amplification"] == 8.1
     assert r["bucketing_padding_efficiency"]["value"] == 0.86 and r["bucketing_padding_efficiency"]["met"] is False
     # efficient but losing data is a miss too
     rep["padding"] = {"asr_ddp": {"bucketed": 0.97, "used_share": 0.99}}
