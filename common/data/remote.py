@@ -151,10 +151,16 @@ def _retrying(url: str, what: str, fn):
             raise RemoteError(f"cannot {what} {redact(url)}: {_reason(exc)}{tries}") from None
 
 
-def _http_get(url: str, headers: dict | None = None, method: str = "GET"):
-    import requests
+_HTTP = {}
 
-    response = requests.request(method, url, headers=headers or {}, timeout=TIMEOUT_S)
+
+def _http_get(url: str, headers: dict | None = None, method: str = "GET"):
+    session = _HTTP.get(os.getpid())
+    if session is None:  # one per process, as the S3 client: connections are kept alive between items
+        import requests
+
+        session = _HTTP[os.getpid()] = requests.Session()
+    response = session.request(method, url, headers=headers or {}, timeout=TIMEOUT_S)
     if response.status_code >= 400:
         raise _HTTPStatus(response.status_code, response.reason or "")
     return response

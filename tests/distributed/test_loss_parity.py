@@ -1,4 +1,10 @@
-"""Loss parity: the same global batches give the same per-step train_loss in every layout (fp32, CPU, gloo)."""
+"""Loss parity: the same global batches give the same per-step train_loss in every layout (fp32, CPU, gloo).
+
+What holds across data-parallel sizes, and why: every rank plans the global batches from metadata
+alone (common/data/loading.py; Shar items are then fetched by offset, common/data/shar.py), so the
+global batch of step N is the same at dp = 1, 2 and 4, with or without TP: the loss, normalised over
+the global batch, is the same to float rounding (here 1 = FSDP2 dp2 = TP2 = TP2 x FSDP2 dp2). Only
+what is summed per rank differs (the order of the gradient reduction), hence the tolerance."""
 
 import json
 

@@ -113,8 +113,13 @@ def test_sources_from_s3_http_and_pipe(forms, tiny_corpus, tmp_path):
         first = next(iter(open_sources(parse_sources(shar, "data.train"), seed=0, mix=False)))
         reference = next(iter(CutSet.from_file(local)))
         np.testing.assert_allclose(load_mono(first, 16000), load_mono(reference, 16000), atol=1e-4)  # flac of the wav
-        # make data-check reads a remote Shar directory, every item's audio by its range
+        # make data-check reads a remote Shar directory, every item's audio by its range; make to-shar
+        # exports a remote one (here back to local disk, with its index): the same items
         assert data_cli(["check", shar, "--max-duration-s", "30"]) == 0
+        assert data_cli(["to-shar", shar, str(tmp_path / "again"), "--shard-size", "48"]) == 0
+        again = list(open_sources(parse_sources(str(tmp_path / "again"), "data.train"), seed=0, mix=False))
+        assert [c.id for c in again] == expected and len(list((tmp_path / "again").glob("recording_index.*"))) == 2
+        assert data_cli(["to-shar", cuts_url, "s3://corpus/out"]) == 2  # writes locally, says how to upload
 
 
 def _shar_copy(forms, tmp_path, name: str):
