@@ -88,11 +88,14 @@ def check(args) -> int:
     return 1 if num_bad else 0
 
 
+def _local_only(path: str, name: str, why: str) -> None:
+    if is_remote(path):
+        raise SourceError(f"{name} {redact(path)}: {why}")
+
+
 def to_shar(args) -> int:
-    if is_remote(args.out_dir):
-        print(f"error: SHAR/out_dir {redact(args.out_dir)}: to-shar writes a local directory (with its offset index); "
-              "upload it afterwards, e.g. aws s3 sync <dir> s3://bucket/prefix (nothing was written)", file=sys.stderr)
-        return 2
+    _local_only(args.out_dir, "SHAR/out_dir", "to-shar writes a local directory (with its offset index); upload it "
+                "afterwards, e.g. aws s3 sync <dir> s3://bucket/prefix (nothing was written)")
     out = Path(args.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         print(f"error: SHAR/out_dir {out} exists and is not an empty directory; to-shar writes a new directory "
@@ -112,10 +115,8 @@ def to_shar(args) -> int:
 
 
 def shar_index(args) -> int:
-    if is_remote(args.shar_dir):
-        print(f"error: {redact(args.shar_dir)}: shar-index indexes a local copy (it reads the tar headers); upload "
-              "the recording_index.*.jsonl.gz files it writes beside the tars", file=sys.stderr)
-        return 2
+    _local_only(args.shar_dir, "SHAR_DIR", "shar-index indexes a local copy (it reads the tar headers); upload the "
+                "recording_index.*.jsonl.gz files it writes beside the tars")
     written = write_index(args.shar_dir)
     print(f"indexed {written} shard(s) of {args.shar_dir} (shards already indexed are left as they are)")
     return 0
