@@ -113,9 +113,9 @@ CHECK_NPROC = @[[ "$(NPROC)" =~ ^[1-9][0-9]*$$ ]] || { echo "error: NPROC must b
 run: setup
 	@test -f recipes/$(RECIPE)/config.yaml || { echo "error: unknown RECIPE '$(RECIPE)': no recipes/$(RECIPE)/config.yaml (have: $$(ls recipes | tr '\n' ' '))" >&2; exit 2; }
 	$(CHECK_NPROC)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) \
-	  -m common.train --config-path=$(CURDIR)/recipes/$(RECIPE) --config-name=config \
-	  trainer.devices=$(NPROC) $(ARGS)
+	@# common.tools.launch: checks the config before torchrun starts NPROC ranks of common.train, and ends a
+	@# failure in one line (tracebacks go to the run's launch.log)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m common.tools.launch $(RECIPE) --nproc $(NPROC) $(ARGS)
 
 CKPT ?= outputs/$(RECIPE)/latest/checkpoints/last.ckpt
 transcribe: setup
@@ -194,8 +194,7 @@ docker-run:
 	  $(if $(filter 0,$(shell id -u)),,--user $(shell id -u):$(shell id -g)) \
 	  -v $(OUTPUTS_DIR):/workspace/outputs -v $(DATA_DIR):/workspace/data -e RUN_NAME=$(RUN_NAME) \
 	  $(if $(WANDB_API_KEY),-e WANDB_API_KEY -e WANDB_MODE) $(DOCKER_RUN_ARGS) $(IMAGE) \
-	  torchrun --standalone --nproc-per-node=$(NPROC) -m common.train \
-	  --config-path=/app/recipes/$(RECIPE) --config-name=config trainer.devices=$(NPROC) $(ARGS)
+	  python -m common.tools.launch $(RECIPE) --nproc $(NPROC) $(ARGS)
 
 cpu-base:
 	CPU_BASE_IMAGE=$(CPU_BASE_IMAGE) PODMAN=podman containers/build-cpu-base.sh

@@ -140,6 +140,54 @@ def _flat(tree, prefix: str = "") -> dict:
     return out
 
 
+def _with_legacy(run_config: dict) -> dict:
+    """A stored run config with the settings its model family added since filled in as it was trained."""
+    from omegaconf import OmegaConf
+
+    from common.models import with_legacy_settings
+
+    try:
+        return OmegaConf.to_container(with_legacy_settings(OmegaConf.create(run_config)))
+    except Exception:  # noqa: BLE001 - a model this version no longer registers: compare as stored
+        return run_config
+
+
+def refuse_other_model(path: Path, cfg, run_dir: Path | None = None) -> None:
+    """:class:`ConfigError` if the checkpoint at ``path`` was written for another recipe, model or
+    tokenizer than this launch's: the differing settings, as the overrides that give the checkpoint's
+    back. Called before anything in the run directory changes."""
+    from common.parallel import ConfigError
+
+    run_config = checkpoint_run_config(path) or {}
+    where = f"run directory {run_dir} holds checkpoints" if run_dir else f"checkpoint {path} was written"
+    theirs = run_config.get("recipe")
+    if run_dir is not None and theirs is not None and theirs != cfg.get("recipe"):  # resume_from may change layout
+        raise ConfigError(f"{where} of recipe {theirs!r} ({Path(path).name}); this launch is recipe "
+                          f"{cfg.get('recipe')!r}: choose another run.name (RUN_NAME) for a new run. Nothing was changed")
+    changed = model_settings_changed(path, cfg)
+    if changed:
+        shown = " ".join(changed[:12]) + (f" (and {len(changed) - 12} more)" if len(changed) > 12 else "")
+        raise ConfigError(f"{where} of another model than this launch's ({Path(path).name}); to resume it, "
+                          f"launch with its settings: {shown}; for a new run choose another run.name (RUN_NAME). "
+                          "Nothing was changed")
+
+
+def check_relaunch(cfg, run_dir: Path) -> None:
+    """Before any rank starts (``common.tools.launch``): what :func:`resolve_resume` would refuse for
+    another model, from the newest checkpoint's stored config alone (read-only, no shard is read)."""
+    explicit = cfg.run.get("resume_from")
+    if explicit:
+        if Path(explicit).exists():
+            refuse_other_model(Path(explicit), cfg)
+        return
+    if not cfg.run.resume:
+        return
+    for _, path in reversed(complete_checkpoints(Path(run_dir) / "checkpoints")):
+        if checkpoint_run_config(path) is not None:
+            refuse_other_model(path, cfg, run_dir)
+            return
+
+
 def model_settings_changed(path: Path, cfg) -> list[str]:
     """``model.<key>=<the checkpoint's value>`` for every model setting of this run that differs from
     the one ``path`` was written with (``model.about``, documentation only, left out): the overrides
@@ -149,7 +197,7 @@ def model_settings_changed(path: Path, cfg) -> list[str]:
     run_config = checkpoint_run_config(path)
     if not run_config or not isinstance(run_config.get("model"), dict):
         return []
-    theirs = _flat(run_config["model"])
+    theirs = _flat(_with_legacy(run_config)["model"])
     ours = _flat(OmegaConf.to_container(cfg.model, resolve=True))
     unset = object()
     changed = []
@@ -198,6 +246,7 @@ def resolve_resume(cfg, run_dir: Path, rank: int = 0) -> tuple[str | None, int]:
         if theirs != ours:
             raise ConfigError(f"run.resume_from={explicit} is a {theirs!r} checkpoint (recipe "
                               f"{run_config.get('recipe')!r}); this run trains {ours!r} (recipe {cfg.recipe!r})")
+        refuse_other_model(path, cfg)
         if path.is_dir() and "DDPStrategy" in str(cfg.trainer.strategy.get("_target_")):
             raise ConfigError(f"run.resume_from={explicit} is a sharded (FSDP2/TP) checkpoint directory; "
                               f"recipe {cfg.recipe!r} uses DDPStrategy, which reads only single-file checkpoints "
@@ -208,12 +257,8 @@ def resolve_resume(cfg, run_dir: Path, rank: int = 0) -> tuple[str | None, int]:
         for step, path in reversed(found):
             problem = checkpoint_problem(path)
             if problem is None:
+                refuse_other_model(path, cfg, run_dir)  # before anything in the run directory changes
                 log.info("resuming %s from its latest complete checkpoint %s (step %d)", cfg.run.name, path, step)
-                changed = model_settings_changed(path, cfg)
-                if changed:  # e.g. a default changed since the run began: name what to pass if loading fails
-                    log.warning("the model settings of this run differ from those %s was written with; if it "
-                                "does not load, resume with the checkpoint's: %s (or start a new run: another "
-                                "run.name)", path.name, " ".join(changed))
                 if rank == 0 and path != found[-1][1]:
                     _link(path, ckpt_dir / LAST_LINK)
                 return str(path), step
@@ -248,6 +293,7 @@ class RunCheckpoint(ModelCheckpoint):
         self.check_stop_every = max(1, int(check_stop_every_n_steps))
         self.at_end = at_end  # False: the end of max_steps saves nothing (benchmarks); a signal still saves
         self._hold_at_step = int(os.environ.get(HOLD_STEP_ENV) or -1)  # tests only (HOLD_STEP_ENV)
+        self.on_published = None  # called on rank 0 once a checkpoint is complete (common.train: `latest`)
 
     @property
     def latest_path(self) -> str | None:
@@ -319,6 +365,8 @@ class RunCheckpoint(ModelCheckpoint):
             _remove(final)  # the same step saved before (a re-run of a step after a crash)
             os.replace(partial, final)  # the moment the checkpoint becomes visible, complete
             _link(final, final.with_name(LAST_LINK))
+            if self.on_published is not None:
+                self.on_published()
         trainer.strategy.barrier("checkpoint.publish")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = str(final)

@@ -31,7 +31,8 @@ from common.models.spec import ModelSpec
 from common.parallel import ConfigError, check_launch, check_tensor_parallel, resolve_layout
 from common.parallel.layout import Layout
 
-ROOT = Path(__file__).resolve().parents[1]
+# The checkout (recipes/, outputs/); an image installs the package elsewhere and sets SPEECH_RECIPES_ROOT=/app.
+ROOT = Path(os.environ.get("SPEECH_RECIPES_ROOT") or Path(__file__).resolve().parents[1])
 
 
 # --- run names -----------------------------------------------------------------------------------
@@ -94,8 +95,13 @@ def compose(recipe: str, overrides=()) -> DictConfig:
             try:
                 attempt([one])
             except (HydraException, OmegaConfBaseException) as single:
-                raise RecipeError(f"bad override {one!r}: {single}") from None
-        raise RecipeError(f"bad overrides {list(overrides)}: {exc}") from None
+                raise RecipeError(f"bad override {one!r}: {_one_line(single)}") from None
+        raise RecipeError(f"bad overrides {list(overrides)}: {_one_line(exc)}") from None
+
+
+def _one_line(exc: Exception) -> str:
+    """Hydra's message on one line (it adds a hint and a link on lines of their own)."""
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 # --- settings, layout, hardware ------------------------------------------------------------------
@@ -164,16 +170,17 @@ def audio_frames_per_token(cfg: DictConfig) -> int | None:
 
 
 # --- data, tokenizer, model ----------------------------------------------------------------------
-def prepare_data(cfg: DictConfig) -> dict:
+def prepare_data(cfg: DictConfig, generate: bool = True) -> dict:
     """``{"train": [SourceSpec, ...], "val": [...]}`` from ``data.train`` / ``data.val``
-    (lhotse cuts, recordings + supervisions, Shar, NeMo); both empty = the generated tone corpus."""
+    (lhotse cuts, recordings + supervisions, Shar, NeMo); both empty = the generated tone corpus
+    (``generate=False``: checked only, nothing written; then both lists stay empty)."""
     from common.data.sources import SourceError, parse_sources
 
     try:
         sources = {split: parse_sources(cfg.data.get(split), setting=f"data.{split}") for split in ("train", "val")}
     except SourceError as exc:
         raise ConfigError(str(exc)) from exc
-    if sources["train"] and sources["val"]:
+    if (sources["train"] and sources["val"]) or (not generate and not (sources["train"] or sources["val"])):
         return sources
     if sources["train"] or sources["val"]:
         missing = "val" if sources["train"] else "train"

@@ -194,12 +194,15 @@ def train(cfg: DictConfig) -> None:
         rundir.begin_attempt(sys.argv[1:], resume_step=resume_step if ckpt_path else None)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         tokenizer.save(run_dir / "tokenizer")
-        link_latest(run_dir)
+        if ckpt_path:  # `latest` names a run with something to load: one that saved a checkpoint or completed
+            link_latest(run_dir)
     recorder = RunRecorder(run_dir, print_every_n_steps=cfg.run.print_every_n_steps,
                            log_every_n_steps=cfg.trainer.log_every_n_steps,
                            resume_step=resume_step if ckpt_path else None)
     guard = DataGuard(datamodule, max_bad_item_fraction=cfg.data.max_bad_item_fraction)
     trainer, checkpoint = build_trainer(cfg, run_dir, recorder, resuming=ckpt_path is not None, callbacks=[guard])
+    if RANK == 0:
+        checkpoint.on_published = lambda: link_latest(run_dir)
 
     # 4. Train; the summary is written whether it completes or fails.
     status, error, extra_val = "failed", None, {}
@@ -209,6 +212,8 @@ def train(cfg: DictConfig) -> None:
         data_report = gather_data_report(datamodule)
         extra_val = evaluate_intelligibility(cfg, model, module.spec, sources) if RANK == 0 else {}
         status = "completed"
+        if RANK == 0:
+            link_latest(run_dir)
     except Preempted as exc:  # SIGTERM/SIGINT: every rank saved at the same step; a relaunch resumes
         status, error = exc.status, str(exc)
         log.info("%s", exc)

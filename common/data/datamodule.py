@@ -24,7 +24,7 @@ import lightning as L
 
 from common.parallel import data_parallel_rank_size
 
-from .loading import TokenBudget, make_loader
+from .loading import TokenBudget, check_batch_budget, make_loader
 from .sources import open_sources
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,17 @@ class SpeechDataModule(L.LightningDataModule):
         grid, _ = load_bucket_profile(self.cfg.bucket_profile)
         world = self.trainer.world_size if self.trainer is not None else 1
         return grid.with_batch_sizes_scaled(world)
+
+    def setup(self, stage: str) -> None:
+        # Before the sanity validation (Lightning calls setup first): a budget nothing fits is named now.
+        if stage == "fit" and self.sources.get("train"):
+            cfg = self.cfg
+            max_tokens = cfg.get("max_tokens")
+            budget = TokenBudget(self.tokenizer, audio_frames_per_token=self.audio_frames_per_token or 1) \
+                if max_tokens else None
+            check_batch_budget(open_sources(self.sources["train"], seed=self.seed, mix=True),
+                               max_duration_s=cfg.max_duration_s, max_utterance_s=cfg.get("max_utterance_s"),
+                               token_budget=budget, max_tokens=max_tokens, sample_size=cfg.bucket_buffer_size)
 
     def train_dataloader(self):
         return self._loader("train", train=True)

@@ -454,6 +454,38 @@ def _bucket_sampler(raw, checked, tokenizer, *, max_duration_s, num_buckets, num
     return CarryOverBucketSampler(checked, grid, target_length=target_length, seed=seed, buffer_size=buffer_size)
 
 
+def check_batch_budget(cuts, *, max_duration_s: float, max_utterance_s: float | None = None, token_budget=None,
+                       max_tokens: int | None = None, sample_size: int = 20000) -> None:
+    """ConfigError if none of the first ``sample_size`` training utterances fits the batch budget
+    (its duration bound, or for speech-LLMs its LLM positions), naming the setting, its value and the
+    shortest utterance: a run must not validate, then stop with nothing to train on. Metadata only."""
+    from common.parallel import ConfigError
+
+    longest_s = float(max_utterance_s or max_duration_s)
+    setting = "data.max_utterance_s" if max_utterance_s else "data.max_duration_s"
+    shortest_s, fewest, seen = math.inf, math.inf, 0
+    for cut in cuts:
+        seen += 1
+        if not cut.supervisions:
+            continue
+        fits_s = cut.duration <= longest_s
+        positions = token_budget(cut) if token_budget is not None and max_tokens is not None else None
+        if fits_s and (positions is None or positions <= max_tokens):
+            return
+        shortest_s, fewest = min(shortest_s, cut.duration), min(fewest, positions if positions is not None else fewest)
+        if seen >= sample_size:
+            break
+    if not seen:
+        return  # no items at all: the data checks say so
+    if shortest_s > longest_s:
+        raise ConfigError(f"{setting} is {longest_s:g} s (the longest utterance a batch may hold), but the shortest of "
+                          f"the first {seen} training utterances lasts {shortest_s:.2f} s: no utterance fits; raise "
+                          f"{setting}" + (" (on GPU presets: data.max_duration_s_per_gpu)" if not max_utterance_s else ""))
+    raise ConfigError(f"data.max_tokens is {max_tokens} LLM positions per global batch, but the shortest of the first "
+                      f"{seen} training utterances needs {fewest:.0f} (audio frames per LLM position + text tokens): no "
+                      "utterance fits; raise data.max_tokens (on GPU presets: data.max_tokens_per_gpu)")
+
+
 def length_ladder(longest_s: float, shortest_s: float = 1.0, steps_per_octave: int = 2) -> list[float]:
     """Padded lengths when no bucket edges are known (token-bounded batches): ``shortest_s`` x
     2^(k / steps_per_octave) up to ``longest_s``::

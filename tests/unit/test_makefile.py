@@ -30,10 +30,10 @@ def test_ddp_recipes_take_every_gpu_of_the_node(tmp_path):
         return out
 
     gpu_path = f"{tmp_path}:{os.environ['PATH']}"
-    assert "--nproc-per-node=8" in dry_run("asr_ddp", gpu_path) and "trainer.devices=8" in dry_run("asr_ddp", gpu_path)
-    assert "--nproc-per-node=4" in dry_run("salm_tp_fsdp2", gpu_path)  # its YAML layout is dp 2 x tp 2
+    assert "common.tools.launch asr_ddp --nproc 8" in dry_run("asr_ddp", gpu_path)  # it passes trainer.devices=8
+    assert "--nproc 4" in dry_run("salm_tp_fsdp2", gpu_path)  # its YAML layout is dp 2 x tp 2
     cpu_path = ":".join(p for p in os.environ["PATH"].split(":") if not os.path.exists(os.path.join(p, "nvidia-smi")))
-    assert "--nproc-per-node=2" in dry_run("asr_ddp", cpu_path)
+    assert "--nproc 2" in dry_run("asr_ddp", cpu_path)
 
 
 def test_container_and_k8s_targets_are_listed_and_wired(tmp_path):
@@ -51,10 +51,10 @@ def test_container_and_k8s_targets_are_listed_and_wired(tmp_path):
                               env={**os.environ, "PATH": path}).stdout
 
     gpu = dry("docker-run", "RECIPE=asr_ddp", "IMAGE=reg.io/sr:1", path=f"{tmp_path}:{os.environ['PATH']}")
-    assert "--gpus all" in gpu and "--nproc-per-node=8" in gpu and "--config-path=/app/recipes/asr_ddp" in gpu
+    assert "--gpus all" in gpu and "python -m common.tools.launch asr_ddp --nproc 8" in gpu
     cpu_path = ":".join(p for p in os.environ["PATH"].split(":") if not os.path.exists(os.path.join(p, "nvidia-smi")))
     cpu = dry("docker-run", "RECIPE=asr_ddp", "IMAGE=reg.io/sr:1", "CONTAINER_TOOL=podman", path=cpu_path)
-    assert "--gpus" not in cpu and "--nproc-per-node=2" in cpu and "--ulimit nofile=" in cpu
+    assert "--gpus" not in cpu and "--nproc 2" in cpu and "--ulimit nofile=" in cpu
     build = dry("docker-build", "IMAGE=reg.io/sr:1", "BASE_IMAGE=localhost/base:1", "CONTAINER_TOOL=podman")
     assert "--build-arg BASE_IMAGE=localhost/base:1" in build and "--format docker" in build
     apply = dry("k8s-apply", "RECIPE=asr_ddp", "NODES=2", "IMAGE=reg.io/sr:1")

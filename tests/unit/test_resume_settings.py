@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from omegaconf import OmegaConf
 
@@ -16,9 +14,10 @@ def _checkpoint(path, model: dict):
 
 
 def test_changed_model_settings_are_named_as_the_overrides_that_restore_them(tmp_path):
-    old = {"name": "salm", "about": {"parameters": 1}, "projector": {"stack_frames": 2, "ctc_compress": False},
+    # a model this version does not register: compared as stored
+    old = {"name": "toy", "about": {"parameters": 1}, "projector": {"stack_frames": 2, "ctc_compress": False},
            "lora": None, "gone": 3}
-    new = {"name": "salm", "about": {"parameters": 2}, "projector": {"stack_frames": 1, "ctc_compress": True},
+    new = {"name": "toy", "about": {"parameters": 2}, "projector": {"stack_frames": 1, "ctc_compress": True},
            "lora": None, "added": 4}
     ckpt = _checkpoint(tmp_path / "step000003.ckpt", old)
     cfg = OmegaConf.create({"model": new})
@@ -26,15 +25,33 @@ def test_changed_model_settings_are_named_as_the_overrides_that_restore_them(tmp
         "~model.added", "model.gone=3", "model.projector.ctc_compress=False", "model.projector.stack_frames=2"]
     assert model_settings_changed(ckpt, OmegaConf.create({"model": {**old, "about": {}}})) == []
     assert model_settings_changed(tmp_path / "missing.ckpt", cfg) == []  # not one of ours: nothing to say
+    # a checkpoint written before settings existed: filled in with what it was trained with (its spec's
+    # legacy_settings), so today's run with those values is the same model
+    legacy = {"ctc_aux_weight": 0.0, "prompt_format": "plain", "pad_to_multiple_of": 1, "encoder_conv_norm": "auto"}
+    ckpt = _checkpoint(tmp_path / "step000004.ckpt", {"name": "salm", "projector": {"stack_frames": 2}})
+    today = {"name": "salm", "projector": {"stack_frames": 2, "ctc_compress": False}, **legacy}
+    assert model_settings_changed(ckpt, OmegaConf.create({"model": today})) == []
+    assert model_settings_changed(ckpt, OmegaConf.create({"model": {**today, "projector": {
+        "stack_frames": 2, "ctc_compress": True}}})) == ["model.projector.ctc_compress=False"]
 
 
-def test_auto_resume_warns_with_the_checkpoint_settings(tmp_path, caplog):
+def test_auto_resume_with_other_model_settings_is_refused_naming_them(tmp_path):
+    """Refused before anything in the run directory changes (the checkpoint would not load, or would
+    load into another model), with the overrides that resume it."""
+    import pytest
+
+    from common.parallel import ConfigError
+
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
-    _checkpoint(run_dir / "checkpoints" / "step000003.ckpt", {"name": "salm", "projector": {"stack_frames": 2}})
+    _checkpoint(run_dir / "checkpoints" / "step000003.ckpt", {"name": "toy", "projector": {"stack_frames": 2}})
     cfg = OmegaConf.create({"run": {"name": "run", "resume": True},
-                            "model": {"name": "salm", "projector": {"stack_frames": 1}}})
-    with caplog.at_level(logging.WARNING):
-        path, step = resolve_resume(cfg, run_dir)
+                            "model": {"name": "toy", "projector": {"stack_frames": 1}}})
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    with pytest.raises(ConfigError, match=r"holds checkpoints of another model than this launch's \(step000003\.ckpt\); "
+                                          r"to resume it, launch with its settings: model\.projector\.stack_frames=2"):
+        resolve_resume(cfg, run_dir)
+    assert sorted(p.name for p in run_dir.rglob("*")) == before
+    cfg.model.projector.stack_frames = 2
+    path, step = resolve_resume(cfg, run_dir)
     assert step == 3 and path.endswith("step000003.ckpt")
-    assert "resume with the checkpoint's: model.projector.stack_frames=2" in caplog.text

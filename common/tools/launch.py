@@ -1,0 +1,186 @@
+"""Launch a recipe on this machine: checked before any rank starts, and ended in one line.
+
+Usage (what ``make run`` and the image's ``docker run`` do)::
+
+    python -m common.tools.launch asr_ddp --nproc 2 trainer.max_steps=20 run.name=try1   # Hydra overrides
+
+1. The recipe's config is composed with the overrides and checked (settings, layout, batch sizes,
+   that the data sources exist, that a relaunch matches the run's checkpoints) before torchrun
+   starts: a mistake is one ``error:`` line and exit status 2, with no rank spawned.
+2. torchrun starts the ranks (``--standalone``, ``--nproc`` processes). Their output reaches the
+   terminal as before, except tracebacks and torchrun's failure report: those go, whole, to
+   ``<run dir>/launch.log`` (each launch appended).
+3. A failed launch ends with the ranks' ``error:`` line once (or the exception that ended them),
+   then one line saying where the run's record and the full log are. The exit status is torchrun's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from common.checkpointing import check_relaunch
+from common.parallel import ConfigError
+from common.run import ROOT, check_run, compose, new_run_name, prepare_data
+
+# torch.distributed.elastic's own log lines (glog format: I/W/E + MMDD), and torchrun's report.
+_LAUNCHER_LINE = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d")
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Failure)): ?(.*)$")
+_ERROR_LINE = re.compile(r"^error(?: \(rank \d+\))?: (.*)$")
+_CHAINED = ("The above exception was the direct cause", "During handling of the above exception")
+
+
+class TerminalFilter:
+    """Which stderr lines of a launch reach the terminal: everything but tracebacks, torchrun's
+    log lines and its failure report; each distinct ``error:`` message once.
+
+    >>> f = TerminalFilter()
+    >>> [f.feed(x) for x in ["error (rank 1): bad", "error: bad", "Traceback (most recent call last):",
+    ...                       '  File "x.py", line 1', "ValueError: boom", "warning: kept"]]
+    ['error: bad', None, None, None, None, 'warning: kept']
+    >>> f.exceptions
+    ['ValueError: boom']
+    """
+
+    def __init__(self):
+        self.in_traceback = False
+        self.report = False  # torchrun's ChildFailedError report: the rest is the launcher's
+        self.errors: list[str] = []
+        self.exceptions: list[str] = []
+
+    def feed(self, line: str) -> str | None:
+        text = line.rstrip("\n")
+        error = _ERROR_LINE.match(text)
+        if error:
+            self.in_traceback = False
+            if error.group(1) in self.errors:
+                return None
+            self.errors.append(error.group(1))
+            return f"error: {error.group(1)}"
+        if self.report or _LAUNCHER_LINE.match(text):
+            return None
+        if text.startswith("Traceback (most recent call last):"):
+            self.in_traceback = True
+            return None
+        if self.in_traceback:
+            if text and not text[0].isspace():  # the exception line ends the traceback
+                self.in_traceback = False
+                if "ChildFailedError" in text:
+                    self.report = True
+                else:
+                    self.exceptions.append(text)
+            return None
+        if text.startswith(_CHAINED):
+            return None
+        return text
+
+
+def run_directory(cfg) -> Path:
+    return Path(cfg.run.output_dir).resolve()
+
+
+def check(recipe: str, nproc: int, overrides: list[str]):
+    """The composed, checked config of this launch (ConfigError: one line, nothing started)."""
+    cfg = compose(recipe, [f"trainer.devices={nproc}", *overrides])
+    checked = check_run(cfg)
+    if checked.layout.num_nodes != 1:
+        raise ConfigError(f"trainer.num_nodes is {checked.layout.num_nodes}: this launcher starts one node "
+                          "(make run); on several nodes use Kubernetes (make k8s-render) or torchrun on each node")
+    prepare_data(cfg, generate=False)  # the sources exist and are readable (metadata only)
+    check_relaunch(cfg, run_directory(cfg))
+    return cfg
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m common.tools.launch", description=__doc__.splitlines()[0])
+    ap.add_argument("recipe")
+    ap.add_argument("--nproc", default="1", help="processes on this machine (one per GPU on GPU machines)")
+    args, overrides = ap.parse_known_args(argv)  # the rest: Hydra overrides, as make run's ARGS
+    args.overrides = overrides
+    if not re.fullmatch(r"[1-9]\d*", args.nproc):
+        print(f"error: NPROC must be a positive integer (processes per node), got {args.nproc!r}", file=sys.stderr)
+        return 2
+    nproc = int(args.nproc)
+    os.environ.setdefault("RUN_NAME", new_run_name())  # one name: known here and in every rank
+    try:
+        cfg = check(args.recipe, nproc, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    run_dir = run_directory(cfg)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun if Path(torchrun).exists() else "torchrun", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "common.train", f"--config-path={ROOT / 'recipes' / args.recipe}", "--config-name=config",
+           f"trainer.devices={nproc}", *args.overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    log = tempfile.NamedTemporaryFile("w", prefix=".launch-", suffix=".log", delete=False,
+                                      dir=_writable_parent(run_dir))
+    log.write(f"=== launch {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, cwd=os.getcwd())
+    # Ctrl-C reaches the ranks directly (same process group) and they checkpoint; this process keeps
+    # reading their output to the end. A SIGTERM (docker stop) is passed on to torchrun.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    terminal = TerminalFilter()
+    reader = threading.Thread(target=_pump, args=(proc.stderr, log, terminal), daemon=True)
+    reader.start()
+    rc = proc.wait()
+    reader.join()
+    log.close()
+    where = _keep_log(Path(log.name), run_dir)
+    if rc != 0:
+        if not terminal.errors:
+            cause = next((e for e in terminal.exceptions if "SIGTERM" not in e), None) or (
+                f"the ranks exited with status {rc}")
+            print(f"error: {cause}", file=sys.stderr)
+        record = run_dir / "summary.json"
+        said = f"the run's record: {record} (attempts.jsonl beside it)" if record.exists() else (
+            "no record was written (the launch ended before the run started)")
+        print(f"  {said}; full log: {where}", file=sys.stderr, flush=True)
+    return rc
+
+
+def _pump(stream, log, terminal: TerminalFilter) -> None:
+    for line in stream:
+        log.write(line)
+        log.flush()
+        shown = terminal.feed(line)
+        if shown is not None:
+            print(shown, file=sys.stderr, flush=True)
+
+
+def _writable_parent(run_dir: Path) -> str:
+    for candidate in (run_dir.parent, Path(tempfile.gettempdir())):
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+            if os.access(candidate, os.W_OK):
+                return str(candidate)
+        except OSError:
+            continue
+    return tempfile.gettempdir()
+
+
+def _keep_log(tmp: Path, run_dir: Path) -> Path:
+    """The launch's stderr appended to ``<run dir>/launch.log`` if the run directory exists, else
+    kept beside it as ``<run name>.launch.log``."""
+    target = run_dir / "launch.log" if run_dir.is_dir() else run_dir.with_name(f"{run_dir.name}.launch.log")
+    try:
+        with open(target, "a") as out, open(tmp) as src:
+            out.write(src.read())
+        tmp.unlink()
+        return target
+    except OSError:
+        return tmp
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""`make run`'s launcher (common.tools.launch): a mistake is one line before any rank starts; a failure
+in the ranks is one line and where the log is; a relaunch with another model changes nothing;
+`latest` only names runs with something to load."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from common.tools.launch import TerminalFilter
+from tests.conftest import ROOT, run_recipe
+
+TINY = ["trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "logger.wandb=false",
+        "data.generated.num_train=120", "data.generated.num_val=16"]
+
+
+def launch(recipe: str, nproc, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RUN_NAME", None)
+    return subprocess.run([sys.executable, "-m", "common.tools.launch", recipe, "--nproc", str(nproc), *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error")]
+
+
+MISTAKES = {
+    "unknown key": (["trainer.nope=1"], "bad override 'trainer.nope=1': Could not override 'trainer.nope'.; To append"),
+    "override that does not parse": (["trainer.max_steps=["], "bad override 'trainer.max_steps=['"),
+    "max_steps 0": (["trainer.max_steps=0"], "trainer.max_steps must be an integer >= 1, got 0"),
+    "missing data": (["data.train=/nonexistent/train.jsonl.gz", "data.val=/nonexistent/val.jsonl.gz"],
+                     "data.train[0]: no such file or directory: /nonexistent/train.jsonl.gz"),
+    "layout": (["trainer.strategy.data_parallel_size=3"],
+               "data_parallel_size (3) x tensor_parallel_size (2) = 6 != world size 2"),
+}
+
+
+@pytest.mark.parametrize("case", MISTAKES)
+def test_a_mistake_is_one_line_before_any_rank_starts(case, tiny_corpus, tmp_path):
+    overrides, message = MISTAKES[case]
+    recipe = "salm_tp_fsdp2" if case == "layout" else "asr_ddp"
+    proc = launch(recipe, 2, *overrides, f"run.output_dir={tmp_path / 'run'}", f"data.dir={tiny_corpus['dir']}", *TINY,
+                  timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == error_lines(proc.stderr) and len(error_lines(proc.stderr)) == 1, proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert "torchrun" not in proc.stdout + proc.stderr and not (tmp_path / "run").exists()  # nothing started
+
+
+def test_make_run_goes_through_the_launcher(tmp_path):
+    proc = subprocess.run(["make", "run", "RECIPE=asr_ddp", "NPROC=two"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "error: NPROC must be a positive integer" in proc.stderr
+    proc = subprocess.run(["make", "run", "RECIPE=asr_ddp", "NPROC=1", "ARGS=trainer.nope=1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and error_lines(proc.stderr) == [
+        "error: bad override 'trainer.nope=1': Could not override 'trainer.nope'.; To append to your config use "
+        "+trainer.nope=1"], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_relaunch_with_another_model_changes_nothing_and_latest_names_runs_with_checkpoints(tiny_corpus, tmp_path):
+    """A finished run; relaunched with another model (through the launcher, and through torchrun
+    directly) it is refused, naming the override that restores the checkpoint's model, with
+    config.yaml, summary.json and attempts.jsonl byte for byte unchanged. A later launch that fails in
+    its ranks (a batch budget no utterance fits, found before validation) prints one error line and
+    where its log is, no traceback, and `latest` keeps naming the run that has a checkpoint."""
+    data = [f"data.dir={tiny_corpus['dir']}", *TINY]
+    run = tmp_path / "runs" / "a"
+    first = launch("asr_ddp", 1, "trainer.max_steps=2", "checkpoint.every_n_steps=2", f"run.output_dir={run}", *data)
+    assert first.returncode == 0, first.stderr[-3000:]
+    latest = tmp_path / "runs" / "latest"
+    assert latest.is_symlink() and os.readlink(latest) == "a"
+    record = {name: (run / name).read_bytes() for name in ("config.yaml", "summary.json", "attempts.jsonl")}
+
+    other = launch("asr_ddp", 1, "trainer.max_steps=4", "model.encoder.hidden_size=64", f"run.output_dir={run}", *data)
+    assert other.returncode == 2 and len(error_lines(other.stderr)) == 1, other.stderr
+    assert f"run directory {run} holds checkpoints of another model" in other.stderr
+    assert "model.encoder.hidden_size=96" in other.stderr and "Nothing was changed" in other.stderr
+    direct = run_recipe("asr_ddp", 1, ["trainer.devices=1", "trainer.max_steps=4", "model.encoder.hidden_size=64",
+                                       *data], run)
+    assert direct.returncode != 0 and "model.encoder.hidden_size=96" in direct.stderr, direct.stderr[-3000:]
+    assert {name: (run / name).read_bytes() for name in record} == record
+
+    failed = tmp_path / "runs" / "b"
+    proc = launch("asr_ddp", 2, "data.max_duration_s=0.1", f"run.output_dir={failed}", *data)
+    assert proc.returncode != 0
+    (line,) = error_lines(proc.stderr)
+    assert line.startswith("error: data.max_duration_s is 0.1 s (the longest utterance a batch may hold), but the "
+                           "shortest of the first 120 training utterances lasts 0.3") and line.endswith(
+        "s: no utterance fits; raise data.max_duration_s (on GPU presets: data.max_duration_s_per_gpu)"), line
+    for noise in ("Traceback", "ChildFailedError", "exitcode", "SIGTERM", 'File "'):
+        assert noise not in proc.stderr, noise
+    where = proc.stderr.strip().splitlines()[-1]
+    assert where == f"  the run's record: {failed / 'summary.json'} (attempts.jsonl beside it); full log: " \
+                    f"{failed / 'launch.log'}"
+    assert "ChildFailedError" in (failed / "launch.log").read_text()  # the whole story is kept
+    assert not (failed / "validation.jsonl").exists()  # stopped before validating
+    assert os.readlink(latest) == "a"
+
+
+def test_the_terminal_gets_one_line_per_failure_and_the_log_gets_everything():
+    """What torchrun's stderr looks like when a rank raises something other than our errors (two
+    ranks' tracebacks, the other rank killed, torchrun's report): one error line, the exception's."""
+    lines = [
+        "W1204 22:21:13.000000 123 torch/distributed/elastic/multiprocessing/api.py:908] Sending process 2 closing "
+        "signal SIGTERM",
+        "[rank0]: Traceback (most recent call last):".removeprefix("[rank0]: "),
+        '  File "/work/common/models/asr_ctc.py", line 40, in __init__',
+        "    raise ValueError('hidden_size 95 is not divisible by 4 heads')",
+        "ValueError: hidden_size 95 is not divisible by 4 heads",
+        "The above exception was the direct cause of the following exception:",
+        "Traceback (most recent call last):",
+        '  File "/venv/bin/torchrun", line 8, in <module>',
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+        "============================================================",
+        "common.train FAILED",
+        "  exitcode  : -15 (pid: 2)",
+        "  traceback : Signal 15 (SIGTERM) received by PID 2",
+        "/venv/lib/lightning/fabric.py:12: UserWarning: a warning the user should still see",
+    ]
+    f = TerminalFilter()
+    shown = [s for s in (f.feed(x + "\n") for x in lines) if s is not None]
+    assert shown == [] and f.exceptions == ["ValueError: hidden_size 95 is not divisible by 4 heads"]
+    f = TerminalFilter()
+    shown = [s for s in (f.feed(x + "\n") for x in [lines[-1], "error (rank 1): bad data", "error: bad data"])
+             if s is not None]
+    assert shown == [lines[-1], "error: bad data"]
