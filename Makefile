@@ -131,7 +131,8 @@ TEXT ?=
 OUT ?= outputs/$(RECIPE)/latest/synthesized.wav
 synthesize: setup
 	@test -n "$(TEXT)" || { echo "error: TEXT is not set (make synthesize RECIPE=$(RECIPE) TEXT='alpha bravo')" >&2; exit 2; }
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m common.tools.synthesize $(CKPT) "$(TEXT)" --out $(OUT) $(if $(REF),--reference $(REF))
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m common.tools.synthesize $(CKPT) "$(TEXT)" --out $(OUT) $(if $(REF),--reference $(REF)) \
+	  $(if $(filter 1 true yes,$(STRICT)),--strict)
 
 MANIFEST ?=
 SHAR ?=

@@ -153,17 +153,14 @@ def _with_legacy(run_config: dict) -> dict:
 
 
 def refuse_other_model(path: Path, cfg, run_dir: Path | None = None) -> None:
-    """:class:`ConfigError` if the checkpoint at ``path`` was written for another recipe, model or
-    tokenizer than this launch's: the differing settings, as the overrides that give the checkpoint's
-    back. Called before anything in the run directory changes."""
+    """:class:`ConfigError` if the checkpoint at ``path`` was written for another model or tokenizer
+    (``model.*``) than this launch's: the differing settings, as the overrides that give the
+    checkpoint's back. Called before anything in the run directory changes."""
     from common.parallel import ConfigError
 
-    run_config = checkpoint_run_config(path) or {}
+    # The recipe alone may differ: salm_fsdp2 and salm_tp_fsdp2 train the same model in two layouts, and
+    # DCP reshards a checkpoint of one for the other. Another recipe's model differs in its settings.
     where = f"run directory {run_dir} holds checkpoints" if run_dir else f"checkpoint {path} was written"
-    theirs = run_config.get("recipe")
-    if run_dir is not None and theirs is not None and theirs != cfg.get("recipe"):  # resume_from may change layout
-        raise ConfigError(f"{where} of recipe {theirs!r} ({Path(path).name}); this launch is recipe "
-                          f"{cfg.get('recipe')!r}: choose another run.name (RUN_NAME) for a new run. Nothing was changed")
     changed = model_settings_changed(path, cfg)
     if changed:
         shown = " ".join(changed[:12]) + (f" (and {len(changed) - 12} more)" if len(changed) > 12 else "")

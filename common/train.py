@@ -68,12 +68,36 @@ def build_trainer(cfg: DictConfig, run_dir: Path, recorder, resuming: bool, call
         from lightning.pytorch.loggers import WandbLogger
 
         # Offline unless the user opts in: logging must never need a network or a secret in a file.
-        online = bool(os.environ.get("WANDB_API_KEY")) and os.environ.get("WANDB_MODE") == "online"
+        online = wandb_online(run_dir)
         loggers.append(WandbLogger(project=cfg.logger.project, name=cfg.run.name, save_dir=str(run_dir),
                                    offline=not online, id=wandb_run_id(run_dir), resume="allow"))
     trainer = L.Trainer(**trainer_kwargs, callbacks=[recorder, ExactResume(), *callbacks, checkpoint],
                         logger=loggers or False)
     return trainer, checkpoint
+
+
+WANDB_REACH_TIMEOUT_S = 10.0  # per try of the connection and the answer: at most 20 s before logging offline
+
+
+def wandb_online(run_dir: Path) -> bool:
+    """Online logging only when asked for (``WANDB_API_KEY`` and ``WANDB_MODE=online``) and the wandb
+    server answers within the bound; otherwise the run logs offline, saying so once, and goes on:
+    logging never blocks or fails a training run. Offline files sync later (``wandb sync``)."""
+    if not (os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") == "online"):
+        return False
+    if RANK != 0:
+        return True  # only rank 0 logs
+    import requests
+
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    try:
+        requests.head(url, timeout=(WANDB_REACH_TIMEOUT_S, WANDB_REACH_TIMEOUT_S))
+        return True
+    except requests.RequestException as exc:
+        os.environ["WANDB_MODE"] = "offline"
+        log.warning("warning: wandb server %s cannot be reached (%s): logging offline to %s/wandb instead; sync later "
+                    "with: wandb sync %s/wandb/offline-run-*", url, type(exc).__name__, run_dir, run_dir)
+        return False
 
 
 def wandb_run_id(run_dir: Path) -> str | None:

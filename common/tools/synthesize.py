@@ -61,13 +61,47 @@ def reference_log_mel(path: Path, cfg) -> torch.Tensor:
     return feats[0, : int(mask.sum())]
 
 
-def synthesize_to_files(model, cfg, text: str, out_wav: Path, reference: Path | None = None) -> tuple[Path, Path]:
+def unsayable(tokenizer, text: str) -> list[str]:
+    """What of ``text`` the model has no tokens for, as ``word (characters)`` items: words that
+    encode to ``<unk>`` or to nothing, and characters its text normalization drops (symbols,
+    other scripts' marks). Punctuation and spaces are not listed: the model never says them.
+
+        unsayable(tok, "alpha zulu €5")   # tok trained on "alpha bravo charlie delta echo foxtrot"
+        # ["'zulu' (no token for 'u', 'z')", "'5' (no token for '5')", "'€5' (dropped: '€')"]
+    """
+    import unicodedata
+
+    unk = getattr(tokenizer, "unk_id", None)
+    found = []
+    for word in tokenizer.normalize(text).split():
+        ids = tokenizer.encode(word)
+        if not ids or (unk is not None and unk in ids):
+            chars = sorted({c for c in word if not tokenizer.encode(c) or (unk is not None and unk in tokenizer.encode(c))})
+            found.append(f"{word!r} (no token for {', '.join(map(repr, chars))})" if chars else f"{word!r}")
+    kept = tokenizer.normalize(text)
+    for raw in text.split():
+        dropped = [c for c in raw if unicodedata.category(c)[0] in "LNS"
+                   and (not tokenizer.normalize(c) or tokenizer.normalize(c) not in kept)]
+        if dropped:
+            found.append(f"{raw!r} (dropped: {''.join(dropped)!r})")
+    return found
+
+
+def synthesize_to_files(model, cfg, text: str, out_wav: Path, reference: Path | None = None,
+                        strict: bool = False) -> tuple[Path, Path]:
     import soundfile as sf
 
     from common.models.vocoder import GriffinLim
 
     if not model.tokenizer.normalize(text):
         raise ConfigError(f"TEXT {text!r} is empty after normalization")
+    missing = unsayable(model.tokenizer, text)
+    if missing and strict:
+        raise ConfigError(f"TEXT has what the model cannot say: {'; '.join(missing)} (--strict; without it the "
+                          "rest is synthesized with a warning)")
+    if missing:
+        print(f"warning: the model cannot say {'; '.join(missing)}: those parts come out as <unk> or nothing, so "
+              "the audio may be short or garbled (--strict / STRICT=1 refuses such text)", file=sys.stderr, flush=True)
     ref = reference_log_mel(reference, cfg) if reference else None
     mel = model.synthesize([text])[0].cpu()
     samples = GriffinLim(cfg.data.num_mel_bins, cfg.data.sample_rate)(mel)
@@ -84,6 +118,8 @@ def main(argv=None) -> int:
     parser.add_argument("text")
     parser.add_argument("--out", type=Path, default=Path("synthesized.wav"), help="WAV path; the PNG goes beside it")
     parser.add_argument("--reference", type=Path, help="a recording of the same text: its log-mel goes above in the PNG")
+    parser.add_argument("--strict", action="store_true", help="refuse text with words or characters the model has "
+                        "no tokens for (default: synthesize the rest, with a warning naming them)")
     args = parser.parse_args(argv)
     from common.inference import load_model
     from common.models import spec_of
@@ -97,7 +133,7 @@ def main(argv=None) -> int:
         if not spec_of(cfg).synthesizes:
             raise ConfigError(f"checkpoint {args.checkpoint} is a {cfg.model.name!r} model (recipe "
                               f"{cfg.get('recipe')!r}), which does not synthesize speech; give a tts_ddp checkpoint")
-        wav, png = synthesize_to_files(model, cfg, args.text, args.out, args.reference)
+        wav, png = synthesize_to_files(model, cfg, args.text, args.out, args.reference, strict=args.strict)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

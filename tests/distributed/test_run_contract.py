@@ -14,6 +14,14 @@ SUMMARY_KEYS = {"recipe", "status", "world_size", "data_parallel_size", "tensor_
                 "memory", "wall_s", "checkpoint", "device", "derived_settings"}
 
 
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.parametrize("recipe,nproc,dp,tp", [("salm_fsdp2", 2, 2, 1), ("salm_tp_fsdp2", 4, 2, 2)])
 def test_recipe_run_writes_the_contract(recipe, nproc, dp, tp, tiny_corpus, tmp_path):
     run_dir = tmp_path / "outputs" / recipe / "contract"
@@ -21,9 +29,17 @@ def test_recipe_run_writes_the_contract(recipe, nproc, dp, tp, tiny_corpus, tmp_
         f"trainer.devices={nproc}", "trainer.max_steps=4", "trainer.val_check_interval=4",
         "checkpoint.every_n_steps=2", "data.max_tokens=216", "data.num_workers=1",
         f"data.dir={tiny_corpus['dir']}", "data.generated.num_train=120", "data.generated.num_val=16",
-        "logger.wandb=" + ("true" if recipe == "salm_tp_fsdp2" else "false"),
-    ], run_dir, extra_env={"WANDB_MODE": "online"})  # no API key: must still stay offline
+        "logger.wandb=true",
+    ], run_dir, extra_env={"WANDB_MODE": "online", **({  # salm_fsdp2: no API key, so offline
+        # salm_tp_fsdp2: a key, but no wandb server answers (a closed port): offline after one warning
+        "WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{_closed_port()}"}
+        if recipe == "salm_tp_fsdp2" else {})})
     assert proc.returncode == 0, proc.stderr[-4000:]
+    reached = [line for line in proc.stdout.splitlines() if "wandb server" in line]
+    if recipe == "salm_tp_fsdp2":
+        assert len(reached) == 1 and "cannot be reached" in reached[0] and "wandb sync" in reached[0], reached
+    else:
+        assert reached == []
     assert f"results in {run_dir}" in proc.stdout
     assert "transcribe: python -m common.tools.transcribe" in proc.stdout and "synthesize: python" not in proc.stdout
 
@@ -75,6 +91,5 @@ def test_recipe_run_writes_the_contract(recipe, nproc, dp, tp, tiny_corpus, tmp_
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.startswith(f"{audio}\t"), out.stderr[-3000:]
     assert "Warning" not in out.stderr
-    if recipe == "salm_tp_fsdp2":
-        runs = list((run_dir / "wandb").glob("offline-run-*"))
-        assert runs, "wandb must log offline when no API key is set"
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert runs, "wandb must log offline without an API key, or when its server cannot be reached"

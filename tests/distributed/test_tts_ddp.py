@@ -107,6 +107,17 @@ def test_make_synthesize_writes_wav_and_png(trained, tiny_corpus, tmp_path):
     empty = subprocess.run([sys.executable, "-m", "common.tools.synthesize", str(trained / "checkpoints" / "last.ckpt"), "?!"],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert empty.returncode == 2 and "empty after normalization" in empty.stderr
+    # words the model has no tokens for: said, not silently dropped; --strict (STRICT=1) refuses them
+    ckpt = str(trained / "checkpoints" / "last.ckpt")
+    warned = subprocess.run([sys.executable, "-m", "common.tools.synthesize", ckpt, "alpha qzx €", "--out",
+                             str(tmp_path / "w.wav")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert warned.returncode == 0 and (tmp_path / "w.wav").exists(), warned.stderr[-2000:]
+    assert "warning: the model cannot say 'qzx' (no token for" in warned.stderr and "(dropped: '€')" in warned.stderr
+    strict = subprocess.run(["make", "-s", "synthesize", "RECIPE=tts_ddp", f"CKPT={ckpt}", "TEXT=alpha qzx",
+                             f"OUT={tmp_path / 's.wav'}", "STRICT=1"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert strict.returncode != 0 and "error: TEXT has what the model cannot say: 'qzx'" in strict.stderr
+    assert not (tmp_path / "s.wav").exists()
 
 
 def test_wrong_kind_of_checkpoint_is_named_not_a_traceback(trained, asr_checkpoint, tiny_corpus, tmp_path):
