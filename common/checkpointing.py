@@ -352,7 +352,12 @@ class RunCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             _remove(partial)  # left by a writer that was killed
         trainer.strategy.barrier("checkpoint.clean")
-        trainer.save_checkpoint(partial, self.save_weights_only)  # every rank; returns after a barrier
+        try:
+            trainer.save_checkpoint(partial, self.save_weights_only)  # every rank; returns after a barrier
+        except BaseException:
+            if trainer.is_global_zero:  # a full disk gets the space back, for the run's record
+                _remove(partial)
+            raise
         if trainer.is_global_zero and trainer.global_step == self._hold_at_step:
             log.warning("checkpoint %s written, %s (%s=%d): waiting to be killed", partial, HELD_MESSAGE,
                         HOLD_STEP_ENV, self._hold_at_step)

@@ -350,6 +350,13 @@ def skipped_summary(bad_items: list[dict], num_examples: int = 10) -> dict:
 def write_summary(run_dir: Path, summary: dict) -> Path:
     path = Path(run_dir) / "summary.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    os.replace(tmp, path)  # readers never see a half-written summary
+    try:
+        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        os.replace(tmp, path)  # readers never see a half-written summary
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half summary beside the last complete one
+        except OSError:
+            pass
+        raise
     return path

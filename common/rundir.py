@@ -58,8 +58,12 @@ class RunDirectory:
     def lock(self) -> None:
         """Take the run directory's lock for this process's lifetime (released by the kernel at exit)."""
         self._created = not self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"run directory {self.path} cannot be written ({exc.strerror or exc}): run.output_dir "
+                              "must be on a writable file system with free space; nothing was written") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -242,7 +242,8 @@ def train(cfg: DictConfig) -> None:
         status, error = exc.status, str(exc)
         log.info("%s", exc)
     except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised
-        error = f"{type(exc).__name__}: {exc}"
+        lines = str(exc).strip().splitlines()
+        error = f"{type(exc).__name__}: {lines[0] if lines else ''}".strip()  # one line; the log has the rest
         if checkpoint.stop_signal == "SIGINT":  # a second Ctrl-C: stopped at once, last checkpoint kept
             status = "interrupted"
         raise
@@ -257,10 +258,20 @@ def train(cfg: DictConfig) -> None:
             summary["data"]["coverage"] = datamodule.coverage
             summary["data"]["bad_item_share"] = guard.last_share
             summary["derived_settings"] = checked.derived  # what check_run resolved (config.yaml has the results)
-            write_bad_items(run_dir, data_report["items"])
             summary["val"].update(extra_val if status == "completed" else {})
-            write_summary(run_dir, summary)
-            rundir.end_attempt(status, wall_s, steps=summary["steps"], error=error)
+            unwritten = []  # a full disk or a vanished directory: each part is tried, what failed is said
+            for name, write in (("skipped_items.jsonl", lambda: write_bad_items(run_dir, data_report["items"])),
+                                ("summary.json", lambda: write_summary(run_dir, summary)),
+                                ("attempts.jsonl", lambda: rundir.end_attempt(status, wall_s, steps=summary["steps"],
+                                                                              error=error))):
+                try:
+                    write()
+                except OSError as exc:
+                    unwritten.append(f"{name} ({exc.strerror or exc})")
+            if unwritten:
+                print(f"error: the run's record could not be written in {run_dir}: {', '.join(unwritten)}; the run "
+                      f"ended {status}" + (f" ({error})" if error else "") + "; its newest complete checkpoint: "
+                      f"{checkpoint.latest_path or 'none'}", file=sys.stderr, flush=True)
             print(f"\nrun {status}: results in {run_dir}\n  summary.json, metrics.jsonl, validation.jsonl, "
                   f"config.yaml, attempts.jsonl, history/, checkpoints/ -- val {summary['val']}", flush=True)
             if summary["checkpoint"]:  # only commands that accept this model's checkpoint

@@ -35,7 +35,9 @@ from common.run import ROOT, check_run, compose, new_run_name, prepare_data
 _LAUNCHER_LINE = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d")
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Failure)): ?(.*)$")
 _ERROR_LINE = re.compile(r"^error(?: \(rank \d+\))?: (.*)$")
-_CHAINED = ("The above exception was the direct cause", "During handling of the above exception")
+_CHAINED = ("The above exception was the direct cause", "During handling of the above exception",
+            # Hydra's own lines around a rank's traceback
+            "Error executing job with overrides:", "Set the environment variable HYDRA_FULL_ERROR=1")
 
 
 class TerminalFilter:

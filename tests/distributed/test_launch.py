@@ -123,6 +123,9 @@ def test_the_terminal_gets_one_line_per_failure_and_the_log_gets_everything():
         "  traceback : Signal 15 (SIGTERM) received by PID 2",
         "/venv/lib/lightning/fabric.py:12: UserWarning: a warning the user should still see",
     ]
+    hydra = ["Error executing job with overrides: ['trainer.devices=1']",
+             "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."]
+    assert [TerminalFilter().feed(x) for x in hydra] == [None, None]
     f = TerminalFilter()
     shown = [s for s in (f.feed(x + "\n") for x in lines) if s is not None]
     assert shown == [] and f.exceptions == ["ValueError: hidden_size 95 is not divisible by 4 heads"]
@@ -130,3 +133,50 @@ def test_the_terminal_gets_one_line_per_failure_and_the_log_gets_everything():
     shown = [s for s in (f.feed(x + "\n") for x in [lines[-1], "error (rank 1): bad data", "error: bad data"])
              if s is not None]
     assert shown == [lines[-1], "error: bad data"]
+
+
+def test_a_full_disk_ends_recorded_with_the_newest_complete_checkpoint_last(tiny_corpus, tmp_path):
+    """The run directory on a 12 MB file system that fills up while checkpoints are written: the
+    run ends `failed` with the one-line error in summary.json, an end row in attempts.jsonl, no
+    half-written file left (.tmp, partial checkpoint), `last.ckpt` a complete checkpoint, and the
+    terminal shows one error line. A read-only (unwritable) output directory is one line too."""
+    import json
+
+    from common.checkpointing import PARTIAL_PREFIX, checkpoint_problem
+    from common.rundir import read_attempts
+    from tests.ci_guard import in_ci
+
+    root = [] if os.geteuid() == 0 else ["sudo", "-n"]  # CI runs as root or with password-less sudo
+    if root and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode != 0:
+        if in_ci():
+            pytest.fail("CI must run as root or with password-less sudo: the test mounts a small tmpfs")
+        pytest.skip("mounting a small tmpfs needs root or password-less sudo")
+    unwritable = launch("asr_ddp", 1, "run.output_dir=/sys/speech-recipes-test/run", f"data.dir={tiny_corpus['dir']}",
+                        *TINY)
+    (line,) = error_lines(unwritable.stderr)
+    assert unwritable.returncode != 0 and line.startswith(
+        "error: run directory /sys/speech-recipes-test/run cannot be written (") and line.endswith(
+        "): run.output_dir must be on a writable file system with free space; nothing was written"), unwritable.stderr
+    assert "no record was written" in unwritable.stderr.splitlines()[-1]
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run([*root, "mount", "-t", "tmpfs", "-o", f"size=12m,uid={os.getuid()},gid={os.getgid()}", "tmpfs",
+                    str(small)], check=True)
+    try:
+        run = small / "run"
+        proc = launch("asr_ddp", 1, "trainer.max_steps=40", "checkpoint.every_n_steps=1", "checkpoint.keep_last=100",
+                      f"run.output_dir={run}", f"data.dir={tiny_corpus['dir']}", *TINY)
+        assert proc.returncode != 0
+        assert len(error_lines(proc.stderr)) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert "No space left on device" in error_lines(proc.stderr)[0] and "HYDRA_FULL_ERROR" not in proc.stderr
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "failed" and "\n" not in summary["error"], summary["error"]
+        assert "space" in summary["error"].lower() or "write" in summary["error"].lower(), summary["error"]
+        end = read_attempts(run)[-1]
+        assert (end["event"], end["status"]) == ("end", "failed")
+        assert not [p for p in run.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(PARTIAL_PREFIX)]
+        last = run / "checkpoints" / "last.ckpt"
+        assert last.is_symlink() and checkpoint_problem(last.resolve()) is None
+        assert len(list((run / "checkpoints").glob("step*.ckpt"))) >= 1
+    finally:
+        subprocess.run([*root, "umount", "-l", str(small)], check=False)
