@@ -59,7 +59,8 @@ LAYOUTS = {
 
 # ratio name: (goal, "<=" or ">=", what it compares)
 GOALS = {
-    "framework_overhead": (1.05, "<=", "recipe training step / bare PyTorch loop (same model, batch, optimizer; 1 process)"),
+    "framework_overhead": (1.05, "<=", "recipe training step / bare PyTorch loop (same model, batch, optimizer; 1 process); "
+                           "the worst recipe's median of 3 interleaved repeats (each recipe's below)"),
     "fsdp2_memory_dp2": (1.05, "<=", "per-rank training state / (1-process total / 2)"),
     "fsdp2_memory_dp4": (1.05, "<=", "per-rank training state / (1-process total / 4)"),
     "ddp_memory_dp2": (None, "", "per-rank training state / (total / 2): DDP replicates, so 2.0"),
@@ -299,6 +300,16 @@ def _child(kind: str, recipe: str, data_dir: Path, **kwargs) -> dict:
         return json.loads(Path(f.name).read_text())
 
 
+OVERHEAD_REPEATS = 3
+
+
+def median_overhead(repeats: list[dict]) -> dict:
+    """The repeat with the median ratio, with every repeat's figures kept (``repeats``)."""
+    ordered = sorted(repeats, key=lambda r: r["ratio"])
+    return {**ordered[(len(ordered) - 1) // 2], "repeats": [{k: v for k, v in r.items() if k != "repeats"}
+                                                            for r in repeats]}
+
+
 def measure_data_reads(recipe: str, data_dir: Path) -> dict:
     """Bytes read per pass from a served corpus (bench.data_reads): Shar by index and a URL cut manifest
     at dp 4 with 0 and 2 workers, and lhotse's streaming Shar reader at dp 4 as the baseline."""
@@ -335,9 +346,16 @@ def ratios(report: dict) -> dict:
     if over:
         worst_recipe = max(over, key=lambda r: over[r]["ratio"])
         worst = over[worst_recipe]
-        put("framework_overhead", worst["ratio"],
-            {k: {"recipe_step_s": v["recipe_step_s"], "bare_step_s": v["bare_step_s"], "ratio": v["ratio"]}
-             for k, v in over.items()})
+
+        def figures(v):
+            return {"recipe_step_s": v["recipe_step_s"], "bare_step_s": v["bare_step_s"], "ratio": v["ratio"],
+                    "repeat_ratios": [r["ratio"] for r in v.get("repeats", [v])]}
+
+        put("framework_overhead", worst["ratio"], {k: figures(v) for k, v in over.items()})
+        for recipe, v in sorted(over.items()):  # every recipe's own (median) ratio, not only the worst
+            GOALS.setdefault(f"framework_overhead/{recipe}", (GOALS["framework_overhead"][0], "<=",
+                                                             f"{recipe}: the median of its interleaved repeats"))
+            put(f"framework_overhead/{recipe}", v["ratio"], figures(v))
         out["framework_overhead"]["holds_back"] = (
             f"{worst_recipe}: {1000 * (worst['recipe_step_s'] - worst['bare_step_s']):.1f} ms more per step "
             f"({worst['bare_step_s'] * 1000:.0f} ms bare): Lightning's loop, the strategy's wrapper on one rank, "
@@ -511,10 +529,16 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     todo = [("padding", r, {}) for r in recipes] + [("loader", r, {"num_batches": 20}) for r in recipes]
     todo += [("data_reads", "all", {})]
-    todo += [("overhead", r, {"warmup": 3, "steps": 25}) for r in recipes if r != "salm_tp_fsdp2"]
+    # The loop overhead moves by several percent between measurements: OVERHEAD_REPEATS of each recipe,
+    # interleaved (a, b, c, a, b, c, ...) so that a slow spell of the machine hits every recipe alike.
+    todo += [("overhead", r, {"warmup": 3, "steps": 25}) for _ in range(OVERHEAD_REPEATS) for r in recipes
+             if r != "salm_tp_fsdp2"]
     for kind, recipe, kwargs in todo:
         print(f"[{time.perf_counter() - t0:6.0f}s] {kind} {recipe}", flush=True)
-        report[kind][recipe] = _child(kind, recipe, args.data_dir, **kwargs)
+        result = _child(kind, recipe, args.data_dir, **kwargs)
+        if kind == "overhead":
+            result = median_overhead([*report[kind].get(recipe, {}).get("repeats", []), result])
+        report[kind][recipe] = result
         save(report, args.out)
     with tempfile.TemporaryDirectory(prefix="bench-runs-") as tmp:
         for name, (recipe, *_rest) in LAYOUTS.items():

@@ -95,7 +95,7 @@ def parallelize(model: nn.Module, mesh, options: ParallelOptions) -> nn.Module:
         # Also at dp=1 (nothing is sharded over one rank): under the bf16-compute policy FSDP2 keeps
         # the fp32 weights and casts each unit to bf16 for its forward and backward; and the strategy's
         # distributed checkpoints load only into DTensor parameters (a 1 x 1 run could save but never
-        # resume).
+        # resume). One process without that policy (a CPU): one unit, the root (_apply_fsdp).
         _apply_fsdp(model, spec, mesh, options)
     log.info("parallelized %s: tp=%d (sp=%s) dp=%d (FSDP2)", type(model).__name__, tp_size,
              options.sequence_parallel and tp_size > 1, dp_size)
@@ -169,5 +169,10 @@ def _apply_fsdp(model, spec: ParallelSpec, mesh, options: ParallelOptions) -> No
     # Decided before any fully_shard: sharding turns every parameter into a DTensor.
     plan = [(unit, dp_mesh if any(isinstance(p, DTensor) for p in params) else flat_mesh)
             for unit, params in fsdp_units(model, spec)]
+    if mesh.size() == 1 and not options.mixed_precision:
+        # One rank, no bf16 policy: FSDP2 is here only so that checkpoints load (DTensor parameters).
+        # Nothing is sharded or cast, so per-block units would only add hooks to every block's forward and
+        # backward; one unit over the whole model keeps the DTensors at a fraction of the cost.
+        plan = plan[-1:]
     for unit, unit_mesh in plan:
         fully_shard(unit, mesh=unit_mesh, **kwargs)

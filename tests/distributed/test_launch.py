@@ -135,6 +135,18 @@ def test_the_terminal_gets_one_line_per_failure_and_the_log_gets_everything():
     assert shown == [lines[-1], "error: bad data"]
 
 
+def _root_or_skip() -> list[str]:
+    """The prefix that mounts a small file system: none as root, password-less sudo otherwise."""
+    from tests.ci_guard import in_ci
+
+    root = [] if os.geteuid() == 0 else ["sudo", "-n"]  # CI runs as root or with password-less sudo
+    if root and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode != 0:
+        if in_ci():
+            pytest.fail("CI must run as root or with password-less sudo: the test mounts a small tmpfs")
+        pytest.skip("mounting a small tmpfs needs root or password-less sudo")
+    return root
+
+
 def test_a_full_disk_ends_recorded_with_the_newest_complete_checkpoint_last(tiny_corpus, tmp_path):
     """The run directory on a 12 MB file system that fills up while checkpoints are written: the
     run ends `failed` with the one-line error in summary.json, an end row in attempts.jsonl, no
@@ -144,13 +156,8 @@ def test_a_full_disk_ends_recorded_with_the_newest_complete_checkpoint_last(tiny
 
     from common.checkpointing import PARTIAL_PREFIX, checkpoint_problem
     from common.rundir import read_attempts
-    from tests.ci_guard import in_ci
 
-    root = [] if os.geteuid() == 0 else ["sudo", "-n"]  # CI runs as root or with password-less sudo
-    if root and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode != 0:
-        if in_ci():
-            pytest.fail("CI must run as root or with password-less sudo: the test mounts a small tmpfs")
-        pytest.skip("mounting a small tmpfs needs root or password-less sudo")
+    root = _root_or_skip()
     unwritable = launch("asr_ddp", 1, "run.output_dir=/sys/speech-recipes-test/run", f"data.dir={tiny_corpus['dir']}",
                         *TINY)
     (line,) = error_lines(unwritable.stderr)
@@ -180,3 +187,38 @@ def test_a_full_disk_ends_recorded_with_the_newest_complete_checkpoint_last(tiny
         assert len(list((run / "checkpoints").glob("step*.ckpt"))) >= 1
     finally:
         subprocess.run([*root, "umount", "-l", str(small)], check=False)
+
+
+def test_a_vanished_output_directory_is_said_in_one_line(tiny_corpus, tmp_path):
+    """The file system holding the run directory goes away under a running job (unmounted): the run
+    stops at its next checkpoint, and since nothing of its record can be written any more, the
+    terminal says so in one line naming what could not be written and why the run ended."""
+    import time
+
+    root = _root_or_skip()
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run([*root, "mount", "-t", "tmpfs", "-o", f"size=64m,uid={os.getuid()},gid={os.getgid()}", "tmpfs",
+                    str(small)], check=True)
+    run = small / "run"
+    env = {k: v for k, v in os.environ.items() if k != "RUN_NAME"}
+    proc = subprocess.Popen([sys.executable, "-m", "common.tools.launch", "asr_ddp", "--nproc", "1",
+                             "trainer.max_steps=5000", "checkpoint.every_n_steps=5", f"run.output_dir={run}",
+                             f"data.dir={tiny_corpus['dir']}", *TINY], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (run / "checkpoints" / "last.ckpt").exists(), "the run never saved a checkpoint"
+        subprocess.run([*root, "umount", "-l", str(small)], check=True)  # the directory vanishes
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run([*root, "umount", "-l", str(small)], capture_output=True)
+    assert proc.returncode != 0
+    (line,) = error_lines(stderr)
+    assert line.startswith(f"error: the run's record could not be written in {run}: ") and "summary.json (" in line \
+        and "attempts.jsonl (" in line and "the run ended failed (" in line, stderr[-3000:]
+    assert "Traceback" not in stderr

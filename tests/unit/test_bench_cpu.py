@@ -46,6 +46,9 @@ def test_ratios_against_the_same_runs_baselines():
     assert r["ddp_memory_dp2"]["value"] == 2.0 and r["ddp_memory_dp2"]["met"] is None  # reported, no goal
     assert r["ddp_scaling_2x1"]["value"] == round(100 / 60, 4)
     assert r["framework_overhead"]["value"] == 1.2 and r["framework_overhead"]["met"] is False  # the worst recipe
+    # every recipe's own ratio is reported, met or not
+    assert r["framework_overhead/asr_ddp"]["value"] == 1.03 and r["framework_overhead/asr_ddp"]["met"] is True
+    assert r["framework_overhead/salm_fsdp2"]["value"] == 1.2 and r["framework_overhead/salm_fsdp2"]["met"] is False
     # One rank's loader serves audio_s_per_s / dp: 400 / max(60 / 1, 100 / 2).
     assert r["data_loading_headroom"]["value"] == round(400 / 60, 4) and r["data_loading_headroom"]["met"]
     # the worst of the Shar-by-index rows, not the streaming baseline beside it
@@ -59,6 +62,15 @@ def test_ratios_against_the_same_runs_baselines():
     assert "< 99.5%" in r["bucketing_padding_efficiency"]["holds_back"]
     assert rep["runs"]["asr_ddp/2"]["communication_s"] == 0.04  # 2-process step minus the 1-process step
     assert "communication_s" not in rep["runs"]["salm_tp_fsdp2/tp2xdp2"]  # TP splits the compute itself
+
+
+
+def test_overhead_is_the_median_of_its_repeats():
+    repeats = [{"recipe": "salm_fsdp2", "ratio": x, "recipe_step_s": s, "bare_step_s": 0.1}
+               for x, s in ((1.3, 0.13), (1.1, 0.11), (1.2, 0.12))]
+    med = cpu.median_overhead(repeats)
+    assert med["ratio"] == 1.2 and med["recipe_step_s"] == 0.12 and [r["ratio"] for r in med["repeats"]] == [1.3, 1.1, 1.2]
+    assert cpu.median_overhead(repeats[:1])["ratio"] == 1.3  # one measurement is its own median
 
 
 def test_report_names_every_missed_goal_and_plots(tmp_path):
