@@ -1,8 +1,13 @@
 """Launch a recipe on this machine: checked before any rank starts, and ended in one line.
 
-Usage (what ``make run`` and the image's ``docker run`` do)::
+Usage (what ``make run`` and the image's ``docker run`` do; the Kubernetes pods add ``--cluster``)::
 
     python -m common.tools.launch asr_ddp --nproc 2 trainer.max_steps=20 run.name=try1   # Hydra overrides
+    python -m common.tools.launch asr_ddp --cluster model=fastconformer_ctc_large ...   # one node of a job
+
+``--cluster``: one node of a multi-node job. torchrun takes the node count, processes per node and
+rendezvous from the ``PET_*`` variables the Kubeflow operator (or Trainer v2) sets, as it would
+without this launcher; the checks use the same numbers.
 
 1. The recipe's config is composed with the overrides and checked (settings, layout, batch sizes,
    that the data sources exist, that a relaunch matches the run's checkpoints) before torchrun
@@ -17,6 +22,7 @@ Usage (what ``make run`` and the image's ``docker run`` do)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -89,11 +95,11 @@ def run_directory(cfg) -> Path:
     return Path(cfg.run.output_dir).resolve()
 
 
-def check(recipe: str, nproc: int, overrides: list[str]):
+def check(recipe: str, nproc: int, overrides: list[str], cluster: bool = False):
     """The composed, checked config of this launch (ConfigError: one line, nothing started)."""
     cfg = compose(recipe, [f"trainer.devices={nproc}", *overrides])
     checked = check_run(cfg)
-    if checked.layout.num_nodes != 1:
+    if checked.layout.num_nodes != 1 and not cluster:
         raise ConfigError(f"trainer.num_nodes is {checked.layout.num_nodes}: this launcher starts one node "
                           "(make run); on several nodes use Kubernetes (make k8s-render) or torchrun on each node")
     prepare_data(cfg, generate=False)  # the sources exist and are readable (metadata only)
@@ -105,23 +111,30 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m common.tools.launch", description=__doc__.splitlines()[0])
     ap.add_argument("recipe")
     ap.add_argument("--nproc", default="1", help="processes on this machine (one per GPU on GPU machines)")
+    ap.add_argument("--cluster", action="store_true", help="one node of a multi-node job: node count, processes "
+                    "per node and rendezvous from the PET_* variables (Kubeflow operator, Trainer v2)")
     args, overrides = ap.parse_known_args(argv)  # the rest: Hydra overrides, as make run's ARGS
     args.overrides = overrides
+    if args.cluster:
+        args.nproc = os.environ.get("PET_NPROC_PER_NODE", "")
     if not re.fullmatch(r"[1-9]\d*", args.nproc):
-        print(f"error: NPROC must be a positive integer (processes per node), got {args.nproc!r}", file=sys.stderr)
+        name = "PET_NPROC_PER_NODE" if args.cluster else "NPROC"
+        print(f"error: {name} must be a positive integer (processes per node), got {args.nproc!r}", file=sys.stderr)
         return 2
     nproc = int(args.nproc)
     os.environ.setdefault("RUN_NAME", new_run_name())  # one name: known here and in every rank
     try:
-        cfg = check(args.recipe, nproc, args.overrides)
+        with _group_size_for_checks(nproc, args.cluster):
+            cfg = check(args.recipe, nproc, args.overrides, cluster=args.cluster)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     run_dir = run_directory(cfg)
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    cmd = [torchrun if Path(torchrun).exists() else "torchrun", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "common.train", f"--config-path={ROOT / 'recipes' / args.recipe}", "--config-name=config",
-           f"trainer.devices={nproc}", *args.overrides]
+    rendezvous = [] if args.cluster else ["--standalone", f"--nproc-per-node={nproc}"]  # cluster: PET_* variables
+    cmd = [torchrun if Path(torchrun).exists() else "torchrun", *rendezvous, "-m", "common.train",
+           f"--config-path={ROOT / 'recipes' / args.recipe}", "--config-name=config",
+           *([] if args.cluster else [f"trainer.devices={nproc}"]), *args.overrides]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     log = tempfile.NamedTemporaryFile("w", prefix=".launch-", suffix=".log", delete=False,
@@ -138,7 +151,8 @@ def main(argv=None) -> int:
     rc = proc.wait()
     reader.join()
     log.close()
-    where = _keep_log(Path(log.name), run_dir)
+    node = os.environ.get("PET_NODE_RANK") if args.cluster else None
+    where = _keep_log(Path(log.name), run_dir, "launch.log" if node is None else f"launch-node{node}.log")
     if rc != 0:
         if not terminal.errors:
             cause = next((e for e in terminal.exceptions if "SIGTERM" not in e), None) or (
@@ -149,6 +163,24 @@ def main(argv=None) -> int:
             "no record was written (the launch ended before the run started)")
         print(f"  {said}; full log: {where}", file=sys.stderr, flush=True)
     return rc
+
+
+@contextlib.contextmanager
+def _group_size_for_checks(nproc: int, cluster: bool):
+    """A cluster job's overrides read the group's size from torchrun's variables
+    (``trainer.devices='${oc.decode:${oc.env:LOCAL_WORLD_SIZE}}'``); for the checks they are what the
+    operator asked for (an elastic range: its largest size). Not passed on: torchrun sets its own."""
+    if not cluster:
+        yield
+        return
+    nodes = os.environ.get("PET_NNODES", "1").split(":")[-1]
+    saved = {k: os.environ.get(k) for k in ("LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE")}
+    os.environ.update(LOCAL_WORLD_SIZE=str(nproc), GROUP_WORLD_SIZE=nodes)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 def _pump(stream, log, terminal: TerminalFilter) -> None:
@@ -171,10 +203,10 @@ def _writable_parent(run_dir: Path) -> str:
     return tempfile.gettempdir()
 
 
-def _keep_log(tmp: Path, run_dir: Path) -> Path:
-    """The launch's stderr appended to ``<run dir>/launch.log`` if the run directory exists, else
-    kept beside it as ``<run name>.launch.log``."""
-    target = run_dir / "launch.log" if run_dir.is_dir() else run_dir.with_name(f"{run_dir.name}.launch.log")
+def _keep_log(tmp: Path, run_dir: Path, name: str = "launch.log") -> Path:
+    """The launch's stderr appended to ``<run dir>/launch.log`` (one per node of a cluster job) if the
+    run directory exists, else kept beside it as ``<run name>.launch.log``."""
+    target = run_dir / name if run_dir.is_dir() else run_dir.with_name(f"{run_dir.name}.{name}")
     try:
         with open(target, "a") as out, open(tmp) as src:
             out.write(src.read())

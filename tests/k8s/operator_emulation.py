@@ -164,6 +164,8 @@ def launch(pods: list[Pod], volume: Path, mount_path: str = "/workspace", extra_
         argv = [a.replace("/app/", f"{ROOT}/") for a in pod.argv] + list(extra_args)
         if argv[0] == "torchrun":
             argv[0] = torchrun
+        elif argv[0] == "python":  # the image's interpreter: this venv's
+            argv[0] = sys.executable
         workdir = Path(pod.workdir.replace(mount_path, str(volume), 1))
         workdir.mkdir(parents=True, exist_ok=True)
         # Host variables that a pod would not have (and that would change torchrun's behaviour) are dropped.

@@ -63,7 +63,7 @@ def test_every_rendered_manifest_is_valid(recipe, rendered, crd_schema):
         c = spec["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
         assert c["image"] == "registry.example.com/speech-recipes:0.1.0"
         assert {"name": "RECIPE", "value": recipe} in c["env"]
-        assert c["command"] == ["torchrun"] and "--config-path=/app/recipes/$(RECIPE)" in c["args"]
+        assert c["command"] == ["python", "-m", "common.tools.launch"] and c["args"][:2] == ["$(RECIPE)", "--cluster"]
         if shape.get("elastic"):
             assert spec["elasticPolicy"] == {"rdzvBackend": "c10d", "minReplicas": 2, "maxReplicas": 4,
                                              "maxRestarts": 3}

@@ -37,7 +37,8 @@ def kubectl() -> str:
 TINY_PRESET = {"salm_tp_fsdp2": "salm_tiny", "salm_fsdp2": "salm_tiny", "asr_ddp": "ctc_tiny", "tts_ddp": "fastspeech_tiny"}
 
 
-def run_job(recipe: str, tiny_corpus, tmp_path, elastic: bool = False, **render_kwargs):
+def run_job(recipe: str, tiny_corpus, tmp_path, elastic: bool = False, more: tuple = (), expect: int = 0,
+            **render_kwargs):
     # The GPU manifests default to real-size presets on LibriSpeech; on CPU the job runs the tiny model on the
     # generated corpus, chosen the way a user would: make k8s-render MODEL=... DATA=...
     text = render.render(recipe, nodes=2, gpus_per_node=8, image="registry.example.com/speech-recipes:0.1.0",
@@ -50,11 +51,11 @@ def run_job(recipe: str, tiny_corpus, tmp_path, elastic: bool = False, **render_
     # The tiny config; trainer.devices / num_nodes stay the manifest's (they follow what torchrun started).
     extra = [o for o in tiny_overrides(tiny_corpus, 2) if not o.startswith("trainer.devices=")]
     extra += ["trainer.max_steps=2", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
-              "checkpoint.every_n_steps=2", "data.num_workers=0"]
+              "checkpoint.every_n_steps=2", "data.num_workers=0", *more]
     procs = launch(pods, volume, extra_args=extra, extra_env={"OMP_NUM_THREADS": "1"}, log_dir=tmp_path)
     codes = wait_all(procs, timeout=420)
     logs = {p.name: (tmp_path / f"{p.name}.log").read_text() for p in pods}
-    assert codes == [0] * len(pods), {k: v[-3000:] for k, v in logs.items()}
+    assert codes == [expect] * len(pods), {k: v[-3000:] for k, v in logs.items()}
     return job, pods, volume, logs
 
 
@@ -85,3 +86,13 @@ def test_elastic_job_trains_with_c10d_rendezvous(tiny_corpus, tmp_path):
     run_dir = volume / "outputs" / "asr_ddp" / "asr-ddp-emu"
     s = json.loads((run_dir / "summary.json").read_text())
     assert (s["status"], s["steps"], s["world_size"]) == ("completed", 2, 4)
+
+
+def test_a_mistake_is_one_line_in_each_pods_log(tiny_corpus, tmp_path):
+    """The pods run common.tools.launch --cluster: a bad setting is one error line in each pod's log,
+    before torchrun starts (no launcher or rank traceback), and the pod exits 2."""
+    job, pods, volume, logs = run_job("salm_tp_fsdp2", tiny_corpus, tmp_path, more=("trainer.max_steps=0",), expect=2)
+    for name, log in logs.items():
+        assert [line for line in log.splitlines() if line.startswith("error")] == [
+            "error: trainer.max_steps must be an integer >= 1, got 0"], log[-3000:]
+        assert "Traceback" not in log and "torchrun" not in log, name
