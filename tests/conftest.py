@@ -27,6 +27,15 @@ def tiny_corpus(tmp_path_factory) -> dict:
             **ensure_tone_corpus(data_dir, seed=0, num_train=120, num_val=16)}
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on (for a server a test starts, or an endpoint that must refuse)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def recipe_config(recipe: str, overrides: list[str] = ()):
     """A recipe's config composed exactly as `make run` composes it (base.yaml + family + recipe)."""
     from common.run import compose

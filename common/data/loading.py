@@ -472,7 +472,9 @@ def check_batch_budget(cuts, *, max_duration_s: float, max_utterance_s: float | 
         positions = token_budget(cut) if token_budget is not None and max_tokens is not None else None
         if fits_s and (positions is None or positions <= max_tokens):
             return
-        shortest_s, fewest = min(shortest_s, cut.duration), min(fewest, positions if positions is not None else fewest)
+        shortest_s = min(shortest_s, cut.duration)
+        if positions is not None:
+            fewest = min(fewest, positions)
         if seen >= sample_size:
             break
     if not seen:

@@ -7,19 +7,11 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, run_recipe
+from tests.conftest import ROOT, free_port, run_recipe
 
 SUMMARY_KEYS = {"recipe", "status", "world_size", "data_parallel_size", "tensor_parallel_size", "strategy",
                 "accelerator", "precision", "steps", "train_loss_first", "train_loss_last", "val", "throughput",
                 "memory", "wall_s", "checkpoint", "device", "derived_settings"}
-
-
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("recipe,nproc,dp,tp", [("salm_fsdp2", 2, 2, 1), ("salm_tp_fsdp2", 4, 2, 2)])
@@ -32,7 +24,7 @@ def test_recipe_run_writes_the_contract(recipe, nproc, dp, tp, tiny_corpus, tmp_
         "logger.wandb=true",
     ], run_dir, extra_env={"WANDB_MODE": "online", **({  # salm_fsdp2: no API key, so offline
         # salm_tp_fsdp2: a key, but no wandb server answers (a closed port): offline after one warning
-        "WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{_closed_port()}"}
+        "WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}"}
         if recipe == "salm_tp_fsdp2" else {})})
     assert proc.returncode == 0, proc.stderr[-4000:]
     reached = [line for line in proc.stdout.splitlines() if "wandb server" in line]

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.conftest import free_port  # noqa: F401 - the k8s tests take it from here
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PORT = 23456
@@ -43,10 +44,6 @@ class Pod:
     workdir: str
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pytorch_container(rs: dict) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-import socket
 import time
 
 import numpy as np
@@ -20,6 +19,7 @@ from common.data import remote
 from common.data.__main__ import main as data_cli
 from common.data.audio import load_mono
 from common.data.sources import SourceError, iter_texts, open_sources, parse_sources
+from tests.conftest import free_port
 from tests.object_store import SECRET_KEY, s3_store
 
 
@@ -130,12 +130,6 @@ def _shar_copy(forms, tmp_path, name: str):
     return copy
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_bad_remote_input_is_one_line_naming_the_url(forms, tmp_path, monkeypatch):
     """Missing shard, missing index, 403/404 and an unreachable endpoint stop before training with one
     line naming the URL; a transient 500 is retried; a slow server times out within bounds."""
@@ -159,7 +153,7 @@ def test_bad_remote_input_is_one_line_naming_the_url(forms, tmp_path, monkeypatc
         server.faults.clear()
     with pytest.raises(SourceError, match="no such file or directory: http://.*/nothing.jsonl.gz"):
         parse_sources(server.url("nothing.jsonl.gz"), "data.train")
-    port = _closed_port()
+    port = free_port()
     t0 = time.monotonic()
     with pytest.raises(SourceError, match=rf"cannot look up http://127\.0\.0\.1:{port}/c\.jsonl\.gz: cannot reach"):
         parse_sources(f"http://127.0.0.1:{port}/c.jsonl.gz", "data.train")
@@ -217,7 +211,7 @@ def test_s3_credentials_come_from_the_environment_and_are_never_printed(tiny_cor
             parse_sources(url, "data.train")
         assert "s3://corpus/train_cuts.jsonl.gz" in str(wrong.value) and "403" in str(wrong.value)
         assert SECRET_KEY not in str(wrong.value) and "\n" not in str(wrong.value)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
         monkeypatch.setattr(remote, "RETRIES", 1)
         remote._S3.clear()
         with pytest.raises(SourceError, match=r"s3://corpus/train_cuts\.jsonl\.gz: cannot reach the endpoint"):
