@@ -17,7 +17,7 @@ NPROC ?= $(or $(NPROC_$(RECIPE)),2)
 # One run name shared by every rank; override with ARGS="run.name=..." or RUN_NAME=...
 # The default, <timestamp>-<4 random hex>, is expanded once: two launches in one second differ.
 ifeq ($(origin RUN_NAME),undefined)
-RUN_NAME := $(shell date +%Y%m%d-%H%M%S)-$(shell od -An -N2 -tx1 /dev/urandom | tr -d ' \n')
+RUN_NAME := $(shell date +%Y%m%d-%H%M%S)-$(shell od -An -N4 -tx1 /dev/urandom | tr -d ' \n')
 endif
 export RUN_NAME
 # torchrun --max-restarts: a fresh rendezvous store per restart (see common/train.py).

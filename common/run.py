@@ -58,7 +58,7 @@ def new_run_name() -> str:
         return "torchrun-" + "".join(c for c in run_id if c.isalnum() or c in "-_")[:24]
     import secrets
 
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"  # 32 bits: launches in the same second do not collide
 
 
 OmegaConf.register_new_resolver("run_name", resolve_run_name, replace=True)  # ${run_name:} in base.yaml
