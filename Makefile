@@ -24,7 +24,7 @@ export RUN_NAME
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE := 1
 
 .PHONY: help setup run transcribe export synthesize data-check to-shar test quality bench plan profile-batches lint clean \
-        docker-build docker-run cpu-base container-test k8s-render k8s-apply
+        docker-build docker-run cpu-base container-test k8s-render k8s-apply slurm-render slurm-submit dry-run
 
 # Containers: docker where it exists, else podman (CI); the CPU base and make container-test use podman.
 CONTAINER_TOOL ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null || echo docker)
@@ -98,6 +98,12 @@ help:
 	@echo "                                 [OBJECT_STORE=1 TRAIN_DATA=s3://... VAL_DATA=s3://...]  (credentials: a Secret)"
 	@echo "                                 print the validated Kubeflow PyTorchJob (offline: kubectl kustomize)"
 	@echo "make k8s-apply  (same variables) render, then kubectl apply -f -"
+	@echo "make slurm-render RECIPE=<r> NODES=16 GPUS_PER_NODE=8 [MODEL=preset] [DATA=preset] [ARGS='hydra overrides']"
+	@echo "                                 [SLURM_CONTAINER=none|pyxis|apptainer IMAGE=...] [SBATCH='--partition=gpu --time=24:00:00']"
+	@echo "                                 [MAX_REQUEUES=3] [CPU=1]  print the checked Slurm batch script"
+	@echo "make slurm-submit (same variables) write it to outputs/slurm/<run name>.sbatch and sbatch it"
+	@echo "make dry-run RECIPE=<r> MODEL=<preset> NODES=<n> GPUS_PER_NODE=<g> [RANKS=0,last]"
+	@echo "                                 chosen ranks of the full job on this CPU (fake process group): memory, collectives"
 
 # Re-running is cheap: pip only installs what changed, the stamp tracks the inputs.
 setup: $(VENV)/.setup-stamp
@@ -209,6 +215,19 @@ k8s-render: setup
 k8s-apply: setup
 	$(PY) k8s/render.py $(K8S_RENDER_ARGS) > .k8s-rendered.yaml
 	kubectl apply -f .k8s-rendered.yaml && rm -f .k8s-rendered.yaml
+
+# Slurm (common/tools/slurm.py): one torchrun per node via srun, preemption -> checkpoint -> requeue.
+SLURM_CONTAINER ?= none
+SBATCH ?=
+MAX_REQUEUES ?= 3
+CPU ?=
+SLURM_ARGS = $(RECIPE) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) $(if $(MODEL),--model $(MODEL)) \
+  $(if $(DATA),--data $(DATA)) --container $(SLURM_CONTAINER) $(if $(filter-out speech-recipes:0.1.0,$(IMAGE)),--image $(IMAGE)) \
+  $(if $(SBATCH),--sbatch "$(SBATCH)") --max-requeues $(MAX_REQUEUES) $(if $(filter 1 true yes,$(CPU)),--cpu) $(ARGS)
+slurm-render: setup
+	@$(PY) -m common.tools.slurm render $(SLURM_ARGS)
+slurm-submit: setup
+	$(PY) -m common.tools.slurm submit $(SLURM_ARGS)
 
 clean:
 	rm -rf outputs wandb lightning_logs .pytest_cache

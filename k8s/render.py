@@ -57,22 +57,6 @@ def split_image(image: str) -> dict:
     return {"name": BASE_IMAGE_NAME, "newName": name, "newTag": tag}
 
 
-def check_presets(recipe: str, model: str | None, data: str | None) -> None:
-    """MODEL must be a preset of the recipe's model family, DATA a data preset (common/conf/)."""
-    from common.models import presets_of
-    from common.run import ROOT, compose
-
-    if model is not None:
-        fits = presets_of(compose(recipe, []))
-        if model not in fits:
-            raise RenderError(f"MODEL {model!r} is not a model preset of RECIPE={recipe} (its presets: "
-                              f"{', '.join(fits)}; all live in common/conf/model/)")
-    if data is not None:
-        known = sorted(p.stem for p in (ROOT / "common" / "conf" / "data").glob("*.yaml"))
-        if data not in known:
-            raise RenderError(f"DATA {data!r} is not a data preset (known: {', '.join(known)}; common/conf/data/)")
-
-
 def build_kustomization(recipe: str, nodes: int, gpus_per_node: int, image: str, job: str | None,
                         elastic: bool, min_nodes: int | None, max_nodes: int | None, tmp: Path,
                         model: str | None = None, data: str | None = None, object_store: bool = False,
@@ -80,24 +64,10 @@ def build_kustomization(recipe: str, nodes: int, gpus_per_node: int, image: str,
     if recipe not in recipes():
         raise RenderError(f"unknown RECIPE {recipe!r}: no k8s/overlays/{recipe}/kustomization.yaml "
                           f"(have: {', '.join(recipes())})")
-    if nodes < 1:
-        raise RenderError(f"NODES must be >= 1, got {nodes}")
-    if gpus_per_node < 1:
-        raise RenderError(f"GPUS_PER_NODE must be >= 1, got {gpus_per_node}")
-    from common.parallel import ConfigError
-    from common.parallel.layout import check_tensor_parallel_within_node
-
-    tp = recipe_tensor_parallel_size(recipe)
-    try:
-        check_tensor_parallel_within_node(tp, gpus_per_node)  # the rule make plan applies
-    except ConfigError:
-        raise RenderError(f"RECIPE={recipe} uses tensor_parallel_size {tp}, which does not divide GPUS_PER_NODE "
-                          f"({gpus_per_node}): a tensor-parallel group would span nodes (make plan refuses this "
-                          f"layout too); use GPUS_PER_NODE={tp * max(1, gpus_per_node // tp)} or another recipe") from None
     if job is not None and (not DNS1035.match(job) or len(job) > 63):
         raise RenderError(f"JOB {job!r} is not a DNS-1035 label (lower-case letters, digits, '-', "
                           "starting with a letter, at most 63 characters)")
-    check_presets(recipe, model, data)
+    check_layout(recipe, nodes, gpus_per_node, model, data)
     ops: list[dict] = [{"op": "replace", "path": "/spec/nprocPerNode", "value": str(gpus_per_node)}]
     for role in ROLES:  # env/1 = MODEL, env/2 = DATA (k8s/base/pytorchjob.yaml)
         env = f"/spec/pytorchReplicaSpecs/{role}/template/spec/containers/0/env"
@@ -156,13 +126,16 @@ def _base_env() -> list:
     return job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
 
 
-def recipe_tensor_parallel_size(recipe: str) -> int:
-    """The recipe's trainer.strategy.tensor_parallel_size, composed as a run composes it (1 for DDP)."""
-    from common.run import compose
+def check_layout(recipe: str, nodes: int, gpus_per_node: int, model: str | None, data: str | None) -> None:
+    """The job's shape checked as every launcher checks it (common.cluster.check_shape: presets, settings,
+    dp x tp = NODES x GPUS_PER_NODE, tensor parallel inside a node); the same rules as make plan and Slurm."""
+    from common import cluster
+    from common.parallel import ConfigError
 
-    strategy = compose(recipe, []).trainer.strategy
-    tp = strategy.get("tensor_parallel_size", 1) if "ModelParallel" in strategy.get("_target_", "") else 1
-    return 1 if tp in (None, "auto") else int(tp)
+    try:
+        cluster.check_shape(recipe, cluster.requested(nodes, gpus_per_node), model, data)
+    except ConfigError as exc:
+        raise RenderError(str(exc)) from None
 
 
 def kubectl_path() -> str:

@@ -9,6 +9,12 @@ Usage (what ``make run`` and the image's ``docker run`` do; the Kubernetes pods 
 rendezvous from the ``PET_*`` variables the Kubeflow operator (or Trainer v2) sets, as it would
 without this launcher; the checks use the same numbers.
 
+``--slurm``: one task per node of a Slurm job (the batch script of ``make slurm-render``): nodes
+from ``SLURM_JOB_NUM_NODES``, ``--nproc`` ranks on this node, c10d rendezvous at ``RDZV_ENDPOINT``.
+
+The job's shape and every rank's environment (NCCL error handling, flight-recorder dumps in
+``<run dir>/nccl_trace/``) come from :mod:`common.cluster`, as for the renderers and the dry run.
+
 1. The recipe's config is composed with the overrides and checked (settings, layout, batch sizes,
    that the data sources exist, that a relaunch matches the run's checkpoints) before torchrun
    starts: a mistake is one ``error:`` line and exit status 2, with no rank spawned.
@@ -33,6 +39,7 @@ import threading
 import time
 from pathlib import Path
 
+from common import cluster
 from common.checkpointing import check_relaunch
 from common.parallel import ConfigError
 from common.run import ROOT, check_run, compose, new_run_name, prepare_data
@@ -95,13 +102,22 @@ def run_directory(cfg) -> Path:
     return Path(cfg.run.output_dir).resolve()
 
 
-def check(recipe: str, nproc: int, overrides: list[str], cluster: bool = False):
+def check(recipe: str, shape: cluster.NodeLayout, overrides: list[str]):
     """The composed, checked config of this launch (ConfigError: one line, nothing started)."""
-    cfg = compose(recipe, [f"trainer.devices={nproc}", *overrides])
+    if shape.scheduler == "local":
+        cfg = compose(recipe, [f"trainer.devices={shape.procs_per_node}", *overrides])
+    elif shape.scheduler == "slurm":
+        cfg = compose(recipe, [*overrides, *shape.trainer_overrides()])
+    else:  # kubernetes: the manifest's overrides read the group's size from torchrun's variables
+        cfg = compose(recipe, overrides)
     checked = check_run(cfg)
-    if checked.layout.num_nodes != 1 and not cluster:
+    if checked.layout.num_nodes != 1 and shape.scheduler == "local":
         raise ConfigError(f"trainer.num_nodes is {checked.layout.num_nodes}: this launcher starts one node "
-                          "(make run); on several nodes use Kubernetes (make k8s-render) or torchrun on each node")
+                          "(make run); on several nodes use Kubernetes (make k8s-render) or Slurm (make slurm-submit)")
+    if shape.scheduler != "local":
+        from common.parallel.layout import check_tensor_parallel_within_node
+
+        check_tensor_parallel_within_node(checked.layout.tensor_parallel_size, checked.layout.devices)
     prepare_data(cfg, generate=False)  # the sources exist and are readable (metadata only)
     check_relaunch(cfg, run_directory(cfg))
     return cfg
@@ -111,38 +127,40 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m common.tools.launch", description=__doc__.splitlines()[0])
     ap.add_argument("recipe")
     ap.add_argument("--nproc", default="1", help="processes on this machine (one per GPU on GPU machines)")
-    ap.add_argument("--cluster", action="store_true", help="one node of a multi-node job: node count, processes "
-                    "per node and rendezvous from the PET_* variables (Kubeflow operator, Trainer v2)")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--cluster", action="store_true", help="one node of a multi-node job: node count, processes "
+                       "per node and rendezvous from the PET_* variables (Kubeflow operator, Trainer v2)")
+    where.add_argument("--slurm", action="store_true", help="one task per node of a Slurm job (make slurm-render's "
+                       "script): nodes from SLURM_JOB_NUM_NODES, rendezvous at RDZV_ENDPOINT")
     args, overrides = ap.parse_known_args(argv)  # the rest: Hydra overrides, as make run's ARGS
-    args.overrides = overrides
-    if args.cluster:
-        args.nproc = os.environ.get("PET_NPROC_PER_NODE", "")
-    if not re.fullmatch(r"[1-9]\d*", args.nproc):
-        name = "PET_NPROC_PER_NODE" if args.cluster else "NPROC"
-        print(f"error: {name} must be a positive integer (processes per node), got {args.nproc!r}", file=sys.stderr)
-        return 2
-    nproc = int(args.nproc)
     os.environ.setdefault("RUN_NAME", new_run_name())  # one name: known here and in every rank
     try:
-        with _group_size_for_checks(nproc, args.cluster):
-            cfg = check(args.recipe, nproc, args.overrides, cluster=args.cluster)
+        if args.cluster:
+            shape = cluster.kubernetes()
+        else:
+            if not re.fullmatch(r"[1-9]\d*", args.nproc):
+                raise ConfigError(f"NPROC must be a positive integer (processes per node), got {args.nproc!r}")
+            shape = cluster.slurm(int(args.nproc)) if args.slurm else cluster.local(int(args.nproc))
+        with _group_size_for_checks(shape):
+            cfg = check(args.recipe, shape, overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     run_dir = run_directory(cfg)
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    rendezvous = [] if args.cluster else ["--standalone", f"--nproc-per-node={nproc}"]  # cluster: PET_* variables
-    cmd = [torchrun if Path(torchrun).exists() else "torchrun", *rendezvous, "-m", "common.train",
+    shape_args = {"local": shape.trainer_overrides()[:1], "slurm": shape.trainer_overrides()}.get(shape.scheduler, [])
+    cmd = [torchrun if Path(torchrun).exists() else "torchrun", *shape.torchrun_args, "-m", "common.train",
            f"--config-path={ROOT / 'recipes' / args.recipe}", "--config-name=config",
-           *([] if args.cluster else [f"trainer.devices={nproc}"]), *args.overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+           *(shape_args if shape.scheduler == "local" else []), *overrides,
+           *(shape_args if shape.scheduler != "local" else [])]
+    env = shape.rank_env(run_dir)
     log = tempfile.NamedTemporaryFile("w", prefix=".launch-", suffix=".log", delete=False,
                                       dir=_writable_parent(run_dir))
-    log.write(f"=== launch {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
+    chosen = " ".join(f"{k}={env[k]}" for k in (*cluster.RANK_ENV, "TORCH_FR_DUMP_TEMP_FILE"))
+    log.write(f"=== launch {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n=== rank environment: {chosen}\n")
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, cwd=os.getcwd())
     # Ctrl-C reaches the ranks directly (same process group) and they checkpoint; this process keeps
-    # reading their output to the end. A SIGTERM (docker stop) is passed on to torchrun.
+    # reading their output to the end. A SIGTERM (docker stop, Slurm's preemption) is passed on to torchrun.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
     terminal = TerminalFilter()
@@ -151,7 +169,7 @@ def main(argv=None) -> int:
     rc = proc.wait()
     reader.join()
     log.close()
-    node = os.environ.get("PET_NODE_RANK") if args.cluster else None
+    node = shape.node_rank if shape.scheduler != "local" else None
     where = _keep_log(Path(log.name), run_dir, "launch.log" if node is None else f"launch-node{node}.log")
     if rc != 0:
         if not terminal.errors:
@@ -166,16 +184,15 @@ def main(argv=None) -> int:
 
 
 @contextlib.contextmanager
-def _group_size_for_checks(nproc: int, cluster: bool):
-    """A cluster job's overrides read the group's size from torchrun's variables
+def _group_size_for_checks(shape: cluster.NodeLayout):
+    """A Kubernetes job's overrides read the group's size from torchrun's variables
     (``trainer.devices='${oc.decode:${oc.env:LOCAL_WORLD_SIZE}}'``); for the checks they are what the
     operator asked for (an elastic range: its largest size). Not passed on: torchrun sets its own."""
-    if not cluster:
+    if shape.scheduler != "kubernetes":
         yield
         return
-    nodes = os.environ.get("PET_NNODES", "1").split(":")[-1]
     saved = {k: os.environ.get(k) for k in ("LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE")}
-    os.environ.update(LOCAL_WORLD_SIZE=str(nproc), GROUP_WORLD_SIZE=nodes)
+    os.environ.update(LOCAL_WORLD_SIZE=str(shape.procs_per_node), GROUP_WORLD_SIZE=str(shape.nodes))
     try:
         yield
     finally:

@@ -103,8 +103,8 @@ def test_k8s_render_refuses_tensor_parallel_groups_across_nodes(gpus_per_node):
     proc = subprocess.run(["make", "-s", "k8s-render", "RECIPE=salm_tp_fsdp2", "NODES=2",
                            f"GPUS_PER_NODE={gpus_per_node}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and not proc.stdout
-    assert (f"RECIPE=salm_tp_fsdp2 uses tensor_parallel_size 2, which does not divide GPUS_PER_NODE "
-            f"({gpus_per_node}): a tensor-parallel group would span nodes") in proc.stderr
+    assert (f"error: tensor_parallel_size (2) does not divide GPUS_PER_NODE / trainer.devices ({gpus_per_node}): "
+            "a tensor-parallel group would span nodes") in proc.stderr
     # The same rule make plan applies: it lists tp=2 as rejected for this node size.
     from common.tools.plan import plan
 
