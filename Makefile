@@ -102,7 +102,7 @@ help:
 	@echo "                                 [SLURM_CONTAINER=none|pyxis|apptainer IMAGE=...] [SBATCH='--partition=gpu --time=24:00:00']"
 	@echo "                                 [MAX_REQUEUES=3] [CPU=1]  print the checked Slurm batch script"
 	@echo "make slurm-submit (same variables) write it to outputs/slurm/<run name>.sbatch and sbatch it"
-	@echo "make dry-run RECIPE=<r> MODEL=<preset> NODES=<n> GPUS_PER_NODE=<g> [RANKS=0,last]"
+	@echo "make dry-run RECIPE=<r> MODEL=<preset> NODES=<n> GPUS_PER_NODE=<g> [RANKS=0,last] [SLICE_S=seconds per rank]"
 	@echo "                                 chosen ranks of the full job on this CPU (fake process group): memory, collectives"
 
 # Re-running is cheap: pip only installs what changed, the stamp tracks the inputs.
@@ -228,6 +228,13 @@ slurm-render: setup
 	@$(PY) -m common.tools.slurm render $(SLURM_ARGS)
 slurm-submit: setup
 	$(PY) -m common.tools.slurm submit $(SLURM_ARGS)
+
+# Dry run at cluster size (common/tools/dry_run.py): RANKS of the NODES x GPUS_PER_NODE job on this CPU.
+RANKS ?= 0,last
+SLICE_S ?=
+dry-run: setup
+	@$(PY) -m common.tools.dry_run $(RECIPE) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) $(if $(MODEL),--model $(MODEL)) \
+	  $(if $(DATA),--data $(DATA)) --ranks $(RANKS) $(if $(SLICE_S),--slice-s $(SLICE_S)) $(ARGS)
 
 clean:
 	rm -rf outputs wandb lightning_logs .pytest_cache

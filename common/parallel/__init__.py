@@ -147,8 +147,12 @@ def fsdp_units(model: nn.Module, spec: ParallelSpec) -> list[tuple]:
     seen: set[int] = set()
     out = []
     for unit in units:
-        params = [p for m in (unit if isinstance(unit, list) else [unit]) for p in m.parameters() if id(p) not in seen]
-        seen.update(id(p) for p in params)
+        params = []
+        for m in unit if isinstance(unit, list) else [unit]:
+            for p in m.parameters():  # a tied weight (embedding = LM head) counts once, in its first unit
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
         out.append((unit, params))
     return out
 

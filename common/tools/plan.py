@@ -87,9 +87,10 @@ def _llm_architecture(cfg) -> dict | None:
     return None
 
 
-def build_meta_model(cfg, tokenizer_dir=None):
+def build_meta_model(cfg, tokenizer_dir=None, device="meta"):
     """(model on the meta device, tokenizer), built by the run layer as ``common.train`` builds them,
-    from the pretrained backbone's architecture alone (never its weights)."""
+    from the pretrained backbone's architecture alone (never its weights). ``device=None``: where the
+    caller's context puts it (the dry run: parameters on meta, buffers real)."""
     from common.data.tokenizer import SizedVocabulary, load_tokenizer
 
     pretrained = cfg.model.get("pretrained_llm")
@@ -118,7 +119,7 @@ def build_meta_model(cfg, tokenizer_dir=None):
         cfg.model.encoder = (nemo_encoder_config(enc) if is_nemo_file(enc)
                              else _local_config_dict(enc, "model.pretrained_encoder", ParakeetEncoderConfig))
         cfg.model.pretrained_encoder = None
-    run = build_run(cfg, tokenizer=tokenizer, device="meta")
+    run = build_run(cfg, tokenizer=tokenizer, device=device)
     return run.model, run.tokenizer
 
 
@@ -165,8 +166,10 @@ def _local_shape(shape, tp_dim, tp, tp_rank, dp, dp_rank) -> list[int]:
     return shape
 
 
-def state_bytes(model, strategy: str, dp: int, tp: int, param_bytes: int, sequence_parallel=True) -> list[dict]:
-    """Per-rank parameter, gradient and AdamW state bytes (ranks row-major over the (dp, tp) mesh).
+def state_bytes(model, strategy: str, dp: int, tp: int, param_bytes: int, sequence_parallel=True,
+                ranks=None) -> list[dict]:
+    """Per-rank parameter, gradient and AdamW state bytes (ranks row-major over the (dp, tp) mesh;
+    ``ranks``: only these, e.g. the dry run's).
 
     FSDP2 units are those of ``common.parallel.fsdp_units``: a unit holding TP parameters is sharded
     over dp, a unit TP leaves whole (speech encoder, projector) over all dp x tp ranks."""
@@ -176,8 +179,8 @@ def state_bytes(model, strategy: str, dp: int, tp: int, param_bytes: int, sequen
     dims, touched = tp_split_dims(model, sequence_parallel) if sharded and tp > 1 else ({}, set())
     fsdp = sharded  # common.parallel applies FSDP2 to every model-parallel layout, dp=1 included
     units = fsdp_units(model, model.parallel_spec()) if fsdp else [(model, list(model.parameters()))]
-    ranks = []
-    for rank in range(dp * tp):
+    out = []
+    for rank in range(dp * tp) if ranks is None else ranks:
         dp_rank, tp_rank = divmod(rank, tp) if sharded else (0, 0)
         p_bytes = g_bytes = o_bytes = 0
         for _, params in units:
@@ -189,8 +192,8 @@ def state_bytes(model, strategy: str, dp: int, tp: int, param_bytes: int, sequen
                 if p.requires_grad:
                     g_bytes += n * param_bytes
                     o_bytes += 2 * n * param_bytes + ADAM_STEP_BYTES
-        ranks.append({"rank": rank, "param_bytes": p_bytes, "grad_bytes": g_bytes, "optimizer_state_bytes": o_bytes})
-    return ranks
+        out.append({"rank": rank, "param_bytes": p_bytes, "grad_bytes": g_bytes, "optimizer_state_bytes": o_bytes})
+    return out
 
 
 def fsdp_buffer_bytes(model, dp: int, tp: int, param_bytes: int) -> int:

@@ -75,7 +75,7 @@ def render(recipe: str, nodes: int, gpus_per_node: int, model: str | None = None
         step = []
         command = ["apptainer", "exec", *([] if cpu else ["--nv"]), "--pwd", "/workspace",
                    "--bind", f"{outputs}:/workspace/outputs,{data_dir}:/workspace/data",
-                   image if image.endswith(".sif") else f"docker://{image}", "python", *launch]
+                   image if image.endswith(".sif") or "://" in image else f"docker://{image}", "python", *launch]
     else:
         step = []
         command = [python or sys.executable, *launch]

@@ -75,6 +75,10 @@ def test_fixed_size_job_trains_across_two_pods(tiny_corpus, tmp_path):
     assert (s["data_parallel_size"], s["tensor_parallel_size"]) == (2, 2)
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    # Every pod's ranks started with the hang-surfacing NCCL settings of common.cluster (launch-node<N>.log).
+    for node in (0, 1):
+        launched = (run_dir / f"launch-node{node}.log").read_text()
+        assert "TORCH_NCCL_ASYNC_ERROR_HANDLING=3" in launched and "TORCH_NCCL_DUMP_ON_TIMEOUT=1" in launched
 
 
 def test_elastic_job_trains_with_c10d_rendezvous(tiny_corpus, tmp_path):
