@@ -254,6 +254,20 @@ def test_trainjob_is_valid_and_runs_what_the_pytorchjob_runs(recipe, trainjob_sc
     assert tj["metadata"]["name"] == job["metadata"]["name"]
 
 
+def test_pods_surface_hangs_with_the_launch_plans_nccl_settings(rendered):
+    """The manifests spell out common.cluster.RANK_ENV's NCCL settings (the launcher would set them too):
+    the same values, so a hang ends the same way under Kubernetes, Slurm and make run."""
+    from common.cluster import RANK_ENV
+
+    nccl = {k: v for k, v in RANK_ENV.items() if k.startswith("TORCH_NCCL_ASYNC") or k in (
+        "TORCH_NCCL_DUMP_ON_TIMEOUT", "TORCH_FR_BUFFER_SIZE")}
+    assert len(nccl) == 3
+    for (recipe, _), job in rendered.items():
+        for role, replica in job["spec"]["pytorchReplicaSpecs"].items():
+            env = {e["name"]: e.get("value") for e in replica["template"]["spec"]["containers"][0]["env"]}
+            assert {k: env.get(k) for k in nccl} == nccl, (recipe, role)
+
+
 @pytest.mark.parametrize("breaker,rule", [
     (lambda t: t["spec"]["trainer"]["env"].append({"name": "PET_NNODES", "value": "2"}), "operator-env"),
     (lambda t: t["spec"]["trainer"].update(numProcPerNode=4), "nproc-gpus"),

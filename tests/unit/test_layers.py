@@ -18,7 +18,7 @@ LAYERS = (
                              "k8s")),
     ("training loop", ("common.train", "common.module", "common.checkpointing", "common.recording",
                        "common.evaluation")),
-    ("building a run", ("common.run", "common.settings", "common.inference", "common.rundir")),
+    ("building a run", ("common.run", "common.settings", "common.inference", "common.rundir", "common.cluster")),
     ("data and models", ("common.data.", "common.data", "common.models.", "common.models", "common.flops")),
     ("parallel core", ("common.parallel.", "common.parallel")),
 )
@@ -97,7 +97,7 @@ def test_the_graph_sees_relative_imports_and_the_tools():
     assert {"common.data.loading", "common.data.sources"} <= graph["common.data.datamodule"]  # `from .loading import`
     assert {"common.run", "common.parallel"} <= graph["common.train"]
     assert "common.run" in graph["common.tools.plan"] and "common.run" in graph["bench.cpu"]
-    assert "common.run" in graph["k8s.render"]
+    assert "common.cluster" in graph["k8s.render"] and "common.cluster" in graph["common.tools.slurm"]
     assert not any("common.train" in deps for deps in graph.values())  # only torchrun runs it
 
 
