@@ -291,6 +291,7 @@ class RunCheckpoint(ModelCheckpoint):
         self.at_end = at_end  # False: the end of max_steps saves nothing (benchmarks); a signal still saves
         self._hold_at_step = int(os.environ.get(HOLD_STEP_ENV) or -1)  # tests only (HOLD_STEP_ENV)
         self.on_published = None  # called on rank 0 once a checkpoint is complete (common.train: `latest`)
+        self.saves: list[dict] = []  # {"step", "stall_s"} of each save of this attempt
 
     @property
     def latest_path(self) -> str | None:
@@ -347,6 +348,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     # --- atomic writes --------------------------------------------------------------------------
     def _save_checkpoint(self, trainer, filepath: str) -> None:
+        started = time.perf_counter()
         final = Path(filepath)
         partial = final.with_name(PARTIAL_PREFIX + final.name)
         if trainer.is_global_zero:
@@ -372,6 +374,8 @@ class RunCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier("checkpoint.publish")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = str(final)
+        # The step loop waited this long (every rank: the save ends with a barrier): summary.json "checkpoint_saves".
+        self.saves.append({"step": trainer.global_step, "stall_s": round(time.perf_counter() - started, 3)})
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)

@@ -9,7 +9,10 @@ never erases what an earlier launch wrote:
   the same directory fails at once, naming the holder (host, pid, start time). The kernel
   drops the lock when its holder dies, so a crashed or killed run never leaves it stuck.
 * ``attempts.jsonl``: append-only, one row when a launch starts and one when it ends
-  (attempt number, host, pid, command-line overrides, resumed checkpoint, status, wall time).
+  (attempt number, host, pid, command-line overrides, resumed checkpoint, who restarted it and how
+  often, status, the error, wall time); a start after an attempt that wrote no end says it was killed.
+  A run whose last ``run.max_failures_at_step`` attempts failed at one step is not started again
+  (:func:`check_restart_budget`).
 * ``history/attempt-<N>/``: before launch N+1 changes anything, the record as launch N left it
   (config, summary, skipped items; the step logs too when launch N+1 will cut rows from them,
   i.e. it resumes from an earlier step or starts afresh) is copied here.
@@ -40,6 +43,10 @@ ATTEMPTS_FILE = "attempts.jsonl"
 HISTORY_DIR = "history"
 RECORD_FILES = ("config.yaml", "metrics.jsonl", "validation.jsonl", "summary.json", "skipped_items.jsonl")
 STEP_LOGS = ("metrics.jsonl", "validation.jsonl")  # one row per step; a resume cuts the rows after its step
+
+
+# Who restarted this launch, and how often (recorded in each start row of attempts.jsonl).
+RESTART_COUNTERS = {"slurm_requeues": "SLURM_RESTART_COUNT", "torchrun_restarts": "TORCHELASTIC_RESTART_COUNT"}
 
 
 class RunDirectoryBusy(ConfigError):
@@ -109,8 +116,14 @@ class RunDirectory:
                 shutil.copy2(self.path / name, kept / name)
         summary = self.path / "summary.json"
         self.previous_summary = json.loads(summary.read_text()) if summary.is_file() else None
+        restarts = {name: int(os.environ[var]) for name, var in RESTART_COUNTERS.items()
+                    if os.environ.get(var, "").isdigit()}
+        # The previous attempt started but wrote no end row: it was killed (SIGKILL, the OOM killer, a lost node).
+        unrecorded = bool(rows) and rows[-1].get("event") == "start"
         self._append({"event": "start", "attempt": self.attempt, "time": _now(), "host": socket.gethostname(),
-                      "pid": os.getpid(), "argv": list(argv), "resume_step": resume_step})
+                      "pid": os.getpid(), "argv": list(argv), "resume_step": resume_step,
+                      **({"restarts": restarts} if restarts else {}),
+                      **({"previous_attempt": "killed (no end recorded)"} if unrecorded else {})})
         return self.attempt
 
     def end_attempt(self, status: str, wall_s: float, **extra) -> None:
@@ -128,6 +141,30 @@ def is_run_directory(path: str | Path) -> bool:
     """A run's output directory (``checkpoints/`` or ``summary.json`` in it), not a checkpoint."""
     path = Path(path)
     return path.is_dir() and ((path / "checkpoints").is_dir() or (path / "summary.json").is_file())
+
+
+def check_restart_budget(run_dir: str | Path, max_failures_at_step: int) -> None:
+    """Refuse to start a run whose last ``max_failures_at_step`` attempts all failed at the same step:
+    they resumed from the same checkpoint and met the same fault, so an automatic restart (torchrun,
+    a Kubernetes pod, a Slurm requeue) would only repeat it. ``ConfigError`` naming the step, the
+    error and how to go on once the cause is fixed; every rank reads the same file, so all agree.
+
+    >>> check_restart_budget("/nonexistent", 3)  # a new run: nothing to refuse
+    """
+    if not max_failures_at_step:
+        return
+    ends = [r for r in read_attempts(run_dir) if r.get("event") == "end"]
+    last = ends[-max_failures_at_step:]
+    if len(last) < max_failures_at_step or any(r.get("status") != "failed" for r in last):
+        return
+    steps = {r.get("steps") for r in last}
+    if len(steps) == 1 and None not in steps:
+        step = steps.pop()
+        raise ConfigError(
+            f"the last {max_failures_at_step} attempts of {run_dir} failed at step {step} "
+            f"({last[-1].get('error') or 'no error recorded'}): not starting it again, a restart would fail "
+            f"there too (run.max_failures_at_step={max_failures_at_step}); once the cause is fixed, relaunch "
+            f"with run.max_failures_at_step={max_failures_at_step + 1} (attempts.jsonl has every attempt)")
 
 
 def read_attempts(run_dir: str | Path) -> list[dict]:

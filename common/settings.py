@@ -101,6 +101,7 @@ SETTINGS = (
     Setting("run.resume", "bool"),
     _int("run.print_every_n_steps", 1),
     _num("run.collective_timeout_s", 0, lo_open=True, nullable=True),
+    _int("run.max_failures_at_step", 0),
     _int("trainer.max_steps", 1),
     _int("trainer.max_epochs", -1),
     _int("trainer.log_every_n_steps", 1),

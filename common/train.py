@@ -194,6 +194,11 @@ def train(cfg: DictConfig) -> None:
     checked = check_run(cfg)
     layout = checked.layout
     warn_if_restarts_reuse_the_store()
+    # A run whose last attempts all failed at the same step is not restarted again (every rank reads
+    # the same attempts.jsonl, so all refuse alike).
+    from common.rundir import check_restart_budget
+
+    check_restart_budget(run_dir, cfg.run.max_failures_at_step)
 
     # 2. One writer per run directory: a second launch on it stops here, naming the holder.
     from common.rundir import RunDirectory
@@ -255,6 +260,7 @@ def train(cfg: DictConfig) -> None:
                                 bad_items=list(data_report["items"].values()),
                                 previous=rundir.previous_summary if ckpt_path else None, attempt=rundir.attempt)
             summary["data"]["substituted_batches"] = data_report["substituted_batches"]
+            summary["checkpoint_saves"] = checkpoint.saves  # this attempt's saves: step and stall (s)
             summary["data"]["coverage"] = datamodule.coverage
             summary["data"]["bad_item_share"] = guard.last_share
             summary["derived_settings"] = checked.derived  # what check_run resolved (config.yaml has the results)

@@ -3,7 +3,7 @@
 Usage (what ``make dry-run`` runs)::
 
     python -m common.tools.dry_run salm_tp_fsdp2 --nodes 16 --gpus-per-node 8 --model canary_qwen_2p5b \\
-        [--ranks 0,last] [--slice-s 4] [--steps 1] [--intra-node-gbps 450] [--inter-node-gbps 50] \\
+        [--ranks 0,last] [--slice-s 4] [--steps 1] [--intra-node-gbps 450] [--inter-node-gbps 50] [--storage-gbps 1] \\
         [--json] [hydra overrides ...]
 
 Each chosen rank runs in its own process as rank ``r`` of the ``nodes x gpus_per_node`` job: torch's
@@ -249,6 +249,8 @@ def run_rank(args, rank: int) -> dict:
     def local_bytes(tensors):
         return sum(_shard(x).numel() * _shard(x).element_size() for x in tensors)
 
+    job_checkpoint_bytes = sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1)  # + AdamW's 2 moments
+                               for p in {id(p): p for p in model.parameters()}.values())
     measured = {
         "param_bytes": local_bytes(list(model.parameters())),
         "grad_bytes": local_bytes([p.grad for p in model.parameters() if p.grad is not None]),
@@ -284,6 +286,11 @@ def run_rank(args, rank: int) -> dict:
             "step_s": [round(s, 2) for s in step_s], "batch": batch_note, "measured": measured,
             "predicted": predicted, "largest_gathered_unit_bytes": largest_unit,
             "share_s": float(cfg.data.max_duration_s) / dp,
+            # What a checkpoint holds (DCP: each rank writes its shards of parameters and optimizer state).
+            "checkpoint": {"rank_bytes": measured["param_bytes"] + measured["optimizer_state_bytes"],
+                           "job_bytes": job_checkpoint_bytes, "storage_gbps": args.storage_gbps,
+                           "rank_write_s": (measured["param_bytes"] + measured["optimizer_state_bytes"])
+                           / (args.storage_gbps * 1e9)},
             "collectives": dict(collectives), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
@@ -352,6 +359,10 @@ def format_report(results: list[dict], args) -> str:
                          f"{c['gbps']:>6g}{c['time_s'] * 1e3:>9.1f}")
         total = sum(c["time_s"] for c in r["collectives"].values())
         lines.append(f"  communication per step at these bandwidths, not overlapped: {total * 1e3:.1f} ms")
+        ck = r["checkpoint"]
+        lines.append(f"  checkpoint: {ck['rank_bytes'] / MIB:.1f} MiB from this rank ({ck['job_bytes'] / GIB:.1f} GiB for "
+                     f"the job); a synchronous save stops every rank ~{ck['rank_write_s']:.2f} s at "
+                     f"{ck['storage_gbps']:g} GB/s of storage bandwidth per rank")
         lines.append(f"  this process's peak memory: {r['peak_rss_bytes'] / GIB:.1f} GiB")
     return "\n".join(lines)
 
@@ -370,6 +381,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=1, help="optimizer steps (1 or 2)")
     ap.add_argument("--intra-node-gbps", type=float, default=450.0, help="GB/s per GPU inside a node (NVLink 4)")
     ap.add_argument("--inter-node-gbps", type=float, default=50.0, help="GB/s per GPU across nodes (400 Gb/s)")
+    ap.add_argument("--storage-gbps", type=float, default=1.0,
+                    help="GB/s each rank writes a checkpoint at (shared file system or object store)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--one-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, overrides = ap.parse_known_args(argv)

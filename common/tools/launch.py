@@ -43,6 +43,7 @@ from common import cluster
 from common.checkpointing import check_relaunch
 from common.parallel import ConfigError
 from common.run import ROOT, check_run, compose, new_run_name, prepare_data
+from common.rundir import check_restart_budget
 
 # torch.distributed.elastic's own log lines (glog format: I/W/E + MMDD), and torchrun's report.
 _LAUNCHER_LINE = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d")
@@ -120,6 +121,7 @@ def check(recipe: str, shape: cluster.NodeLayout, overrides: list[str]):
         check_tensor_parallel_within_node(checked.layout.tensor_parallel_size, checked.layout.devices)
     prepare_data(cfg, generate=False)  # the sources exist and are readable (metadata only)
     check_relaunch(cfg, run_directory(cfg))
+    check_restart_budget(run_directory(cfg), cfg.run.max_failures_at_step)
     return cfg
 
 

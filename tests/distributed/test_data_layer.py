@@ -174,6 +174,22 @@ def test_a_run_that_cannot_read_its_data_fails_instead_of_completing(tiny_corpus
     assert "error: 100% of the training items" in proc.stderr
     assert 'common/train.py", line' not in proc.stderr and "[rank0]: Traceback" not in proc.stderr
 
+    # Launched again, as a restart would: the same failure at the same step. With run.max_failures_at_step=2
+    # the next launch is refused before anything starts, naming the step and the error (issue: restart budget).
+    budget = tiny_overrides(tiny_corpus, 1, "trainer.max_steps=60", "trainer.limit_val_batches=0",
+                            f"data.train=[{broken_train}]", f"data.val=[{tiny_corpus['val']}]", "run.max_failures_at_step=2")
+    again = run_recipe("asr_ddp", 1, budget, run_dir, timeout=300)
+    assert again.returncode != 0 and json.loads((run_dir / "summary.json").read_text())["steps"] == summary["steps"]
+    rows = (run_dir / "attempts.jsonl").read_text()
+    refused = run_recipe("asr_ddp", 1, budget, run_dir, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: the last 2 attempts of {run_dir} failed at step {summary['steps']} (DataQualityError: 100% of the "
+        "training items met so far could not be used"), refused.stderr[-3000:]
+    assert "not starting it again" in refused.stderr and "run.max_failures_at_step=3" in refused.stderr
+    assert (run_dir / "attempts.jsonl").read_text() == rows  # refused before an attempt began
+
     broken_val = _unreadable_manifest(tmp_path, tone_cuts(tiny_corpus["val"], 8), "broken_val")
     run_dir = tmp_path / "no_val_data"
     proc = run_recipe("asr_ddp", 1, tiny_overrides(tiny_corpus, 1, "trainer.max_steps=4",

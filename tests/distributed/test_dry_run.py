@@ -40,6 +40,9 @@ def test_ranks_of_a_64_rank_job_match_the_planner_and_name_their_collectives(tin
         assert c["tensor_parallel"]["across_nodes"] is False and c["data_parallel"]["across_nodes"] is True
         assert c["tensor_parallel"]["group_size"] == 2 and c["data_tensor_parallel"]["group_size"] == 64
         assert all(row["bytes"] > 0 and row["time_s"] > 0 for row in c.values())
+        ck = r["checkpoint"]
+        assert ck["rank_bytes"] == r["measured"]["param_bytes"] + r["measured"]["optimizer_state_bytes"]
+        assert ck["job_bytes"] > ck["rank_bytes"] * 32 and ck["rank_write_s"] == pytest.approx(ck["rank_bytes"] / 1e9)
     # TP peers hold different halves of the TP-split weights, the same number of bytes.
     assert results[0]["measured"]["param_bytes"] == pytest.approx(results[1]["measured"]["param_bytes"], rel=0.01)
 

@@ -1,0 +1,54 @@
+"""A run that keeps failing at the same step is not restarted again (common.rundir.check_restart_budget)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.parallel import ConfigError
+from common.rundir import check_restart_budget
+
+
+def _attempts(tmp_path, *ends):
+    rows = []
+    for i, (status, steps) in enumerate(ends, 1):
+        rows += [{"event": "start", "attempt": i}, {"event": "end", "attempt": i, "status": status, "steps": steps,
+                                                     "error": f"RuntimeError: boom {i}"}]
+    (tmp_path / "attempts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("ends", [
+    [("failed", 40), ("failed", 40)],                        # fewer than the budget
+    [("failed", 40), ("failed", 44), ("failed", 40)],        # not the same step: progress in between
+    [("failed", 40), ("preempted", 40), ("failed", 40)],     # a preemption is not a failure
+    [("failed", 40), ("failed", 40), ("failed", 40), ("completed", 60)],
+])
+def test_starts_unless_the_last_attempts_failed_at_one_step(tmp_path, ends):
+    _attempts(tmp_path, *ends)
+    check_restart_budget(tmp_path, 3)
+
+
+def test_refuses_the_next_restart_naming_step_error_and_way_out(tmp_path):
+    _attempts(tmp_path, ("completed", 10), ("failed", 40), ("failed", 40), ("failed", 40))
+    with pytest.raises(ConfigError) as exc:
+        check_restart_budget(tmp_path, 3)
+    assert str(exc.value).startswith(f"the last 3 attempts of {tmp_path} failed at step 40 (RuntimeError: boom 4): "
+                                     "not starting it again")
+    assert "relaunch with run.max_failures_at_step=4" in str(exc.value)
+    check_restart_budget(tmp_path, 0)  # 0: no limit
+    check_restart_budget(tmp_path, 4)
+
+
+def test_each_attempt_says_who_restarted_it_and_whether_the_one_before_was_killed(tmp_path, monkeypatch):
+    from common.rundir import RunDirectory, read_attempts
+
+    run = RunDirectory(tmp_path)
+    run.begin_attempt(["a=1"])  # then killed: no end row
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    RunDirectory(tmp_path).begin_attempt(["a=1"], resume_step=4)
+    first, second = read_attempts(tmp_path)
+    assert "previous_attempt" not in first and "restarts" not in first
+    assert second["previous_attempt"] == "killed (no end recorded)"
+    assert second["restarts"] == {"slurm_requeues": 1, "torchrun_restarts": 0} and second["resume_step"] == 4
