@@ -182,7 +182,7 @@ def test_a_run_that_cannot_read_its_data_fails_instead_of_completing(tiny_corpus
     assert again.returncode != 0 and json.loads((run_dir / "summary.json").read_text())["steps"] == summary["steps"]
     rows = (run_dir / "attempts.jsonl").read_text()
     refused = run_recipe("asr_ddp", 1, budget, run_dir, timeout=300)
-    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.returncode != 0, refused.stderr[-3000:]  # the rank exits 2; torchrun reports 1
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and errors[0].startswith(
         f"error: the last 2 attempts of {run_dir} failed at step {summary['steps']} (DataQualityError: 100% of the "
