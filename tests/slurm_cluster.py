@@ -86,6 +86,8 @@ class SlurmCluster:
             f"LogFile={r}/log/slurmdbd.log\nPidFile={r}/slurmdbd.pid\nStorageType=accounting_storage/mysql\n"
             f"StorageHost=127.0.0.1\nStoragePort={self.db_port}\nStorageUser=root\nStorageLoc=slurm_acct\n")
         os.chmod(r / "slurmdbd.conf", 0o600)
+        if os.geteuid() != 0:  # slurmdbd wants its file owned by SlurmUser (root)
+            subprocess.run(_as_root(["chown", "root:root", str(r / "slurmdbd.conf")]), check=True)
         self.conf.write_text(f"""\
 ClusterName=speechtest
 SlurmctldHost=localhost
