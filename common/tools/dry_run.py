@@ -189,10 +189,9 @@ def run_rank(args, rank: int) -> dict:
     with parameters_on_meta():
         model, tokenizer = build_meta_model(build_cfg, device=None)
     spec = model.parallel_spec()
-    llm = None
     from common.models import spec_of
 
-    if spec_of(cfg).llm is not None:
+    if spec_of(cfg).llm is not None:  # what build_run checks with a layout: TP must split heads and vocabulary
         from common.parallel import check_tensor_parallel
 
         llm = spec_of(cfg).llm(model)
@@ -333,7 +332,7 @@ def _rank_batch(args, shape, layout, tokenizer, mesh, rank: int):
                    "share_s": float(cfg.data.max_duration_s) / dp if not args.slice_s else None}
 
 
-def format_report(results: list[dict], args) -> str:
+def format_report(results: list[dict]) -> str:
     lines = []
     for r in results:
         b = r["batch"]
@@ -398,7 +397,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     results = []
-    passed = [a for a in (argv if argv is not None else sys.argv[1:])]
+    passed = list(argv if argv is not None else sys.argv[1:])
     for rank in ranks:
         t = time.perf_counter()
         print(f"rank {rank}: building and stepping ...", file=sys.stderr, flush=True)
@@ -411,7 +410,7 @@ def main(argv=None) -> int:
             return proc.returncode
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         results[-1]["wall_s"] = round(time.perf_counter() - t, 1)
-    print(json.dumps(results, indent=1) if args.json else format_report(results, args))
+    print(json.dumps(results, indent=1) if args.json else format_report(results))
     return 0
 
 

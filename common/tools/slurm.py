@@ -145,22 +145,23 @@ def main(argv=None) -> int:
     ap.add_argument("--max-requeues", type=int, default=3)
     ap.add_argument("--cpu", action="store_true", help="nodes without GPUs: request none, ranks use gloo")
     args, overrides = ap.parse_known_args(argv)
+    run_name = os.environ.get("RUN_NAME") or new_run_name()  # make sets it; the run directory's name
     try:
         script = render(args.recipe, args.nodes, args.gpus_per_node, args.model, args.data, overrides,
-                        args.container, args.image, args.sbatch, args.max_requeues, args.cpu)
+                        args.container, args.image, args.sbatch, args.max_requeues, args.cpu, run_name=run_name)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.action == "render":
         sys.stdout.write(script)
         return 0
-    run_name = os.environ["RUN_NAME"] if os.environ.get("RUN_NAME") else script.split("--job-name=")[1].split("\n")[0]
+    # The same RUN_NAME again continues that run (it resumes); each submission's script is kept.
     path = ROOT / "outputs" / "slurm" / f"{run_name}.sbatch"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():  # never overwrite what an earlier submission wrote
-        print(f"error: {path} exists (run name {run_name!r} was submitted before); choose another RUN_NAME",
-              file=sys.stderr)
-        return 2
+    n = 1
+    while path.exists():
+        n += 1
+        path = path.with_name(f"{run_name}.{n}.sbatch")
     path.write_text(script)
     proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
     if proc.returncode:

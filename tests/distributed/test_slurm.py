@@ -124,22 +124,31 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_losses(slurm
                                                         (str(job), "COMPLETED")], states
 
 
-def test_requeues_are_bounded(slurm, tiny_corpus, tmp_path):
-    """A job that keeps failing is requeued MAX_REQUEUES times, then ends failed, saying so."""
+def test_make_slurm_submit_keeps_its_script_and_requeues_are_bounded(slurm, tiny_corpus, tmp_path):
+    """`make slurm-submit` writes outputs/slurm/<run name>.sbatch and submits it; a job that keeps failing is
+    requeued MAX_REQUEUES times (here 0), then ends failed, saying so in its log."""
+    run_name = f"test-bounded-{os.getpid()}-{time.time_ns()}"
     run_dir = tmp_path / "outputs" / "bounded"
-    rendered = render("asr_ddp", "--nodes", "2", "--gpus-per-node", "1", "--cpu", "--max-requeues", "0",
-                      f"run.output_dir={run_dir}", f"data.dir={tiny_corpus['dir']}", "trainer.max_steps=200",
-                      "data.max_duration_s=8", *SHORT, env={"RUN_NAME": "bounded"})
-    assert rendered.returncode == 0, rendered.stderr
-    script = tmp_path / "job.sbatch"
-    script.write_text(rendered.stdout.replace(f"--output={ROOT}/outputs/slurm/", f"--output={tmp_path}/"))
-    job = slurm.submit(script, cwd=tmp_path)
-    _wait_for_step(slurm, job, run_dir / "metrics.jsonl", 1, tmp_path, "bounded")
-    os.kill(_rank_pids(run_dir)[0], 9)
-    info = slurm.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout_s=300)
-    log = _log(tmp_path, "bounded", job)
-    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, log)
-    assert "not requeued: the job was requeued 0 time(s) already (MAX_REQUEUES=0)" in log, log
+    args = (f"run.output_dir={run_dir} data.dir={tiny_corpus['dir']} trainer.max_steps=200 data.max_duration_s=8 "
+            + " ".join(SHORT))
+    made = [ROOT / "outputs" / "slurm" / f"{run_name}.sbatch"]
+    try:
+        proc = subprocess.run(["make", "-s", "slurm-submit", "RECIPE=asr_ddp", "NODES=2", "GPUS_PER_NODE=1", "CPU=1",
+                               "MAX_REQUEUES=0", f"ARGS={args}"], cwd=ROOT, capture_output=True, text=True,
+                              env={**slurm.env, "RUN_NAME": run_name}, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        job = int(proc.stdout.split("submitted job ")[1].split(":")[0])
+        assert f"log: outputs/slurm/{run_name}-{job}.out" in proc.stdout and made[0].is_file()
+        made.append(ROOT / "outputs" / "slurm" / f"{run_name}-{job}.out")
+        _wait_for_step(slurm, job, run_dir / "metrics.jsonl", 1, made[1].parent, run_name)
+        os.kill(_rank_pids(run_dir)[0], 9)
+        info = slurm.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout_s=300)
+        log = _log(made[1].parent, run_name, job)
+        assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, log)
+        assert "not requeued: the job was requeued 0 time(s) already (MAX_REQUEUES=0)" in log, log
+    finally:
+        for path in made:  # what this test wrote into the checkout's outputs/slurm/
+            path.unlink(missing_ok=True)
 
 
 def _wait_for_step(slurm, job: int, metrics, step: int, tmp_path, run_name: str, timeout_s: float = 400) -> None:
