@@ -71,10 +71,10 @@ class NodeLayout:
         return env
 
 
-def _count(env, name: str, what: str) -> int:
-    value = env.get(name, "")
-    if not value.isdigit() or int(value) < 1:
-        raise ConfigError(f"{name} must be a positive integer ({what}), got {value!r}")
+def _count(value: str | None, name: str, what: str) -> int:
+    """A scheduler's count (a variable's text) as a positive integer, or a ConfigError naming the variable."""
+    if not (value or "").isdigit() or int(value) < 1:
+        raise ConfigError(f"{name} must be a positive integer ({what}), got {value or ''!r}")
     return int(value)
 
 
@@ -86,11 +86,10 @@ def local(nproc: int) -> NodeLayout:
 def kubernetes(env=os.environ) -> NodeLayout:
     """A pod of a PyTorchJob / TrainJob: torchrun reads the rendezvous from the operator's ``PET_*``
     variables itself; an elastic range counts as its largest size for the checks."""
-    nproc = _count(env, "PET_NPROC_PER_NODE", "processes per node")
-    nodes = env.get("PET_NNODES", "1").split(":")[-1]
+    nproc = _count(env.get("PET_NPROC_PER_NODE"), "PET_NPROC_PER_NODE", "processes per node")
+    nodes = _count(env.get("PET_NNODES", "1").split(":")[-1], "PET_NNODES", "nodes, or a min:max range")
     node = env.get("PET_NODE_RANK")
-    return NodeLayout("kubernetes", _count({"PET_NNODES": nodes}, "PET_NNODES", "nodes"), nproc,
-                      int(node) if (node or "").isdigit() else None)
+    return NodeLayout("kubernetes", nodes, nproc, int(node) if (node or "").isdigit() else None)
 
 
 def slurm(nproc: int, env=os.environ) -> NodeLayout:
@@ -100,8 +99,8 @@ def slurm(nproc: int, env=os.environ) -> NodeLayout:
     node and a port from the job id) assigns node ranks, so the same job id's relaunch (a requeue) forms
     the group again. Slurm's ``SLURM_NTASKS``/``SLURM_NPROCS`` are hidden from the ranks: Lightning
     would otherwise take its Slurm environment (one rank per task) instead of torchrun's."""
-    nodes = _count({"N": env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES", "")}, "N",
-                   "SLURM_JOB_NUM_NODES: nodes of the allocation")
+    nodes = _count(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES"), "SLURM_JOB_NUM_NODES",
+                   "nodes of the allocation")
     endpoint = env.get("RDZV_ENDPOINT", "")
     if not endpoint:
         raise ConfigError("RDZV_ENDPOINT is not set (host:port of the rendezvous, which the batch script of "
@@ -144,6 +143,17 @@ def preset_overrides(recipe: str, model: str | None, data: str | None) -> list[s
     return out
 
 
+def job_overrides(recipe: str, shape: NodeLayout, model: str | None = None, data: str | None = None,
+                  overrides=()) -> list[str]:
+    """The overrides a job of ``shape`` runs with: the presets (checked), the user's, then the shape's
+    (devices, nodes, and ``auto`` data parallel for a model-parallel recipe unless the user set a size)."""
+    from common.run import compose
+
+    chosen = [*preset_overrides(recipe, model, data), *overrides]
+    own = {o.split("=")[0] for o in overrides}
+    return [*chosen, *(a for a in shape.trainer_overrides(compose(recipe, chosen)) if a.split("=")[0] not in own)]
+
+
 def check_shape(recipe: str, shape: NodeLayout, model: str | None = None, data: str | None = None,
                 overrides=()):
     """(cfg, :class:`common.run.CheckedRun`) of ``recipe`` on ``shape``: presets, every setting,
@@ -151,10 +161,7 @@ def check_shape(recipe: str, shape: NodeLayout, model: str | None = None, data: 
     from common.parallel.layout import check_tensor_parallel_within_node
     from common.run import check_run, compose
 
-    chosen = [*preset_overrides(recipe, model, data), *overrides]
-    shape_args = [a for a in shape.trainer_overrides(compose(recipe, chosen))
-                  if a.split("=")[0] not in {o.split("=")[0] for o in overrides}]  # the user's own dp size wins
-    cfg = compose(recipe, [*chosen, *shape_args])
+    cfg = compose(recipe, job_overrides(recipe, shape, model, data, overrides))
     checked = check_run(cfg)
     check_tensor_parallel_within_node(checked.layout.tensor_parallel_size, shape.procs_per_node)
     return cfg, checked

@@ -35,12 +35,14 @@ import resource
 import subprocess
 import sys
 import time
+import zlib
 from collections import defaultdict
 
 import torch
 from torch import nn
 
 from common import cluster
+from common.data.tokenizer import SizedVocabulary
 from common.parallel import ConfigError
 
 GIB = 1024**3
@@ -136,21 +138,13 @@ def _traffic_factor(op: str, n: int) -> float:
     return (n - 1) / n  # all-gather, reduce-scatter, all-to-all
 
 
-class WordHashVocabulary:
+class WordHashVocabulary(SizedVocabulary):
     """The backbone's vocabulary size, text as one token per word (a stable hash of it): real sequence
     lengths for the dry run where the real tokenizer cannot be loaded offline."""
 
-    def __new__(cls, vocab_size: int):
-        import zlib
-
-        from common.data.tokenizer import SizedVocabulary
-
-        class _Vocabulary(SizedVocabulary):
-            def encode(self, text: str) -> list[int]:
-                first = self.unk_id + 1
-                return [first + zlib.crc32(w.encode()) % (self.vocab_size - first) for w in text.split()]
-
-        return _Vocabulary(vocab_size)
+    def encode(self, text: str) -> list[int]:
+        first = self.unk_id + 1
+        return [first + zlib.crc32(w.encode()) % (self.vocab_size - first) for w in text.split()]
 
 
 def _shard(t: torch.Tensor) -> torch.Tensor:
@@ -177,11 +171,10 @@ def run_rank(args, rank: int) -> dict:
     cfg, checked = cluster.check_shape(args.recipe, shape, args.model, args.data, args.overrides)
     layout = checked.layout
     world, dp, tp = shape.world_size, layout.data_parallel_size, layout.tensor_parallel_size
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-    model_parallel = layout.strategy == "model_parallel"
-    if not model_parallel:
+    if layout.strategy != "model_parallel":
         raise ConfigError(f"RECIPE={args.recipe} trains with DDP: every rank holds the whole model and all-reduces "
                           "its gradients (make plan states its memory); the dry run is for model-parallel recipes")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("data_parallel", "tensor_parallel"))
 
     build_cfg = copy.deepcopy(cfg)
@@ -301,7 +294,6 @@ def _rank_batch(args, shape, layout, tokenizer, mesh, rank: int):
     preset's vocabulary size only) reads text as one token per word."""
     from types import SimpleNamespace
 
-    from common.data.tokenizer import SizedVocabulary
     from common.run import build_run
 
     dp = layout.data_parallel_size

@@ -105,20 +105,21 @@ def run_directory(cfg) -> Path:
 
 def check(recipe: str, shape: cluster.NodeLayout, overrides: list[str]):
     """The composed, checked config of this launch (ConfigError: one line, nothing started)."""
-    if shape.scheduler == "local":
-        cfg = compose(recipe, [f"trainer.devices={shape.procs_per_node}", *overrides])
-    elif shape.scheduler == "slurm":
-        cfg = compose(recipe, [*overrides, *shape.trainer_overrides()])
-    else:  # kubernetes: the manifest's overrides read the group's size from torchrun's variables
-        cfg = compose(recipe, overrides)
-    checked = check_run(cfg)
-    if checked.layout.num_nodes != 1 and shape.scheduler == "local":
-        raise ConfigError(f"trainer.num_nodes is {checked.layout.num_nodes}: this launcher starts one node "
-                          "(make run); on several nodes use Kubernetes (make k8s-render) or Slurm (make slurm-submit)")
-    if shape.scheduler != "local":
-        from common.parallel.layout import check_tensor_parallel_within_node
+    if shape.scheduler == "slurm":  # the shape is the allocation's: checked as make slurm-render checked it
+        cfg, _ = cluster.check_shape(recipe, shape, overrides=overrides)
+    else:
+        # make run: NPROC processes (ARGS may still name trainer.devices: check_launch compares);
+        # Kubernetes: the manifest's overrides read the group's size from torchrun's variables.
+        cfg = compose(recipe, [f"trainer.devices={shape.procs_per_node}", *overrides] if shape.scheduler == "local"
+                      else overrides)
+        layout = check_run(cfg).layout
+        if layout.num_nodes != 1 and shape.scheduler == "local":
+            raise ConfigError(f"trainer.num_nodes is {layout.num_nodes}: this launcher starts one node (make run); "
+                              "on several nodes use Kubernetes (make k8s-render) or Slurm (make slurm-submit)")
+        if shape.scheduler == "kubernetes":
+            from common.parallel.layout import check_tensor_parallel_within_node
 
-        check_tensor_parallel_within_node(checked.layout.tensor_parallel_size, checked.layout.devices)
+            check_tensor_parallel_within_node(layout.tensor_parallel_size, layout.devices)
     prepare_data(cfg, generate=False)  # the sources exist and are readable (metadata only)
     check_relaunch(cfg, run_directory(cfg))
     check_restart_budget(run_directory(cfg), cfg.run.max_failures_at_step)

@@ -62,9 +62,9 @@ def render(recipe: str, nodes: int, gpus_per_node: int, model: str | None = None
     cfg, checked = cluster.check_shape(recipe, shape, model, data, list(overrides))
     run_name = run_name or os.environ.get("RUN_NAME") or new_run_name()
     lead_s = int(float(cfg.checkpoint.preemption_grace_s)) + 60  # reach a log step, then save
-    chosen = [*cluster.preset_overrides(recipe, model, data), *overrides,
-              *(["trainer.strategy.data_parallel_size=auto"] if "data_parallel_size" in cfg.trainer.strategy
-                and not any(o.startswith("trainer.strategy.data_parallel_size=") for o in overrides) else [])]
+    # The job's overrides as checked; devices and nodes come from the allocation (the launcher adds them).
+    chosen = [o for o in cluster.job_overrides(recipe, shape, model, data, list(overrides))
+              if not o.startswith(("trainer.devices=", "trainer.num_nodes="))]
     launch = ["-m", "common.tools.launch", recipe, "--slurm", "--nproc", str(gpus_per_node), *chosen]
     outputs, data_dir = ROOT / "outputs", ROOT / "data"
     if container == "pyxis":

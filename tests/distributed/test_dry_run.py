@@ -74,3 +74,8 @@ def test_parse_ranks():
     assert parse_ranks("0,last", 1024) == [0, 1023] and parse_ranks("5,5", 8) == [5]
     with pytest.raises(ConfigError, match="'x' is not a rank"):
         parse_ranks("x", 8)
+
+
+def test_a_ddp_recipe_is_refused_in_one_line():
+    proc = dry_run("asr_ddp", "--nodes", "2", "--gpus-per-node", "2", "--ranks", "0", timeout=120)
+    assert proc.returncode == 2 and "RECIPE=asr_ddp trains with DDP" in proc.stderr.strip().splitlines()[-1], proc.stderr

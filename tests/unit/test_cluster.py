@@ -30,7 +30,7 @@ def test_each_scheduler_gives_its_shape_and_torchrun_arguments():
 @pytest.mark.parametrize("make,message", [
     (lambda: cluster.kubernetes({"PET_NPROC_PER_NODE": "two"}), "PET_NPROC_PER_NODE must be a positive integer"),
     (lambda: cluster.slurm(8, {"SLURM_JOB_NUM_NODES": "2"}), "RDZV_ENDPOINT is not set"),
-    (lambda: cluster.slurm(8, {"RDZV_ENDPOINT": "h:1"}), "SLURM_JOB_NUM_NODES: nodes of the allocation"),
+    (lambda: cluster.slurm(8, {"RDZV_ENDPOINT": "h:1"}), r"SLURM_JOB_NUM_NODES must be a positive integer \(nodes of the allocation\), got ''"),
     (lambda: cluster.requested(0, 8), "NODES must be >= 1, got 0"),
 ])
 def test_a_bad_shape_is_named(make, message):
