@@ -14,6 +14,12 @@ data sampler's position and every rank's RNG states.
   checkpoint (``run.resume=false`` starts afresh; ``run.resume_from=<ckpt>`` picks one).
 * Preemption: on SIGTERM (or Ctrl-C, SIGINT) every rank saves at the next step boundary and the run exits 0 (within
   ``checkpoint.preemption_grace_s``, else it exits 1 and the last complete checkpoint stands).
+* Asynchronous (``checkpoint.async_save``, on with a GPU): the step loop stops only while every rank
+  copies its state to host memory; a thread writes the copy (:mod:`common.checkpoint_writer`) and
+  the checkpoint is published (renamed, linked, older ones pruned) at the first step boundary after
+  the write is done. The next save waits for the previous one; the last step's and a signal's save
+  are synchronous. A run that fails or is killed while a write is in flight keeps the previous
+  checkpoint as ``last``; the unfinished one keeps its partial name and is removed by the next attempt.
 
 Usage (what ``common/train.py`` does)::
 
@@ -56,6 +62,9 @@ LAST_LINK = "last.ckpt"  # -> the newest complete checkpoint (make transcribe's 
 # test kills the job at the one moment an atomic write must survive, without racing the write.
 HOLD_STEP_ENV = "SPEECH_RECIPES_HOLD_CHECKPOINT_AT_STEP"
 HELD_MESSAGE = "held before its rename"
+# Tests only: an asynchronous save's writer waits this many seconds before it writes, so that the
+# steps after the save change the live tensors first (the staged copy is what must be written).
+WRITE_DELAY_ENV = "SPEECH_RECIPES_CHECKPOINT_WRITE_DELAY_S"
 
 
 class Preempted(Exception):
@@ -273,11 +282,28 @@ def resolve_resume(cfg, run_dir: Path, rank: int = 0) -> tuple[str | None, int]:
     return None, 0
 
 
+class InFlight:
+    """A checkpoint whose staged copy is being written in the background."""
+
+    def __init__(self, step: int, partial: Path, final: Path, future, record: dict):
+        self.step, self.partial, self.final, self.future = step, partial, final, future
+        self.record = record  # this save's row of RunCheckpoint.saves (write_s is filled in on completion)
+        self.removals: list[str] = []  # checkpoints keep_last drops once this one is complete
+
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
+    def wait(self) -> float | None:
+        """The write's seconds (``None``: this rank wrote nothing); raises what the write raised."""
+        return None if self.future is None else self.future.result()
+
+
 class RunCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint, atomic; also saves at the last step and on SIGTERM (then raises ``Preempted``)."""
+    """ModelCheckpoint, atomic; also saves at the last step and on SIGTERM (then raises ``Preempted``);
+    ``async_save``: True, False or ``"auto"`` (True when the strategy's device is a GPU)."""
 
     def __init__(self, dirpath: Path, every_n_steps: int, keep_last: int, preemption_grace_s: float = 60.0,
-                 check_stop_every_n_steps: int = 1, at_end: bool = True):
+                 check_stop_every_n_steps: int = 1, at_end: bool = True, async_save: bool | str = False):
         super().__init__(dirpath=dirpath, filename="step{step:06d}", auto_insert_metric_name=False,
                          every_n_train_steps=every_n_steps, save_top_k=keep_last, monitor="step", mode="max",
                          save_last=False)
@@ -291,12 +317,74 @@ class RunCheckpoint(ModelCheckpoint):
         self.at_end = at_end  # False: the end of max_steps saves nothing (benchmarks); a signal still saves
         self._hold_at_step = int(os.environ.get(HOLD_STEP_ENV) or -1)  # tests only (HOLD_STEP_ENV)
         self.on_published = None  # called on rank 0 once a checkpoint is complete (common.train: `latest`)
-        self.saves: list[dict] = []  # {"step", "stall_s"} of each save of this attempt
+        self.saves: list[dict] = []  # {"step", "mode", "stall_s", "write_s"} of each save of this attempt
+        self.async_save = async_save  # "auto" is decided in setup, once the device is known
+        self._writer = None  # common.checkpoint_writer.CheckpointWriter, when saving asynchronously
+        self._in_flight: InFlight | None = None
+        self._sync_next = False  # the last step's and a signal's save: written before the loop goes on
 
     @property
     def latest_path(self) -> str | None:
         """The checkpoint written last by this run (``None``: none yet)."""
         return self._last_checkpoint_saved or None
+
+    # --- asynchronous saves ----------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.async_save == "auto":
+            # On a CPU the writer thread takes cores from the step itself (bench/README.md); on a GPU
+            # the step runs on the device while the host writes.
+            self.async_save = trainer.strategy.root_device.type == "cuda"
+        if self.async_save and self._writer is None and stage == "fit":
+            from lightning.pytorch.strategies import ModelParallelStrategy
+
+            from common.checkpoint_writer import CheckpointWriter
+
+            sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+            self._writer = CheckpointWriter(sharded=sharded,
+                                            pin_memory=not sharded and trainer.strategy.root_device.type == "cuda")
+        if trainer.is_global_zero and Path(self.dirpath).is_dir():
+            for debris in Path(self.dirpath).glob(PARTIAL_PREFIX + "*"):
+                # Left by a writer of an earlier attempt that was killed (or failed) before publishing.
+                log.info("removing %s: an unfinished checkpoint of an earlier attempt", debris)
+                _remove(debris)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _collect(self, trainer, wait: bool) -> None:
+        """The in-flight save, once written (``wait``: wait for it): published by rank 0."""
+        job = self._in_flight
+        if job is None or not (wait or job.done()):
+            return
+        self._in_flight = None
+        try:
+            write_s = job.wait()
+        except BaseException as exc:
+            if trainer.is_global_zero:
+                _remove(job.partial)  # a full disk gets the space back; the previous checkpoint stays `last`
+            raise RuntimeError(f"checkpoint {job.final} could not be written: {type(exc).__name__}: {exc}") from exc
+        if write_s is not None:
+            job.record["write_s"] = round(write_s, 3)
+        self._publish(trainer, job.partial, job.final, job.removals)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._collect(trainer, wait=True)  # a save still in flight (checkpoint.at_end=false) completes
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # A failing run is not waited for: a write in flight keeps its partial name (the next attempt
+        # removes it) and `last` names the previous checkpoint. One already written is published.
+        job = self._in_flight
+        if job is not None and job.done():
+            try:
+                self._collect(trainer, wait=False)
+            except Exception as exc:  # noqa: BLE001 - the run's own error is the one to report
+                log.warning("%s", exc)
+        elif job is not None:
+            log.warning("checkpoint %s was being written when the run failed: not published (the newest "
+                        "complete one is %s)", job.final.name, self._last_checkpoint_saved or "none")
 
     # --- preemption and interrupts ---------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
@@ -332,12 +420,17 @@ class RunCheckpoint(ModelCheckpoint):
         return int(flag.item())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._collect(trainer, wait=False)  # publish a background write that has finished
         step = trainer.global_step
         last = step >= trainer.max_steps > 0
         stop = self._stop_requested(trainer) if last or step % self.check_stop_every == 0 else 0
         if stop or trainer.global_step >= trainer.max_steps > 0:
             if (stop or self.at_end) and self._last_global_step_saved != trainer.global_step:
-                self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+                self._sync_next = True  # the process exits after this save: nothing may be left in flight
+                try:
+                    self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+                finally:
+                    self._sync_next = False
             if stop:
                 name = "SIGINT (Ctrl-C)" if stop == 2 else "SIGTERM"
                 raise Preempted(f"stopped by {name} after step {trainer.global_step}; checkpoint "
@@ -348,39 +441,71 @@ class RunCheckpoint(ModelCheckpoint):
 
     # --- atomic writes --------------------------------------------------------------------------
     def _save_checkpoint(self, trainer, filepath: str) -> None:
+        self._collect(trainer, wait=True)  # one save at a time: the previous one is complete first
         started = time.perf_counter()
         final = Path(filepath)
         partial = final.with_name(PARTIAL_PREFIX + final.name)
         if trainer.is_global_zero:
             _remove(partial)  # left by a writer that was killed
         trainer.strategy.barrier("checkpoint.clean")
+        hold = trainer.global_step == self._hold_at_step and trainer.is_global_zero
+        if self._writer is not None and not self._sync_next:
+            # Every rank: callbacks' states and the model's (sharded) state dict, as trainer.save_checkpoint
+            # makes them (collectives included), then a private copy; the write goes on in the background.
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
+            delay_s = float(os.environ.get(WRITE_DELAY_ENV) or 0)  # tests only (WRITE_DELAY_ENV)
+            future = self._writer.submit(checkpoint, partial, trainer.is_global_zero,
+                                         before=(lambda: time.sleep(delay_s)) if delay_s else None,
+                                         after=(lambda: self._hold(partial)) if hold else None)
+            record = {"step": trainer.global_step, "mode": "async",
+                      "stall_s": round(time.perf_counter() - started, 3), "write_s": None}
+            self.saves.append(record)  # the step loop waited this long: summary.json "checkpoint_saves"
+            self._in_flight = InFlight(trainer.global_step, partial, final, future, record)
+            self._last_global_step_saved = trainer.global_step
+            return
         try:
             trainer.save_checkpoint(partial, self.save_weights_only)  # every rank; returns after a barrier
         except BaseException:
             if trainer.is_global_zero:  # a full disk gets the space back, for the run's record
                 _remove(partial)
             raise
-        if trainer.is_global_zero and trainer.global_step == self._hold_at_step:
-            log.warning("checkpoint %s written, %s (%s=%d): waiting to be killed", partial, HELD_MESSAGE,
-                        HOLD_STEP_ENV, self._hold_at_step)
-            while True:
-                time.sleep(1)
+        write_s = time.perf_counter() - started
+        if hold:
+            self._hold(partial)
+        self._publish(trainer, partial, final)
+        trainer.strategy.barrier("checkpoint.publish")
+        self._last_global_step_saved = trainer.global_step
+        # The step loop waited this long (every rank: the save ends with a barrier): summary.json "checkpoint_saves".
+        self.saves.append({"step": trainer.global_step, "mode": "sync",
+                           "stall_s": round(time.perf_counter() - started, 3), "write_s": round(write_s, 3)})
+
+    def _hold(self, partial: Path) -> None:
+        log.warning("checkpoint %s written, %s (%s=%d): waiting to be killed", partial, HELD_MESSAGE,
+                    HOLD_STEP_ENV, self._hold_at_step)
+        while True:
+            time.sleep(1)
+
+    def _publish(self, trainer, partial: Path, final: Path, removals: list[str] = ()) -> None:
+        """Rank 0 renames a fully written checkpoint to its complete name, links ``last.ckpt`` to it
+        and prunes what ``keep_last`` dropped meanwhile; every rank records it as its newest."""
         if trainer.is_global_zero:
             _remove(final)  # the same step saved before (a re-run of a step after a crash)
             os.replace(partial, final)  # the moment the checkpoint becomes visible, complete
             _link(final, final.with_name(LAST_LINK))
+        self._last_checkpoint_saved = str(final)
+        if trainer.is_global_zero:
             if self.on_published is not None:
                 self.on_published()
-        trainer.strategy.barrier("checkpoint.publish")
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = str(final)
-        # The step loop waited this long (every rank: the save ends with a barrier): summary.json "checkpoint_saves".
-        self.saves.append({"step": trainer.global_step, "stall_s": round(time.perf_counter() - started, 3)})
-        if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
+            for doomed in removals:
+                self._remove_checkpoint(trainer, doomed)
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
+        if self._in_flight is not None:
+            # keep_last counts the checkpoint being written: the one it replaces goes once it is complete.
+            self._in_flight.removals.append(filepath)
+            return
         # Renamed out of the complete names first: a crash while deleting leaves no half checkpoint
         # that resume could pick.
         if trainer.is_global_zero and Path(filepath).exists():

@@ -76,7 +76,7 @@ class Setting:
             if not isinstance(v, bool):
                 raise ConfigError(f"{self.key} must be true or false, got {v!r}")
         elif self.kind == "choice":
-            if str(v) not in self.choices:
+            if (str(v).lower() if isinstance(v, bool) else str(v)) not in self.choices:  # YAML true -> "true"
                 words = ("one of " + ", ".join(self.choices) if self.listed
                          else f"{', '.join(self.choices[:-1])} or {self.choices[-1]}")
                 raise ConfigError(f"{self.key} must be {words}, got {v!r}")
@@ -133,6 +133,7 @@ SETTINGS = (
     _int("checkpoint.keep_last", 1, allowed=(-1,)),  # -1: keep every checkpoint
     _num("checkpoint.preemption_grace_s", 0, lo_open=True),
     Setting("checkpoint.at_end", "bool", nullable=True),
+    Setting("checkpoint.async_save", "choice", choices=("auto", "true", "false")),
 )
 
 

@@ -62,7 +62,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, recorder, resuming: bool, call
                                keep_last=cfg.checkpoint.keep_last,
                                preemption_grace_s=cfg.checkpoint.preemption_grace_s,
                                check_stop_every_n_steps=cfg.trainer.log_every_n_steps,
-                               at_end=cfg.checkpoint.at_end is not False)
+                               at_end=cfg.checkpoint.at_end is not False,
+                               async_save={"true": True, "false": False}.get(str(cfg.checkpoint.async_save).lower(),
+                                                                             "auto"))
     loggers = []
     if cfg.logger.wandb:
         from lightning.pytorch.loggers import WandbLogger
@@ -260,7 +262,7 @@ def train(cfg: DictConfig) -> None:
                                 bad_items=list(data_report["items"].values()),
                                 previous=rundir.previous_summary if ckpt_path else None, attempt=rundir.attempt)
             summary["data"]["substituted_batches"] = data_report["substituted_batches"]
-            summary["checkpoint_saves"] = checkpoint.saves  # this attempt's saves: step and stall (s)
+            summary["checkpoint_saves"] = checkpoint.saves  # this attempt's saves: step, mode, stall, write (s)
             summary["data"]["coverage"] = datamodule.coverage
             summary["data"]["bad_item_share"] = guard.last_share
             summary["derived_settings"] = checked.derived  # what check_run resolved (config.yaml has the results)

@@ -1,5 +1,6 @@
-"""Checkpoints and faults with real multi-process runs: atomic checkpoints, auto-resume, exact
-resume (DDP and TP x FSDP2), preemption by a real SIGTERM, wandb run id continuity."""
+"""Checkpoints with real multi-process runs: atomic checkpoints, auto-resume, exact resume from
+asynchronous checkpoints (DDP, FSDP2, TP x FSDP2) and from synchronous ones resharded, damaged
+checkpoints passed over."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 
 import pytest
 
+from common.checkpointing import WRITE_DELAY_ENV
 from tests.conftest import run_recipe, tiny_overrides
 
 
@@ -31,16 +33,30 @@ def _assert_same_losses(expected: list[dict], got: list[dict], rel: float) -> No
 
 
 ASR = ("trainer.max_steps=6", "trainer.limit_val_batches=0", "checkpoint.every_n_steps=3", "data.max_duration_s=8")
+ASYNC = "checkpoint.async_save=true"  # the step-3 checkpoints written in the background, the last step's in the loop
+# The writer starts 2 s late: steps 4.. have changed the live tensors by then, so an exact resume
+# shows that the staged copy of step 3, not the live state, was written.
+LATE_WRITER = {WRITE_DELAY_ENV: "2"}
+
+
+def _assert_async_then_sync(run_dir) -> None:
+    """The step-3 save was staged and written in the background (its write done and recorded), the
+    last step's was synchronous."""
+    saves = json.loads((run_dir / "summary.json").read_text())["checkpoint_saves"]
+    assert [(s["step"], s["mode"]) for s in saves] == [(3, "async"), (6, "sync")], saves
+    assert saves[0]["write_s"] is not None and saves[0]["stall_s"] >= 0
 
 
 def test_ddp_auto_resume_is_exact_and_ignores_an_incomplete_checkpoint(tiny_corpus, tmp_path):
     """asr_ddp (SpecAugment in a DataLoader worker, p=0.5): stopped after step 3 and started again
-    under the same run name (no flag), steps 4..6 repeat the uninterrupted run's losses to 1e-6.
-    The interrupted attempt also left a half-written step-6 checkpoint: it is never resumed from."""
+    under the same run name (no flag), steps 4..6 repeat the uninterrupted run's losses to 1e-6,
+    from a step-3 checkpoint written asynchronously (rank 0 wrote its staged copy while steps 4..
+    ran). The interrupted attempt also left a half-written step-6 checkpoint: it is never resumed from."""
     full_dir = tmp_path / "full"
-    full = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *ASR), full_dir)
+    full = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *ASR, ASYNC), full_dir, extra_env=LATE_WRITER)
     assert full.returncode == 0, full.stderr[-4000:]
     assert _ckpts(full_dir) == ["step000003.ckpt", "step000006.ckpt"]  # every 3 steps, and the last one
+    _assert_async_then_sync(full_dir)
     summary = json.loads((full_dir / "summary.json").read_text())
     assert summary["checkpoint"].endswith("step000006.ckpt") and summary["resumed_from"] is None
     import torch
@@ -81,12 +97,14 @@ SALM = ("trainer.max_steps=6", "trainer.limit_val_batches=0", "checkpoint.every_
 
 
 def test_tp_fsdp2_resume_from_a_sharded_checkpoint_is_exact_and_passes_a_damaged_one(tiny_corpus, tmp_path):
-    """salm_tp_fsdp2 (TP=2 x FSDP2 dp=2, 4 processes): DCP checkpoint directories, resumed under the
-    same run name, steps 4..6 equal the uninterrupted run's to 1e-6. The attempt's newer step-6
-    checkpoint has a shard cut short (a full disk): it is set aside into checkpoints/unreadable/,
-    and the run resumes from step 3 instead of failing on it."""
-    full_dir, run_dir = _run_then_resume_from_step3("salm_tp_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM),
+    """salm_tp_fsdp2 (TP=2 x FSDP2 dp=2, 4 processes): DCP checkpoint directories, the step-3 one
+    written asynchronously (each rank's staged shards, over the writers' own gloo group), resumed
+    under the same run name: steps 4..6 equal the uninterrupted run's to 1e-6. The attempt's newer
+    step-6 checkpoint has a shard cut short (a full disk): it is set aside into
+    checkpoints/unreadable/, and the run resumes from step 3 instead of failing on it."""
+    full_dir, run_dir = _run_then_resume_from_step3("salm_tp_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM, ASYNC),
                                                     tmp_path, damaged_step6=True)
+    _assert_async_then_sync(full_dir)
     step3 = full_dir / "checkpoints" / "step000003.ckpt"
     assert step3.is_dir() and (step3 / "meta.pt").exists() and _ckpts(full_dir) == ["step000003.ckpt",
                                                                                      "step000006.ckpt"]
@@ -97,10 +115,10 @@ def test_tp_fsdp2_resume_from_a_sharded_checkpoint_is_exact_and_passes_a_damaged
 
 
 def _run_then_resume_from_step3(recipe: str, nproc: int, overrides: list[str], tmp_path, damaged_step6: bool = False):
-    """A full 6-step run, then a new attempt that holds its step-3 checkpoint (``damaged_step6``: and
+    """A full 6-step run (a late background writer, if the overrides save asynchronously), then a new attempt that holds its step-3 checkpoint (``damaged_step6``: and
     its step-6 one with a shard cut to half) and resumes from step 3."""
     full_dir = tmp_path / "full"
-    full = run_recipe(recipe, nproc, overrides, full_dir)
+    full = run_recipe(recipe, nproc, overrides, full_dir, extra_env=LATE_WRITER)
     assert full.returncode == 0, full.stderr[-4000:]
     step3 = full_dir / "checkpoints" / "step000003.ckpt"
     run_dir = tmp_path / "attempt"
@@ -139,7 +157,8 @@ def test_one_process_model_parallel_run_resumes_exactly(tiny_corpus, tmp_path):
     """salm_fsdp2 on one process (dp=1, as on one GPU or a laptop): its DCP checkpoint resumes, steps
     4..6 equal the uninterrupted run's. The strategy loads DCP checkpoints only into DTensor
     parameters, so FSDP2 is applied over the one rank too; before that such a run saved but could
-    never resume ("Could not find a distributed model")."""
-    one = tiny_overrides(tiny_corpus, 1, *SALM, "trainer.strategy.data_parallel_size=1")
+    never resume ("Could not find a distributed model"). Its step-3 checkpoint is written asynchronously."""
+    one = tiny_overrides(tiny_corpus, 1, *SALM, "trainer.strategy.data_parallel_size=1", ASYNC)
     full_dir, run_dir = _run_then_resume_from_step3("salm_fsdp2", 1, one, tmp_path)
+    _assert_async_then_sync(full_dir)
     _assert_same_losses(_metrics(full_dir)[3:], _metrics(run_dir), rel=1e-6)
