@@ -214,3 +214,46 @@ def test_a_job_killed_before_a_written_checkpoint_is_renamed_resumes_from_the_la
     assert Path(summary["resumed_from"]).name == last_complete.name
     assert [m["step"] for m in _metrics(run_dir)] == list(range(1, 9))
     assert not partial.exists() and (run_dir / "checkpoints" / "step000004.ckpt").exists()
+
+
+def test_a_job_killed_while_an_async_checkpoint_is_written_resumes_from_the_previous_one(tiny_corpus, tmp_path):
+    """checkpoint.async_save with keep_last=1: the step-4 checkpoint's writer thread has written it and
+    holds before it reports done (HOLD_STEP_ENV), while the step loop trains on (steps 5.. are
+    recorded): then SIGKILL to every process. The step-2 checkpoint, which keep_last would drop once
+    step 4 is complete, is still there and `last`; the relaunch resumes from it, not from the
+    unpublished step 4, and removes that one."""
+    import torch
+
+    from common.checkpointing import HELD_MESSAGE, HOLD_STEP_ENV
+
+    overrides = tiny_overrides(tiny_corpus, 2, "trainer.max_steps=8", "trainer.limit_val_batches=0",
+                               "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=2", "checkpoint.keep_last=1",
+                               "checkpoint.async_save=true", "data.max_duration_s=4")
+    run_dir = tmp_path / "run"
+    proc = _launch(run_dir, overrides, max_restarts=0, extra_env={HOLD_STEP_ENV: "4"})
+    try:
+        deadline = time.monotonic() + 600  # a generous bound on the event, not a timing check
+        while HELD_MESSAGE not in _output(run_dir) or not (run_dir / "metrics.jsonl").exists() \
+                or _metrics(run_dir)[-1]["step"] < 5:
+            assert proc.poll() is None and time.monotonic() < deadline, _output(run_dir)
+            time.sleep(0.05)
+        _kill_tree(proc.pid)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc.pid)
+        proc.wait()
+    ckpts = run_dir / "checkpoints"
+    partial = ckpts / ".partial-step000004.ckpt"
+    assert partial.exists() and torch.load(partial, weights_only=True)["global_step"] == 4  # whole, never named
+    assert sorted(p.name for p in ckpts.glob("step*.ckpt")) == ["step000002.ckpt"]
+    assert (ckpts / "last.ckpt").resolve().name == "step000002.ckpt"
+
+    resumed = run_recipe("asr_ddp", 2, overrides, run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and Path(summary["resumed_from"]).name == "step000002.ckpt"
+    assert [m["step"] for m in _metrics(run_dir)] == list(range(1, 9))
+    assert not partial.exists()
+    # keep_last=1 pruned steps 4 and 6; the checkpoint a run resumed from is never deleted by it (Lightning).
+    assert sorted(p.name for p in ckpts.glob("step*.ckpt")) == ["step000002.ckpt", "step000008.ckpt"]
+    assert [s["mode"] for s in summary["checkpoint_saves"]] == ["async", "async", "sync"]  # steps 4, 6; 8 the last

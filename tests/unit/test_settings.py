@@ -23,6 +23,7 @@ from tests.conftest import ROOT, recipe_config
     ("checkpoint.every_n_steps=0", "checkpoint.every_n_steps must be an integer >= 1, got 0"),
     ("trainer.limit_val_batches=2.5", "trainer.limit_val_batches must be a number of batches >= 0 or a fraction"),
     ("trainer.precision=bf17", "trainer.precision must be one of"),
+    ("checkpoint.async_save=sometimes", "checkpoint.async_save must be auto, true or false, got 'sometimes'"),
     ("run.resume=maybe", "run.resume must be true or false, got 'maybe'"),
     ("run.name=../../etc", "run.name '../../etc' is not a valid run name"),
     ("run.name=a/b", "run.name 'a/b' is not a valid run name"),
