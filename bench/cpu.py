@@ -20,6 +20,10 @@ What is measured (after ``RunRecorder``'s 3 warm-up steps):
   peak RSS per rank; parameter, gradient and optimizer-state bytes per rank.
 * ratios against a baseline measured in the same run, each with its goal (``GOALS``).
 * bytes read per pass of a served corpus by 4 data-parallel ranks (``bench.data_reads``).
+* the training stall per checkpoint save, synchronous and asynchronous (``checkpoint.async_save``),
+  at a size where a synchronous save takes seconds: ``salm_fsdp2`` over 2 processes with a
+  ~300 M-parameter LLM (:data:`CHECKPOINT_SHAPE`), saves every 2 steps; per save its stall and
+  background write time from ``summary.json`` ``checkpoint_saves``.
 
 Data-parallel layouts keep the per-rank batch fixed (``data.max_duration_s`` is the *global*
 batch, so it grows with dp): throughput ratios are weak scaling.
@@ -70,6 +74,8 @@ GOALS = {
                                      "batches and 1-D buckets beside it)"),
     "data_loading_headroom": (3.0, ">=", "loader audio s/s alone / audio s/s one rank's training consumes"),
     "ddp_scaling_2x1": (None, "", "2 processes x 1 thread / 1 process x 1 thread throughput (ideal 2.0)"),
+    "checkpoint_stall": (0.15, "<=", "training stall per checkpoint save, checkpoint.async_save=true / false (median "
+                         "save of each run; salm_fsdp2 over 2 processes, ~300 M parameters with AdamW)"),
     "data_read_amplification": (1.15, "<=", "audio bytes 4 data-parallel ranks read in one pass of Shar over HTTP "
                                 "(2 loader workers each) / the corpus's audio bytes, counted by the server "
                                 "(lhotse's streaming Shar reader, as read before, beside it)"),
@@ -77,6 +83,18 @@ GOALS = {
 
 
 # --- recipe runs ----------------------------------------------------------------------------------
+def _torchrun(recipe: str, nproc: int, overrides: list[str], what: str) -> float:
+    """``make run``'s launch of ``common.train`` (gloo, one thread per process); its wall seconds."""
+    cmd = [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", "-m", "common.train",
+           f"--config-path={ROOT / 'recipes' / recipe}", "--config-name=config", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN_NAME": ""}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what}: torchrun exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
 def run_layout(name: str, runs_dir: Path, steps: int, data_dir: Path) -> dict:
     recipe, nproc, dp, tp = LAYOUTS[name]
     run_dir = runs_dir / name.replace("/", "_")  # checkpoints and all: kept out of the results directory
@@ -88,13 +106,7 @@ def run_layout(name: str, runs_dir: Path, steps: int, data_dir: Path) -> dict:
     ]
     if recipe.startswith("salm"):
         overrides += [f"trainer.strategy.data_parallel_size={dp}", f"trainer.strategy.tensor_parallel_size={tp}"]
-    cmd = [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", "-m", "common.train",
-           f"--config-path={ROOT / 'recipes' / recipe}", "--config-name=config", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN_NAME": ""}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name}: torchrun exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    wall_s = _torchrun(recipe, nproc, overrides, name)
     s = json.loads((run_dir / "summary.json").read_text())
     state = [r["param_bytes"] + r["grad_bytes"] + r["optimizer_state_bytes"] for r in s["memory"]["per_rank"]]
     return {
@@ -106,8 +118,42 @@ def run_layout(name: str, runs_dir: Path, steps: int, data_dir: Path) -> dict:
         "param_bytes_per_rank": [r["param_bytes"] for r in s["memory"]["per_rank"]],
         "grad_bytes_per_rank": [r["grad_bytes"] for r in s["memory"]["per_rank"]],
         "optimizer_state_bytes_per_rank": [r["optimizer_state_bytes"] for r in s["memory"]["per_rank"]],
-        "wall_s": round(time.perf_counter() - t0, 1),
+        "wall_s": round(wall_s, 1),
     }
+
+
+# A ~300 M-parameter LLM (24 Qwen3 layers of 1024, MLP 3072; 303 M parameters with the encoder): a
+# synchronous save of its sharded state (parameters + AdamW moments, 1.8 GB per rank) takes seconds here.
+CHECKPOINT_SHAPE = ["model.llm.hidden_size=1024", "model.llm.num_hidden_layers=24", "model.llm.num_attention_heads=16",
+                    "model.llm.num_key_value_heads=8", "model.llm.head_dim=64", "model.llm.intermediate_size=3072"]
+
+
+def measure_checkpoint_stall(runs_dir: Path, data_dir: Path) -> dict:
+    """salm_fsdp2 over 2 processes at :data:`CHECKPOINT_SHAPE`, 7 steps with a save every 2 (steps 2,
+    4, 6; none at the end), once with synchronous and once with asynchronous saves: each save's
+    stall (the step loop blocked) and write time, each run's wall time, step split and peak RSS."""
+    out = {"shape": CHECKPOINT_SHAPE, "recipe": "salm_fsdp2", "processes": 2}
+    for mode in ("sync", "async"):
+        run_dir = runs_dir / f"checkpoint_{mode}"
+        overrides = ["trainer.devices=2", "trainer.strategy.data_parallel_size=2", "trainer.max_steps=7",
+                     "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "logger.wandb=false",
+                     "checkpoint.every_n_steps=2", "checkpoint.at_end=false", "checkpoint.keep_last=1",
+                     f"checkpoint.async_save={mode == 'async'}", "data.max_duration_s=8", f"data.dir={data_dir}",
+                     *CORPUS, f"run.output_dir={run_dir}", "run.resume=false", *CHECKPOINT_SHAPE]
+        wall_s = _torchrun("salm_fsdp2", 2, overrides, f"checkpoint {mode}")
+        s = json.loads((run_dir / "summary.json").read_text())
+        saves = s["checkpoint_saves"]
+        assert [x["mode"] for x in saves] == [mode] * 3, saves
+        out[mode] = {"saves": saves, "median_stall_s": statistics.median(x["stall_s"] for x in saves),
+                     "wall_s": round(wall_s, 1), "parameters": sum(r["param_bytes"] for r in s["memory"]["per_rank"]) // 4,  # fp32 shards
+                     "checkpoint_bytes_per_rank": _dir_bytes(run_dir / "checkpoints" / "last.ckpt") / 2,
+                     "step_time_s": s["throughput"]["step_time_s"], "compute_s": s["throughput"]["compute_s"],
+                     "peak_rss_bytes_per_rank": [r["peak_memory_bytes"] for r in s["memory"]["per_rank"]]}
+    return out
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).resolve().rglob("*") if p.is_file())
 
 
 # --- in-process measurements ---------------------------------------------------------------------
@@ -391,6 +437,15 @@ def ratios(report: dict) -> dict:
             {f"{r['source']}/dp{r['dp_size']}/workers{r['num_workers']}": {
                 k: r[k] for k in ("read_amplification", "audio_bytes_read", "corpus_audio_bytes",
                                   "metadata_bytes_per_rank", "audio_s_per_s")} for r in reads})
+    ckpt = report.get("checkpoint", {})
+    if ckpt.get("sync") and ckpt.get("async"):
+        sync, asyn = ckpt["sync"], ckpt["async"]
+        put("checkpoint_stall", asyn["median_stall_s"] / sync["median_stall_s"],
+            {m: {"stall_s": [x["stall_s"] for x in ckpt[m]["saves"]], "write_s": [x["write_s"] for x in ckpt[m]["saves"]],
+                 "wall_s": ckpt[m]["wall_s"], "compute_s": ckpt[m]["compute_s"],
+                 "peak_rss_bytes_per_rank": ckpt[m]["peak_rss_bytes_per_rank"]} for m in ("sync", "async")})
+        out["checkpoint_stall"]["holds_back"] = (
+            f"the first async save ({asyn['saves'][0]['stall_s']} s) allocates and fills the staging copy; later ones reuse it")
     loaders = report.get("loader", {})
     if loaders:
         # One rank's loader reads that rank's shard only: it must keep up with audio_s_per_s / dp.
@@ -546,6 +601,10 @@ def main(argv=None) -> int:
                 print(f"[{time.perf_counter() - t0:6.0f}s] run {name}", flush=True)
                 report["runs"][name] = run_layout(name, args.runs_dir or Path(tmp), args.steps, args.data_dir)
                 save(report, args.out)
+        if "salm_fsdp2" in recipes:
+            print(f"[{time.perf_counter() - t0:6.0f}s] checkpoint stall, sync and async", flush=True)
+            report["checkpoint"] = measure_checkpoint_stall(args.runs_dir or Path(tmp), args.data_dir)
+            save(report, args.out)
     report["env"]["bench_wall_s"] = round(time.perf_counter() - t0, 1)
     save(report, args.out)
     plot(report, args.out)

@@ -33,6 +33,11 @@ def report():
             {"source": s, "dp_size": 4, "num_workers": w, "read_amplification": a, "audio_bytes_read": int(a * 1000),
              "corpus_audio_bytes": 1000, "metadata_bytes_per_rank": 50, "audio_s_per_s": 300.0}
             for s, w, a in (("shar", 0, 0.98), ("shar", 2, 1.02), ("cuts", 2, 0.98), ("shar_stream", 0, 8.1))]}},
+        "checkpoint": {m: {"saves": [{"step": 2 * i + 2, "mode": m, "stall_s": st, "write_s": 5.0}
+                                     for i, st in enumerate(stalls)],
+                           "median_stall_s": sorted(stalls)[1], "wall_s": 100.0, "compute_s": 7.5,
+                           "peak_rss_bytes_per_rank": [4000 * MiB] * 2}
+                       for m, stalls in (("sync", (5.0, 6.0, 5.5)), ("async", (4.0, 0.3, 0.35)))},
     }
 
 
@@ -60,6 +65,9 @@ def test_ratios_against_the_same_runs_baselines():
     r = cpu.ratios(rep)
     assert r["bucketing_padding_efficiency"]["met"] is False
     assert "< 99.5%" in r["bucketing_padding_efficiency"]["holds_back"]
+    # the median save of each run: the first async save allocates its staging copy, later ones reuse it
+    assert r["checkpoint_stall"]["value"] == round(0.35 / 5.5, 4) and r["checkpoint_stall"]["met"]
+    assert r["checkpoint_stall"]["detail"]["async"]["stall_s"] == [4.0, 0.3, 0.35]
     assert rep["runs"]["asr_ddp/2"]["communication_s"] == 0.04  # 2-process step minus the 1-process step
     assert "communication_s" not in rep["runs"]["salm_tp_fsdp2/tp2xdp2"]  # TP splits the compute itself
 
