@@ -1,6 +1,6 @@
 """Checkpoints with real multi-process runs: atomic checkpoints, auto-resume, exact resume from
-asynchronous checkpoints (DDP, FSDP2, TP x FSDP2) and from synchronous ones resharded, damaged
-checkpoints passed over."""
+asynchronous checkpoints (DDP, FSDP2, TP x FSDP2), resharded resume, damaged checkpoints passed
+over. Synchronous saves: every run's last step (and tests/distributed/test_faults.py)."""
 
 from __future__ import annotations
 
@@ -137,12 +137,14 @@ def _run_then_resume_from_step3(recipe: str, nproc: int, overrides: list[str], t
 
 
 def test_fsdp2_checkpoint_resumes_resharded_under_tp_x_fsdp2(tiny_corpus, tmp_path):
-    """A salm checkpoint written by FSDP2 over 4 ranks resumes under TP=2 x FSDP2 dp=2 (DCP
-    reshards model and optimizer state on load); steps 4..6 match the FSDP2 run to 1e-4."""
+    """A salm checkpoint written (asynchronously, by a late writer) by FSDP2 over 4 ranks resumes under
+    TP=2 x FSDP2 dp=2 (DCP reshards model and optimizer state on load); steps 4..6 match the FSDP2
+    run to 1e-4."""
     fsdp_dir = tmp_path / "fsdp2_dp4"
-    first = run_recipe("salm_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM, "trainer.strategy.data_parallel_size=4"),
-                       fsdp_dir)
+    first = run_recipe("salm_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM, "trainer.strategy.data_parallel_size=4",
+                                                       ASYNC), fsdp_dir, extra_env=LATE_WRITER)
     assert first.returncode == 0, first.stderr[-4000:]
+    _assert_async_then_sync(fsdp_dir)
     run_dir = tmp_path / "tp2_dp2"
     (run_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(fsdp_dir / "checkpoints" / "step000003.ckpt", run_dir / "checkpoints" / "step000003.ckpt")
