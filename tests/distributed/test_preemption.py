@@ -15,7 +15,10 @@ from tests.conftest import ROOT, TORCHRUN, run_recipe, tiny_overrides
 
 STEPS = 30
 CHECK_EVERY = 3  # ranks agree on a signal at log steps only (no host sync in the others)
-OVERRIDES = (f"trainer.max_steps={STEPS}", "trainer.limit_val_batches=0", "checkpoint.every_n_steps=1000",
+# Asynchronous saves every 2 steps, the newest kept: the signal's save waits for the one in flight,
+# is itself synchronous (the ranks exit after it) and is the one checkpoint left.
+OVERRIDES = (f"trainer.max_steps={STEPS}", "trainer.limit_val_batches=0", "checkpoint.every_n_steps=2",
+             "checkpoint.keep_last=1", "checkpoint.async_save=true",
              "data.max_duration_s=8", "logger.wandb=true", f"trainer.log_every_n_steps={CHECK_EVERY}")
 
 
@@ -41,6 +44,9 @@ def test_signal_saves_at_a_step_boundary_and_the_same_command_resumes(sig, statu
     assert 3 <= stopped_at < STEPS and stopped_at % CHECK_EVERY == 0
     # Every rank stopped after the same step, and the checkpoint of that step is complete.
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt", f"step{stopped_at:06d}.ckpt"]
+    saves = summary["checkpoint_saves"]
+    assert saves[-1]["step"] == stopped_at and saves[-1]["mode"] == "sync", saves
+    assert {s["mode"] for s in saves[:-1]} == {"async"} and len(saves) >= 2, saves
     assert f"{sig.name}: saving a checkpoint at the next step boundary" in err
     assert "KeyboardInterrupt" not in err  # no rank died of the signal
     # The ranks saved and exited 0; torchrun itself exits non-zero after the signal (README), so that
