@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-META_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
+from common.parallel.strategy import META_FILE
 
 
 class CheckpointWriter:

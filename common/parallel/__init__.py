@@ -7,8 +7,8 @@
 2. activation checkpointing of each block (optional);
 3. ``torch.compile`` of each block (optional);
 4. FSDP2 ``fully_shard`` of each block, of the extra units, then of the root: units holding TP
-   DTensors over the dp mesh, units TP left whole over all dp x tp ranks; at dp=1 too, where it
-   shards nothing but gives the bf16-compute policy and checkpoints the strategy can load.
+   DTensors over the dp mesh, units TP left whole over all dp x tp ranks; on one rank only for the
+   bf16-compute policy (a GPU), as it shards nothing there.
 
 Usage (inside ``LightningModule.configure_model``)::
 
@@ -91,14 +91,15 @@ def parallelize(model: nn.Module, mesh, options: ParallelOptions) -> nn.Module:
         for blocks in spec.block_lists:
             for block in blocks:
                 block.compile(dynamic=True, backend=options.compile_backend)
-    if mesh is not None:
-        # Also at dp=1 (nothing is sharded over one rank): under the bf16-compute policy FSDP2 keeps
-        # the fp32 weights and casts each unit to bf16 for its forward and backward; and the strategy's
-        # distributed checkpoints load only into DTensor parameters (a 1 x 1 run could save but never
-        # resume). One process without that policy (a CPU): one unit, the root (_apply_fsdp).
+    # One rank shards nothing: FSDP2 is there only for the bf16-compute policy (it keeps the fp32
+    # weights and casts each unit to bf16 for its forward and backward). Without it (a CPU) the
+    # parameters stay plain, as in a bare PyTorch loop: FSDP2's hooks and DTensor dispatch would cost
+    # ~10% of a small model's step; common.parallel.strategy resumes such a model.
+    fsdp = mesh is not None and (mesh.size() > 1 or options.mixed_precision)
+    if fsdp:
         _apply_fsdp(model, spec, mesh, options)
-    log.info("parallelized %s: tp=%d (sp=%s) dp=%d (FSDP2)", type(model).__name__, tp_size,
-             options.sequence_parallel and tp_size > 1, dp_size)
+    log.info("parallelized %s: tp=%d (sp=%s) dp=%d (%s)", type(model).__name__, tp_size,
+             options.sequence_parallel and tp_size > 1, dp_size, "FSDP2" if fsdp else "one process, no FSDP2")
     return model
 
 
@@ -173,10 +174,5 @@ def _apply_fsdp(model, spec: ParallelSpec, mesh, options: ParallelOptions) -> No
     # Decided before any fully_shard: sharding turns every parameter into a DTensor.
     plan = [(unit, dp_mesh if any(isinstance(p, DTensor) for p in params) else flat_mesh)
             for unit, params in fsdp_units(model, spec)]
-    if mesh.size() == 1 and not options.mixed_precision:
-        # One rank, no bf16 policy: FSDP2 is here only so that checkpoints load (DTensor parameters).
-        # Nothing is sharded or cast, so per-block units would only add hooks to every block's forward and
-        # backward; one unit over the whole model keeps the DTensors at a fraction of the cost.
-        plan = plan[-1:]
     for unit, unit_mesh in plan:
         fully_shard(unit, mesh=unit_mesh, **kwargs)

@@ -140,9 +140,11 @@ def build_strategy(strategy_cfg, collective_timeout_s: float | None = None):
 
     from hydra.utils import instantiate
 
-    if collective_timeout_s:
-        return instantiate(strategy_cfg, timeout=timedelta(seconds=float(collective_timeout_s)))
-    return instantiate(strategy_cfg)
+    kwargs = {"timeout": timedelta(seconds=float(collective_timeout_s))} if collective_timeout_s else {}
+    if strategy_cfg.get("_target_") == MODEL_PARALLEL:
+        # The same class plus resuming a one-process model that FSDP2 does not wrap (common.parallel.strategy).
+        kwargs["_target_"] = "common.parallel.strategy.ModelParallelStrategy"
+    return instantiate(strategy_cfg, **kwargs)
 
 
 def data_parallel_rank_size(trainer) -> tuple[int, int]:

@@ -120,6 +120,7 @@ def _run_then_resume_from_step3(recipe: str, nproc: int, overrides: list[str], t
     full_dir = tmp_path / "full"
     full = run_recipe(recipe, nproc, overrides, full_dir, extra_env=LATE_WRITER)
     assert full.returncode == 0, full.stderr[-4000:]
+    (full_dir / "full.stdout").write_text(full.stdout)
     step3 = full_dir / "checkpoints" / "step000003.ckpt"
     run_dir = tmp_path / "attempt"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -138,8 +139,8 @@ def _run_then_resume_from_step3(recipe: str, nproc: int, overrides: list[str], t
 
 def test_fsdp2_checkpoint_resumes_resharded_under_tp_x_fsdp2(tiny_corpus, tmp_path):
     """A salm checkpoint written (asynchronously, by a late writer) by FSDP2 over 4 ranks resumes under
-    TP=2 x FSDP2 dp=2 (DCP reshards model and optimizer state on load); steps 4..6 match the FSDP2
-    run to 1e-4."""
+    TP=2 x FSDP2 dp=2 and in one process with plain parameters (DCP reshards model and optimizer
+    state on load); steps 4..6 match the FSDP2 run to 1e-4."""
     fsdp_dir = tmp_path / "fsdp2_dp4"
     first = run_recipe("salm_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM, "trainer.strategy.data_parallel_size=4",
                                                        ASYNC), fsdp_dir, extra_env=LATE_WRITER)
@@ -154,13 +155,35 @@ def test_fsdp2_checkpoint_resumes_resharded_under_tp_x_fsdp2(tiny_corpus, tmp_pa
     assert summary["resumed_from"].endswith("step000003.ckpt") and summary["tensor_parallel_size"] == 2
     _assert_same_losses(_metrics(fsdp_dir)[3:], _metrics(run_dir), rel=1e-4)
 
+    one_dir = tmp_path / "one_process"
+    (one_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(fsdp_dir / "checkpoints" / "step000003.ckpt", one_dir / "checkpoints" / "step000003.ckpt")
+    one = run_recipe("salm_fsdp2", 1, tiny_overrides(tiny_corpus, 1, *SALM, "trainer.strategy.data_parallel_size=1"),
+                     one_dir)
+    assert one.returncode == 0, one.stderr[-4000:]
+    assert "(one process, no FSDP2)" in one.stdout
+    assert json.loads((one_dir / "summary.json").read_text())["resumed_from"].endswith("step000003.ckpt")
+    _assert_same_losses(_metrics(fsdp_dir)[3:], _metrics(one_dir), rel=1e-4)
 
-def test_one_process_model_parallel_run_resumes_exactly(tiny_corpus, tmp_path):
-    """salm_fsdp2 on one process (dp=1, as on one GPU or a laptop): its DCP checkpoint resumes, steps
-    4..6 equal the uninterrupted run's. The strategy loads DCP checkpoints only into DTensor
-    parameters, so FSDP2 is applied over the one rank too; before that such a run saved but could
-    never resume ("Could not find a distributed model"). Its step-3 checkpoint is written asynchronously."""
+
+def test_one_process_model_parallel_run_resumes_exactly_and_under_fsdp2(tiny_corpus, tmp_path):
+    """salm_fsdp2 on one CPU process (dp=1, as on a laptop): plain parameters, no FSDP2 (it would
+    shard nothing and cost ~10% of the step, bench/README.md). Its DCP checkpoint, written
+    asynchronously, resumes exactly (steps 4..6 equal the uninterrupted run's: the strategy loads
+    into plain parameters, common.parallel.strategy), and resumes under FSDP2 over 2 ranks too
+    (DCP reshards; 1e-4 as any resharded resume)."""
     one = tiny_overrides(tiny_corpus, 1, *SALM, "trainer.strategy.data_parallel_size=1", ASYNC)
     full_dir, run_dir = _run_then_resume_from_step3("salm_fsdp2", 1, one, tmp_path)
-    _assert_async_then_sync(full_dir)
     _assert_same_losses(_metrics(full_dir)[3:], _metrics(run_dir), rel=1e-6)
+    _assert_async_then_sync(full_dir)
+    assert "dp=1 (one process, no FSDP2)" in (full_dir / "full.stdout").read_text()
+
+    dp2_dir = tmp_path / "fsdp2_dp2"
+    (dp2_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full_dir / "checkpoints" / "step000003.ckpt", dp2_dir / "checkpoints" / "step000003.ckpt")
+    dp2 = run_recipe("salm_fsdp2", 2, tiny_overrides(tiny_corpus, 2, *SALM, "trainer.strategy.data_parallel_size=2"),
+                     dp2_dir)
+    assert dp2.returncode == 0, dp2.stderr[-4000:]
+    assert "dp=2 (FSDP2)" in dp2.stdout
+    assert json.loads((dp2_dir / "summary.json").read_text())["resumed_from"].endswith("step000003.ckpt")
+    _assert_same_losses(_metrics(full_dir)[3:], _metrics(dp2_dir), rel=1e-4)
