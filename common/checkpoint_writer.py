@@ -85,7 +85,8 @@ class CheckpointWriter:
             if is_rank_zero:
                 torch.save(staged, path / META_FILE)
         else:
-            torch.save(staged, path)
+            with open(path, "wb") as f:  # a Python file: a full disk raises OSError (ENOSPC), named as such
+                torch.save(staged, f)
         if after is not None:
             after()
         return time.perf_counter() - started

@@ -147,8 +147,10 @@ def _root_or_skip() -> list[str]:
     return root
 
 
-def test_a_full_disk_ends_recorded_with_the_newest_complete_checkpoint_last(tiny_corpus, tmp_path):
-    """The run directory on a 12 MB file system that fills up while checkpoints are written: the
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_full_disk_ends_recorded_with_the_newest_complete_checkpoint_last(async_save, tiny_corpus, tmp_path):
+    """The run directory on a 12 MB file system that fills up while checkpoints are written (in the
+    step loop, or by the background writer, whose error the loop raises at its next step): the
     run ends `failed` with the one-line error in summary.json, an end row in attempts.jsonl, no
     half-written file left (.tmp, partial checkpoint), `last.ckpt` a complete checkpoint, and the
     terminal shows one error line. A read-only (unwritable) output directory is one line too."""
@@ -172,7 +174,8 @@ def test_a_full_disk_ends_recorded_with_the_newest_complete_checkpoint_last(tiny
     try:
         run = small / "run"
         proc = launch("asr_ddp", 1, "trainer.max_steps=40", "checkpoint.every_n_steps=1", "checkpoint.keep_last=100",
-                      f"run.output_dir={run}", f"data.dir={tiny_corpus['dir']}", *TINY)
+                      f"checkpoint.async_save={async_save}", f"run.output_dir={run}", f"data.dir={tiny_corpus['dir']}",
+                      *TINY)
         assert proc.returncode != 0
         assert len(error_lines(proc.stderr)) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert "No space left on device" in error_lines(proc.stderr)[0] and "HYDRA_FULL_ERROR" not in proc.stderr
