@@ -80,7 +80,7 @@ help:
 	@echo "make to-shar MANIFEST=<file> SHAR=<dir>  export a manifest (cuts, NeMo, ...) to Lhotse Shar shards"
 	@echo "make test                        unit + multi-process tests (CPU, gloo)"
 	@echo "make quality RECIPE=<r>          default run + check its time and WER goals"
-	@echo "make bench [BENCH_LABEL=name]    every recipe and layout measured -> bench/results/<label>/ (~15 min on 2 cores)"
+	@echo "make bench [BENCH_LABEL=name]    every recipe and layout measured -> bench/results/<label>/ (~8 min on 2 cores)"
 	@echo "make plan RECIPE=<r> GPUS_PER_NODE=8 NODES=2 [ARGS='model size overrides']"
 	@echo "                                 per-GPU memory of every valid layout, and which to pick"
 	@echo "make profile-batches RECIPE=<r> [ARGS='model=<preset> ...'] [PROFILE=file] [FRACTION=0.85]"

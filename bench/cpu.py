@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m bench.cpu --out bench/results/<label>          # ~15 minutes on 2 CPU cores
+    python -m bench.cpu --out bench/results/<label>          # ~8 minutes on 2 CPU cores
     python -m bench.cpu --out /tmp/b --steps 8 --only asr_ddp  # one recipe, shorter runs
 
 Every figure comes from a real run: recipe runs are ``torchrun`` launches of ``common.train``

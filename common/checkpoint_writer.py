@@ -12,7 +12,8 @@ Lightning writes, so resume, ``make export`` and ``make transcribe`` read them u
   shards with ``torch.distributed.checkpoint`` (its ranks coordinate through collectives, so
   over their own gloo process group: never interleaved with the training step's collectives on
   the default one), then ``meta.pt`` (rank 0, after the shards: a complete directory); under
-  DDP rank 0 alone writes the one file with ``torch.save``, the other ranks stage nothing.
+  DDP rank 0 alone writes the one file with ``torch.save`` (serialized in memory first, as Lightning's
+  synchronous save does), the other ranks stage nothing.
 
 Publishing (the rename that makes ``step<N>.ckpt`` visible, ``last.ckpt``, ``keep_last``) stays with
 :class:`common.checkpointing.RunCheckpoint`, in the step loop, once the write is done.
@@ -28,6 +29,7 @@ Usage (what ``RunCheckpoint`` does)::
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -85,8 +87,12 @@ class CheckpointWriter:
             if is_rank_zero:
                 torch.save(staged, path / META_FILE)
         else:
-            with open(path, "wb") as f:  # a Python file: a full disk raises OSError (ENOSPC), named as such
-                torch.save(staged, f)
+            # Serialized in memory first, as Lightning's synchronous save does: a full disk then fails the
+            # plain file write with OSError (ENOSPC), where torch.save into a file reports "unexpected pos".
+            buffer = io.BytesIO()
+            torch.save(staged, buffer)
+            with open(path, "wb") as f:
+                f.write(buffer.getbuffer())
         if after is not None:
             after()
         return time.perf_counter() - started
@@ -95,3 +101,4 @@ class CheckpointWriter:
         """Frees the staging buffers; a write still running finishes in its thread (not waited for)."""
         self._executor.shutdown(wait=False)
         self._stager.close()
+
