@@ -50,6 +50,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from common.data.buckets import allow_older_sampler_states
+from common.parallel.strategy import META_FILE
 
 log = logging.getLogger("common.train")
 allow_older_sampler_states()  # checkpoints of earlier versions still resume (and are not taken for damaged)
@@ -105,9 +106,9 @@ def checkpoint_problem(path: Path) -> str | None:
         if path.is_dir():
             from torch.distributed.checkpoint import FileSystemReader
 
-            if not (path / "meta.pt").is_file():
-                return "no meta.pt"
-            torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+            if not (path / META_FILE).is_file():
+                return f"no {META_FILE}"
+            torch.load(path / META_FILE, map_location="cpu", weights_only=True)
             metadata = FileSystemReader(str(path)).read_metadata()
             need: dict[str, int] = {}
             for info in (metadata.storage_data or {}).values():
@@ -132,7 +133,7 @@ def checkpoint_problem(path: Path) -> str | None:
 def checkpoint_run_config(path: Path) -> dict | None:
     """The resolved run config saved inside a checkpoint (``None``: not one of ours)."""
     path = Path(path)
-    meta = path / "meta.pt" if path.is_dir() else path
+    meta = path / META_FILE if path.is_dir() else path
     try:
         ckpt = torch.load(meta, map_location="cpu", weights_only=True, mmap=not path.is_dir())
     except Exception:  # noqa: BLE001
@@ -285,8 +286,8 @@ def resolve_resume(cfg, run_dir: Path, rank: int = 0) -> tuple[str | None, int]:
 class InFlight:
     """A checkpoint whose staged copy is being written in the background."""
 
-    def __init__(self, step: int, partial: Path, final: Path, future, record: dict):
-        self.step, self.partial, self.final, self.future = step, partial, final, future
+    def __init__(self, partial: Path, final: Path, future, record: dict):
+        self.partial, self.final, self.future = partial, final, future
         self.record = record  # this save's row of RunCheckpoint.saves (write_s is filled in on completion)
         self.removals: list[str] = []  # checkpoints keep_last drops once this one is complete
 
@@ -460,7 +461,7 @@ class RunCheckpoint(ModelCheckpoint):
             record = {"step": trainer.global_step, "mode": "async",
                       "stall_s": round(time.perf_counter() - started, 3), "write_s": None}
             self.saves.append(record)  # the step loop waited this long: summary.json "checkpoint_saves"
-            self._in_flight = InFlight(trainer.global_step, partial, final, future, record)
+            self._in_flight = InFlight(partial, final, future, record)
             self._last_global_step_saved = trainer.global_step
             return
         try:
