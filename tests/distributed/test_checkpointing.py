@@ -147,23 +147,25 @@ def test_fsdp2_checkpoint_resumes_resharded_under_tp_x_fsdp2(tiny_corpus, tmp_pa
     assert first.returncode == 0, first.stderr[-4000:]
     _assert_async_then_sync(fsdp_dir)
     run_dir = tmp_path / "tp2_dp2"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(fsdp_dir / "checkpoints" / "step000003.ckpt", run_dir / "checkpoints" / "step000003.ckpt")
-    again = run_recipe("salm_tp_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM), run_dir)
-    assert again.returncode == 0, again.stderr[-4000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["resumed_from"].endswith("step000003.ckpt") and summary["tensor_parallel_size"] == 2
+    _resume_step3_in(fsdp_dir, "salm_tp_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM), run_dir)
+    assert json.loads((run_dir / "summary.json").read_text())["tensor_parallel_size"] == 2
     _assert_same_losses(_metrics(fsdp_dir)[3:], _metrics(run_dir), rel=1e-4)
 
     one_dir = tmp_path / "one_process"
-    (one_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(fsdp_dir / "checkpoints" / "step000003.ckpt", one_dir / "checkpoints" / "step000003.ckpt")
-    one = run_recipe("salm_fsdp2", 1, tiny_overrides(tiny_corpus, 1, *SALM, "trainer.strategy.data_parallel_size=1"),
-                     one_dir)
-    assert one.returncode == 0, one.stderr[-4000:]
+    one = _resume_step3_in(fsdp_dir, "salm_fsdp2", 1, tiny_overrides(tiny_corpus, 1, *SALM,
+                                                                     "trainer.strategy.data_parallel_size=1"), one_dir)
     assert "(one process, no FSDP2)" in one.stdout
-    assert json.loads((one_dir / "summary.json").read_text())["resumed_from"].endswith("step000003.ckpt")
     _assert_same_losses(_metrics(fsdp_dir)[3:], _metrics(one_dir), rel=1e-4)
+
+
+def _resume_step3_in(source_dir, recipe: str, nproc: int, overrides: list[str], run_dir):
+    """A new run directory holding ``source_dir``'s step-3 checkpoint, resumed from it by ``recipe``."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(source_dir / "checkpoints" / "step000003.ckpt", run_dir / "checkpoints" / "step000003.ckpt")
+    proc = run_recipe(recipe, nproc, overrides, run_dir)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"].endswith("step000003.ckpt")
+    return proc
 
 
 def test_one_process_model_parallel_run_resumes_exactly_and_under_fsdp2(tiny_corpus, tmp_path):
@@ -179,11 +181,7 @@ def test_one_process_model_parallel_run_resumes_exactly_and_under_fsdp2(tiny_cor
     assert "dp=1 (one process, no FSDP2)" in (full_dir / "full.stdout").read_text()
 
     dp2_dir = tmp_path / "fsdp2_dp2"
-    (dp2_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full_dir / "checkpoints" / "step000003.ckpt", dp2_dir / "checkpoints" / "step000003.ckpt")
-    dp2 = run_recipe("salm_fsdp2", 2, tiny_overrides(tiny_corpus, 2, *SALM, "trainer.strategy.data_parallel_size=2"),
-                     dp2_dir)
-    assert dp2.returncode == 0, dp2.stderr[-4000:]
+    dp2 = _resume_step3_in(full_dir, "salm_fsdp2", 2, tiny_overrides(tiny_corpus, 2, *SALM,
+                                                                     "trainer.strategy.data_parallel_size=2"), dp2_dir)
     assert "dp=2 (FSDP2)" in dp2.stdout
-    assert json.loads((dp2_dir / "summary.json").read_text())["resumed_from"].endswith("step000003.ckpt")
     _assert_same_losses(_metrics(full_dir)[3:], _metrics(dp2_dir), rel=1e-4)
