@@ -156,6 +156,34 @@ def _unreadable_manifest(root, cuts, name: str):
     return manifest
 
 
+def test_a_run_failing_while_an_async_checkpoint_is_written_keeps_the_previous_one_last(tiny_corpus, tmp_path):
+    """Unreadable training data fails the run at step 10 or 20 (the data check), while the asynchronous
+    save of step 9 or 18 is still being written (its writer starts 5 s late): that save is not
+    published (it stays under its partial name, for the next attempt to remove), and the run's
+    newest complete checkpoint, `last`, is the one before it (none at step 10, step 9 at step 20)."""
+    from common.checkpointing import PARTIAL_PREFIX, WRITE_DELAY_ENV
+
+    broken_train = _unreadable_manifest(tmp_path, tone_cuts(tiny_corpus["train"], 40), "broken_train")
+    run_dir = tmp_path / "run"
+    proc = run_recipe("asr_ddp", 1, tiny_overrides(tiny_corpus, 1, "trainer.max_steps=60", "trainer.limit_val_batches=0",
+                                                   f"data.train=[{broken_train}]", f"data.val=[{tiny_corpus['val']}]",
+                                                   "checkpoint.every_n_steps=9", "checkpoint.async_save=true"),
+                      run_dir, timeout=300, extra_env={WRITE_DELAY_ENV: "5"})
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps"] in (10, 20), summary["steps"]
+    in_flight = 9 if summary["steps"] == 10 else 18
+    assert f"step{in_flight:06d}.ckpt was being written when the run failed: not published" in proc.stdout
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / f"{PARTIAL_PREFIX}step{in_flight:06d}.ckpt").exists()
+    complete = sorted(p.name for p in ckpts.glob("step*.ckpt"))
+    if in_flight == 9:
+        assert complete == [] and summary["checkpoint"] is None and not (ckpts / "last.ckpt").exists()
+    else:
+        assert complete == ["step000009.ckpt"] and summary["checkpoint"].endswith("step000009.ckpt")
+        assert (ckpts / "last.ckpt").resolve().name == "step000009.ckpt"
+
+
 def test_a_run_that_cannot_read_its_data_fails_instead_of_completing(tiny_corpus, tmp_path):
     """Every training item unreadable: failed (not 'completed' with loss 0), naming the share and
     an example; a validation set with no readable item: failed at the step-0 validation."""
