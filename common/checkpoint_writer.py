@@ -12,8 +12,7 @@ Lightning writes, so resume, ``make export`` and ``make transcribe`` read them u
   shards with ``torch.distributed.checkpoint`` (its ranks coordinate through collectives, so
   over their own gloo process group: never interleaved with the training step's collectives on
   the default one), then ``meta.pt`` (rank 0, after the shards: a complete directory); under
-  DDP rank 0 alone writes the one file with ``torch.save`` (serialized in memory first, as Lightning's
-  synchronous save does), the other ranks stage nothing.
+  DDP rank 0 alone writes the one file with ``torch.save``, the other ranks stage nothing.
 
 Publishing (the rename that makes ``step<N>.ckpt`` visible, ``last.ckpt``, ``keep_last``) stays with
 :class:`common.checkpointing.RunCheckpoint`, in the step loop, once the write is done.
@@ -29,7 +28,8 @@ Usage (what ``RunCheckpoint`` does)::
 
 from __future__ import annotations
 
-import io
+import errno
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -87,12 +87,14 @@ class CheckpointWriter:
             if is_rank_zero:
                 torch.save(staged, path / META_FILE)
         else:
-            # Serialized in memory first, as Lightning's synchronous save does: a full disk then fails the
-            # plain file write with OSError (ENOSPC), where torch.save into a file reports "unexpected pos".
-            buffer = io.BytesIO()
-            torch.save(staged, buffer)
-            with open(path, "wb") as f:
-                f.write(buffer.getbuffer())
+            with open(path, "wb") as f:  # straight to the file: no second copy of the state in memory
+                try:
+                    torch.save(staged, f)
+                except RuntimeError as exc:  # torch reports a full disk as "unexpected pos": named here
+                    free = shutil.disk_usage(path.parent).free
+                    if free < 2**20:
+                        raise OSError(errno.ENOSPC, f"No space left on device ({free} bytes free)", str(path)) from exc
+                    raise
         if after is not None:
             after()
         return time.perf_counter() - started
