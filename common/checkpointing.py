@@ -301,10 +301,10 @@ class InFlight:
 
 class RunCheckpoint(ModelCheckpoint):
     """ModelCheckpoint, atomic; also saves at the last step and on SIGTERM (then raises ``Preempted``);
-    ``async_save``: True, False or ``"auto"`` (True when the strategy's device is a GPU)."""
+    ``async_save``: stage in the step loop, write in the background (:mod:`common.checkpoint_writer`)."""
 
     def __init__(self, dirpath: Path, every_n_steps: int, keep_last: int, preemption_grace_s: float = 60.0,
-                 check_stop_every_n_steps: int = 1, at_end: bool = True, async_save: bool | str = False):
+                 check_stop_every_n_steps: int = 1, at_end: bool = True, async_save: bool = False):
         super().__init__(dirpath=dirpath, filename="step{step:06d}", auto_insert_metric_name=False,
                          every_n_train_steps=every_n_steps, save_top_k=keep_last, monitor="step", mode="max",
                          save_last=False)
@@ -319,7 +319,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._hold_at_step = int(os.environ.get(HOLD_STEP_ENV) or -1)  # tests only (HOLD_STEP_ENV)
         self.on_published = None  # called on rank 0 once a checkpoint is complete (common.train: `latest`)
         self.saves: list[dict] = []  # {"step", "mode", "stall_s", "write_s"} of each save of this attempt
-        self.async_save = async_save  # "auto" is decided in setup, once the device is known
+        self.async_save = async_save
         self._writer = None  # common.checkpoint_writer.CheckpointWriter, when saving asynchronously
         self._in_flight: InFlight | None = None
         self._sync_next = False  # the last step's and a signal's save: written before the loop goes on
@@ -332,10 +332,6 @@ class RunCheckpoint(ModelCheckpoint):
     # --- asynchronous saves ----------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if self.async_save == "auto":
-            # On a CPU the writer thread takes cores from the step itself (bench/README.md); on a GPU
-            # the step runs on the device while the host writes.
-            self.async_save = trainer.strategy.root_device.type == "cuda"
         if self.async_save and self._writer is None and stage == "fit":
             from lightning.pytorch.strategies import ModelParallelStrategy
 

@@ -107,7 +107,7 @@ def _one_line(exc: Exception) -> str:
 # --- settings, layout, hardware ------------------------------------------------------------------
 # The settings a run derives from others ("auto", per-GPU batch sizes), in check_run and nowhere else.
 DERIVED_SETTINGS = ("trainer.strategy.data_parallel_size", "trainer.accelerator", "trainer.precision",
-                    "parallel.mixed_precision", "data.max_duration_s", "data.max_tokens")
+                    "parallel.mixed_precision", "checkpoint.async_save", "data.max_duration_s", "data.max_tokens")
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,8 @@ def check_run(cfg: DictConfig) -> CheckedRun:
 
 def resolve_hardware(cfg: DictConfig) -> None:
     """``auto`` accelerator/precision: on GPUs NCCL, fp32 master weights and bf16 compute
-    (:func:`common.parallel.layout.gpu_precision`); on CPUs gloo and fp32."""
+    (:func:`common.parallel.layout.gpu_precision`); on CPUs gloo and fp32. ``auto`` asynchronous
+    checkpoint saves: on with GPUs, off on CPUs."""
     from common.parallel.layout import gpu_precision
 
     gpu = torch.cuda.is_available()
@@ -153,6 +154,10 @@ def resolve_hardware(cfg: DictConfig) -> None:
     if cfg.parallel and cfg.parallel.mixed_precision == "auto":
         # FSDP2's bf16-compute policy where Lightning keeps fp32 weights (with bf16-true it has nothing to do).
         cfg.parallel.mixed_precision = on_gpu and str(cfg.trainer.precision) in ("32-true", "32")
+    if OmegaConf.select(cfg, "checkpoint.async_save") is not None:
+        # On a CPU the writer thread takes the cores the step uses (bench/README.md); on a GPU the step
+        # runs on the device while the host writes. A boolean from here on (also a quoted "true").
+        cfg.checkpoint.async_save = {"auto": on_gpu, "true": True, "false": False}[str(cfg.checkpoint.async_save).lower()]
     if cfg.trainer.accelerator == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
 

@@ -63,8 +63,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, recorder, resuming: bool, call
                                preemption_grace_s=cfg.checkpoint.preemption_grace_s,
                                check_stop_every_n_steps=cfg.trainer.log_every_n_steps,
                                at_end=cfg.checkpoint.at_end is not False,
-                               async_save={"true": True, "false": False}.get(str(cfg.checkpoint.async_save).lower(),
-                                                                             "auto"))
+                               async_save=cfg.checkpoint.async_save)  # check_run resolved auto
     loggers = []
     if cfg.logger.wandb:
         from lightning.pytorch.loggers import WandbLogger

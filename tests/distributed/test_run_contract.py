@@ -49,6 +49,7 @@ def test_recipe_run_writes_the_contract(recipe, nproc, dp, tp, tiny_corpus, tmp_
     assert [c["step"] for c in s["checkpoint_saves"]] == [2, 4] and all(c["stall_s"] > 0 for c in s["checkpoint_saves"])
     # checkpoint.async_save: auto saves synchronously on a CPU (bench/README.md: it does not pay there).
     assert all(c["mode"] == "sync" and c["write_s"] > 0 for c in s["checkpoint_saves"])
+    assert s["derived_settings"]["checkpoint.async_save"] == {"given": "auto", "used": False}
     assert (s["world_size"], s["data_parallel_size"], s["tensor_parallel_size"]) == (nproc, dp, tp)
     assert (s["strategy"], s["accelerator"], s["precision"]) == ("ModelParallelStrategy", "cpu", "32-true")
     assert s["derived_settings"]["trainer.precision"] == {"given": "auto", "used": "32-true"}  # resolved once, listed

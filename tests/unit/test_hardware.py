@@ -1,5 +1,6 @@
 """`auto` accelerator/precision: gloo + fp32 on CPU; on GPU fp32 master weights with bf16 compute
-(FSDP2's bf16/fp32 policy under ModelParallelStrategy, bf16 autocast under DDP); bf16-true is an opt-in."""
+(FSDP2's bf16/fp32 policy under ModelParallelStrategy, bf16 autocast under DDP); bf16-true is an opt-in.
+`auto` asynchronous checkpoint saves: on with a GPU, off on a CPU."""
 
 import torch
 from omegaconf import OmegaConf
@@ -10,7 +11,7 @@ from common.run import resolve_hardware
 def _cfg(**trainer):
     strategy = {"_target_": "lightning.pytorch.strategies.ModelParallelStrategy"}
     return OmegaConf.create({"trainer": {"accelerator": "auto", "precision": "auto", "strategy": strategy, **trainer},
-                             "parallel": {"mixed_precision": "auto"}})
+                             "parallel": {"mixed_precision": "auto"}, "checkpoint": {"async_save": "auto"}})
 
 
 def test_cpu_defaults(monkeypatch):
@@ -18,6 +19,7 @@ def test_cpu_defaults(monkeypatch):
     cfg = _cfg()
     resolve_hardware(cfg)
     assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.parallel.mixed_precision) == ("cpu", "32-true", False)
+    assert cfg.checkpoint.async_save is False
 
 
 def test_gpu_defaults(monkeypatch):
@@ -25,6 +27,7 @@ def test_gpu_defaults(monkeypatch):
     cfg = _cfg()
     resolve_hardware(cfg)
     assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.parallel.mixed_precision) == ("gpu", "32-true", True)
+    assert cfg.checkpoint.async_save is True
 
 
 def test_gpu_defaults_ddp(monkeypatch):
@@ -48,6 +51,15 @@ def test_explicit_settings_win(monkeypatch):
     cfg = _cfg(precision="32-true")
     resolve_hardware(cfg)
     assert cfg.trainer.precision == "32-true"
+
+
+def test_explicit_async_save_wins_and_is_a_boolean(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for given, used in ((True, True), ("true", True), (False, False), ("false", False)):
+        cfg = _cfg()
+        cfg.checkpoint.async_save = given
+        resolve_hardware(cfg)
+        assert cfg.checkpoint.async_save is used, given
 
 
 def test_restarts_with_the_shared_rendezvous_store_are_warned_about(monkeypatch, caplog):
