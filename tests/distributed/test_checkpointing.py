@@ -102,8 +102,9 @@ def test_tp_fsdp2_resume_from_a_sharded_checkpoint_is_exact_and_passes_a_damaged
     under the same run name: steps 4..6 equal the uninterrupted run's to 1e-6. The attempt's newer
     step-6 checkpoint has a shard cut short (a full disk): it is set aside into
     checkpoints/unreadable/, and the run resumes from step 3 instead of failing on it."""
-    full_dir, run_dir = _run_then_resume_from_step3("salm_tp_fsdp2", 4, tiny_overrides(tiny_corpus, 4, *SALM, ASYNC),
-                                                    tmp_path, damaged_step6=True)
+    full_dir, run_dir, _ = _run_then_resume_from_step3("salm_tp_fsdp2", 4,
+                                                       tiny_overrides(tiny_corpus, 4, *SALM, ASYNC), tmp_path,
+                                                       damaged_step6=True)
     _assert_async_then_sync(full_dir)
     step3 = full_dir / "checkpoints" / "step000003.ckpt"
     assert step3.is_dir() and (step3 / "meta.pt").exists() and _ckpts(full_dir) == ["step000003.ckpt",
@@ -115,26 +116,13 @@ def test_tp_fsdp2_resume_from_a_sharded_checkpoint_is_exact_and_passes_a_damaged
 
 
 def _run_then_resume_from_step3(recipe: str, nproc: int, overrides: list[str], tmp_path, damaged_step6: bool = False):
-    """A full 6-step run (a late background writer, if the overrides save asynchronously), then a new attempt that holds its step-3 checkpoint (``damaged_step6``: and
-    its step-6 one with a shard cut to half) and resumes from step 3."""
-    full_dir = tmp_path / "full"
+    """A full 6-step run (a late background writer, if the overrides save asynchronously), then a
+    new attempt resumed from its step-3 checkpoint (:func:`_resume_step3_in`)."""
+    full_dir, run_dir = tmp_path / "full", tmp_path / "attempt"
     full = run_recipe(recipe, nproc, overrides, full_dir, extra_env=LATE_WRITER)
     assert full.returncode == 0, full.stderr[-4000:]
-    (full_dir / "full.stdout").write_text(full.stdout)
-    step3 = full_dir / "checkpoints" / "step000003.ckpt"
-    run_dir = tmp_path / "attempt"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(step3, run_dir / "checkpoints" / step3.name)
-    if damaged_step6:
-        step6 = shutil.copytree(full_dir / "checkpoints" / "step000006.ckpt", run_dir / "checkpoints" / "step000006.ckpt")
-        shard = max(step6.glob("*.distcp"), key=lambda p: p.stat().st_size)
-        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    again = run_recipe(recipe, nproc, overrides, run_dir)
-    if damaged_step6:
-        assert "step000006.ckpt cannot be read (shard" in again.stdout + again.stderr, again.stderr[-4000:]
-    assert again.returncode == 0, again.stderr[-4000:]
-    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"].endswith("step000003.ckpt")
-    return full_dir, run_dir
+    _resume_step3_in(full_dir, recipe, nproc, overrides, run_dir, damaged_step6=damaged_step6)
+    return full_dir, run_dir, full
 
 
 def test_fsdp2_checkpoint_resumes_resharded_under_tp_x_fsdp2(tiny_corpus, tmp_path):
@@ -158,11 +146,19 @@ def test_fsdp2_checkpoint_resumes_resharded_under_tp_x_fsdp2(tiny_corpus, tmp_pa
     _assert_same_losses(_metrics(fsdp_dir)[3:], _metrics(one_dir), rel=1e-4)
 
 
-def _resume_step3_in(source_dir, recipe: str, nproc: int, overrides: list[str], run_dir):
-    """A new run directory holding ``source_dir``'s step-3 checkpoint, resumed from it by ``recipe``."""
+def _resume_step3_in(source_dir, recipe: str, nproc: int, overrides: list[str], run_dir, damaged_step6: bool = False):
+    """A new run directory holding ``source_dir``'s step-3 checkpoint (``damaged_step6``: and its
+    newer step-6 one with a shard cut to half, which must be passed over), resumed from step 3 by ``recipe``."""
     (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(source_dir / "checkpoints" / "step000003.ckpt", run_dir / "checkpoints" / "step000003.ckpt")
+    for step in (3, 6) if damaged_step6 else (3,):
+        name = f"step{step:06d}.ckpt"
+        shutil.copytree(source_dir / "checkpoints" / name, run_dir / "checkpoints" / name)
+    if damaged_step6:
+        shard = max((run_dir / "checkpoints" / "step000006.ckpt").glob("*.distcp"), key=lambda p: p.stat().st_size)
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     proc = run_recipe(recipe, nproc, overrides, run_dir)
+    if damaged_step6:
+        assert "step000006.ckpt cannot be read (shard" in proc.stdout + proc.stderr, proc.stderr[-4000:]
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from"].endswith("step000003.ckpt")
     return proc
@@ -175,10 +171,10 @@ def test_one_process_model_parallel_run_resumes_exactly_and_under_fsdp2(tiny_cor
     into plain parameters, common.parallel.strategy), and resumes under FSDP2 over 2 ranks too
     (DCP reshards; 1e-4 as any resharded resume)."""
     one = tiny_overrides(tiny_corpus, 1, *SALM, "trainer.strategy.data_parallel_size=1", ASYNC)
-    full_dir, run_dir = _run_then_resume_from_step3("salm_fsdp2", 1, one, tmp_path)
+    full_dir, run_dir, full = _run_then_resume_from_step3("salm_fsdp2", 1, one, tmp_path)
     _assert_same_losses(_metrics(full_dir)[3:], _metrics(run_dir), rel=1e-6)
     _assert_async_then_sync(full_dir)
-    assert "dp=1 (one process, no FSDP2)" in (full_dir / "full.stdout").read_text()
+    assert "dp=1 (one process, no FSDP2)" in full.stdout
 
     dp2_dir = tmp_path / "fsdp2_dp2"
     dp2 = _resume_step3_in(full_dir, "salm_fsdp2", 2, tiny_overrides(tiny_corpus, 2, *SALM,
