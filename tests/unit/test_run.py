@@ -19,6 +19,7 @@ def test_check_run_completes_the_config_once_and_then_it_is_read_only():
         "trainer.accelerator": {"given": "auto", "used": "cpu"},
         "trainer.precision": {"given": "auto", "used": "32-true"},
         "parallel.mixed_precision": {"given": "auto", "used": False},
+        "checkpoint.async_save": {"given": "auto", "used": False},
         "data.max_duration_s": {"given": 30, "used": 20.0}}
     # What the run derives is in the config now (so in its config.yaml), not computed again later.
     assert cfg.trainer.strategy.data_parallel_size == 2 and cfg.trainer.accelerator == "cpu"
