@@ -6,7 +6,16 @@ by an ``asr_ddp`` checkpoint; the character error rate is what ``summary.json`` 
 own: cut at the model's frame limit (``val.synthesis_hit_frame_limit``) or shorter than their text
 in tokens (``val.synthesis_too_short``).
 
+
+:func:`recognition_scores`: a recognizer's WER and CER on a test set (lhotse cuts, NeMo, any source
+``data.train`` takes), transcribed in batches of similar length; hypotheses and references are
+compared after :func:`common.data.text.normalize_text`. ``summary.json`` reports it per set of
+``data.test`` as ``test.<name>``.
+
 Usage::
+
+    scores = recognition_scores(model, tokenizer, cfg, parse_sources("data/test_cuts.jsonl.gz", "test"))
+    scores["wer"], scores["cer"], scores["utterances"]
 
     result = intelligibility(tts_model, cfg, ["alpha bravo"], "outputs/asr_ddp/latest/checkpoints/last.ckpt")
     result["asr_cer"]
@@ -22,6 +31,47 @@ import torch
 from common.parallel import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def recognition_scores(model, tokenizer, cfg, sources: list, batch_s: float = 120.0, num_examples: int = 3) -> dict:
+    """WER and CER of a recognizer (a model whose spec transcribes) on every utterance of ``sources``."""
+    from torchmetrics.functional.text import char_error_rate, word_error_rate
+
+    from common.data.audio import load_mono
+    from common.data.features import BatchFeatures
+    from common.data.sources import open_sources
+    from common.data.text import normalize_text
+
+    device = next(model.parameters()).device
+    features = BatchFeatures(cfg.data.num_mel_bins, cfg.data.sample_rate,
+                             normalize=cfg.data.get("feature_normalization", "utterance") == "utterance")
+    cuts = sorted(open_sources(sources, seed=0, mix=False), key=lambda c: c.duration)
+    refs, hyps, seconds, batch = [], [], 0.0, []
+
+    def flush():
+        waves = [torch.as_tensor(load_mono(c, cfg.data.sample_rate)) for c in batch]
+        lens = torch.tensor([len(w) for w in waves])
+        padded = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device)
+        feats, num_frames = features.log_mel(padded, lens.to(device))
+        mask = torch.arange(feats.shape[1], device=device)[None, :] < num_frames[:, None]
+        for cut, ids in zip(batch, model.generate(feats, mask)):
+            refs.append(normalize_text(" ".join(s.text for s in cut.supervisions)))
+            hyps.append(normalize_text(tokenizer.decode(ids)))
+        batch.clear()
+
+    for cut in cuts:
+        if batch and (len(batch) + 1) * cut.duration > batch_s:  # sorted: this cut is the batch's longest
+            flush()
+        batch.append(cut)
+        seconds += cut.duration
+    if batch:
+        flush()
+    if not refs:
+        raise ConfigError(f"test set {[s.name for s in sources]} has no utterance")
+    return {"wer": round(float(word_error_rate(hyps, refs)), 4), "cer": round(float(char_error_rate(hyps, refs)), 4),
+            "utterances": len(refs), "hours": round(seconds / 3600, 3),
+            "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:num_examples]]}
 
 
 @torch.no_grad()
@@ -48,7 +98,10 @@ def intelligibility(model, cfg, texts: list[str], asr_checkpoint: str | Path) ->
     for mel in mels:
         feats, mask = features.of_waveform(vocoder(mel.cpu()), mel.device)
         hyps.append(asr_tok.decode(asr.generate(feats, mask)[0]))
-    refs = [model.tokenizer.normalize(t) for t in texts]
+    from common.data.text import normalize_text
+
+    hyps = [normalize_text(h) for h in hyps]
+    refs = [normalize_text(t) for t in texts]
     # The functional form: rank 0 alone runs this, so nothing may wait for the other ranks.
     cer = char_error_rate(hyps, refs)
     for ref, hyp in list(zip(refs, hyps))[:3]:

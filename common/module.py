@@ -24,6 +24,7 @@ import torch
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.text import WordErrorRate
 
+from common.data.text import normalize_text
 from common.parallel import ParallelOptions, data_parallel_rank_size, parallelize
 from common.parallel.gradients import clip_grad_norm_, grad_norm, is_dtensor, to_local
 
@@ -128,7 +129,9 @@ class TrainingModule(L.LightningModule):
                 self.val_extra[name].update(total / count, weight=count)
         if self.val_wer is not None:
             hyps = self.model.generate(batch["input_features"], batch["feature_mask"])
-            self.val_wer.update([self.tokenizer.decode(ids) for ids in hyps], batch["texts"])
+            # Both sides through the project's one normalizer: casing and punctuation are not errors.
+            self.val_wer.update([normalize_text(self.tokenizer.decode(ids)) for ids in hyps],
+                                [normalize_text(t) for t in batch["texts"]])
 
     def on_validation_epoch_end(self) -> None:
         # torchmetrics syncs over all ranks; TP copies scale numerator and denominator alike.

@@ -94,15 +94,13 @@ class BPETokenizer(_SavedAsJson):
 
     @classmethod
     def build(cls, texts: Iterable[str], vocab_size: int = 128) -> BPETokenizer:
-        from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        from .text import hf_normalizer
 
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        # Text normalization travels with the tokenizer (saved in its JSON): Unicode NFKC,
-        # lower case, punctuation to spaces, single spaces.
-        tok.normalizer = normalizers.Sequence([
-            normalizers.NFKC(), normalizers.Lowercase(),
-            normalizers.Replace(Regex(r"[^\w' ]+"), " "), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip(),
-        ])
+        # The project's text normalizer (common.data.text) travels with the tokenizer, in its JSON.
+        tok.normalizer = hf_normalizer()
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(cls.SPECIALS), show_progress=False)
