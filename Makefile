@@ -23,7 +23,7 @@ export RUN_NAME
 # torchrun --max-restarts: a fresh rendezvous store per restart (see common/train.py).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE := 1
 
-.PHONY: help setup run transcribe export synthesize data-check to-shar test quality bench plan profile-batches lint clean \
+.PHONY: help setup run transcribe export synthesize data-check to-shar test quality quality-english bench plan profile-batches lint clean \
         docker-build docker-run cpu-base container-test k8s-render k8s-apply slurm-render slurm-submit dry-run
 
 # Containers: docker where it exists, else podman (CI); the CPU base and make container-test use podman.
@@ -80,6 +80,7 @@ help:
 	@echo "make to-shar MANIFEST=<file> SHAR=<dir>  export a manifest (cuts, NeMo, ...) to Lhotse Shar shards"
 	@echo "make test                        unit + multi-process tests (CPU, gloo)"
 	@echo "make quality RECIPE=<r>          default run + check its time and WER goals"
+	@echo "make quality-english RECIPE=asr_ddp  default run on data=english (spoken English) + its WER goals"
 	@echo "make bench [BENCH_LABEL=name]    every recipe and layout measured -> bench/results/<label>/ (~8 min on 2 cores)"
 	@echo "make plan RECIPE=<r> GPUS_PER_NODE=8 NODES=2 [ARGS='model size overrides']"
 	@echo "                                 per-GPU memory of every valid layout, and which to pick"
@@ -165,6 +166,15 @@ QUALITY_ARGS_tts_ddp = $(if $(wildcard $(ASR_CKPT)),ARGS="eval.asr_checkpoint=$(
 quality: setup
 	$(MAKE) run RECIPE=$(RECIPE) RUN_NAME=quality-$(RUN_NAME) $(QUALITY_ARGS_$(RECIPE))
 	$(PY) -m common.tools.check_run outputs/$(RECIPE)/quality-$(RUN_NAME) $(or $(QUALITY_$(RECIPE)),$(QUALITY_DEFAULT))
+
+# The English goals (issue: every recipe learns spoken English): a default run on data=english, then its
+# goals; WERs of the test sets are summary.json test.<set> (unseen sentences, unseen voices, real recordings).
+QUALITY_ENGLISH_asr_ddp := --max-wall-s 1800 --max-test-wer unseen_sentences=0.15 --require-test unseen_voices \
+  --require-test real_recordings
+quality-english: setup
+	@test -n "$(QUALITY_ENGLISH_$(RECIPE))" || { echo "error: no English goals for RECIPE=$(RECIPE) yet (have: asr_ddp)" >&2; exit 2; }
+	$(MAKE) run RECIPE=$(RECIPE) RUN_NAME=quality-english-$(RUN_NAME) ARGS="data=english $(ARGS)"
+	$(PY) -m common.tools.check_run outputs/$(RECIPE)/quality-english-$(RUN_NAME) $(QUALITY_ENGLISH_$(RECIPE))
 
 # Benchmarks (bench/README.md): the CPU bench everywhere, the GPU bench too where a GPU is visible.
 BENCH_LABEL ?= $(shell uname -n)

@@ -176,13 +176,16 @@ def audio_frames_per_token(cfg: DictConfig) -> int | None:
 
 # --- data, tokenizer, model ----------------------------------------------------------------------
 def prepare_data(cfg: DictConfig, generate: bool = True) -> dict:
-    """``{"train": [SourceSpec, ...], "val": [...]}`` from ``data.train`` / ``data.val``
-    (lhotse cuts, recordings + supervisions, Shar, NeMo); both empty = the generated tone corpus
-    (``generate=False``: checked only, nothing written; then both lists stay empty)."""
+    """``{"train": [SourceSpec, ...], "val": [...], "test": {name: [...]}}`` from ``data.train`` /
+    ``data.val`` / ``data.test`` (lhotse cuts, recordings + supervisions, Shar, NeMo); train and val
+    both empty = the corpus ``data.generate`` names, made here on first use (``generate=False``:
+    checked only, nothing written; then the lists stay empty)."""
     from common.data.sources import SourceError, parse_sources
 
     try:
         sources = {split: parse_sources(cfg.data.get(split), setting=f"data.{split}") for split in ("train", "val")}
+        tests = cfg.data.get("test") or {}
+        sources["test"] = {str(name): parse_sources(value, setting=f"data.test.{name}") for name, value in tests.items()}
     except SourceError as exc:
         raise ConfigError(str(exc)) from exc
     if (sources["train"] and sources["val"]) or (not generate and not (sources["train"] or sources["val"])):
@@ -190,11 +193,30 @@ def prepare_data(cfg: DictConfig, generate: bool = True) -> dict:
     if sources["train"] or sources["val"]:
         missing = "val" if sources["train"] else "train"
         raise ConfigError(f"data.{missing} is empty: set both data.train and data.val (or neither, for the "
-                          "generated tone corpus)")
+                          f"generated corpus data.generate={cfg.data.get('generate', 'tone')})")
+    made = generated_corpus(cfg)
+    sources.update({split: parse_sources([str(made[split])], setting=f"data.{split}") for split in ("train", "val")})
+    for name, split in (("unseen_sentences", "test"), ("unseen_voices", "test_voices"), ("real_recordings", "real")):
+        if split in made and name not in sources["test"]:
+            sources["test"][name] = parse_sources([str(made[split])], setting=f"data.test.{name}")
+    return sources
+
+
+def generated_corpus(cfg: DictConfig) -> dict:
+    """``{"train": manifest, "val": manifest, ...}`` of the corpus ``data.generate`` names (made if missing)."""
+    kind = cfg.data.get("generate", "tone")
+    if kind == "english":
+        from common.data.english import EnglishCorpusError, ensure_english_corpus
+
+        try:
+            made = ensure_english_corpus(cfg.data.dir, sample_rate=cfg.data.sample_rate, **cfg.data.english)
+        except EnglishCorpusError as exc:
+            raise ConfigError(str(exc)) from exc
+        return {"train": made["train"], "val": made["dev"], "test": made["test"], "test_voices": made["test_voices"],
+                **({"real": made["real"]} if "real" in made else {})}
     from common.data.corpus import ensure_tone_corpus
 
-    generated = ensure_tone_corpus(cfg.data.dir, **cfg.data.generated)
-    return {split: parse_sources([str(generated[split])], setting=f"data.{split}") for split in ("train", "val")}
+    return ensure_tone_corpus(cfg.data.dir, **cfg.data.generated)
 
 
 @dataclass

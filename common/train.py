@@ -235,12 +235,13 @@ def train(cfg: DictConfig) -> None:
         checkpoint.on_published = lambda: link_latest(run_dir)
 
     # 4. Train; the summary is written whether it completes or fails.
-    status, error, extra_val = "failed", None, {}
+    status, error, extra_val, test_scores = "failed", None, {}, {}
     data_report = {"items": datamodule.bad_items, "substituted_batches": datamodule.substituted_batches}
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         data_report = gather_data_report(datamodule)
         extra_val = evaluate_intelligibility(cfg, model, module.spec, sources) if RANK == 0 else {}
+        test_scores = evaluate_test_sets(module.spec, sources, checkpoint.latest_path) if RANK == 0 else {}
         status = "completed"
         if RANK == 0:
             link_latest(run_dir)
@@ -266,6 +267,8 @@ def train(cfg: DictConfig) -> None:
             summary["data"]["bad_item_share"] = guard.last_share
             summary["derived_settings"] = checked.derived  # what check_run resolved (config.yaml has the results)
             summary["val"].update(extra_val if status == "completed" else {})
+            if test_scores:
+                summary["test"] = test_scores  # {set: {wer, cer, utterances, hours, examples}}
             unwritten = []  # a full disk or a vanished directory: each part is tried, what failed is said
             for name, write in (("skipped_items.jsonl", lambda: write_bad_items(run_dir, data_report["items"])),
                                 ("summary.json", lambda: write_summary(run_dir, summary)),
@@ -328,6 +331,27 @@ def write_bad_items(run_dir: Path, bad_items: dict) -> None:
     if bad_items:
         with open(run_dir / "skipped_items.jsonl", "w") as f:
             f.writelines(json.dumps(item) + "\n" for item in bad_items.values())
+
+
+def evaluate_test_sets(spec, sources: dict, checkpoint_path) -> dict:
+    """Recognizers: WER and CER on every ``data.test`` set, from the run's final checkpoint (whatever
+    the layout that wrote it: rank 0 rebuilds the whole model, as ``make transcribe`` does)."""
+    if not spec.transcribes or not sources.get("test"):
+        return {}
+    if checkpoint_path is None:
+        log.warning("warning: data.test is not scored: the run saved no final checkpoint (checkpoint.at_end=false)")
+        return {}
+    from common.evaluation import recognition_scores
+    from common.inference import load_model
+
+    model, tokenizer, cfg = load_model(checkpoint_path)
+    scores = {}
+    for name, test_sources in sources["test"].items():
+        t0 = time.perf_counter()
+        scores[name] = recognition_scores(model, tokenizer, cfg, test_sources)
+        log.info("test %s: WER %.4f, CER %.4f on %d utterances (%.2f h) in %.0f s", name, scores[name]["wer"],
+                 scores[name]["cer"], scores[name]["utterances"], scores[name]["hours"], time.perf_counter() - t0)
+    return scores
 
 
 def evaluate_intelligibility(cfg: DictConfig, model, spec, sources: dict) -> dict:

@@ -54,6 +54,22 @@ class CTCASR(nn.Module):
         self.ctc.encoder = encoder
         self.ctc.ctc_head.reset_parameters()  # a 1x1 Conv1d: fan-in init, as for the encoder
         self.parallel_hooks = ParallelHooks()  # DDP replicates the model whole; no hooks needed
+        # Intermediate CTC (Lee & Watanabe, 2021): the same head also reads the output of an inner
+        # layer, and its CTC loss is mixed in. The layers below it learn to align as a shallow model
+        # does, which is what lets a deeper encoder leave CTC's all-blank start (recipes/asr_ddp/README.md).
+        inter = cfg.get("inter_ctc") or {}
+        self.inter_layer, self.inter_weight = inter.get("layer"), float(inter.get("weight", 0.0))
+        n_layers = len(encoder.layers)
+        if self.inter_layer is not None and not (isinstance(self.inter_layer, int) and 1 <= self.inter_layer < n_layers
+                                                 and 0 < self.inter_weight < 1):
+            raise ValueError(f"model.inter_ctc: layer must be an integer in [1, {n_layers - 1}] and weight in (0, 1), "
+                             f"got {dict(inter)}")
+        self._inner = None
+        if self.inter_layer is not None:
+            encoder.layers[self.inter_layer - 1].register_forward_hook(self._keep_inner)
+
+    def _keep_inner(self, module, args, output):
+        self._inner = output[0] if isinstance(output, tuple) else output
 
     def encode(self, features: torch.Tensor, feature_mask: torch.Tensor):
         out = self.ctc.encoder(input_features=features, attention_mask=feature_mask.long())
@@ -67,6 +83,12 @@ class CTCASR(nn.Module):
         # Padded (B, S) targets: CTC reads each row up to its length (no per-utterance slicing).
         loss_sum = F.ctc_loss(log_probs.transpose(0, 1), batch["target_ids"], lens, target_lens,
                               blank=self.blank_id, reduction="sum", zero_infinity=True)
+        if self.inter_layer is not None:
+            inner, self._inner = self._inner, None
+            inner_log_probs = self.ctc.ctc_head(inner).float().log_softmax(-1)
+            inner_loss = F.ctc_loss(inner_log_probs.transpose(0, 1), batch["target_ids"], lens, target_lens,
+                                    blank=self.blank_id, reduction="sum", zero_infinity=True)
+            loss_sum = (1 - self.inter_weight) * loss_sum + self.inter_weight * inner_loss
         num_tokens = batch["num_target_tokens"] if "num_target_tokens" in batch else int(target_lens.sum())
         return loss_sum, num_tokens
 

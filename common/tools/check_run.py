@@ -3,6 +3,7 @@
 Usage::
 
     python -m common.tools.check_run outputs/salm_tp_fsdp2/latest --max-wall-s 600 --max-wer 0.20
+    python -m common.tools.check_run outputs/asr_ddp/latest --max-test-wer unseen_sentences=0.15 --require-test unseen_voices
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 
 def check(run_dir: Path, max_wall_s: float | None, max_wer: float | None, min_wer_drop: float | None,
-          min_mel_loss_drop_ratio: float | None = None, max_asr_cer: float | None = None) -> list[str]:
+          min_mel_loss_drop_ratio: float | None = None, max_asr_cer: float | None = None,
+          max_test_wer: dict | None = None, require_test: tuple = ()) -> list[str]:
     path = run_dir / "summary.json"
     if not path.exists():
         return [f"{path}: no summary.json (did the run start?)"]
@@ -47,7 +49,23 @@ def check(run_dir: Path, max_wall_s: float | None, max_wer: float | None, min_we
         for key in ("synthesis_hit_frame_limit", "synthesis_too_short"):
             if val.get(key):
                 problems.append(f"val.{key}: {val[key]} of {val.get('asr_num_sentences')} sentences")
+    tests = s.get("test", {})
+    for name, limit in (max_test_wer or {}).items():
+        got = tests.get(name, {}).get("wer")
+        if got is None or got > limit:
+            problems.append(f"test.{name}.wer {got} > {limit}" if got is not None else
+                            f"no test.{name} in summary.json (data.test sets: {sorted(tests)})")
+    problems += [f"no test.{name} in summary.json (data.test sets: {sorted(tests)})"
+                 for name in require_test if name not in tests]
     return problems
+
+
+def _limit(text: str) -> tuple[str, float]:
+    name, _, value = text.partition("=")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=WER, e.g. unseen_sentences=0.15, got {text!r}") from None
 
 
 def main(argv=None) -> int:
@@ -60,10 +78,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-asr-cer", type=float,
                    help="TTS: the recognizer's CER on the synthesized held-out sentences (val.asr_cer), and every "
                         "sentence's synthesis ended on its own")
+    p.add_argument("--max-test-wer", type=_limit, action="append", default=[], metavar="NAME=WER",
+                   help="a data.test set's WER (summary.json test.NAME.wer) at most this; repeatable")
+    p.add_argument("--require-test", action="append", default=[], metavar="NAME",
+                   help="a data.test set that must have been scored (reported, no goal); repeatable")
     a = p.parse_args(argv)
-    problems = check(a.run_dir, a.max_wall_s, a.max_wer, a.min_wer_drop, a.min_mel_loss_drop_ratio, a.max_asr_cer)
+    problems = check(a.run_dir, a.max_wall_s, a.max_wer, a.min_wer_drop, a.min_mel_loss_drop_ratio, a.max_asr_cer,
+                     dict(a.max_test_wer), tuple(a.require_test))
     summary = json.loads((a.run_dir / "summary.json").read_text()) if (a.run_dir / "summary.json").exists() else {}
-    print(json.dumps({k: summary.get(k) for k in ("recipe", "status", "steps", "wall_s", "val", "val_first", "throughput")}, indent=2))
+    print(json.dumps({k: summary.get(k) for k in ("recipe", "status", "steps", "wall_s", "val", "val_first", "test", "throughput")}, indent=2))
     for problem in problems:
         print(f"FAIL {a.run_dir}: {problem}", file=sys.stderr)
     return 1 if problems else 0

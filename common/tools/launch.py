@@ -120,7 +120,9 @@ def check(recipe: str, shape: cluster.NodeLayout, overrides: list[str]):
             from common.parallel.layout import check_tensor_parallel_within_node
 
             check_tensor_parallel_within_node(layout.tensor_parallel_size, layout.devices)
-    prepare_data(cfg, generate=False)  # the sources exist and are readable (metadata only)
+    # The sources exist and are readable (metadata only); a generated corpus is made here, once, with
+    # this machine's cores and a progress line, before any rank waits for it.
+    prepare_data(cfg)
     check_relaunch(cfg, run_directory(cfg))
     check_restart_budget(run_directory(cfg), cfg.run.max_failures_at_step)
     return cfg

@@ -1,0 +1,60 @@
+"""data=english end to end on a small slice (what CI can afford): the corpus is made by the launcher,
+the recipes train a few steps on it with 2 processes, and a recognizer is scored on the unseen
+sentences, the unseen voices and the real recordings (summary.json test.<set>)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+SLICE = 16  # sentences per split
+
+
+@pytest.fixture(scope="module")
+def english_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("english_data")
+
+
+def _launch(recipe: str, run_dir, data_dir, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN_NAME": "", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    cmd = [sys.executable, "-m", "common.tools.launch", recipe, "--nproc", "2", "data=english",
+           f"data.english.max_sentences={SLICE}", f"data.dir={data_dir}", f"run.output_dir={run_dir}",
+           "logger.wandb=false", *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_asr_ddp_trains_on_english_and_is_scored_on_every_test_set(english_dir, tmp_path):
+    run_dir = tmp_path / "asr"
+    proc = _launch("asr_ddp", run_dir, english_dir, "trainer.max_steps=3", "trainer.val_check_interval=3")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "spoken English corpus:" in proc.stderr  # the launcher made it, with its progress line
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "completed" and s["steps"] == 3
+    tests = s["test"]
+    assert sorted(tests) == ["real_recordings", "unseen_sentences", "unseen_voices"]
+    assert tests["unseen_sentences"]["utterances"] == tests["unseen_voices"]["utterances"] == SLICE
+    assert tests["real_recordings"]["utterances"] == 10
+    for scores in tests.values():
+        assert 0 <= scores["cer"] and 0 <= scores["wer"] and scores["examples"]
+        assert all(e["ref"] == e["ref"].lower() and "," not in e["ref"] for e in scores["examples"])
+    # The BPE tokenizer learned real English pieces, and spells an unseen sentence back exactly.
+    from common.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(run_dir / "tokenizer")
+    ref = tests["unseen_sentences"]["examples"][0]["ref"]
+    assert tok.decode(tok.encode(ref)) == ref and tok.unk_id not in tok.encode(ref)
+    config = (run_dir / "config.yaml").read_text()
+    assert "generate: english" in config and "max_sentences: 16" in config
+
+
+def test_tts_ddp_trains_on_english(english_dir, tmp_path):
+    run_dir = tmp_path / "tts"
+    proc = _launch("tts_ddp", run_dir, english_dir, "trainer.max_steps=2", "trainer.val_check_interval=2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "completed" and s["steps"] == 2 and "test" not in s  # a TTS model is not a recognizer
+    assert s["val"]["mel_loss"] < s["val_first"]["mel_loss"]
