@@ -34,20 +34,27 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def recognition_scores(model, tokenizer, cfg, sources: list, batch_s: float = 120.0, num_examples: int = 3) -> dict:
-    """WER and CER of a recognizer (a model whose spec transcribes) on every utterance of ``sources``."""
+def recognition_scores(model, tokenizer, cfg, sources: list, batch_s: float = 120.0, num_examples: int = 3,
+                       lm=None) -> dict:
+    """WER and CER of a recognizer (a model whose spec transcribes) on every utterance of ``sources``:
+    greedy decoding, and with ``lm`` (a :class:`common.models.ctc_lm.WordLM`, CTC models only) also
+    CTC beam search with that word LM (``wer_lm``, ``cer_lm``)."""
     from torchmetrics.functional.text import char_error_rate, word_error_rate
 
     from common.data.audio import load_mono
     from common.data.features import BatchFeatures
     from common.data.sources import open_sources
     from common.data.text import normalize_text
+    from common.models import spec_of
 
     device = next(model.parameters()).device
     features = BatchFeatures(cfg.data.num_mel_bins, cfg.data.sample_rate,
                              normalize=cfg.data.get("feature_normalization", "utterance") == "utterance")
     cuts = sorted(open_sources(sources, seed=0, mix=False), key=lambda c: c.duration)
-    refs, hyps, seconds, batch = [], [], 0.0, []
+    refs, hyps, lm_hyps, seconds, batch = [], [], [], 0.0, []
+    ctc = spec_of(cfg).ctc_log_probs if lm is not None else None
+    if lm is not None and ctc is None:
+        raise ConfigError(f"a word LM decodes CTC models only; {cfg.model.name!r} is not one")
 
     def flush():
         waves = [torch.as_tensor(load_mono(c, cfg.data.sample_rate)) for c in batch]
@@ -58,6 +65,13 @@ def recognition_scores(model, tokenizer, cfg, sources: list, batch_s: float = 12
         for cut, ids in zip(batch, model.generate(feats, mask)):
             refs.append(normalize_text(" ".join(s.text for s in cut.supervisions)))
             hyps.append(normalize_text(tokenizer.decode(ids)))
+        if ctc is not None:
+            from common.models.ctc_lm import beam_search
+
+            log_probs, lengths = ctc(model, feats, mask)
+            pieces, skip = tokenizer.pieces(), frozenset({tokenizer.unk_id})
+            lm_hyps.extend(normalize_text(beam_search(lp[:n].cpu(), pieces, lm, tokenizer.blank_id, skip=skip))
+                           for lp, n in zip(log_probs, lengths.tolist()))
         batch.clear()
 
     for cut in cuts:
@@ -69,9 +83,14 @@ def recognition_scores(model, tokenizer, cfg, sources: list, batch_s: float = 12
         flush()
     if not refs:
         raise ConfigError(f"test set {[s.name for s in sources]} has no utterance")
-    return {"wer": round(float(word_error_rate(hyps, refs)), 4), "cer": round(float(char_error_rate(hyps, refs)), 4),
-            "utterances": len(refs), "hours": round(seconds / 3600, 3),
-            "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:num_examples]]}
+    out = {"wer": round(float(word_error_rate(hyps, refs)), 4), "cer": round(float(char_error_rate(hyps, refs)), 4)}
+    if lm_hyps:
+        out.update(wer_lm=round(float(word_error_rate(lm_hyps, refs)), 4),
+                   cer_lm=round(float(char_error_rate(lm_hyps, refs)), 4))
+    out.update(utterances=len(refs), hours=round(seconds / 3600, 3),
+               examples=[{"ref": r, "hyp": h, **({"hyp_lm": lm_hyps[i]} if lm_hyps else {})}
+                         for i, (r, h) in enumerate(list(zip(refs, hyps))[:num_examples])])
+    return out
 
 
 @torch.no_grad()

@@ -138,6 +138,7 @@ SETTINGS = (
     _num("checkpoint.preemption_grace_s", 0, lo_open=True),
     Setting("checkpoint.at_end", "bool", nullable=True),
     Setting("checkpoint.async_save", "choice", choices=("auto", "true", "false")),
+    Setting("eval.word_lm", "bool", nullable=True),
 )
 
 

@@ -241,7 +241,7 @@ def train(cfg: DictConfig) -> None:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         data_report = gather_data_report(datamodule)
         extra_val = evaluate_intelligibility(cfg, model, module.spec, sources) if RANK == 0 else {}
-        test_scores = evaluate_test_sets(module.spec, sources, checkpoint.latest_path) if RANK == 0 else {}
+        test_scores = evaluate_test_sets(cfg, module.spec, sources, checkpoint.latest_path, run_dir) if RANK == 0 else {}
         status = "completed"
         if RANK == 0:
             link_latest(run_dir)
@@ -333,9 +333,11 @@ def write_bad_items(run_dir: Path, bad_items: dict) -> None:
             f.writelines(json.dumps(item) + "\n" for item in bad_items.values())
 
 
-def evaluate_test_sets(spec, sources: dict, checkpoint_path) -> dict:
+def evaluate_test_sets(cfg: DictConfig, spec, sources: dict, checkpoint_path, run_dir: Path) -> dict:
     """Recognizers: WER and CER on every ``data.test`` set, from the run's final checkpoint (whatever
-    the layout that wrote it: rank 0 rebuilds the whole model, as ``make transcribe`` does)."""
+    the layout that wrote it: rank 0 rebuilds the whole model, as ``make transcribe`` does). CTC
+    models with ``eval.word_lm`` are also decoded with a word LM of the training text (``wer_lm``;
+    the LM is kept as ``<run>/word_lm.json``)."""
     if not spec.transcribes or not sources.get("test"):
         return {}
     if checkpoint_path is None:
@@ -344,13 +346,23 @@ def evaluate_test_sets(spec, sources: dict, checkpoint_path) -> dict:
     from common.evaluation import recognition_scores
     from common.inference import load_model
 
+    lm = None
+    if OmegaConf.select(cfg, "eval.word_lm") and spec.ctc_log_probs is not None:
+        from common.data.sources import iter_texts
+        from common.models.ctc_lm import WordLM
+
+        lm = WordLM.build(iter_texts(sources["train"]))
+        (run_dir / "word_lm.json").write_text(lm.to_json())
     model, tokenizer, cfg = load_model(checkpoint_path)
+    if torch.cuda.is_available():  # this rank's GPU (the process group is idle meanwhile: every rank has trained)
+        model = model.to(torch.device("cuda", torch.cuda.current_device()))
     scores = {}
     for name, test_sources in sources["test"].items():
         t0 = time.perf_counter()
-        scores[name] = recognition_scores(model, tokenizer, cfg, test_sources)
-        log.info("test %s: WER %.4f, CER %.4f on %d utterances (%.2f h) in %.0f s", name, scores[name]["wer"],
-                 scores[name]["cer"], scores[name]["utterances"], scores[name]["hours"], time.perf_counter() - t0)
+        scores[name] = got = recognition_scores(model, tokenizer, cfg, test_sources, lm=lm)
+        with_lm = f" (with the word LM: WER {got['wer_lm']:.4f}, CER {got['cer_lm']:.4f})" if "wer_lm" in got else ""
+        log.info("test %s: WER %.4f, CER %.4f%s on %d utterances (%.2f h) in %.0f s", name, got["wer"], got["cer"],
+                 with_lm, got["utterances"], got["hours"], time.perf_counter() - t0)
     return scores
 
 

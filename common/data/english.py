@@ -33,6 +33,7 @@ from __future__ import annotations
 import ast
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
@@ -56,7 +57,8 @@ log = logging.getLogger(__name__)
 
 ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029",
            "en-us-nyc")
-# Variants that do not speak (or whisper): no use as a voice for a recognizer.
+# Variants that are effects rather than voices (a distorted or robotic timbre); whispering variants
+# are left out too (voice_variants): no voicing, nothing a recognizer of read speech meets.
 _NOT_VOICES = {"Demonic", "UniRobot", "anikaRobot"}
 LICENSES_DIR = Path("/usr/share/common-licenses")
 SPLITS = ("train", "dev", "test", "test_voices")
@@ -234,8 +236,6 @@ def speak(text: str, voice: str, rate_wpm: int, pitch: int, sample_rate: int) ->
                           capture_output=True, check=False)
     if proc.returncode != 0 or len(proc.stdout) < 100:
         raise EnglishCorpusError(f"espeak-ng -v {voice} failed on {text!r}: {proc.stderr.decode()[-300:]}")
-    import io
-
     audio, sr = sf.read(io.BytesIO(proc.stdout), dtype="float32")
     if sr != sample_rate:
         g = np.gcd(sr, sample_rate)
@@ -321,7 +321,7 @@ def _make(root: Path, spec: EnglishCorpusSpec, sentences, workers: int) -> None:
     items = plan(spec, sentences)
     if not all(any(i.split == s for i in items) for s in SPLITS):
         raise EnglishCorpusError(f"too little English text on this machine: {len(sentences)} sentences gave no "
-                                 f"utterance for some split (sources: {', '.join(source_texts())})")
+                                 f"utterance for some split (sources: {', '.join(sorted({s[2] for s in sentences}))})")
     audio_dir = root / "audio"
     for split in ("train", "dev", "test", "test_voices"):
         (audio_dir / split).mkdir(parents=True, exist_ok=True)
@@ -351,7 +351,7 @@ def _make(root: Path, spec: EnglishCorpusSpec, sentences, workers: int) -> None:
     (root / "spec.json").write_text(json.dumps({
         "spec": asdict(spec), "espeak_ng": espeak_version(), "hours": hours,
         "utterances": {s: len(v) for s, v in rows.items()},
-        "sentences_by_source": {src: sum(1 for s in sentences if s[2] == src) for src in source_texts()},
+        "sentences_by_source": {src: sum(1 for s in sentences if s[2] == src) for src in dict.fromkeys(s[2] for s in sentences)},
         "voices": {"accents": list(ACCENTS), "seen_variants": voices["seen"], "unseen_variants": voices["unseen"]},
     }, indent=2))
     log.info("spoken English corpus: %s hours (train %.2f h)", hours, hours["train"])
@@ -401,7 +401,8 @@ class _Progress:
         self.done += 1
         self.audio_s += audio_s
         now = time.monotonic()
-        if now - self.last < (1.0 if self.tty else 30.0) and self.done < self.total:
+        early = self.done < max(2, self.total // 100)  # too few done for an estimate of the rest
+        if (early or now - self.last < (1.0 if self.tty else 30.0)) and self.done < self.total:
             return
         self.last = now
         elapsed = now - self.t0

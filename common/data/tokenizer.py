@@ -126,6 +126,10 @@ class BPETokenizer(_SavedAsJson):
     def normalize(self, text: str) -> str:
         return self.tok.normalizer.normalize_str(text) if self.tok.normalizer else text
 
+    def pieces(self) -> list[str]:
+        """Every id's piece (``▁`` marks a word start): what a CTC beam search spells with."""
+        return [self.tok.id_to_token(i) for i in range(self.vocab_size)]
+
     def to_json(self) -> str:
         return self.tok.to_str()
 

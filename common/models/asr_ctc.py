@@ -116,5 +116,6 @@ def ctc_activation_values(cfg, model: CTCASR, batch) -> float:
 SPEC = register(ModelSpec(
     name="asr_ctc", build=lambda cfg, tokenizer: CTCASR(cfg.model, tokenizer), tokenizer=bpe_tokenizer,
     flops=ctc_flops, activation_values=ctc_activation_values, transcribes=True,
+    ctc_log_probs=lambda model, features, mask: model.encode(features, mask),
     speech_encoder=lambda model: model.ctc.encoder, legacy_settings={"model.encoder_conv_norm": "auto"},
 ))

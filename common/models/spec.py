@@ -70,6 +70,8 @@ class ModelSpec:
     loss_normalizer: str = "global_num_target_tokens"  # the batch figure the loop divides loss sums by
     validation_metrics: tuple[str, ...] = ()  # per-value means the model reports beside the loss (model.last_sums)
     transcribes: bool = False   # model.generate(features, mask) -> token ids: WER in validation, make transcribe
+    ctc_log_probs: Callable | None = None  # (model, features, mask) -> (log_probs (B, T, V), lengths): CTC models,
+                                           # decoded with a word LM too (common.models.ctc_lm)
     synthesizes: bool = False   # model.synthesize(texts) -> mels: make synthesize, intelligibility
     llm: Callable | None = None  # model -> its causal-LM backbone (tensor parallel checks, vocabulary)
     merge_lora: Callable | None = None  # model -> None: LoRA adapters merged into the backbone's weights (export)

@@ -3,7 +3,7 @@
 Usage::
 
     python -m common.tools.check_run outputs/salm_tp_fsdp2/latest --max-wall-s 600 --max-wer 0.20
-    python -m common.tools.check_run outputs/asr_ddp/latest --max-test-wer unseen_sentences=0.15 --require-test unseen_voices
+    python -m common.tools.check_run outputs/asr_ddp/latest --max-test-wer unseen_sentences.wer_lm=0.15 --require-test unseen_voices
 """
 
 from __future__ import annotations
@@ -51,10 +51,11 @@ def check(run_dir: Path, max_wall_s: float | None, max_wer: float | None, min_we
                 problems.append(f"val.{key}: {val[key]} of {val.get('asr_num_sentences')} sentences")
     tests = s.get("test", {})
     for name, limit in (max_test_wer or {}).items():
-        got = tests.get(name, {}).get("wer")
+        name, _, key = name.partition(".")  # unseen_sentences or unseen_sentences.wer_lm
+        got = tests.get(name, {}).get(key or "wer")
         if got is None or got > limit:
-            problems.append(f"test.{name}.wer {got} > {limit}" if got is not None else
-                            f"no test.{name} in summary.json (data.test sets: {sorted(tests)})")
+            problems.append(f"test.{name}.{key or 'wer'} {got} > {limit}" if got is not None else
+                            f"no test.{name}.{key or 'wer'} in summary.json (data.test sets: {sorted(tests)})")
     problems += [f"no test.{name} in summary.json (data.test sets: {sorted(tests)})"
                  for name in require_test if name not in tests]
     return problems
@@ -65,7 +66,8 @@ def _limit(text: str) -> tuple[str, float]:
     try:
         return name, float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=WER, e.g. unseen_sentences=0.15, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected NAME[.KEY]=WER, e.g. unseen_sentences=0.15 or "
+                                         f"unseen_sentences.wer_lm=0.15, got {text!r}") from None
 
 
 def main(argv=None) -> int:
@@ -78,8 +80,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-asr-cer", type=float,
                    help="TTS: the recognizer's CER on the synthesized held-out sentences (val.asr_cer), and every "
                         "sentence's synthesis ended on its own")
-    p.add_argument("--max-test-wer", type=_limit, action="append", default=[], metavar="NAME=WER",
-                   help="a data.test set's WER (summary.json test.NAME.wer) at most this; repeatable")
+    p.add_argument("--max-test-wer", type=_limit, action="append", default=[], metavar="NAME[.KEY]=WER",
+                   help="a data.test set's WER (summary.json test.NAME.KEY, KEY wer by default; wer_lm: with the "
+                        "word LM) at most this; repeatable")
     p.add_argument("--require-test", action="append", default=[], metavar="NAME",
                    help="a data.test set that must have been scored (reported, no goal); repeatable")
     a = p.parse_args(argv)

@@ -40,6 +40,7 @@ def test_asr_ddp_trains_on_english_and_is_scored_on_every_test_set(english_dir, 
     assert tests["real_recordings"]["utterances"] == 10
     for scores in tests.values():
         assert 0 <= scores["cer"] and 0 <= scores["wer"] and scores["examples"]
+        assert 0 <= scores["wer_lm"] and 0 <= scores["cer_lm"]  # eval.word_lm: also decoded with the word LM
         assert all(e["ref"] == e["ref"].lower() and "," not in e["ref"] for e in scores["examples"])
     # The BPE tokenizer learned real English pieces, and spells an unseen sentence back exactly.
     from common.data.tokenizer import load_tokenizer
@@ -47,6 +48,10 @@ def test_asr_ddp_trains_on_english_and_is_scored_on_every_test_set(english_dir, 
     tok = load_tokenizer(run_dir / "tokenizer")
     ref = tests["unseen_sentences"]["examples"][0]["ref"]
     assert tok.decode(tok.encode(ref)) == ref and tok.unk_id not in tok.encode(ref)
+    from common.models.ctc_lm import WordLM
+
+    lm = WordLM.from_json((run_dir / "word_lm.json").read_text())  # the LM of the training text, kept
+    assert {w for e in tests["unseen_sentences"]["examples"] for w in e["hyp_lm"].split()} <= lm.words
     config = (run_dir / "config.yaml").read_text()
     assert "generate: english" in config and "max_sentences: 16" in config
 

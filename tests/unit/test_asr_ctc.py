@@ -91,3 +91,29 @@ def test_config_scales_to_the_100m_class():
         model = CTCASR(cfg.model, tok)
     n = sum(p.numel() for p in model.parameters())
     assert 90e6 < n < 130e6, n
+
+
+def test_intermediate_ctc_mixes_the_inner_layers_loss(setup):
+    from omegaconf import OmegaConf
+
+    _, tok, batch = setup
+    cfg = recipe_config("asr_ddp").model
+    torch.manual_seed(0)
+    plain = CTCASR(cfg, tok).eval()
+    mixed_cfg = OmegaConf.merge(cfg, {"inter_ctc": {"layer": 1, "weight": 0.3}})
+    torch.manual_seed(0)
+    mixed = CTCASR(mixed_cfg, tok).eval()
+    with torch.no_grad():
+        final, _ = plain(batch)
+        # The inner loss by hand: layer 1's output through the same head.
+        out = plain.ctc.encoder(input_features=batch["input_features"], attention_mask=batch["feature_mask"].long(),
+                                output_hidden_states=True)
+        inner = plain.ctc.ctc_head(out.hidden_states[1]).float().log_softmax(-1)
+        inner_loss = torch.nn.functional.ctc_loss(inner.transpose(0, 1), batch["target_ids"], out.attention_mask.sum(-1),
+                                                  batch["target_lens"], blank=0, reduction="sum", zero_infinity=True)
+        got, _ = mixed(batch)
+        assert torch.allclose(got, 0.7 * final + 0.3 * inner_loss, rtol=1e-5)
+        assert mixed.generate(batch["input_features"], batch["feature_mask"]) == \
+            plain.generate(batch["input_features"], batch["feature_mask"])  # decoding reads the last layer only
+    with pytest.raises(ValueError, match="model.inter_ctc: layer must be an integer in \\[1, 1\\]"):
+        CTCASR(OmegaConf.merge(cfg, {"inter_ctc": {"layer": 2, "weight": 0.3}}), tok)

@@ -57,17 +57,21 @@ def test_only_sentences_a_reader_says_as_written_are_kept():
                                               "You can't undo that change easily."]
 
 
-def test_this_machine_has_enough_text_and_no_sentence_twice():
-    sentences = english.english_sentences()
+@pytest.fixture(scope="module")
+def sentences():
+    return english.english_sentences()  # ~10 s: Python's standard library is parsed for its docstrings
+
+
+def test_this_machine_has_enough_text_and_no_sentence_twice(sentences):
     keys = [s[0] for s in sentences]
     assert len(keys) == len(set(keys)) and len(keys) >= 5000
     assert all(k == normalize_text(k) for k in keys)
     assert {s[2] for s in sentences} >= {"python_reference", "python_docstrings"}
 
 
-def test_dev_and_test_sentences_never_occur_in_training_and_test_voices_are_new(tmp_path):
+def test_dev_and_test_sentences_never_occur_in_training_and_test_voices_are_new(sentences):
     spec = EnglishCorpusSpec()
-    items = plan(spec, english.cached_sentences(tmp_path))
+    items = plan(spec, sentences)
     by_split = {s: [i for i in items if i.split == s] for s in english.SPLITS}
     train = {i.text for i in by_split["train"]}
     assert train and not train & {i.text for i in by_split["dev"]} and not train & {i.text for i in by_split["test"]}
@@ -77,10 +81,12 @@ def test_dev_and_test_sentences_never_occur_in_training_and_test_voices_are_new(
     assert heard and not heard & {variant(i) for i in by_split["test_voices"]}
     assert {i.voice.split("+")[0] for i in by_split["train"]} == set(english.ACCENTS)
     assert len(heard) >= 40  # many voices, not a handful
-    assert plan(spec, english.cached_sentences(tmp_path)) == items  # seeded: the same plan again
+    assert plan(spec, sentences) == items  # seeded: the same plan again
 
 
-def test_a_small_slice_is_made_for_real_and_reused(tmp_path):
+def test_a_small_slice_is_made_for_real_and_reused(tmp_path, sentences):
+    (tmp_path / "english_corpus").mkdir()
+    (tmp_path / "english_corpus" / f"sentences-{english.texts_fingerprint()}.json").write_text(json.dumps(sentences))
     made = ensure_english_corpus(tmp_path, max_sentences=4)
     root = made["train"].parent
     info = json.loads((root / "spec.json").read_text())
