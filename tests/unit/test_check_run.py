@@ -48,3 +48,14 @@ def test_tts_intelligibility_goal_fails_above_the_cer_or_when_synthesis_did_not_
     # No recognizer, no measurement: a failure that says what to do, never a pass.
     assert main([str(_summary(tmp_path, val={"mel_loss": 0.5})), "--max-asr-cer", "0.10"]) == 1
     assert "make quality RECIPE=asr_ddp" in capsys.readouterr().err
+
+
+def test_test_set_goals_name_the_set_and_the_decoding(tmp_path, capsys):
+    tests = {"unseen_sentences": {"wer": 0.4, "wer_lm": 0.12}, "unseen_voices": {"wer": 0.5}}
+    run = _summary(tmp_path, test=tests)
+    assert main([str(run), "--max-test-wer", "unseen_sentences.wer_lm=0.15", "--require-test", "unseen_voices"]) == 0
+    assert main([str(run), "--max-test-wer", "unseen_sentences=0.15"]) == 1
+    assert "test.unseen_sentences.wer 0.4 > 0.15" in capsys.readouterr().err
+    assert main([str(run), "--require-test", "real_recordings"]) == 1
+    assert "no test.real_recordings in summary.json (data.test sets: ['unseen_sentences', 'unseen_voices'])" in \
+        capsys.readouterr().err
