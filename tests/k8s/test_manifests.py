@@ -145,7 +145,7 @@ def test_object_store_data_takes_credentials_only_from_a_secret(nodes, crd_schem
     (["--recipe", "asr_ddp", "--elastic", "--min-nodes", "5"], "MIN_NODES=5"),
     (["--recipe", "asr_ddp", "--model", "canary_qwen_2p5b"], "MODEL 'canary_qwen_2p5b' is not a model preset of "
                                                             "RECIPE=asr_ddp (its presets: ctc_tiny, fastconformer"),
-    (["--recipe", "tts_ddp", "--data", "libri"], "DATA 'libri' is not a data preset (known: generated, librispeech"),
+    (["--recipe", "tts_ddp", "--data", "libri"], "DATA 'libri' is not a data preset (known: english, generated, librispeech"),
 ])
 def test_render_errors_name_the_bad_value(args, message, capsys):
     assert render.main(args) == 2
