@@ -12,7 +12,7 @@ Splits are by sentence, from a hash of its normalized text (stable when a source
 ``dev`` (validation) and ``test`` sentences never occur in ``train``. Speech is espeak-ng
 (Debian package ``espeak-ng``): every utterance gets a random voice (an English accent: en-us,
 en-gb, Scotland, Received Pronunciation, Lancaster, West Midlands, Caribbean, New York City; times
-a voice variant: ~80 male, female and character voices), speaking rate and pitch, is resampled to
+a voice variant: 98 male, female and character voices), speaking rate and pitch, is resampled to
 16 kHz and gets faint noise. The variants are split once, seeded: ``train``, ``dev`` and ``test``
 are spoken by training variants; ``test_voices`` (the ``test`` sentences again) only by variants
 no other split uses.
