@@ -55,6 +55,10 @@ def recognition_scores(model, tokenizer, cfg, sources: list, batch_s: float = 12
     ctc = spec_of(cfg).ctc_log_probs if lm is not None else None
     if lm is not None and ctc is None:
         raise ConfigError(f"a word LM decodes CTC models only; {cfg.model.name!r} is not one")
+    if ctc is not None:
+        from common.models.ctc_lm import beam_search
+
+        pieces, skip = tokenizer.pieces(), frozenset({tokenizer.unk_id})
 
     def flush():
         waves = [torch.as_tensor(load_mono(c, cfg.data.sample_rate)) for c in batch]
@@ -66,10 +70,7 @@ def recognition_scores(model, tokenizer, cfg, sources: list, batch_s: float = 12
             refs.append(normalize_text(" ".join(s.text for s in cut.supervisions)))
             hyps.append(normalize_text(tokenizer.decode(ids)))
         if ctc is not None:
-            from common.models.ctc_lm import beam_search
-
             log_probs, lengths = ctc(model, feats, mask)
-            pieces, skip = tokenizer.pieces(), frozenset({tokenizer.unk_id})
             lm_hyps.extend(normalize_text(beam_search(lp[:n].cpu(), pieces, lm, tokenizer.blank_id, skip=skip))
                            for lp, n in zip(log_probs, lengths.tolist()))
         batch.clear()

@@ -185,11 +185,16 @@ def cached_sentences(directory: Path) -> list[tuple[str, str, str]]:
     if path.exists():
         return [tuple(s) for s in json.loads(path.read_text())]
     sentences = english_sentences()
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(sentences))
-    tmp.replace(path)
+    _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(sentences)))
     return sentences
+
+
+def _write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` beside ``path``, then renamed: another process never reads a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{os.getpid()}.{path.name}")
+    write(tmp)
+    tmp.replace(path)
 
 
 def split_of(normalized: str, spec: EnglishCorpusSpec) -> str:
@@ -258,14 +263,15 @@ class _Item:
     gain: float
 
 
-def plan(spec: EnglishCorpusSpec, sentences: list[tuple[str, str, str]]) -> list[_Item]:
-    """Every utterance of the corpus: its sentence, split and voice (deterministic for a spec)."""
+def plan(spec: EnglishCorpusSpec, sentences: list[tuple[str, str, str]], voices: dict | None = None) -> list[_Item]:
+    """Every utterance of the corpus: its sentence, split and voice (deterministic for a spec;
+    ``voices``: :func:`split_voices`, computed here if not given)."""
     by_split: dict[str, list] = {"train": [], "dev": [], "test": []}
     for s in sentences:
         by_split[split_of(s[0], spec)].append(s)
     if spec.max_sentences:
         by_split = {k: v[: spec.max_sentences] for k, v in by_split.items()}
-    voices = split_voices(spec)
+    voices = voices or split_voices(spec)
     items = []
     for split, readings in (("train", spec.readings), ("dev", 1), ("test", 1), ("test_voices", 1)):
         rng = np.random.default_rng([spec.seed, SPLITS.index(split)])
@@ -318,7 +324,8 @@ def _make(root: Path, spec: EnglishCorpusSpec, sentences, workers: int) -> None:
     from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
     from lhotse.audio import AudioSource
 
-    items = plan(spec, sentences)
+    voices = split_voices(spec)
+    items = plan(spec, sentences, voices)
     if not all(any(i.split == s for i in items) for s in SPLITS):
         raise EnglishCorpusError(f"too little English text on this machine: {len(sentences)} sentences gave no "
                                  f"utterance for some split (sources: {', '.join(sorted({s[2] for s in sentences}))})")
@@ -347,7 +354,6 @@ def _make(root: Path, spec: EnglishCorpusSpec, sentences, workers: int) -> None:
         CutSet.from_manifests(recordings=RecordingSet.from_recordings(recordings),
                               supervisions=SupervisionSet.from_segments(supervisions)).to_file(root / f"{split}_cuts.jsonl.gz")
         hours[split] = round(sum(n for _, _, n in entries) / spec.sample_rate / 3600, 3)
-    voices = split_voices(spec)
     (root / "spec.json").write_text(json.dumps({
         "spec": asdict(spec), "espeak_ng": espeak_version(), "hours": hours,
         "utterances": {s: len(v) for s, v in rows.items()},
@@ -382,10 +388,7 @@ def real_recordings_manifest(directory: Path) -> Path | None:
             cuts.append(cut)
     if not cuts:
         return None
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".real_recordings_cuts.{os.getpid()}.jsonl.gz"
-    CutSet.from_cuts(cuts).to_file(tmp)
-    tmp.replace(out)
+    _write_atomically(out, CutSet.from_cuts(cuts).to_file)
     return out
 
 

@@ -64,29 +64,28 @@ class CTCASR(nn.Module):
                                                  and 0 < self.inter_weight < 1):
             raise ValueError(f"model.inter_ctc: layer must be an integer in [1, {n_layers - 1}] and weight in (0, 1), "
                              f"got {dict(inter)}")
-        self._inner = None
-        if self.inter_layer is not None:
-            encoder.layers[self.inter_layer - 1].register_forward_hook(self._keep_inner)
 
-    def _keep_inner(self, module, args, output):
-        self._inner = output[0] if isinstance(output, tuple) else output
-
-    def encode(self, features: torch.Tensor, feature_mask: torch.Tensor):
-        out = self.ctc.encoder(input_features=features, attention_mask=feature_mask.long())
+    def encode(self, features: torch.Tensor, feature_mask: torch.Tensor, inner: bool = False):
+        """(log-probs (B, T, V), lengths); with ``inner``, also the intermediate-CTC layer's log-probs."""
+        out = self.ctc.encoder(input_features=features, attention_mask=feature_mask.long(),
+                               output_hidden_states=inner)
         log_probs = self.ctc.ctc_head(out.last_hidden_state).float().log_softmax(-1)
-        return log_probs, out.attention_mask.sum(-1)
+        lens = out.attention_mask.sum(-1)
+        if not inner:
+            return log_probs, lens
+        # hidden_states[k]: the output of block k (0 is the subsampled input)
+        return log_probs, lens, self.ctc.ctc_head(out.hidden_states[self.inter_layer]).float().log_softmax(-1)
 
     def forward(self, batch) -> tuple[torch.Tensor, int]:
         """Summed CTC loss over this batch's utterances, and the number of target tokens."""
-        log_probs, lens = self.encode(batch["input_features"], batch["feature_mask"])
+        inner = self.inter_layer is not None
+        log_probs, lens, *inner_log_probs = self.encode(batch["input_features"], batch["feature_mask"], inner=inner)
         target_lens = batch["target_lens"]
         # Padded (B, S) targets: CTC reads each row up to its length (no per-utterance slicing).
         loss_sum = F.ctc_loss(log_probs.transpose(0, 1), batch["target_ids"], lens, target_lens,
                               blank=self.blank_id, reduction="sum", zero_infinity=True)
-        if self.inter_layer is not None:
-            inner, self._inner = self._inner, None
-            inner_log_probs = self.ctc.ctc_head(inner).float().log_softmax(-1)
-            inner_loss = F.ctc_loss(inner_log_probs.transpose(0, 1), batch["target_ids"], lens, target_lens,
+        if inner:
+            inner_loss = F.ctc_loss(inner_log_probs[0].transpose(0, 1), batch["target_ids"], lens, target_lens,
                                     blank=self.blank_id, reduction="sum", zero_infinity=True)
             loss_sum = (1 - self.inter_weight) * loss_sum + self.inter_weight * inner_loss
         num_tokens = batch["num_target_tokens"] if "num_target_tokens" in batch else int(target_lens.sum())
