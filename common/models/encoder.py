@@ -4,13 +4,19 @@ Usage::
 
     encoder = build_encoder(cfg.model)   # random init from cfg.model.encoder, or
                                          # cfg.model.pretrained_encoder: a Hugging Face Parakeet
-                                         # directory or hub id, or a NeMo .nemo checkpoint
+                                         # directory or hub id, a NeMo .nemo checkpoint, or a
+                                         # model this project exported (make export) of a recognizer
     out = encoder(input_features=feats, attention_mask=mask.long())
 
 A ``.nemo`` file (what canary-1b-flash and the parakeet/FastConformer models ship as: a tar of
 ``model_config.yaml`` and ``model_weights.ckpt``) is converted in memory: NeMo's encoder settings
 and weight names are mapped to transformers' ``ParakeetEncoder`` the way transformers' own
 NeMo-to-HF converter maps them; the decoder, joint and preprocessor weights are left out.
+
+A directory written by ``make export`` of an ``asr_ctc`` or ``salm`` model (``config.json`` +
+``model.safetensors``) gives its encoder with the convolution norm it was trained with, and its CTC
+head (:func:`exported_ctc_head`): how a SALM starts from an ``asr_ddp`` run, as NeMo's SALM
+starts from a trained FastConformer.
 """
 
 from __future__ import annotations
@@ -122,16 +128,100 @@ def load_nemo_encoder(path) -> nn.Module:
     return encoder
 
 
+# Where an exported model of each kind keeps its encoder and CTC head (common.tools.export names).
+EXPORTED_ENCODER = {"asr_ctc": ("ctc.encoder.", "ctc.ctc_head."), "salm": ("encoder.", "ctc_head.")}
+EXPORT_FORMAT = "speech-recipes-export/1"  # common.inference.FORMAT (the layer above this one)
+
+
+def exported_model_config(path) -> dict | None:
+    """The ``config.json`` of a directory written by ``make export``, or None for any other path."""
+    import json
+
+    path = Path(path)
+    if not ((path / "config.json").is_file() and (path / "model.safetensors").is_file()):
+        return None
+    config = json.loads((path / "config.json").read_text())
+    if config.get("format") != EXPORT_FORMAT:
+        return None  # e.g. a Hugging Face Parakeet directory
+    if config.get("model_type") not in EXPORTED_ENCODER:
+        raise ValueError(f"model.pretrained_encoder {path}: an exported {config.get('model_type')!r} model has no "
+                         f"speech encoder to start from (exports of {', '.join(EXPORTED_ENCODER)} do)")
+    return config
+
+
+def _exported_weights(path, prefix: str) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:  # only these tensors are read
+        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+def _exported_conv_norm(config: dict) -> str:
+    norm = config["model"].get("encoder_conv_norm", "auto")
+    return "layer_norm" if norm == "auto" else norm  # export writes batch_norm where it kept a pretrained one
+
+
+def load_exported_encoder(path, config: dict) -> nn.Module:
+    from transformers import ParakeetEncoder, ParakeetEncoderConfig
+
+    encoder = ParakeetEncoder(ParakeetEncoderConfig(**config["model"]["encoder"]))
+    if _exported_conv_norm(config) == "layer_norm":
+        for block in encoder.layers:
+            block.conv.norm = ChannelLayerNorm(block.conv.norm.num_features)
+    state = _exported_weights(path, EXPORTED_ENCODER[config["model_type"]][0])
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("encode_positions.")]  # computed, not learned
+    if missing or unexpected:
+        raise ValueError(f"model.pretrained_encoder {path}: its encoder weights do not match its config.json: "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return encoder
+
+
+def exported_ctc_head(path) -> tuple[nn.Linear, int] | None:
+    """(the CTC head of an exported recognizer as a Linear layer, its blank id), or None where
+    ``path`` is no export or the exported model has no CTC head. Its vocabulary is the exported
+    model's tokenizer, not the one the new model trains with."""
+    config = exported_model_config(path)
+    if config is None:
+        return None
+    state = _exported_weights(path, EXPORTED_ENCODER[config["model_type"]][1])
+    if "weight" not in state:
+        return None
+    weight = state["weight"].reshape(state["weight"].shape[0], -1)  # asr_ctc's head is a 1x1 Conv1d
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in state)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        if "bias" in state:
+            head.bias.copy_(state["bias"])
+    return head, 0  # both asr_ctc (BPETokenizer) and the SALM's CTC head use id 0 (pad) as the blank
+
+
+def check_exported_features(path, config: dict, data_cfg) -> None:
+    """The new run must turn audio into features as the exported encoder was trained to read them."""
+    theirs = config.get("data") or {}
+    differ = {k: (v, data_cfg.get(k)) for k, v in theirs.items() if data_cfg.get(k) is not None and data_cfg.get(k) != v}
+    if differ:
+        raise ValueError(f"model.pretrained_encoder {path} was trained on other features than this run makes: "
+                         + ", ".join(f"data.{k} {ours!r} here, {v!r} there" for k, (v, ours) in differ.items())
+                         + "; set them as the export has them")
+
+
 def build_encoder(cfg) -> nn.Module:
     from omegaconf import OmegaConf
     from transformers import ParakeetEncoder, ParakeetEncoderConfig
 
     pretrained = cfg.get("pretrained_encoder")
+    exported = exported_model_config(pretrained) if pretrained else None
     conv_norm = cfg.encoder_conv_norm
     if conv_norm == "auto":  # keep a pretrained encoder's BatchNorm (its statistics are weights too)
-        conv_norm = "batch_norm" if pretrained else "layer_norm"
+        conv_norm = _exported_conv_norm(exported) if exported else "batch_norm" if pretrained else "layer_norm"
     if conv_norm not in ("layer_norm", "batch_norm"):
         raise ValueError(f"model.encoder_conv_norm must be auto, layer_norm or batch_norm, got {conv_norm!r}")
+    if exported and conv_norm != _exported_conv_norm(exported):
+        raise ValueError(f"model.encoder_conv_norm={conv_norm} differs from the {_exported_conv_norm(exported)} "
+                         f"that model.pretrained_encoder {pretrained} was trained with; use model.encoder_conv_norm=auto")
+    if exported:
+        return load_exported_encoder(pretrained, exported)
     if pretrained and conv_norm == "layer_norm":
         raise ValueError(f"model.encoder_conv_norm=layer_norm would replace the BatchNorm weights of "
                          f"model.pretrained_encoder {pretrained}; use model.encoder_conv_norm=auto or batch_norm")

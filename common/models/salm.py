@@ -32,7 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.flops import ModelFlops, Part, decoder_lm_forward, fastconformer_forward, trainable_share
-from common.models.encoder import build_encoder, encoder_activation_values
+from common.models.encoder import (
+    build_encoder,
+    check_exported_features,
+    encoder_activation_values,
+    exported_ctc_head,
+    exported_model_config,
+)
 from common.models.spec import ModelSpec, register
 from common.parallel import ConfigError
 from common.parallel.spec import ParallelHooks, ParallelSpec
@@ -119,12 +125,35 @@ def load_pretrained_llm(name_or_path: str) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=False, dtype=torch.float32)
 
 
+def pretrained_llm_config(name_or_path: str):
+    """The architecture (transformers config) of a pretrained causal LM, without its weights."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+
+
+LLM_INIT = ("pretrained", "random")
+
+
 def build_llm(cfg, vocab_size: int) -> nn.Module:
     from omegaconf import OmegaConf
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    init = cfg.get("llm_init", "pretrained")
+    if init not in LLM_INIT:
+        raise ValueError(f"model.llm_init must be one of {', '.join(LLM_INIT)}, got {init!r}")
     if cfg.get("pretrained_llm"):
-        llm = load_pretrained_llm(cfg.pretrained_llm).train()  # from_pretrained returns eval mode
+        if init == "random":  # the ablation: the same architecture and tokenizer, none of the pretraining
+            config = pretrained_llm_config(cfg.pretrained_llm)
+            config.dtype = torch.float32
+            llm = AutoModelForCausalLM.from_config(config)
+        else:
+            llm = load_pretrained_llm(cfg.pretrained_llm).train()  # from_pretrained returns eval mode
         rows = embedding_rows(llm.get_input_embeddings().weight.shape[0], vocab_size)
         if rows != llm.get_input_embeddings().weight.shape[0]:
             llm.resize_token_embeddings(rows, mean_resizing=False)
@@ -186,12 +215,13 @@ class SALM(nn.Module):
         # Optional auxiliary CTC on the encoder (hybrid CTC/attention): from random init it gives the
         # encoder a direct, alignment-free signal long before the LLM learns to attend to audio.
         self.ctc_weight = float(cfg.ctc_aux_weight)
-        self.ctc_head = nn.Linear(self.encoder.config.hidden_size, tokenizer.vocab_size) if self.ctc_weight else None
         # CTC compression of the audio before the projector (see ctc_compress); the CTC head picks the runs.
         self.ctc_compress = bool(cfg.projector.ctc_compress)
+        self.ctc_head, self.ctc_blank = self._ctc_head(cfg, tokenizer)
         if self.ctc_compress and self.ctc_head is None:
-            raise ValueError("model.projector.ctc_compress needs model.ctc_aux_weight > 0 (the CTC head's "
-                             "labels choose the segments), or set model.projector.ctc_compress=false")
+            raise ValueError("model.projector.ctc_compress needs a CTC head: model.ctc_aux_weight > 0, or a "
+                             "model.pretrained_encoder exported from a CTC recognizer (make export of an asr_ddp "
+                             "run); or set model.projector.ctc_compress=false")
         self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
         self.audio_id = tokenizer.audio_id
         # The token ids before and after the audio frames (the answer follows them).
@@ -207,6 +237,27 @@ class SALM(nn.Module):
                 raise ValueError(f"model.freeze pattern {pattern!r} matches no parameter name")
             for param in matched:
                 param.requires_grad_(False)
+
+    def _ctc_head(self, cfg, tokenizer) -> tuple[nn.Module | None, int]:
+        """(CTC head, its blank id): trained with the auxiliary CTC loss over the LLM's tokens; or,
+        with no auxiliary loss, the head of the recognizer the encoder was exported from (its own
+        vocabulary; ``model.ctc_head_vocab`` records its size in an export of this model), which
+        only picks the segments of CTC compression and stays frozen: no loss reaches it."""
+        hidden = self.encoder.config.hidden_size
+        if self.ctc_weight:
+            return nn.Linear(hidden, tokenizer.vocab_size), tokenizer.pad_id
+        if not self.ctc_compress:
+            return None, tokenizer.pad_id
+        if cfg.get("pretrained_encoder"):
+            found = exported_ctc_head(cfg.pretrained_encoder)
+            head, blank = found if found else (None, tokenizer.pad_id)
+        elif cfg.get("ctc_head_vocab"):  # an export of this model: the weights are in its checkpoint
+            head, blank = nn.Linear(hidden, int(cfg.ctc_head_vocab)), 0
+        else:
+            return None, tokenizer.pad_id
+        if head is not None:
+            head.requires_grad_(False)
+        return head, blank
 
     # --- what may be sharded (common.parallel decides how) -------------------------------------
     def parallel_spec(self) -> ParallelSpec:
@@ -232,10 +283,10 @@ class SALM(nn.Module):
         out = self.encoder(input_features=features, attention_mask=feature_mask.long())
         lens = out.attention_mask.sum(-1)
         hidden = out.last_hidden_state
-        train_ctc = targets is not None and self.ctc_head is not None
+        train_ctc = targets is not None and self.ctc_weight > 0
         logits = self.ctc_head(hidden) if train_ctc or self.ctc_compress else None
         if self.ctc_compress:
-            audio, audio_lens = self.projector(*ctc_compress(hidden, lens, logits.detach().argmax(-1), self.pad_id))
+            audio, audio_lens = self.projector(*ctc_compress(hidden, lens, logits.detach().argmax(-1), self.ctc_blank))
         else:
             audio, audio_lens = self.projector(hidden, lens)
         if not train_ctc:
@@ -380,12 +431,11 @@ def salm_flops(model: SALM) -> ModelFlops:
     stack = model.projector.stack_frames
     llm_dim, vocab = llm_cfg.hidden_size, model.llm.get_input_embeddings().num_embeddings
     prompt = len(model.head_ids) + len(model.prompt_ids)
-    ctc = model.ctc_head is not None
+    ctc_vocab = model.ctc_head.out_features if model.ctc_head is not None else 0
 
     def parts_of(frames: int, tokens: int) -> list[Part]:
         encoder, t = fastconformer_forward(enc, frames)
-        if ctc:
-            encoder.weights += 2 * t * enc.hidden_size * vocab
+        encoder.weights += 2 * t * enc.hidden_size * ctc_vocab
         # CTC compression: about one position per spoken unit (the transcript's tokens) instead of t / stack
         audio = tokens if model.ctc_compress else math.ceil(t / stack)
         projector = Part(weights=2 * audio * (enc.hidden_size * stack * llm_dim + llm_dim * llm_dim))
@@ -421,24 +471,48 @@ def salm_activation_values(cfg, model: SALM, batch) -> float:
     return values
 
 
+def salm_export_settings(model: SALM) -> dict:
+    """A CTC head that came with the pretrained encoder is rebuilt from its size in an export."""
+    frozen_head = model.ctc_head is not None and not model.ctc_weight
+    return {"ctc_head_vocab": model.ctc_head.out_features} if frozen_head else {}
+
+
 def merge_lora(model: SALM) -> None:
     model.llm = model.llm.merge_and_unload()  # peft: the adapters' B @ A (scaled) added to the weights
 
 
 def check_salm_settings(cfg) -> None:
-    if cfg.model.projector.ctc_compress and not cfg.model.ctc_aux_weight:
+    m = cfg.model
+    exported = exported_model_config(m.pretrained_encoder) if m.get("pretrained_encoder") else None
+    try:
+        if exported:
+            check_exported_features(m.pretrained_encoder, exported, cfg.data)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not (m.projector.ctc_compress and not m.ctc_aux_weight) or m.get("ctc_head_vocab"):
+        return
+    encoder = m.get("pretrained_encoder")
+    try:
+        head = exported_ctc_head(encoder) if encoder else None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if head is None:
+        source = f"model.pretrained_encoder {encoder} has none" if encoder else "model.pretrained_encoder is null"
         raise ConfigError(f"model.projector.ctc_compress=true needs a CTC head, but model.ctc_aux_weight is "
-                          f"{cfg.model.ctc_aux_weight!r}: set model.ctc_aux_weight > 0, or "
-                          "model.projector.ctc_compress=false (then stack frames, e.g. model.projector.stack_frames=2)")
+                          f"{m.ctc_aux_weight!r} and {source}: set model.ctc_aux_weight > 0, name a recognizer "
+                          "exported by make export in model.pretrained_encoder, or set model.projector.ctc_compress="
+                          "false (then stack frames, e.g. model.projector.stack_frames=2)")
 
 
 SPEC = register(ModelSpec(
     name="salm", build=lambda cfg, tokenizer: SALM(cfg.model, tokenizer), tokenizer=salm_tokenizer,
     flops=salm_flops, activation_values=salm_activation_values, transcribes=True,
     llm=lambda model: model.llm, merge_lora=merge_lora, speech_encoder=lambda model: model.encoder,
+    export_settings=salm_export_settings,
     # encoder subsampling x projector stacking
     audio_frames_per_token=lambda cfg: int(cfg.model.encoder.subsampling_factor) * int(cfg.model.projector.stack_frames),
     check=check_salm_settings,
     legacy_settings={"model.ctc_aux_weight": 0.0, "model.projector.ctc_compress": False,
-                     "model.prompt_format": "plain", "model.pad_to_multiple_of": 1, "model.encoder_conv_norm": "auto"},
+                     "model.prompt_format": "plain", "model.pad_to_multiple_of": 1, "model.encoder_conv_norm": "auto",
+                     "model.llm_init": "pretrained", "model.ctc_head_vocab": None},
 ))

@@ -76,6 +76,8 @@ class ModelSpec:
     llm: Callable | None = None  # model -> its causal-LM backbone (tensor parallel checks, vocabulary)
     merge_lora: Callable | None = None  # model -> None: LoRA adapters merged into the backbone's weights (export)
     speech_encoder: Callable | None = None  # model -> its speech encoder (export of a pretrained encoder)
+    export_settings: Callable | None = None  # model -> {model key: value} that rebuild, without the pretrained
+                                             # sources, what those sources gave it (export)
     audio_frames_per_token: Callable | None = None  # cfg -> feature frames per LLM position (speech-LLMs)
     check: Callable | None = None  # cfg -> None: the family's own settings; raises ConfigError naming them
     # Settings added after some of the family's checkpoints and exports were written, with the value

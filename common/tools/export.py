@@ -68,9 +68,14 @@ def self_contained(model, model_cfg: dict, spec) -> dict:
     if model_cfg.get("pretrained_llm"):
         model_cfg["llm"], model_cfg["pretrained_llm"] = _architecture(spec.llm(model).config), None
     if model_cfg.get("pretrained_encoder"):
+        from common.models.encoder import ChannelLayerNorm
+
         encoder = spec.speech_encoder(model)
         model_cfg["encoder"], model_cfg["pretrained_encoder"] = _architecture(encoder.config), None
-        model_cfg["encoder_conv_norm"] = "batch_norm"  # what a pretrained encoder kept (common.models.encoder)
+        # A pretrained encoder keeps its BatchNorm; one exported by this project may have the LayerNorm.
+        layer_norm = isinstance(encoder.layers[0].conv.norm, ChannelLayerNorm)
+        model_cfg["encoder_conv_norm"] = "layer_norm" if layer_norm else "batch_norm"
+        model_cfg.update(spec.export_settings(model) if spec.export_settings else {})
     return model_cfg
 
 

