@@ -54,8 +54,27 @@ class Projector(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(encoder_dim * stack_frames, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim)
         )
+        self.pieces = None  # see add_piece_embeddings
 
-    def forward(self, frames: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_piece_embeddings(self, table: torch.Tensor) -> None:
+        """Also map each segment's mean CTC posterior over the recognizer's pieces through ``table``
+        (pieces x LLM width), the LLM's own embedding of each piece's text. The MLP's last layer starts
+        at zero, so at step 0 a segment recognized as ``▁the`` reaches the LLM as its token `` the``:
+        the pretrained LLM reads the recognizer's spelling from the first step, and training adds what
+        the hidden states know beyond it."""
+        self.pieces = nn.Linear(table.shape[0], table.shape[1], bias=False)
+        with torch.no_grad():
+            self.pieces.weight.copy_(table.t())
+            self.mlp[-1].weight.zero_()
+            self.mlp[-1].bias.zero_()
+
+    def forward(self, frames: torch.Tensor, lens: torch.Tensor, posteriors=None) -> tuple[torch.Tensor, torch.Tensor]:
+        out, out_lens = self._stacked(frames, lens)
+        if self.pieces is not None:
+            out = out + self.pieces(posteriors.to(out.dtype))
+        return out, out_lens
+
+    def _stacked(self, frames: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, t, d = frames.shape
         k = self.stack_frames
         # Frames past each utterance's end hold whatever the encoder computed for padding; zero
@@ -222,6 +241,11 @@ class SALM(nn.Module):
             raise ValueError("model.projector.ctc_compress needs a CTC head: model.ctc_aux_weight > 0, or a "
                              "model.pretrained_encoder exported from a CTC recognizer (make export of an asr_ddp "
                              "run); or set model.projector.ctc_compress=false")
+        if cfg.projector.get("piece_embeddings"):
+            if not (self.ctc_compress and self.ctc_head is not None and not self.ctc_weight):
+                raise ValueError("model.projector.piece_embeddings needs the CTC head of a recognizer (a make export "
+                                 "in model.pretrained_encoder) and model.projector.ctc_compress=true")
+            self.projector.add_piece_embeddings(self._piece_table(cfg, tokenizer))
         self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
         self.audio_id = tokenizer.audio_id
         # The token ids before and after the audio frames (the answer follows them).
@@ -259,6 +283,23 @@ class SALM(nn.Module):
             head.requires_grad_(False)
         return head, blank
 
+    def _piece_table(self, cfg, tokenizer) -> torch.Tensor:
+        """(recognizer pieces, LLM width): each piece's text (``▁`` a space) as the LLM embeds it, the
+        mean over its LLM tokens; zero for the blank and specials. Zeros where the recognizer's
+        tokenizer is not at hand (an export of this model: its checkpoint holds the trained table)."""
+        table = torch.zeros(self.ctc_head.out_features, self.llm.config.hidden_size)
+        source = cfg.get("pretrained_encoder")
+        if not source:
+            return table
+        from common.data.tokenizer import load_tokenizer
+
+        embed = self.llm.get_input_embeddings().weight.detach()
+        for i, piece in enumerate(load_tokenizer(source).pieces()):
+            ids = [] if i == self.ctc_blank or piece.startswith("<") else tokenizer.encode(piece.replace("\u2581", " "))
+            if ids:
+                table[i] = embed[ids].float().mean(0)
+        return table
+
     # --- what may be sharded (common.parallel decides how) -------------------------------------
     def parallel_spec(self) -> ParallelSpec:
         backbone = self.llm.get_decoder()
@@ -285,7 +326,14 @@ class SALM(nn.Module):
         hidden = out.last_hidden_state
         train_ctc = targets is not None and self.ctc_weight > 0
         logits = self.ctc_head(hidden) if train_ctc or self.ctc_compress else None
-        if self.ctc_compress:
+        if self.ctc_compress and self.projector.pieces is not None:
+            # Posteriors ride along with the hidden states: one mean of each per segment.
+            posteriors = logits.detach().float().softmax(-1).to(hidden.dtype)
+            segments, counts = ctc_compress(torch.cat([hidden, posteriors], -1), lens, logits.detach().argmax(-1),
+                                            self.ctc_blank)
+            h = hidden.shape[-1]
+            audio, audio_lens = self.projector(segments[..., :h], counts, segments[..., h:])
+        elif self.ctc_compress:
             audio, audio_lens = self.projector(*ctc_compress(hidden, lens, logits.detach().argmax(-1), self.ctc_blank))
         else:
             audio, audio_lens = self.projector(hidden, lens)
@@ -514,5 +562,6 @@ SPEC = register(ModelSpec(
     check=check_salm_settings,
     legacy_settings={"model.ctc_aux_weight": 0.0, "model.projector.ctc_compress": False,
                      "model.prompt_format": "plain", "model.pad_to_multiple_of": 1, "model.encoder_conv_norm": "auto",
-                     "model.llm_init": "pretrained", "model.ctc_head_vocab": None},
+                     "model.llm_init": "pretrained", "model.ctc_head_vocab": None,
+                     "model.projector.piece_embeddings": False},
 ))

@@ -31,6 +31,7 @@ def recognizer(tmp_path_factory):
     asr = CTCASR(cfg.model, tok).eval()
     out = tmp_path_factory.mktemp("asr_export")
     save_model(asr, str(out / "model.safetensors"))
+    tok.save(out)
     from omegaconf import OmegaConf
 
     (out / "config.json").write_text(json.dumps({
@@ -119,3 +120,35 @@ def test_random_init_keeps_the_architecture_and_tokenizer_not_the_weights(smollm
     layer = "model.layers.7.mlp.down_proj.weight"
     assert ours[layer].shape == theirs[layer].shape and not torch.allclose(ours[layer], theirs[layer])
     assert random_llm.lm_head.weight is random_llm.get_input_embeddings().weight  # tied, as SmolLM2 is
+
+
+def test_piece_embeddings_start_as_the_llms_embedding_of_each_pieces_text(recognizer):
+    from common.data.tokenizer import load_tokenizer
+
+    asr, export_dir = recognizer
+    cfg = _salm_cfg(export_dir)
+    cfg.model.projector.piece_embeddings = True
+    tok = WordTokenizer.build(TEXTS + ["the"], extra_words=["transcribe"])
+    torch.manual_seed(0)
+    model = SALM(cfg.model, tok)
+    table = model.projector.pieces.weight.t()  # (recognizer pieces, LLM width)
+    embed = model.llm.get_input_embeddings().weight
+    pieces = load_tokenizer(export_dir).pieces()
+    assert table.shape == (len(pieces), model.llm.config.hidden_size) and not table[0].any()  # the blank: nothing
+    for i, piece in enumerate(pieces[1:], start=1):
+        ids = [] if piece.startswith("<") else tok.encode(piece.replace("\u2581", " "))
+        assert torch.allclose(table[i], embed[ids].mean(0) if ids else torch.zeros_like(table[i]))
+    # At step 0 the MLP adds nothing: each segment is its mean posterior through the table.
+    features, mask = torch.randn(2, 120, 64), torch.ones(2, 120, dtype=torch.bool)
+    audio, audio_lens, _ = model.encode_audio(features, mask)
+    log_probs, _ = asr.encode(features, mask)
+    labels = log_probs[0].argmax(-1)
+    assert (labels != 0).any()  # the recognizer hears something in row 0
+    t0 = t1 = int((labels != 0).nonzero()[0])  # the first segment: the run of frames of the first piece
+    while t1 + 1 < len(labels) and labels[t1 + 1] == labels[t0]:
+        t1 += 1
+    assert torch.allclose(audio[0, 0], log_probs[0, t0:t1 + 1].exp().mean(0) @ table, atol=1e-5)
+    with pytest.raises(ValueError, match="piece_embeddings needs the CTC head of a recognizer"):
+        plain = recipe_config("salm_fsdp2")
+        plain.model.projector.piece_embeddings = True
+        SALM(plain.model, tok)
