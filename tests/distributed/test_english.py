@@ -80,8 +80,7 @@ def test_salm_with_smollm2_starts_from_the_exported_recognizer(asr_run, english_
     exported = export(asr_dir / "checkpoints" / "last.ckpt", tmp_path / "asr_export")
     run_dir = tmp_path / "salm"
     proc = _launch("salm_fsdp2", run_dir, english_dir, "model=salm_smollm2", f"model.pretrained_encoder={exported}",
-                   "model.projector.ctc_compress=true", "model.projector.stack_frames=1", "model.max_new_tokens=6",
-                   "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=0",
+                   "model.max_new_tokens=6", "trainer.max_steps=2", "trainer.val_check_interval=2",
                    "+data.test.unseen_voices=[]", "+data.test.real_recordings=[]")
     assert proc.returncode == 0, proc.stderr[-4000:]
     s = json.loads((run_dir / "summary.json").read_text())
@@ -97,5 +96,6 @@ def test_salm_with_smollm2_starts_from_the_exported_recognizer(asr_run, english_
     from safetensors import safe_open
 
     with safe_open(str(exported / "model.safetensors"), framework="pt") as f:  # the recognizer's head picks the segments
-        assert torch.equal(model.ctc_head.weight, f.get_tensor("ctc.ctc_head.weight")[..., 0])
+        assert torch.equal(model.ctc_head.weight, f.get_tensor("ctc.ctc_head.weight")[..., 0])  # frozen
+    assert model.projector.pieces.weight.shape == (model.llm.config.hidden_size, model.ctc_head.out_features)
     assert tokenizer.tok.convert_ids_to_tokens(tokenizer.eos_id) == "<|im_end|>"  # SmolLM2's own chat tokenizer

@@ -27,12 +27,14 @@ def test_changed_model_settings_are_named_as_the_overrides_that_restore_them(tmp
     assert model_settings_changed(tmp_path / "missing.ckpt", cfg) == []  # not one of ours: nothing to say
     # a checkpoint written before settings existed: filled in with what it was trained with (its spec's
     # legacy_settings), so today's run with those values is the same model
-    legacy = {"ctc_aux_weight": 0.0, "prompt_format": "plain", "pad_to_multiple_of": 1, "encoder_conv_norm": "auto"}
+    legacy = {"ctc_aux_weight": 0.0, "prompt_format": "plain", "pad_to_multiple_of": 1, "encoder_conv_norm": "auto",
+              "llm_init": "pretrained", "ctc_head_vocab": None}
     ckpt = _checkpoint(tmp_path / "step000004.ckpt", {"name": "salm", "projector": {"stack_frames": 2}})
-    today = {"name": "salm", "projector": {"stack_frames": 2, "ctc_compress": False}, **legacy}
+    today = {"name": "salm", "projector": {"stack_frames": 2, "ctc_compress": False, "piece_embeddings": False},
+             **legacy}
     assert model_settings_changed(ckpt, OmegaConf.create({"model": today})) == []
     assert model_settings_changed(ckpt, OmegaConf.create({"model": {**today, "projector": {
-        "stack_frames": 2, "ctc_compress": True}}})) == ["model.projector.ctc_compress=False"]
+        "stack_frames": 2, "ctc_compress": True, "piece_embeddings": False}}})) == ["model.projector.ctc_compress=False"]
 
 
 def test_auto_resume_with_other_model_settings_is_refused_naming_them(tmp_path):
