@@ -23,9 +23,11 @@ from common.parallel import ConfigError
 
 allow_older_sampler_states()  # checkpoints of earlier versions still load
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT = "speech-recipes-export/1"
+from common.models.encoder import (
+    EXPORT_CONFIG_FILE as CONFIG_FILE,  # noqa: E402 - one declaration of the format
+)
+from common.models.encoder import EXPORT_FORMAT as FORMAT  # noqa: E402
+from common.models.encoder import EXPORT_WEIGHTS_FILE as WEIGHTS_FILE  # noqa: E402
 
 
 def is_export(path: str | Path) -> bool:

@@ -130,7 +130,8 @@ def load_nemo_encoder(path) -> nn.Module:
 
 # Where an exported model of each kind keeps its encoder and CTC head (common.tools.export names).
 EXPORTED_ENCODER = {"asr_ctc": ("ctc.encoder.", "ctc.ctc_head."), "salm": ("encoder.", "ctc_head.")}
-EXPORT_FORMAT = "speech-recipes-export/1"  # common.inference.FORMAT (the layer above this one)
+# What make export writes (common.tools.export); declared here, the lowest layer that reads exports.
+EXPORT_CONFIG_FILE, EXPORT_WEIGHTS_FILE, EXPORT_FORMAT = "config.json", "model.safetensors", "speech-recipes-export/1"
 
 
 def exported_model_config(path) -> dict | None:
@@ -138,9 +139,9 @@ def exported_model_config(path) -> dict | None:
     import json
 
     path = Path(path)
-    if not ((path / "config.json").is_file() and (path / "model.safetensors").is_file()):
+    if not ((path / EXPORT_CONFIG_FILE).is_file() and (path / EXPORT_WEIGHTS_FILE).is_file()):
         return None
-    config = json.loads((path / "config.json").read_text())
+    config = json.loads((path / EXPORT_CONFIG_FILE).read_text())
     if config.get("format") != EXPORT_FORMAT:
         return None  # e.g. a Hugging Face Parakeet directory
     if config.get("model_type") not in EXPORTED_ENCODER:
@@ -152,7 +153,7 @@ def exported_model_config(path) -> dict | None:
 def _exported_weights(path, prefix: str) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
-    with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:  # only these tensors are read
+    with safe_open(str(Path(path) / EXPORT_WEIGHTS_FILE), framework="pt") as f:  # only these tensors are read
         return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
 
