@@ -19,15 +19,13 @@ from pathlib import Path
 import torch
 
 from common.data.buckets import allow_older_sampler_states
+from common.models.encoder import EXPORT_CONFIG_FILE as CONFIG_FILE  # the one declaration of the format
+from common.models.encoder import EXPORT_FORMAT as FORMAT
+from common.models.encoder import EXPORT_WEIGHTS_FILE as WEIGHTS_FILE
 from common.parallel import ConfigError
 
 allow_older_sampler_states()  # checkpoints of earlier versions still load
 
-from common.models.encoder import (
-    EXPORT_CONFIG_FILE as CONFIG_FILE,  # noqa: E402 - one declaration of the format
-)
-from common.models.encoder import EXPORT_FORMAT as FORMAT  # noqa: E402
-from common.models.encoder import EXPORT_WEIGHTS_FILE as WEIGHTS_FILE  # noqa: E402
 
 
 def is_export(path: str | Path) -> bool:
