@@ -128,6 +128,7 @@ SETTINGS = (
     _int("data.english.seed", 0, nullable=True),
     _int("data.english.readings", 1, nullable=True),
     _int("data.english.max_sentences", 1, nullable=True),
+    _num("ema.decay", 0, 1, lo_open=True, hi_open=True, nullable=True),
     _num("optim.lr", 0, lo_open=True),
     _num("optim.weight_decay", 0),
     _int("optim.warmup_steps", 0),
@@ -185,6 +186,22 @@ def check_settings(cfg) -> None:
         from common.data.buckets import load_bucket_profile
 
         load_bucket_profile(_get(cfg, "data.bucket_profile"), recipe=_get(cfg, "recipe"))  # early: names the file
+    speeds = _get(cfg, "data.speed_perturb")
+    if speeds is not None and not (len(speeds) > 0 and all(_is_num(f) and 0.5 <= f <= 2 for f in speeds)):
+        raise ConfigError(f"data.speed_perturb must be a list of speed factors in [0.5, 2] (e.g. [0.9, 1.0, 1.1]) "
+                          f"or null, got {speeds!r}")
+    noise = _get(cfg, "data.noise")
+    if noise is not None:
+        from common.data.features import NoiseConfig
+
+        try:
+            NoiseConfig(**dict(noise))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"data.noise: {exc}") from exc
+    if _get(cfg, "ema.decay") is not None and _get(cfg, "parallel") is not None:
+        raise ConfigError(f"ema.decay={_get(cfg, 'ema.decay')}: weight averaging is for the DDP recipes (asr_ddp, "
+                          f"tts_ddp); recipe {_get(cfg, 'recipe')} shards its model (FSDP2), which leaves no whole "
+                          "copy to average: set ema.decay=null")
     augment = _get(cfg, "data.spec_augment")
     if augment is not None:
         from common.data.features import SpecAugmentConfig

@@ -72,6 +72,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, recorder, resuming: bool, call
         online = wandb_online(run_dir)
         loggers.append(WandbLogger(project=cfg.logger.project, name=cfg.run.name, save_dir=str(run_dir),
                                    offline=not online, id=wandb_run_id(run_dir), resume="allow"))
+    if OmegaConf.select(cfg, "ema.decay") is not None:  # before the checkpoint callback: its saves hold the average
+        from common.averaging import WeightEMA
+
+        callbacks = [*callbacks, WeightEMA(decay=float(cfg.ema.decay))]
     trainer = L.Trainer(**trainer_kwargs, callbacks=[recorder, ExactResume(), *callbacks, checkpoint],
                         logger=loggers or False)
     return trainer, checkpoint

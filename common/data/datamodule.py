@@ -69,6 +69,8 @@ class SpeechDataModule(L.LightningDataModule):
             sample_rate=cfg.sample_rate,
             # Training only (lhotse's SpecAugment settings; applied on the device, common.data.features).
             spec_augment=_to_dict(cfg.get("spec_augment")) if train else None,
+            noise=_to_dict(cfg.get("noise")) if train else None,
+            speed_perturb=list(cfg.speed_perturb) if train and cfg.get("speed_perturb") else None,
             normalize_features=cfg.feature_normalization == "utterance",
             token_alignment=bool(cfg.token_alignment),
             on_bad_item=cfg.on_bad_item,

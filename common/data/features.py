@@ -9,19 +9,23 @@ device the batch is on (the GPU in a GPU run, the CPU in a CPU run: the same cod
   utterance alone (its own reflected edges, not its neighbours' padding), so the features equal
   lhotse's per-utterance extraction (fp32, ~1e-6 relative);
 * per-utterance normalisation over its own frames (recognizers) or raw log energies (TTS targets);
+* additive noise (training only, :class:`NoiseConfig`): on the waveforms, at a random SNR per
+  utterance, before the filterbank;
 * SpecAugment (training only): lhotse's frequency and time masks, drawn for every utterance at
   once from a generator seeded by (seed, epoch, global batch index, dp rank), so a resumed run
-  draws exactly the masks the first run drew.
+  draws exactly the masks the first run drew (the noise is seeded the same way).
 
 Usage::
 
-    features = BatchFeatures(num_mel_bins=64, sample_rate=16000, spec_augment={"num_frame_masks": 2})
+    features = BatchFeatures(num_mel_bins=64, sample_rate=16000, spec_augment={"num_frame_masks": 2},
+                             noise={"snr_db": [10, 30], "p": 0.5})
     batch = features(batch, training=True)   # audio -> input_features (B, T, bins), feature_mask (B, T)
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -70,11 +74,12 @@ class BatchFeatures:
     """
 
     def __init__(self, num_mel_bins: int = 64, sample_rate: int = 16000, normalize: bool = True,
-                 spec_augment: dict | None = None, seed: int = 0):
+                 spec_augment: dict | None = None, seed: int = 0, noise: dict | None = None):
         from lhotse.features.kaldi.layers import Wav2LogFilterBank
 
         self.num_mel_bins, self.sample_rate, self.normalize, self.seed = num_mel_bins, sample_rate, normalize, seed
         self.spec_augment = SpecAugmentConfig(**spec_augment) if spec_augment else None
+        self.noise = NoiseConfig(**noise) if noise else None
         # The same configuration as lhotse.Fbank(FbankConfig(num_mel_bins, sample_rate, frame_shift=0.01)).
         self._cpu = Wav2LogFilterBank(sampling_rate=sample_rate, frame_shift=FRAME_SHIFT_S,
                                       num_filters=num_mel_bins).eval()
@@ -137,10 +142,14 @@ class BatchFeatures:
         if "audio" not in batch:
             return batch
         audio = batch.pop("audio")
-        feats, num_frames = self.log_mel(audio.samples, audio.lengths)
+        augment = training and not batch.get("substitute")
+        key = (self.seed, *batch.get("augment_key", (0, 0, 0)))
+        samples = audio.samples
+        if augment and self.noise is not None:  # its own stream: turning noise on leaves SpecAugment's masks as they were
+            samples = self.noise.apply(samples, audio.lengths, seeded_generator((*key, NOISE_STREAM), samples.device))
+        feats, num_frames = self.log_mel(samples, audio.lengths)
         mask = torch.arange(feats.shape[1], device=feats.device)[None, :] < num_frames[:, None]
-        if training and self.spec_augment is not None and not batch.get("substitute"):
-            key = (self.seed, *batch.get("augment_key", (0, 0, 0)))
+        if augment and self.spec_augment is not None:
             feats = self.spec_augment.apply(feats, num_frames, mask, seeded_generator(key, feats.device))
         batch["input_features"], batch["feature_mask"] = feats, mask
         return batch
@@ -150,6 +159,51 @@ def seeded_generator(key: tuple, device: torch.device) -> torch.Generator:
     """A generator on ``device`` whose stream is a function of ``key`` only."""
     seed = int.from_bytes(hashlib.sha256(repr(tuple(int(k) for k in key)).encode()).digest()[:8], "little") >> 1
     return torch.Generator(device=device).manual_seed(seed)
+
+
+NOISE_STREAM = 1  # seeded_generator key suffix of the additive noise (SpecAugment uses the bare key)
+
+
+class NoiseConfig:
+    """Additive noise at a random signal-to-noise ratio, for a whole batch of waveforms at once.
+
+    Per utterance, with probability ``p``: Gaussian noise, white (``color: white``) or with a 1/f
+    spectrum (``pink``, closer to room and fan noise), at an SNR drawn uniformly from ``snr_db``
+    ``[low, high]`` relative to that utterance's own power over its real samples (padding stays zero).
+
+    Why not lhotse's: its ``CutMix`` mixes in recordings of a noise corpus (MUSAN), which no package
+    ships here, and its ``RandomizedSmoothing`` adds noise of a fixed amplitude, not a ratio, drawn
+    from the process's global RNG; this one is seeded per batch (``seeded_generator``), so a resumed
+    run adds exactly the noise the uninterrupted run would have.
+    """
+
+    def __init__(self, snr_db=(10.0, 30.0), p: float = 0.5, color: str = "white"):
+        if not (len(snr_db) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                         for v in snr_db) and snr_db[0] <= snr_db[1]):
+            raise ValueError(f"snr_db must be [low, high] in dB with low <= high, got {list(snr_db)!r}")
+        if not (isinstance(p, (int, float)) and 0 <= p <= 1):
+            raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
+        if color not in ("white", "pink"):
+            raise ValueError(f"color must be white or pink, got {color!r}")
+        self.snr_db, self.p, self.color = (float(snr_db[0]), float(snr_db[1])), float(p), color
+
+    def apply(self, audio: torch.Tensor, lengths: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """``audio`` (B, N) padded waveforms with their ``lengths`` -> the same plus noise (fp32)."""
+        audio = audio.float()
+        b, n = audio.shape
+        dev = audio.device
+        draws = torch.rand(b, 2, generator=gen, device=dev)
+        snr = self.snr_db[0] + (self.snr_db[1] - self.snr_db[0]) * draws[:, 1]
+        real = torch.arange(n, device=dev)[None, :] < lengths.to(dev)[:, None]
+        power = (audio.square() * real).sum(1) / lengths.to(dev).clamp(min=1)
+        noise = torch.randn(b, n, generator=gen, device=dev)
+        if self.color == "pink":  # shape white noise's spectrum by 1/sqrt(f): power falls as 1/f
+            spectrum = torch.fft.rfft(noise, dim=1)
+            f = torch.arange(spectrum.shape[1], device=dev).clamp(min=1).float()
+            noise = torch.fft.irfft(spectrum / f.sqrt(), n=n, dim=1)
+        noise_power = (noise.square() * real).sum(1) / lengths.to(dev).clamp(min=1)
+        scale = (power / (noise_power.clamp(min=1e-12) * 10 ** (snr / 10))).sqrt() * (draws[:, 0] < self.p)
+        return audio + noise * scale[:, None] * real
 
 
 class SpecAugmentConfig:

@@ -23,7 +23,7 @@ import hashlib
 import logging
 import math
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -165,9 +165,12 @@ class SpeechTextDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, tokenizer, sample_rate: int = 16000, token_alignment: bool = False, on_bad_item: str = "skip",
-                 token_budget: TokenBudget | None = None, pad_to_edges_s: list[float] | None = None):
+                 token_budget: TokenBudget | None = None, pad_to_edges_s: list[float] | None = None,
+                 speed_factors: list[float] | None = None, seed: int = 0):
         if on_bad_item not in ON_BAD_ITEM:
             raise ValueError(f"data.on_bad_item must be one of {ON_BAD_ITEM}, got {on_bad_item!r}")
+        self.speed_factors = [float(f) for f in speed_factors] if speed_factors else None
+        self.seed = seed
         self.tokenizer = tokenizer
         self.sample_rate = sample_rate
         self.on_bad_item = on_bad_item
@@ -205,7 +208,26 @@ class SpeechTextDataset(torch.utils.data.Dataset):
             ends += [round(f0 + (f1 - f0) * (k + 1) / len(pieces)) for k in range(len(pieces))]
         return ends if ids == list(target_ids) else None
 
+    def at_speed(self, batch: GlobalBatch) -> GlobalBatch:
+        """Speed perturbation (lhotse's, as ``sox speed``: tempo and pitch together): each cut of the
+        global batch at a factor drawn from ``speed_factors`` by (seed, epoch, batch index, cut id).
+
+        Every rank draws the same factors for the whole global batch from metadata alone, so the shards,
+        the global token and frame counts and a resumed run all agree without a collective. The batch
+        was planned on the original durations: a factor below 1 makes its audio up to 1/factor longer
+        (0.9: 11%), which GPU batch sizes (data.bucket_profile) must leave room for.
+        """
+        cuts = []
+        for cut in batch.cuts:
+            digest = hashlib.sha256(f"{self.seed}/{batch.epoch}/{batch.index}/{cut.id}".encode()).digest()
+            factor = self.speed_factors[int.from_bytes(digest[:8], "little") % len(self.speed_factors)]
+            # affix_id=False: the item keeps its id (coverage, bad-item records and fingerprints name the source item)
+            cuts.append(cut if factor == 1.0 else cut.perturb_speed(factor, affix_id=False))
+        return replace(batch, cuts=cuts)
+
     def __getitem__(self, batch: GlobalBatch) -> dict:
+        if self.speed_factors:
+            batch = self.at_speed(batch)
         all_targets = {c.id: self.targets(c) for c in batch.cuts}
         planned = batch.local_cuts()
         local, waves, bad_items = [], [], []
@@ -336,6 +358,8 @@ def make_loader(
     num_mel_bins: int = 64,
     sample_rate: int = 16000,
     spec_augment: dict | None = None,
+    noise: dict | None = None,
+    speed_perturb: list[float] | None = None,
     normalize_features: bool = True,
     token_alignment: bool = False,
     on_bad_item: str = "skip",
@@ -358,8 +382,10 @@ def make_loader(
     Validation uses lhotse's duration buckets, in order.
     The filter (``loader.metadata_filter``) holds the items it dropped; ``check_tokens`` also drops
     text that encodes to ``<unk>`` (for training targets; validation keeps unseen words as errors).
+    Training augmentation: ``speed_perturb`` (factors, in the workers), ``noise`` and ``spec_augment``
+    (on the device), all drawn per global batch from ``seed``, so a resumed run repeats them exactly.
     Batches hold padded waveforms; ``loader.features`` (a :class:`BatchFeatures`) turns one into
-    log-mel features (+ SpecAugment when ``spec_augment``) on the device it is on::
+    log-mel features (+ noise, SpecAugment) on the device it is on::
 
         batch = loader.features(batch.to(device), training=True)
     """
@@ -403,7 +429,7 @@ def make_loader(
         edges = bins + [longest] if bins else length_ladder(longest)
     loader = DataLoader(
         SpeechTextDataset(tokenizer, sample_rate, token_alignment=token_alignment, on_bad_item=on_bad_item,
-                          token_budget=token_budget, pad_to_edges_s=edges),
+                          token_budget=token_budget, pad_to_edges_s=edges, speed_factors=speed_perturb, seed=seed),
         sampler=DataParallelBatchSampler(base, dp_rank, dp_size, metadata_filter=keep if shuffle else None),
         batch_size=None,
         num_workers=num_workers,
@@ -417,7 +443,7 @@ def make_loader(
     loader.metadata_filter = keep
     loader.pad_edges_s = edges
     loader.features = BatchFeatures(num_mel_bins, sample_rate, normalize=normalize_features,
-                                    spec_augment=spec_augment, seed=seed)
+                                    spec_augment=spec_augment, noise=noise, seed=seed)
     return loader
 
 

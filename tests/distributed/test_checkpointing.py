@@ -33,6 +33,8 @@ def _assert_same_losses(expected: list[dict], got: list[dict], rel: float) -> No
 
 
 ASR = ("trainer.max_steps=6", "trainer.limit_val_batches=0", "checkpoint.every_n_steps=3", "data.max_duration_s=8")
+# Every training-time augmentation and the weight average on: each must resume exactly too.
+AUGMENTED = ("data.speed_perturb=[0.9,1.1]", "data.noise={snr_db:[5,20],p:1.0}", "ema.decay=0.9")
 ASYNC = "checkpoint.async_save=true"  # the step-3 checkpoints written in the background, the last step's in the loop
 # The writer starts 2 s late: steps 4.. have changed the live tensors by then, so an exact resume
 # shows that the staged copy of step 3, not the live state, was written.
@@ -48,12 +50,14 @@ def _assert_async_then_sync(run_dir) -> None:
 
 
 def test_ddp_auto_resume_is_exact_and_ignores_an_incomplete_checkpoint(tiny_corpus, tmp_path):
-    """asr_ddp (SpecAugment in a DataLoader worker, p=0.5): stopped after step 3 and started again
-    under the same run name (no flag), steps 4..6 repeat the uninterrupted run's losses to 1e-6,
+    """asr_ddp (speed perturbation, additive noise and SpecAugment drawn per batch, an EMA of the
+    weights): stopped after step 3 and started again under the same run name (no flag), steps 4..6
+    repeat the uninterrupted run's losses to 1e-6 and end with the same weights and the same average,
     from a step-3 checkpoint written asynchronously (rank 0 wrote its staged copy while steps 4..
     ran). The interrupted attempt also left a half-written step-6 checkpoint: it is never resumed from."""
     full_dir = tmp_path / "full"
-    full = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *ASR, ASYNC), full_dir, extra_env=LATE_WRITER)
+    full = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *ASR, *AUGMENTED, ASYNC), full_dir,
+                      extra_env=LATE_WRITER)
     assert full.returncode == 0, full.stderr[-4000:]
     assert _ckpts(full_dir) == ["step000003.ckpt", "step000006.ckpt"]  # every 3 steps, and the last one
     _assert_async_then_sync(full_dir)
@@ -74,16 +78,25 @@ def test_ddp_auto_resume_is_exact_and_ignores_an_incomplete_checkpoint(tiny_corp
     (run_dir / "checkpoints" / ".partial-step000006.ckpt").write_bytes(half[: len(half) // 2])
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in _metrics(full_dir)[:4]))
 
-    again = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *ASR), run_dir)
+    again = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *ASR, *AUGMENTED), run_dir)
     assert again.returncode == 0, again.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"].endswith("step000003.ckpt") and summary["status"] == "completed"
     # The records continue: steps 1..3 of the attempt, then 4..6 trained again (step 4's old row dropped).
     _assert_same_losses(_metrics(full_dir), _metrics(run_dir), rel=1e-6)
     assert _ckpts(run_dir) == ["step000003.ckpt", "step000006.ckpt"]  # debris replaced by a complete one
+    # The same trained weights and the same average: state_dict is the EMA (what export and the test
+    # sets read), current_model_state the weights training continues from; they differ.
+    ends = [torch.load(d / "checkpoints" / "step000006.ckpt", map_location="cpu", weights_only=True)
+            for d in (full_dir, run_dir)]
+    assert int(ends[1]["averaging_state"]["n_averaged"]) == 6
+    for key in ("state_dict", "current_model_state"):
+        for name, value in ends[0][key].items():
+            torch.testing.assert_close(ends[1][key][name], value, rtol=1e-5, atol=1e-7, msg=f"{key} {name}")
+    assert any(not torch.equal(ends[0]["state_dict"][n], v) for n, v in ends[0]["current_model_state"].items())
 
     # run.resume=false: the same name starts afresh (step 1), the old checkpoints moved aside.
-    fresh = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *ASR, "run.resume=false",
+    fresh = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *ASR, *AUGMENTED, "run.resume=false",
                                                     "checkpoint.every_n_steps=1000"), run_dir)
     assert fresh.returncode == 0, fresh.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -1,11 +1,11 @@
-"""Features on the device: the batched log-mel equals lhotse's per-utterance Fbank; SpecAugment is seeded."""
+"""Features on the device: the batched log-mel equals lhotse's per-utterance Fbank; noise and SpecAugment are seeded."""
 
 import numpy as np
 import pytest
 import torch
 from lhotse import Fbank, FbankConfig
 
-from common.data.features import BatchFeatures, PaddedAudio, SpecAugmentConfig
+from common.data.features import BatchFeatures, NoiseConfig, PaddedAudio, SpecAugmentConfig
 
 LENGTHS = [16000, 3333, 801, 48123, 160, 400, 161]
 
@@ -96,3 +96,43 @@ def test_raw_audio_survives_lightnings_bf16_true_input_cast():
     assert batch["audio"].samples.dtype == torch.float32 and torch.equal(batch["audio"].samples, audio)
     moved = batch["audio"].to("cpu")
     assert isinstance(moved, PaddedAudio) and torch.equal(moved.lengths, lens)
+
+
+@pytest.mark.parametrize("color", ["white", "pink"])
+def test_noise_reaches_the_drawn_snr_and_leaves_padding_zero(color):
+    _, audio, lens = _batch()
+    noise = NoiseConfig(snr_db=(12.0, 12.0), p=1.0, color=color)
+    noisy = noise.apply(audio, lens, torch.Generator().manual_seed(0))
+    for i, n in enumerate(LENGTHS):
+        if n < 4000:  # a short utterance's measured SNR is too noisy a figure to check
+            continue
+        signal, added = audio[i, :n], noisy[i, :n] - audio[i, :n]
+        snr = 10 * torch.log10(signal.square().mean() / added.square().mean())
+        assert float(snr) == pytest.approx(12.0, abs=0.01)
+        assert (noisy[i, n:] == 0).all()
+    if color == "pink":  # 1/f: more of the noise's power below 1 kHz than white noise's 1/8
+        added = (noisy[0] - audio[0]).numpy()
+        power = np.abs(np.fft.rfft(added)) ** 2
+        assert power[: len(power) // 8].sum() / power.sum() > 0.5
+
+
+def test_noise_is_a_function_of_the_batch_key_and_off_outside_training():
+    _, audio, lens = _batch()
+    features = BatchFeatures(64, 16000, noise={"snr_db": [0, 10], "p": 1.0})
+    plain = BatchFeatures(64, 16000)({"audio": PaddedAudio(audio, lens)})["input_features"]
+
+    def feats(key, training=True):
+        return features({"audio": PaddedAudio(audio, lens), "augment_key": key}, training=training)["input_features"]
+
+    assert torch.equal(feats((0, 3, 1)), feats((0, 3, 1)))  # a resumed run adds the same noise
+    assert not torch.equal(feats((0, 3, 1)), feats((0, 4, 1))) and not torch.equal(feats((0, 3, 1)), plain)
+    assert torch.equal(feats((0, 3, 1), training=False), plain)  # validation and test sets are clean
+    off = NoiseConfig(p=0.0).apply(audio, lens, torch.Generator().manual_seed(0))
+    assert torch.equal(off, audio)
+
+
+@pytest.mark.parametrize("bad, message", [({"snr_db": [30, 10]}, "low <= high"), ({"p": 2}, "probability"),
+                                          ({"color": "brown"}, "white or pink"), ({"snr": [1, 2]}, "snr")])
+def test_bad_noise_settings_are_named(bad, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        NoiseConfig(**bad)

@@ -179,3 +179,31 @@ def test_padding_to_bucket_edges_gives_few_lengths_and_the_same_features(cuts, t
         assert torch.equal(b["feature_mask"][:, :n], a["feature_mask"]) and not b["feature_mask"][:, n:].any()
         assert torch.allclose(b["input_features"][:, :n], a["input_features"], atol=1e-5)
     assert len(widths) <= len(edges) <= 10
+
+
+def test_speed_perturbation_is_drawn_per_batch_and_item_and_changes_the_audio(cuts, tok):
+    """Each item of a global batch at a factor drawn from (seed, epoch, batch, id): the same on every
+    rank and on a resumed run, another in another pass; the audio is lhotse's speed-changed audio,
+    as long as the planned (perturbed) duration says, and the global counts agree across ranks."""
+    from common.data.loading import GlobalBatch, SpeechTextDataset
+
+    factors = [0.8, 1.0, 1.25]
+    first = list(cuts)[:12]
+    ds = SpeechTextDataset(tok, speed_factors=factors, seed=3)
+    batch = GlobalBatch(CutSet.from_cuts(first), dp_rank=0, dp_size=2, epoch=0, index=5)
+    sped = ds.at_speed(batch)
+    ratios = [round(c.duration / s.duration, 2) for c, s in zip(first, sped.cuts)]
+    assert set(ratios) == set(factors) and [s.id for s in sped.cuts] == [c.id for c in first]  # ids kept
+    assert [s.duration for s in ds.at_speed(batch).cuts] == [s.duration for s in sped.cuts]  # a resumed run
+    later = ds.at_speed(GlobalBatch(CutSet.from_cuts(first), dp_rank=0, dp_size=2, epoch=1, index=5))
+    assert [s.duration for s in later.cuts] != [s.duration for s in sped.cuts]  # another pass, other factors
+
+    out = [SpeechTextDataset(tok, speed_factors=factors, seed=3)[GlobalBatch(CutSet.from_cuts(first), r, 2, 0, 5)]
+           for r in range(2)]
+    plain = SpeechTextDataset(tok)[GlobalBatch(CutSet.from_cuts(first), 0, 2, 0, 5)]
+    assert out[0]["global_audio_s"] == out[1]["global_audio_s"] == pytest.approx(sum(s.duration for s in sped.cuts))
+    assert out[0]["global_audio_s"] != pytest.approx(plain["global_audio_s"])
+    by_id = {s.id: s for s in sped.cuts}
+    for shard in out:
+        for i, cut_id in enumerate(shard["ids"]):
+            assert int(shard["audio"].lengths[i]) == pytest.approx(by_id[cut_id].duration * 16000, abs=2)

@@ -28,11 +28,17 @@ from tests.conftest import ROOT, recipe_config
     ("run.name=../../etc", "run.name '../../etc' is not a valid run name"),
     ("run.name=a/b", "run.name 'a/b' is not a valid run name"),
     ("run.name=latest", "run.name 'latest' is not a valid run name"),
+    ("data.speed_perturb=[0.9,3]", "data.speed_perturb must be a list of speed factors in [0.5, 2]"),
+    ("data.noise={snr_db:[30,10]}", "data.noise: snr_db must be [low, high] in dB with low <= high, got [30, 10]"),
+    ("ema.decay=1.0", "ema.decay must be a number in (0, 1) or null, got 1.0"),
+    ("salm_fsdp2:ema.decay=0.999", "ema.decay=0.999: weight averaging is for the DDP recipes (asr_ddp, tts_ddp); "
+                                   "recipe salm_fsdp2 shards its model (FSDP2)"),
 ])
 def test_bad_settings_are_named(override, message):
     from common.settings import check_settings
 
-    cfg = recipe_config("asr_ddp", ["run.name=ok", override])
+    recipe, _, override = override.rpartition(":") if override.startswith("salm") else ("asr_ddp", "", override)
+    cfg = recipe_config(recipe, ["run.name=ok", override])
     with pytest.raises(ConfigError) as e:
         check_settings(cfg)
     assert message in str(e.value)
