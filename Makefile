@@ -82,6 +82,7 @@ help:
 	@echo "make quality RECIPE=<r>          default run + check its time and WER goals"
 	@echo "make quality-english RECIPE=asr_ddp  default run on data=english (spoken English) + its WER goals"
 	@echo "make quality-english RECIPE=salm_fsdp2  SmolLM2 on that run's exported encoder (make export RECIPE=asr_ddp first)"
+	@echo "make quality-english RECIPE=tts_ddp  one English voice, scored by that run's exported recognizer"
 	@echo "make bench [BENCH_LABEL=name]    every recipe and layout measured -> bench/results/<label>/ (~8 min on 2 cores)"
 	@echo "make plan RECIPE=<r> GPUS_PER_NODE=8 NODES=2 [ARGS='model size overrides']"
 	@echo "                                 per-GPU memory of every valid layout, and which to pick"
@@ -177,14 +178,17 @@ QUALITY_ENGLISH_asr_ddp := --max-wall-s 1800 --max-test-wer unseen_sentences.wer
   --require-test real_recordings
 QUALITY_ENGLISH_salm_fsdp2 := --max-test-wer unseen_sentences.wer=0.45 --require-test unseen_voices \
   --require-test real_recordings
+QUALITY_ENGLISH_tts_ddp := --max-asr-cer 0.15 --min-mel-loss-drop-ratio 0.6
 # salm_fsdp2: SmolLM2 on the encoder of the English asr_ddp run (make quality-english RECIPE=asr_ddp, then
 # make export RECIPE=asr_ddp); its goals compare it with that run (recipes/salm_fsdp2/README.md).
+# tts_ddp: that recognizer transcribes the synthesized unseen sentences (val.asr_cer).
 ASR_EXPORT := outputs/asr_ddp/latest/export
 QUALITY_ENGLISH_ARGS_salm_fsdp2 = model=salm_smollm2 model.pretrained_encoder=$(CURDIR)/$(ASR_EXPORT)
+QUALITY_ENGLISH_ARGS_tts_ddp = eval.asr_checkpoint=$(CURDIR)/$(ASR_EXPORT)
 quality-english: setup
-	@test -n "$(QUALITY_ENGLISH_$(RECIPE))" || { echo "error: no English goals for RECIPE=$(RECIPE) yet (have: asr_ddp salm_fsdp2)" >&2; exit 2; }
+	@test -n "$(QUALITY_ENGLISH_$(RECIPE))" || { echo "error: no English goals for RECIPE=$(RECIPE) yet (have: asr_ddp salm_fsdp2 tts_ddp)" >&2; exit 2; }
 	@test -z "$(QUALITY_ENGLISH_ARGS_$(RECIPE))" -o -f "$(ASR_EXPORT)/config.json" || { echo "error: RECIPE=$(RECIPE)"\
-	  "starts from the English asr_ddp run's encoder, and $(ASR_EXPORT) does not exist: run make quality-english"\
+	  "needs the English asr_ddp run's exported model, and $(ASR_EXPORT) does not exist: run make quality-english"\
 	  "RECIPE=asr_ddp, then make export RECIPE=asr_ddp" >&2; exit 2; }
 	$(MAKE) run RECIPE=$(RECIPE) RUN_NAME=quality-english-$(RUN_NAME) ARGS="data=english $(QUALITY_ENGLISH_ARGS_$(RECIPE)) $(ARGS)"
 	$(PY) -m common.tools.check_run outputs/$(RECIPE)/quality-english-$(RUN_NAME) $(QUALITY_ENGLISH_$(RECIPE))

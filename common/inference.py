@@ -36,8 +36,12 @@ def is_export(path: str | Path) -> bool:
 STATE_PREFIX = "model."  # TrainingModule keeps the recipe's model as `self.model`
 
 
-def read_checkpoint(path: Path) -> tuple[dict, dict | None]:
-    """(everything but the weights, the weights or None if they stay in a sharded checkpoint)."""
+def read_checkpoint(path: Path, weights: str = "average") -> tuple[dict, dict | None]:
+    """(everything but the weights, the weights or None if they stay in a sharded checkpoint).
+
+    ``weights``: a run with ``ema.decay`` keeps two sets; ``average`` (the EMA, its ``state_dict``)
+    or ``trained`` (the weights the optimizer moved, ``current_model_state``). Without an average
+    both name the one set there is."""
     if path.is_dir():  # a sharded (torch.distributed.checkpoint) directory from ModelParallelStrategy
         meta = path / "meta.pt"
         if not meta.exists():
@@ -49,12 +53,14 @@ def read_checkpoint(path: Path) -> tuple[dict, dict | None]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise ConfigError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc})") from exc
-    return ckpt, ckpt.pop("state_dict")
+    state = ckpt.pop("state_dict")
+    trained = ckpt.pop("current_model_state", None)
+    return ckpt, trained if weights == "trained" and trained is not None else state
 
 
-def load_model(checkpoint: str | Path):
+def load_model(checkpoint: str | Path, weights: str = "average"):
     """(model in eval mode, tokenizer, resolved run config) rebuilt from a checkpoint, or from an
-    exported model directory (``common.tools.export``)."""
+    exported model directory (``common.tools.export``); ``weights``: see :func:`read_checkpoint`."""
     from omegaconf import OmegaConf
 
     from common.data.tokenizer import load_tokenizer, tokenizer_from_json
@@ -68,7 +74,7 @@ def load_model(checkpoint: str | Path):
     if is_run_directory(path):
         raise ConfigError(f"{path} is a run directory, not a checkpoint; give one of its checkpoints, e.g. "
                           f"{path / 'checkpoints' / 'last.ckpt'}")
-    meta, state = read_checkpoint(path)
+    meta, state = read_checkpoint(path, weights)
     if "run_config" not in meta:
         raise ConfigError(f"checkpoint {path}: no run_config inside (not written by common.train)")
     cfg = with_legacy_settings(OmegaConf.create(meta["run_config"]))  # an older checkpoint: as it was trained

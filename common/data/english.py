@@ -84,10 +84,22 @@ class EnglishCorpusSpec:
     rate_wpm: tuple = (135, 200)
     pitch: tuple = (25, 75)
     snr_db: tuple = (30.0, 50.0)
+    voice: str | None = None          # one voice (e.g. en-us+m3) for train/dev/test at one rate, pitch and level:
+                                      # a single-speaker corpus for TTS, as LJSpeech is (test_voices stays many voices)
     version: int = 1
 
+    def __post_init__(self):
+        if self.voice is not None:
+            accent, _, variant = self.voice.partition("+")
+            if accent not in ACCENTS or not variant:
+                raise EnglishCorpusError(f"data.english.voice={self.voice!r} is not <accent>+<variant>: accents "
+                                         f"{', '.join(ACCENTS)}; variants: espeak-ng --voices=variant (e.g. en-us+m3)")
+
     def digest(self, sentences: list[str]) -> str:
-        h = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode())
+        fields = asdict(self)
+        if fields["voice"] is None:
+            del fields["voice"]  # the many-voice corpus keeps the digest (and the cache) it had before the setting
+        h = hashlib.sha1(json.dumps(fields, sort_keys=True).encode())
         h.update("\n".join(sentences).encode())
         h.update(espeak_version().encode())
         return h.hexdigest()[:10]
@@ -279,10 +291,13 @@ def plan(spec: EnglishCorpusSpec, sentences: list[tuple[str, str, str]], voices:
         for r in range(readings):
             for i, (key, original, source) in enumerate(by_split["test" if split == "test_voices" else split]):
                 voice = f"{ACCENTS[rng.integers(len(ACCENTS))]}+{variants[rng.integers(len(variants))]}"
-                items.append(_Item(f"en-{split}-{r}-{i:05d}", split, key, original, source, voice,
-                                   int(rng.integers(spec.rate_wpm[0], spec.rate_wpm[1] + 1)),
-                                   int(rng.integers(spec.pitch[0], spec.pitch[1] + 1)),
-                                   float(rng.uniform(*spec.snr_db)), float(rng.uniform(0.3, 0.9))))
+                rate = int(rng.integers(spec.rate_wpm[0], spec.rate_wpm[1] + 1))
+                pitch = int(rng.integers(spec.pitch[0], spec.pitch[1] + 1))
+                snr, gain = float(rng.uniform(*spec.snr_db)), float(rng.uniform(0.3, 0.9))
+                if spec.voice is not None and split != "test_voices":  # one speaker, one manner
+                    voice, rate, pitch, gain = spec.voice, sum(spec.rate_wpm) // 2, sum(spec.pitch) // 2, 0.6
+                items.append(_Item(f"en-{split}-{r}-{i:05d}", split, key, original, source, voice, rate, pitch,
+                                   snr, gain))
     return items
 
 

@@ -94,6 +94,14 @@ def test_ddp_auto_resume_is_exact_and_ignores_an_incomplete_checkpoint(tiny_corp
         for name, value in ends[0][key].items():
             torch.testing.assert_close(ends[1][key][name], value, rtol=1e-5, atol=1e-7, msg=f"{key} {name}")
     assert any(not torch.equal(ends[0]["state_dict"][n], v) for n, v in ends[0]["current_model_state"].items())
+    # Inference reads the average; --weights trained (python -m common.tools.score) the other set.
+    from common.inference import STATE_PREFIX, load_model
+
+    path = full_dir / "checkpoints" / "step000006.ckpt"
+    for weights, key in (("average", "state_dict"), ("trained", "current_model_state")):
+        model = load_model(path, weights=weights)[0]
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(value, ends[0][key][STATE_PREFIX + name], rtol=0, atol=0)
 
     # run.resume=false: the same name starts afresh (step 1), the old checkpoints moved aside.
     fresh = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *ASR, *AUGMENTED, "run.resume=false",

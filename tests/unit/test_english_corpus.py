@@ -84,6 +84,20 @@ def test_dev_and_test_sentences_never_occur_in_training_and_test_voices_are_new(
     assert plan(spec, sentences) == items  # seeded: the same plan again
 
 
+def test_one_voice_reads_the_same_sentences_in_one_manner_for_tts(sentences):
+    """data.english.voice: the same sentences and splits, train/dev/test by that voice at one rate,
+    pitch and level (a single-speaker TTS corpus); test_voices still by the unseen voices; its own cache."""
+    many, one = plan(EnglishCorpusSpec(), sentences), plan(EnglishCorpusSpec(voice="en-us+m3"), sentences)
+    assert [(i.uid, i.split, i.text) for i in one] == [(i.uid, i.split, i.text) for i in many]
+    read = [i for i in one if i.split != "test_voices"]
+    assert {(i.voice, i.rate_wpm, i.pitch, i.gain) for i in read} == {("en-us+m3", 167, 50, 0.6)}
+    assert [i.voice for i in one if i.split == "test_voices"] == [i.voice for i in many if i.split == "test_voices"]
+    keys = [s[0] for s in sentences]
+    assert EnglishCorpusSpec(voice="en-us+m3").digest(keys) != EnglishCorpusSpec().digest(keys)
+    with pytest.raises(english.EnglishCorpusError, match=r"data.english.voice='m3' is not <accent>\+<variant>"):
+        EnglishCorpusSpec(voice="m3")
+
+
 def test_a_small_slice_is_made_for_real_and_reused(tmp_path, sentences):
     (tmp_path / "english_corpus").mkdir()
     (tmp_path / "english_corpus" / f"sentences-{english.texts_fingerprint()}.json").write_text(json.dumps(sentences))

@@ -49,3 +49,10 @@ def test_audio_shorter_than_a_chunk_is_one_piece_and_a_bad_window_is_refused(tmp
     assert np.array_equal(piece, audio)
     with pytest.raises(ConfigError, match=r"--search-s \(5.0\) in \[0, chunk-s\)"):
         next(audio_chunks(path, SR, chunk_s=5.0, search_s=5.0))
+
+
+def test_score_names_a_missing_checkpoint_in_one_line(tmp_path, capsys):
+    from common.tools.score import main
+
+    assert main([str(tmp_path / "nope.ckpt"), str(tmp_path / "dev.jsonl.gz")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: checkpoint {tmp_path / 'nope.ckpt'}: no such file or directory"
