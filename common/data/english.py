@@ -17,6 +17,10 @@ a voice variant: 98 male, female and character voices), speaking rate and pitch,
 are spoken by training variants; ``test_voices`` (the ``test`` sentences again) only by variants
 no other split uses.
 
+``voice`` (``data.english.voice``, e.g. ``en-us+m3``) makes a single-speaker corpus of the same
+sentences and splits instead: train, dev and test read by that voice at one rate, pitch and level,
+as a TTS model without a speaker input needs (``test_voices`` keeps its many unseen voices).
+
 Usage::
 
     from common.data.english import ensure_english_corpus

@@ -64,20 +64,45 @@ def test_asr_ddp_trains_on_english_and_is_scored_on_every_test_set(asr_run):
     assert "generate: english" in config and "max_sentences: 16" in config
 
 
-def test_tts_ddp_trains_on_english(english_dir, tmp_path):
+@pytest.fixture(scope="module")
+def asr_export(asr_run, tmp_path_factory):
+    from common.tools.export import export
+
+    return export(asr_run[0] / "checkpoints" / "last.ckpt", tmp_path_factory.mktemp("english") / "asr_export")
+
+
+def test_tts_ddp_speaks_one_english_voice_scored_by_the_english_recognizer(asr_export, english_dir, tmp_path):
+    """tts_ddp's English preset reads one voice (data.english.voice); the exported recognizer
+    transcribes its synthesis of the unseen sentences (val.asr_cer), as make quality-english does."""
     run_dir = tmp_path / "tts"
-    proc = _launch("tts_ddp", run_dir, english_dir, "trainer.max_steps=2", "trainer.val_check_interval=2")
+    proc = _launch("tts_ddp", run_dir, english_dir, "trainer.max_steps=2", "trainer.val_check_interval=2",
+                   f"eval.asr_checkpoint={asr_export}", "eval.num_sentences=3")
     assert proc.returncode == 0, proc.stderr[-4000:]
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "completed" and s["steps"] == 2 and "test" not in s  # a TTS model is not a recognizer
     assert s["val"]["mel_loss"] < s["val_first"]["mel_loss"]
+    assert s["val"]["asr_num_sentences"] == 3 and 0 <= s["val"]["asr_cer"]
+    from lhotse import CutSet
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    assert cfg.data.english.voice == "en-us+m3"
+    train = [p for p in english_dir.glob("english_corpus/*/train_cuts.jsonl.gz")
+             if json.loads((p.parent / "spec.json").read_text())["spec"].get("voice") == "en-us+m3"]
+    assert len(train) == 1 and {c.supervisions[0].speaker for c in CutSet.from_file(train[0])} == {"en-us+m3"}
 
 
-def test_salm_with_smollm2_starts_from_the_exported_recognizer(asr_run, english_dir, tmp_path):
-    from common.tools.export import export
+def test_salm_tp_fsdp2_trains_on_english(english_dir, tmp_path):
+    run_dir = tmp_path / "salm_tp"
+    proc = _launch("salm_tp_fsdp2", run_dir, english_dir, "trainer.max_steps=2", "trainer.val_check_interval=2",
+                   "+data.test.unseen_voices=[]", "+data.test.real_recordings=[]", "model.max_new_tokens=4")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "completed" and s["steps"] == 2 and s["test"]["unseen_sentences"]["utterances"] == SLICE
 
-    asr_dir, _ = asr_run
-    exported = export(asr_dir / "checkpoints" / "last.ckpt", tmp_path / "asr_export")
+
+def test_salm_with_smollm2_starts_from_the_exported_recognizer(asr_export, english_dir, tmp_path):
+    exported = asr_export
     run_dir = tmp_path / "salm"
     proc = _launch("salm_fsdp2", run_dir, english_dir, "model=salm_smollm2", f"model.pretrained_encoder={exported}",
                    "model.max_new_tokens=6", "trainer.max_steps=2", "trainer.val_check_interval=2",
