@@ -85,3 +85,17 @@ def test_per_gpu_batch_scales_with_the_world_size():
     assert tiny.data.max_duration_s == 30  # the tiny presets keep the global batch
     with pytest.raises(ConfigError, match="data.max_duration_s_per_gpu"):
         check_settings(compose("asr_ddp", ["data.max_duration_s_per_gpu=-3", "run.name=x"]))
+
+
+def test_data_presets_pick_each_default_models_measured_settings():
+    """common/conf/tuning/<family>/<model>_<data>.yaml: asr_ddp's default model on English gets the
+    width, steps and weight average measured there; tts_ddp's reads one voice; the tone corpus and
+    another model preset keep their own settings."""
+    english = compose("asr_ddp", ["data=english"])
+    assert (english.model.encoder.hidden_size, english.trainer.max_steps, english.ema.decay) == (144, 9000, 0.999)
+    assert english.data.speed_perturb is None and english.data.noise is None  # the A/B: they did not help here
+    tone = compose("asr_ddp")
+    assert tone.ema.decay is None and tone.model.encoder.hidden_size == 96
+    assert compose("asr_ddp", ["data=english", "model=fastconformer_ctc_large"]).ema.decay is None
+    assert compose("tts_ddp", ["data=english"]).data.english.voice == "en-us+m3"
+    assert compose("tts_ddp").data.english.voice is None
