@@ -145,8 +145,14 @@ def beam_search(log_probs, pieces: list[str], lm: WordLM, blank_id: int = 0, bea
         add, new_last, _ = _word_score(lm, last, partial, lm_weight, word_bonus)
         return np.logaddexp(pb, pnb) + lm_score + add + lm_weight * lm.logp(new_last, EOS)
 
-    best = max(beams.items(), key=lambda kv: final(kv[1]))[0]
-    return "".join(pieces[c] for c in best).replace(WORD_START, " ").strip()
+    scored = {prefix: final(state) for prefix, state in beams.items()}
+    best = max(scored, key=scored.get)
+    text = "".join(pieces[c] for c in best).replace(WORD_START, " ").strip()
+    if scored[best] == neg:  # every prefix ends inside a word (an untrained model): keep the likeliest
+        best = max(beams, key=lambda p: np.logaddexp(beams[p][0], beams[p][1]) + beams[p][2])
+        words = "".join(pieces[c] for c in best).replace(WORD_START, " ").split()
+        text = " ".join(words[:-1] if beams[best][4] else words)  # one's complete words, never a part of one
+    return text
 
 
 def _word_score(lm: WordLM, last: str, word: str, lm_weight: float, word_bonus: float) -> tuple[float, str, int]:

@@ -42,3 +42,12 @@ def test_search_corrects_a_misspelling_the_acoustics_favour():
     # Repeats merge unless a blank separates them: "▁the ▁the" held over two frames is one word.
     lp2 = _frames({2: 0.9}, {2: 0.9}, {0: 0.9}, vocab=len(pieces))
     assert beam_search(lp2, pieces, lm, skip=frozenset({1})) == "the"
+
+
+def test_a_search_that_ends_inside_every_word_returns_only_complete_words():
+    """When every prefix the beam kept ends inside a word (an untrained model's frames, a narrow beam),
+    the answer keeps the likeliest prefix's complete words, never a part of a word no lexicon has."""
+    pieces = ["<blank>", "<unk>", W + "the", W + "c", "a", "s", "t", W + "dog"]
+    lm = WordLM.build(TEXTS)
+    lp = _frames({2: 0.9}, {0: 0.9}, {3: 0.9}, {4: 0.9}, vocab=len(pieces))  # "▁the ▁c a": "ca" is no word yet
+    assert beam_search(lp, pieces, lm, beam=1, skip=frozenset({1})) == "the"
