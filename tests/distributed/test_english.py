@@ -94,7 +94,8 @@ def test_tts_ddp_speaks_one_english_voice_scored_by_the_english_recognizer(asr_e
 
 def test_salm_tp_fsdp2_trains_on_english(english_dir, tmp_path):
     run_dir = tmp_path / "salm_tp"
-    proc = _launch("salm_tp_fsdp2", run_dir, english_dir, "trainer.max_steps=2", "trainer.val_check_interval=2",
+    proc = _launch("salm_tp_fsdp2", run_dir, english_dir, "trainer.strategy.data_parallel_size=1",  # TP 2, 2 processes
+                   "trainer.max_steps=2", "trainer.val_check_interval=2",
                    "+data.test.unseen_voices=[]", "+data.test.real_recordings=[]", "model.max_new_tokens=4")
     assert proc.returncode == 0, proc.stderr[-4000:]
     s = json.loads((run_dir / "summary.json").read_text())
