@@ -187,7 +187,8 @@ def check_settings(cfg) -> None:
 
         load_bucket_profile(_get(cfg, "data.bucket_profile"), recipe=_get(cfg, "recipe"))  # early: names the file
     speeds = _get(cfg, "data.speed_perturb")
-    if speeds is not None and not (len(speeds) > 0 and all(_is_num(f) and 0.5 <= f <= 2 for f in speeds)):
+    if speeds is not None and not (not isinstance(speeds, (str, int, float)) and len(speeds) > 0
+                                   and all(_is_num(f) and 0.5 <= f <= 2 for f in speeds)):
         raise ConfigError(f"data.speed_perturb must be a list of speed factors in [0.5, 2] (e.g. [0.9, 1.0, 1.1]) "
                           f"or null, got {speeds!r}")
     noise = _get(cfg, "data.noise")

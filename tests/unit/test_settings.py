@@ -29,6 +29,8 @@ from tests.conftest import ROOT, recipe_config
     ("run.name=a/b", "run.name 'a/b' is not a valid run name"),
     ("run.name=latest", "run.name 'latest' is not a valid run name"),
     ("data.speed_perturb=[0.9,3]", "data.speed_perturb must be a list of speed factors in [0.5, 2]"),
+    ("data.speed_perturb=0.9", "data.speed_perturb must be a list of speed factors in [0.5, 2] (e.g. [0.9, 1.0, 1.1]) "
+                               "or null, got 0.9"),
     ("data.noise={snr_db:[30,10]}", "data.noise: snr_db must be [low, high] in dB with low <= high, got [30, 10]"),
     ("ema.decay=1.0", "ema.decay must be a number in (0, 1) or null, got 1.0"),
     ("salm_fsdp2:ema.decay=0.999", "ema.decay=0.999: weight averaging is for the DDP recipes (asr_ddp, tts_ddp); "
