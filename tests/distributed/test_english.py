@@ -106,7 +106,7 @@ def test_salm_with_smollm2_starts_from_the_exported_recognizer(asr_export, engli
     exported = asr_export
     run_dir = tmp_path / "salm"
     proc = _launch("salm_fsdp2", run_dir, english_dir, "model=salm_smollm2", f"model.pretrained_encoder={exported}",
-                   "model.max_new_tokens=6", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                   "model.max_new_tokens=6", "trainer.max_steps=2", "trainer.limit_val_batches=0",  # scored on the test set only
                    "+data.test.unseen_voices=[]", "+data.test.real_recordings=[]")
     assert proc.returncode == 0, proc.stderr[-4000:]
     s = json.loads((run_dir / "summary.json").read_text())
