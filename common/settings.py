@@ -191,26 +191,19 @@ def check_settings(cfg) -> None:
                                    and all(_is_num(f) and 0.5 <= f <= 2 for f in speeds)):
         raise ConfigError(f"data.speed_perturb must be a list of speed factors in [0.5, 2] (e.g. [0.9, 1.0, 1.1]) "
                           f"or null, got {speeds!r}")
-    noise = _get(cfg, "data.noise")
-    if noise is not None:
-        from common.data.features import NoiseConfig
-
-        try:
-            NoiseConfig(**dict(noise))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"data.noise: {exc}") from exc
     if _get(cfg, "ema.decay") is not None and _get(cfg, "parallel") is not None:
         raise ConfigError(f"ema.decay={_get(cfg, 'ema.decay')}: weight averaging is for the DDP recipes (asr_ddp, "
                           f"tts_ddp); recipe {_get(cfg, 'recipe')} shards its model (FSDP2), which leaves no whole "
                           "copy to average: set ema.decay=null")
-    augment = _get(cfg, "data.spec_augment")
-    if augment is not None:
-        from common.data.features import SpecAugmentConfig
+    from common.data.features import NoiseConfig, SpecAugmentConfig
 
-        try:
-            SpecAugmentConfig(**dict(augment))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"data.spec_augment: {exc}") from exc
+    for key, settings_of in (("data.noise", NoiseConfig), ("data.spec_augment", SpecAugmentConfig)):
+        value = _get(cfg, key)  # the class that applies them checks them: the same rules, the key named
+        if value is not None:
+            try:
+                settings_of(**dict(value))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{key}: {exc}") from exc
     words = (_get(cfg, "data.generated.min_words"), _get(cfg, "data.generated.max_words"))
     if None not in words and not (_is_int(words[0]) and _is_int(words[1]) and 1 <= words[0] <= words[1]):
         raise ConfigError(f"data.generated.min_words ({words[0]!r}) and max_words ({words[1]!r}) must be whole "
