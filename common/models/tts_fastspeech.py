@@ -44,8 +44,11 @@ from torch import nn
 
 from common.flops import ModelFlops, Part, trainable_share
 from common.models.alignment import (
+    AttentionAligner,
+    beta_binomial_log_prior,
     diagonal_log_prior,
     expand,
+    forward_sum_loss,
     frame_log_likelihood,
     monotonic_alignment_search,
 )
@@ -111,7 +114,13 @@ class FastSpeechTTS(nn.Module):
                                                  reduction_factor=1, **arch)
         c = self.config
         self.encoder = fs2.FastSpeech2ConformerEncoder(c, c.encoder_config, use_encoder_input_layer=True)
-        self.to_prior = nn.Linear(c.hidden_size, num_mel_bins)  # mu: the mean frame of each token
+        self.alignment = str(cfg.alignment)
+        if self.alignment == "mean_frame":
+            self.to_prior = nn.Linear(c.hidden_size, num_mel_bins)  # mu: the mean frame of each token
+        elif self.alignment == "attention":
+            self.aligner = AttentionAligner(tokenizer.vocab_size, num_mel_bins, pad_id=tokenizer.pad_id)
+        else:
+            raise ValueError(f"model.alignment: {self.alignment!r}; expected mean_frame or attention")
         self.duration_predictor = fs2.FastSpeech2ConformerDurationPredictor(c)
         self.progress = nn.Embedding(PROGRESS_BINS, c.hidden_size)
         self.decoder = fs2.FastSpeech2ConformerEncoder(c, c.decoder_config, use_encoder_input_layer=False)
@@ -156,17 +165,25 @@ class FastSpeechTTS(nn.Module):
         mel, frame_mask = batch["input_features"], batch["feature_mask"]
         frame_lens = frame_mask.sum(1)
         states = self.encode(text, text_lens)
-        mu = self.to_prior(states)
-        # Per mel value, so that the prior's scale does not depend on the number of bins.
-        fit = frame_log_likelihood(mel, mu.detach()) / mel.shape[-1]
-        fit = fit + diagonal_log_prior(text_lens, frame_lens, text.shape[1], mel.shape[1], self.alignment_prior_sigma)
-        durations = monotonic_alignment_search(fit, text_lens, frame_lens)
         valid = frame_mask[..., None].float()
-        # One expansion of the states and, beside them, the prior means (same gather).
-        both, progress = expand(torch.cat([states, mu], -1), durations, mel.shape[1])
-        frames, mu_frames = both.split([states.shape[-1], mu.shape[-1]], dim=-1)
-        # Prior: each frame against the mean of the token the alignment gave it.
-        prior_sum = (0.5 * (mel - mu_frames) ** 2 * valid).sum()
+        if self.alignment == "attention":
+            log_prior = beta_binomial_log_prior(text_lens, frame_lens, text.shape[1], mel.shape[1])
+            log_attn = self.aligner(mel, text, text_lens, frame_lens, log_prior)
+            # Per frame, like the other sums (the search's hard path comes from the same attention).
+            align_sum = forward_sum_loss(log_attn, text_lens, frame_lens)
+            durations = monotonic_alignment_search(log_attn.detach(), text_lens, frame_lens)
+            frames, progress = expand(states, durations, mel.shape[1])
+        else:
+            mu = self.to_prior(states)
+            # Per mel value, so that the prior's scale does not depend on the number of bins.
+            fit = frame_log_likelihood(mel, mu.detach()) / mel.shape[-1]
+            fit = fit + diagonal_log_prior(text_lens, frame_lens, text.shape[1], mel.shape[1], self.alignment_prior_sigma)
+            durations = monotonic_alignment_search(fit, text_lens, frame_lens)
+            # One expansion of the states and, beside them, the prior means (same gather).
+            both, progress = expand(torch.cat([states, mu], -1), durations, mel.shape[1])
+            frames, mu_frames = both.split([states.shape[-1], mu.shape[-1]], dim=-1)
+            # Prior: each frame against the mean of the token the alignment gave it.
+            align_sum = (0.5 * (mel - mu_frames) ** 2 * valid).sum() / mel.shape[-1]
         # Durations: log(1 + frames) per token, from the encoder's states without moving them. Not
         # weighted by frames: that would pull every token towards its longest occurrences.
         log_pred = self.log_durations(states.detach(), text_lens)
@@ -176,7 +193,7 @@ class FastSpeechTTS(nn.Module):
         l1_before = ((before - mel).abs() * valid).sum()
         l1_after = ((after - mel).abs() * valid).sum()
         bins = mel.shape[-1]
-        loss_sum = (l1_before + l1_after + prior_sum) / bins + self.duration_loss_weight * duration_sum
+        loss_sum = (l1_before + l1_after) / bins + align_sum + self.duration_loss_weight * duration_sum
         num_frames = batch["num_frames"] if "num_frames" in batch else int(frame_lens.sum())  # no host sync
         self.last_sums = {"mel_loss": (l1_after.detach() / bins, num_frames),
                           "duration_loss": (duration_sum.detach(), num_frames)}
@@ -203,7 +220,7 @@ class FastSpeechTTS(nn.Module):
     @torch.no_grad()
     def synthesize(self, texts: list[str]) -> list[torch.Tensor]:
         """Log-mel spectrograms (frames, bins) for each text, all sentences in one batch."""
-        device = self.to_prior.weight.device
+        device = self.progress.weight.device
         ids = [self.tokenizer.encode(t) or [self.tokenizer.unk_id] for t in texts]
         text_lens = torch.tensor([len(i) for i in ids], device=device)
         text = torch.zeros(len(ids), int(text_lens.max()), dtype=torch.long, device=device)
@@ -234,10 +251,16 @@ def fastspeech_flops(model: FastSpeechTTS) -> ModelFlops:
 
     def parts_of(frames: int, tokens: int) -> list[Part]:
         encoder = conformer(tokens, c.encoder_layers, c.encoder_linear_units, c.encoder_kernel_size)
-        encoder.weights += 2 * tokens * d * mel  # the prior (mu); alignment search is not a matmul
+        if model.alignment == "mean_frame":  # the prior (mu); alignment search is not a matmul
+            encoder.weights += 2 * tokens * d * mel
+        else:  # the aligner's key and query convolutions and its (tokens x frames) distances
+            a = model.aligner.keys[-1].out_channels
+            encoder.weights += 2 * tokens * (3 * a * 2 * a + 2 * a * a)
+            encoder.weights += 2 * frames * (3 * mel * 2 * mel + 2 * mel * mel + mel * a) + 2 * tokens * frames * a
         p_chans, p_k = c.duration_predictor_channels, c.duration_predictor_kernel_size
         encoder.weights += 2 * tokens * p_k * (d * p_chans + p_chans * p_chans * (c.duration_predictor_layers - 1))
-        encoder.weights += 2 * tokens * frames * mel  # the likelihood of every frame under every token
+        if model.alignment == "mean_frame":
+            encoder.weights += 2 * tokens * frames * mel  # the likelihood of every frame under every token
         decoder = conformer(frames, c.decoder_layers, c.decoder_linear_units, c.decoder_kernel_size)
         units, post_k, post_layers = c.speech_decoder_postnet_units, c.speech_decoder_postnet_kernel, \
             c.speech_decoder_postnet_layers
@@ -245,7 +268,8 @@ def fastspeech_flops(model: FastSpeechTTS) -> ModelFlops:
         decoder.weights += 2 * frames * d * mel + 2 * frames * post_k * convs
         return [encoder, decoder]
 
-    return ModelFlops(parts_of, [trainable_share([model.encoder, model.to_prior, model.duration_predictor]),
+    aligner = model.to_prior if model.alignment == "mean_frame" else model.aligner
+    return ModelFlops(parts_of, [trainable_share([model.encoder, aligner, model.duration_predictor]),
                                  trainable_share([model.progress, model.decoder, model.postnet])])
 
 
@@ -272,5 +296,5 @@ SPEC = register(ModelSpec(
     # post-net (per value), and the tokens' squared log-duration errors.
     validation_metrics=("mel_loss", "duration_loss"), synthesizes=True,
     legacy_settings={"model.duration_loss_weight": 1.0, "model.alignment_prior_sigma": 0.2,
-                     "model.max_frames_per_token": 60.0},
+                     "model.max_frames_per_token": 60.0, "model.alignment": "mean_frame"},
 ))
