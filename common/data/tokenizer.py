@@ -3,7 +3,7 @@
 ``WordTokenizer`` is built from the training text (used by the generated corpus and tiny models);
 ``HFTokenizer`` wraps a pretrained Hugging Face tokenizer (used with ``model.pretrained_llm``);
 ``BPETokenizer`` is a sentencepiece-style BPE trained on the training text (CTC models: id 0 is
-the blank).
+the blank); ``PhonemeTokenizer`` gives espeak-ng's phonemes of a text (TTS).
 
 Usage::
 
@@ -135,6 +135,110 @@ class BPETokenizer(_SavedAsJson):
 
 
 
+class PhonemeTokenizer(_SavedAsJson):
+    """Text -> espeak-ng's phonemes (IPA), one id per phoneme, ``▁`` before each word, stress marks
+    as their own ids. Id 0 pads (``<blank>``) and id 1 is ``<unk>``, as in :class:`BPETokenizer`.
+
+    For TTS: one symbol per sound, where English letters are not ("though", "through"). The
+    phonemes of every training text are kept in the JSON (what the model learned from stays
+    fixed even if espeak-ng changes); other texts are phonemized when first seen, which needs
+    espeak-ng where the model synthesizes.
+
+    Usage::
+
+        tok = PhonemeTokenizer.build(["see the license"], voice="en-us")
+        tok.phonemes("see the license")      # "s_ˈiː ð_ə l_ˈaɪ_s_ə_n_s"
+        tok.encode("see the license")        # ids of ▁ s ˈ iː ▁ ð ə ▁ l ˈ aɪ s ə n s
+    """
+
+    FILENAME = "phoneme_tokenizer.json"
+    SPECIALS = ("<blank>", "<unk>", "\u2581")
+    blank_id = pad_id = 0
+    unk_id = 1
+    eos_id = bos_id = None
+    STRESS = ("\u02c8", "\u02cc")  # ˈ ˌ
+
+    def __init__(self, voice: str, vocab: list[str], known: dict[str, str]):
+        if list(vocab[: len(self.SPECIALS)]) != list(self.SPECIALS):
+            raise ValueError(f"phoneme vocabulary must start with {self.SPECIALS}, got {vocab[:3]}")
+        self.voice, self.vocab, self.known = voice, list(vocab), dict(known)
+        self._index = {p: i for i, p in enumerate(self.vocab)}
+
+    @classmethod
+    def build(cls, texts: Iterable[str], voice: str = "en-us") -> PhonemeTokenizer:
+        from .text import normalize_text
+
+        unique = sorted({normalize_text(t) for t in texts} - {""})
+        known = dict(zip(unique, phonemize(unique, voice)))
+        symbols = sorted({sym for phonemes in known.values() for sym in cls._symbols(phonemes)} - set(cls.SPECIALS))
+        return cls(voice, list(cls.SPECIALS) + symbols, known)
+
+    @classmethod
+    def _symbols(cls, phonemes: str) -> list[str]:
+        out = []
+        for word in phonemes.split():
+            out.append(cls.SPECIALS[2])
+            for sym in word.split("_"):
+                while sym[:1] in cls.STRESS:  # a stress mark before a vowel: its own id
+                    out.append(sym[0])
+                    sym = sym[1:]
+                if sym:
+                    out.append(sym)
+        return out
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def normalize(self, text: str) -> str:
+        from .text import normalize_text
+
+        return normalize_text(text)
+
+    def phonemes(self, text: str) -> str:
+        text = self.normalize(text)
+        if not text:
+            return ""
+        if text not in self.known:
+            self.known[text] = phonemize([text], self.voice)[0]
+        return self.known[text]
+
+    def encode(self, text: str) -> list[int]:
+        return [self._index.get(sym, self.unk_id) for sym in self._symbols(self.phonemes(text))]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The phonemes, ``▁`` as a space (a TTS model's input, for logs)."""
+        syms = [self.vocab[i] for i in ids if 2 <= i < len(self.vocab)]
+        return "".join(" " if s == self.SPECIALS[2] else s for s in syms).strip()
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "phoneme", "voice": self.voice, "vocab": self.vocab, "known": self.known},
+                          ensure_ascii=False, indent=0)
+
+
+def phonemize(texts: list[str], voice: str = "en-us", batch: int = 500) -> list[str]:
+    """espeak-ng's IPA for each text (``_`` between phonemes, a space between words), one process per
+    ``batch`` texts (one per line; a line that is one clause gives one line back)."""
+    import subprocess
+
+    from .english import espeak_binary
+
+    out: list[str] = []
+    for start in range(0, len(texts), batch):
+        chunk = [" ".join(t.split()) for t in texts[start:start + batch]]
+        proc = subprocess.run([espeak_binary(), "-q", "--ipa", "--sep=_", "-v", voice, "--stdin"],
+                              input="\n".join(chunk) + "\n", capture_output=True, text=True)
+        lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+        if proc.returncode != 0:
+            raise RuntimeError(f"espeak-ng -v {voice} --ipa failed on {chunk[0]!r}...: {proc.stderr[-300:]}")
+        if len(chunk) == 1:
+            lines = [" ".join(lines)]  # a text of several clauses comes back as several lines
+        elif len(lines) != len(chunk):  # a line split into clauses: one call per text instead
+            lines = [phonemize([t], voice, batch=1)[0] for t in chunk]
+        out.extend(lines)
+    return out
+
+
 class HFTokenizer:
     """A pretrained tokenizer with the audio placeholder added as a special token."""
 
@@ -193,7 +297,7 @@ class SizedVocabulary:
 
 def load_tokenizer(directory: str | Path):
     directory = Path(directory)
-    for cls in (WordTokenizer, BPETokenizer):
+    for cls in (WordTokenizer, BPETokenizer, PhonemeTokenizer):
         if (directory / cls.FILENAME).exists():
             return tokenizer_from_json((directory / cls.FILENAME).read_text())
     if (directory / "tokenizer_config.json").exists():
@@ -208,4 +312,6 @@ def tokenizer_from_json(text: str):
     data = json.loads(text)
     if data.get("type") == "word":
         return WordTokenizer(data["vocab"])
+    if data.get("type") == "phoneme":
+        return PhonemeTokenizer(data["voice"], data["vocab"], data["known"])
     return BPETokenizer.from_json(text)

@@ -94,6 +94,16 @@ def bpe_tokenizer(cfg, texts):
     return BPETokenizer.build(texts, vocab_size=cfg.model.tokenizer.vocab_size)
 
 
+def tts_tokenizer(cfg, texts):
+    """espeak-ng phonemes when ``model.tokenizer.phonemes`` names a voice (e.g. ``en-us``), else
+    :func:`bpe_tokenizer` (characters at ``vocab_size: 1``)."""
+    if cfg.model.tokenizer.phonemes:
+        from common.data.tokenizer import PhonemeTokenizer
+
+        return PhonemeTokenizer.build(texts, voice=cfg.model.tokenizer.phonemes)
+    return bpe_tokenizer(cfg, texts)
+
+
 _SPECS: dict[str, ModelSpec] = {}
 
 

@@ -53,7 +53,7 @@ from common.models.alignment import (
     monotonic_alignment_search,
 )
 from common.models.encoder import ChannelLayerNorm
-from common.models.spec import FRAME_S, TEXT_TOKENS_PER_S, ModelSpec, bpe_tokenizer, register
+from common.models.spec import FRAME_S, TEXT_TOKENS_PER_S, ModelSpec, register, tts_tokenizer
 from common.parallel.spec import ParallelHooks
 
 PROGRESS_BINS = 16  # resolution of "how far into its token a frame lies"
@@ -290,11 +290,12 @@ def fastspeech_activation_values(cfg, model: FastSpeechTTS, batch) -> float:
 
 SPEC = register(ModelSpec(
     name="tts_fastspeech", build=lambda cfg, tokenizer: FastSpeechTTS(cfg.model, tokenizer, num_mel_bins=cfg.data.num_mel_bins),
-    tokenizer=bpe_tokenizer, flops=fastspeech_flops, activation_values=fastspeech_activation_values,
+    tokenizer=tts_tokenizer, flops=fastspeech_flops, activation_values=fastspeech_activation_values,
     loss_normalizer="global_num_frames",  # loss sums are per mel frame
     # Reported besides the total loss, per frame like it: |predicted - target| log-mel after the
     # post-net (per value), and the tokens' squared log-duration errors.
     validation_metrics=("mel_loss", "duration_loss"), synthesizes=True,
     legacy_settings={"model.duration_loss_weight": 1.0, "model.alignment_prior_sigma": 0.2,
-                     "model.max_frames_per_token": 60.0, "model.alignment": "mean_frame"},
+                     "model.max_frames_per_token": 60.0, "model.alignment": "mean_frame",
+                     "model.tokenizer.phonemes": None},
 ))

@@ -51,3 +51,34 @@ def test_bpe_normalizes_text_and_keeps_normalization_when_saved(tmp_path):
     again = load_tokenizer(tmp_path)
     assert again.encode("ALPHA -- Bravo") == tok.encode("alpha bravo")
     assert again.decode(again.encode("Charlie?")) == "charlie"
+
+
+def test_phonemes_are_espeak_ngs_one_id_each_and_the_training_texts_phonemes_travel_with_it(tmp_path, monkeypatch):
+    from common.data import tokenizer as module
+    from common.data.tokenizer import PhonemeTokenizer, load_tokenizer, tokenizer_from_json
+
+    tok = PhonemeTokenizer.build(["Though the cough...", "through the rough", "see the license"], voice="en-us")
+    assert tok.pad_id == tok.blank_id == 0 and tok.vocab[:3] == ["<blank>", "<unk>", "\u2581"]
+    # One symbol per sound: "though" and "through" share their spelling's "ough", not their sounds.
+    assert tok.phonemes("though") != tok.phonemes("through").removeprefix("θ_ɹ_")
+    ids = tok.encode("Through the ROUGH!")  # normalized as every text of the project is
+    assert ids == tok.encode("through the rough") and tok.unk_id not in ids
+    assert [tok.vocab[i] for i in ids].count("\u2581") == 3  # a word boundary before each word
+    assert "ˈ" in tok.vocab and not any(s.startswith(("ˈ", "ˌ")) and len(s) > 1 for s in tok.vocab)  # stress: own id
+    tok.save(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again.vocab == tok.vocab and again.known == tok.known
+    # Training texts are not phonemized again (what the model learned stays fixed); new text is.
+    calls = []
+    monkeypatch.setattr(module, "phonemize", lambda texts, voice: calls.append(texts) or ["n_ˈuː"] * len(texts))
+    copy = tokenizer_from_json(tok.to_json())
+    assert copy.encode("see the license") == tok.encode("see the license") and calls == []
+    assert copy.decode(copy.encode("new")) == "nˈuː" and calls == [["new"]]
+
+
+def test_phonemize_keeps_one_result_per_text_even_when_espeak_splits_a_line():
+    from common.data.tokenizer import phonemize
+
+    texts = ["hello world", "one two, three; four: five", "", "x"]
+    batched = phonemize([t for t in texts if t], "en-us")
+    assert batched == [phonemize([t], "en-us", batch=1)[0] for t in texts if t] and len(batched) == 3
