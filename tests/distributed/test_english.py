@@ -86,7 +86,12 @@ def test_tts_ddp_speaks_one_english_voice_scored_by_the_english_recognizer(asr_e
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    assert cfg.data.english.voice == "en-us+m3"
+    assert cfg.data.english.voice == "en-us+m3" and cfg.model.tokenizer.phonemes == "en-us"
+    from common.inference import load_model  # the model reads espeak-ng's phonemes, saved with it
+
+    _, tokenizer, _ = load_model(run_dir / "checkpoints" / "last.ckpt")
+    assert type(tokenizer).__name__ == "PhonemeTokenizer" and (run_dir / "tokenizer" / tokenizer.FILENAME).is_file()
+    assert "ð" in tokenizer.vocab and tokenizer.unk_id not in tokenizer.encode("the license")
     train = [p for p in english_dir.glob("english_corpus/*/train_cuts.jsonl.gz")
              if json.loads((p.parent / "spec.json").read_text())["spec"].get("voice") == "en-us+m3"]
     assert len(train) == 1 and {c.supervisions[0].speaker for c in CutSet.from_file(train[0])} == {"en-us+m3"}
