@@ -30,16 +30,6 @@ def frame_log_likelihood(mel: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     return cross - 0.5 * (mu**2).sum(-1, keepdim=True) - 0.5 * (mel**2).sum(-1)[:, None, :]
 
 
-def gaussian_log_likelihood(mel: torch.Tensor, mu: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """log N(mel_t; mu_j, diag(exp(log_scale_j))^2) up to a constant, (batch, tokens, frames): each token
-    with its own spread per mel bin (Glow-TTS's prior, here on the log-mel itself), so that the bins
-    where a token varies (loudness) count less than those where it does not (its formants)."""
-    w = torch.exp(-2 * log_scale)                                   # (b, tokens, bins): precisions
-    quad = torch.bmm(w, (mel**2).transpose(1, 2)) - 2 * torch.bmm(mu * w, mel.transpose(1, 2)) \
-        + (mu**2 * w).sum(-1, keepdim=True)
-    return -log_scale.sum(-1, keepdim=True) - 0.5 * quad
-
-
 def diagonal_log_prior(text_lens, frame_lens, n_text: int, n_frames: int, sigma: float) -> torch.Tensor:
     """(batch, tokens, frames): -(t/T - j/N)^2 / (2 sigma^2) for frame t of T and token j of N (centres)."""
     j = (torch.arange(n_text, device=text_lens.device)[None, :, None] + 0.5) / text_lens[:, None, None]

@@ -50,7 +50,6 @@ from common.models.alignment import (
     expand,
     forward_sum_loss,
     frame_log_likelihood,
-    gaussian_log_likelihood,
     monotonic_alignment_search,
 )
 from common.models.encoder import ChannelLayerNorm
@@ -116,13 +115,12 @@ class FastSpeechTTS(nn.Module):
         c = self.config
         self.encoder = fs2.FastSpeech2ConformerEncoder(c, c.encoder_config, use_encoder_input_layer=True)
         self.alignment = str(cfg.alignment)
-        if self.alignment in ("mean_frame", "frame_gaussian"):
-            # mu: the mean frame of each token (and, for frame_gaussian, its log spread per bin)
-            self.to_prior = nn.Linear(c.hidden_size, num_mel_bins * (2 if self.alignment == "frame_gaussian" else 1))
+        if self.alignment == "mean_frame":
+            self.to_prior = nn.Linear(c.hidden_size, num_mel_bins)  # mu: the mean frame of each token
         elif self.alignment == "attention":
             self.aligner = AttentionAligner(tokenizer.vocab_size, num_mel_bins, pad_id=tokenizer.pad_id)
         else:
-            raise ValueError(f"model.alignment: {self.alignment!r}; expected mean_frame, frame_gaussian or attention")
+            raise ValueError(f"model.alignment: {self.alignment!r}; expected mean_frame or attention")
         self.duration_predictor = fs2.FastSpeech2ConformerDurationPredictor(c)
         self.progress = nn.Embedding(PROGRESS_BINS, c.hidden_size)
         self.decoder = fs2.FastSpeech2ConformerEncoder(c, c.decoder_config, use_encoder_input_layer=False)
@@ -175,17 +173,6 @@ class FastSpeechTTS(nn.Module):
             align_sum = forward_sum_loss(log_attn, text_lens, frame_lens)
             durations = monotonic_alignment_search(log_attn.detach(), text_lens, frame_lens)
             frames, progress = expand(states, durations, mel.shape[1])
-        elif self.alignment == "frame_gaussian":
-            mu, log_scale = self.to_prior(states).split(mel.shape[-1], dim=-1)
-            log_scale = log_scale.clamp(min=-3.0)  # a spread below 0.05 log units would reward memorizing a frame
-            fit = gaussian_log_likelihood(mel, mu.detach(), log_scale.detach()) / mel.shape[-1]
-            fit = fit + diagonal_log_prior(text_lens, frame_lens, text.shape[1], mel.shape[1], self.alignment_prior_sigma)
-            durations = monotonic_alignment_search(fit, text_lens, frame_lens)
-            both, progress = expand(torch.cat([states, mu, log_scale], -1), durations, mel.shape[1])
-            frames, mu_frames, ls_frames = both.split([states.shape[-1], mel.shape[-1], mel.shape[-1]], dim=-1)
-            # Prior: each frame's negative log-likelihood under the token the alignment gave it.
-            nll = ls_frames + 0.5 * (mel - mu_frames) ** 2 * torch.exp(-2 * ls_frames)
-            align_sum = (nll * valid).sum() / mel.shape[-1]
         else:
             mu = self.to_prior(states)
             # Per mel value, so that the prior's scale does not depend on the number of bins.
@@ -264,16 +251,16 @@ def fastspeech_flops(model: FastSpeechTTS) -> ModelFlops:
 
     def parts_of(frames: int, tokens: int) -> list[Part]:
         encoder = conformer(tokens, c.encoder_layers, c.encoder_linear_units, c.encoder_kernel_size)
-        if model.alignment != "attention":  # the prior (mu, and spread); alignment search is not a matmul
-            encoder.weights += 2 * tokens * d * model.to_prior.out_features
+        if model.alignment == "mean_frame":  # the prior (mu); alignment search is not a matmul
+            encoder.weights += 2 * tokens * d * mel
         else:  # the aligner's key and query convolutions and its (tokens x frames) distances
             a = model.aligner.keys[-1].out_channels
             encoder.weights += 2 * tokens * (3 * a * 2 * a + 2 * a * a)
             encoder.weights += 2 * frames * (3 * mel * 2 * mel + 2 * mel * mel + mel * a) + 2 * tokens * frames * a
         p_chans, p_k = c.duration_predictor_channels, c.duration_predictor_kernel_size
         encoder.weights += 2 * tokens * p_k * (d * p_chans + p_chans * p_chans * (c.duration_predictor_layers - 1))
-        if model.alignment != "attention":  # the likelihood of every frame under every token
-            encoder.weights += 2 * tokens * frames * mel * (2 if model.alignment == "frame_gaussian" else 1)
+        if model.alignment == "mean_frame":
+            encoder.weights += 2 * tokens * frames * mel  # the likelihood of every frame under every token
         decoder = conformer(frames, c.decoder_layers, c.decoder_linear_units, c.decoder_kernel_size)
         units, post_k, post_layers = c.speech_decoder_postnet_units, c.speech_decoder_postnet_kernel, \
             c.speech_decoder_postnet_layers
@@ -281,7 +268,7 @@ def fastspeech_flops(model: FastSpeechTTS) -> ModelFlops:
         decoder.weights += 2 * frames * d * mel + 2 * frames * post_k * convs
         return [encoder, decoder]
 
-    aligner = model.aligner if model.alignment == "attention" else model.to_prior
+    aligner = model.to_prior if model.alignment == "mean_frame" else model.aligner
     return ModelFlops(parts_of, [trainable_share([model.encoder, aligner, model.duration_predictor]),
                                  trainable_share([model.progress, model.decoder, model.postnet])])
 

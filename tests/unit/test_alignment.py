@@ -14,7 +14,6 @@ from common.models.alignment import (
     expand,
     forward_sum_loss,
     frame_log_likelihood,
-    gaussian_log_likelihood,
     monotonic_alignment_search,
 )
 
@@ -139,19 +138,3 @@ def test_attention_aligner_learns_which_frames_belong_to_which_token():
         alone = aligner(mel[1:, :14], text[1:, :3], text_lens[1:], frame_lens[1:], prior[1:, :3, :14])
     assert agreement(monotonic_alignment_search(log_attn, text_lens, frame_lens)) >= 0.8
     assert torch.allclose(alone[0], log_attn[1, :3, :14], atol=1e-4)
-
-
-def test_gaussian_likelihood_weighs_each_bin_by_the_tokens_spread():
-    gen = torch.Generator().manual_seed(0)
-    mel, mu = torch.randn(2, 7, 5, generator=gen), torch.randn(2, 3, 5, generator=gen)
-    log_scale = 0.5 * torch.randn(2, 3, 5, generator=gen)
-    got = gaussian_log_likelihood(mel, mu, log_scale)
-    direct = torch.distributions.Normal(mu[:, :, None, :], log_scale.exp()[:, :, None, :]).log_prob(mel[:, None]).sum(-1)
-    assert torch.allclose(got, direct + 0.5 * 5 * torch.log(torch.tensor(2 * torch.pi)), atol=1e-4)
-    assert torch.allclose(gaussian_log_likelihood(mel, mu, torch.zeros_like(mu)), frame_log_likelihood(mel, mu), atol=1e-5)
-    # A frame off in a bin where the token varies widely costs little; in a tight bin, much.
-    frame = mu[:1, :1].clone()
-    frame[..., 0] += 3
-    wide, tight = torch.zeros(1, 1, 5), torch.zeros(1, 1, 5)
-    wide[..., 0], tight[..., 0] = 1.5, -1.5
-    assert gaussian_log_likelihood(frame, mu[:1, :1], wide) + 5 * 0 > gaussian_log_likelihood(frame, mu[:1, :1], tight) + 3
