@@ -115,12 +115,14 @@ class FastSpeechTTS(nn.Module):
         c = self.config
         self.encoder = fs2.FastSpeech2ConformerEncoder(c, c.encoder_config, use_encoder_input_layer=True)
         self.alignment = str(cfg.alignment)
-        if self.alignment == "mean_frame":
-            self.to_prior = nn.Linear(c.hidden_size, num_mel_bins)  # mu: the mean frame of each token
-        elif self.alignment == "attention":
-            self.aligner = AttentionAligner(tokenizer.vocab_size, num_mel_bins, pad_id=tokenizer.pad_id)
-        else:
+        if self.alignment not in ("mean_frame", "attention"):
             raise ValueError(f"model.alignment: {self.alignment!r}; expected mean_frame or attention")
+        # mu: the mean frame of each token. It finds the durations (mean_frame) and, with either
+        # alignment, its loss is the encoder's direct target: without it, an encoder trained only
+        # through the decoder forgot the tokens on English (recipes/tts_ddp/README.md).
+        self.to_prior = nn.Linear(c.hidden_size, num_mel_bins)
+        if self.alignment == "attention":
+            self.aligner = AttentionAligner(tokenizer.vocab_size, num_mel_bins, pad_id=tokenizer.pad_id)
         self.duration_predictor = fs2.FastSpeech2ConformerDurationPredictor(c)
         self.progress = nn.Embedding(PROGRESS_BINS, c.hidden_size)
         self.decoder = fs2.FastSpeech2ConformerEncoder(c, c.decoder_config, use_encoder_input_layer=False)
@@ -166,24 +168,24 @@ class FastSpeechTTS(nn.Module):
         frame_lens = frame_mask.sum(1)
         states = self.encode(text, text_lens)
         valid = frame_mask[..., None].float()
+        mu = self.to_prior(states)
         if self.alignment == "attention":
             log_prior = beta_binomial_log_prior(text_lens, frame_lens, text.shape[1], mel.shape[1])
             log_attn = self.aligner(mel, text, text_lens, frame_lens, log_prior)
             # Per frame, like the other sums (the search's hard path comes from the same attention).
             align_sum = forward_sum_loss(log_attn, text_lens, frame_lens)
             durations = monotonic_alignment_search(log_attn.detach(), text_lens, frame_lens)
-            frames, progress = expand(states, durations, mel.shape[1])
         else:
-            mu = self.to_prior(states)
             # Per mel value, so that the prior's scale does not depend on the number of bins.
             fit = frame_log_likelihood(mel, mu.detach()) / mel.shape[-1]
             fit = fit + diagonal_log_prior(text_lens, frame_lens, text.shape[1], mel.shape[1], self.alignment_prior_sigma)
             durations = monotonic_alignment_search(fit, text_lens, frame_lens)
-            # One expansion of the states and, beside them, the prior means (same gather).
-            both, progress = expand(torch.cat([states, mu], -1), durations, mel.shape[1])
-            frames, mu_frames = both.split([states.shape[-1], mu.shape[-1]], dim=-1)
-            # Prior: each frame against the mean of the token the alignment gave it.
-            align_sum = (0.5 * (mel - mu_frames) ** 2 * valid).sum() / mel.shape[-1]
+            align_sum = 0.0
+        # One expansion of the states and, beside them, the prior means (same gather).
+        both, progress = expand(torch.cat([states, mu], -1), durations, mel.shape[1])
+        frames, mu_frames = both.split([states.shape[-1], mu.shape[-1]], dim=-1)
+        # Prior: each frame against the mean of the token the alignment gave it.
+        align_sum = align_sum + (0.5 * (mel - mu_frames) ** 2 * valid).sum() / mel.shape[-1]
         # Durations: log(1 + frames) per token, from the encoder's states without moving them. Not
         # weighted by frames: that would pull every token towards its longest occurrences.
         log_pred = self.log_durations(states.detach(), text_lens)
@@ -251,9 +253,8 @@ def fastspeech_flops(model: FastSpeechTTS) -> ModelFlops:
 
     def parts_of(frames: int, tokens: int) -> list[Part]:
         encoder = conformer(tokens, c.encoder_layers, c.encoder_linear_units, c.encoder_kernel_size)
-        if model.alignment == "mean_frame":  # the prior (mu); alignment search is not a matmul
-            encoder.weights += 2 * tokens * d * mel
-        else:  # the aligner's key and query convolutions and its (tokens x frames) distances
+        encoder.weights += 2 * tokens * d * mel  # the prior (mu); alignment search is not a matmul
+        if model.alignment == "attention":  # the aligner's key and query convolutions and its (tokens x frames) distances
             a = model.aligner.keys[-1].out_channels
             encoder.weights += 2 * tokens * (3 * a * 2 * a + 2 * a * a)
             encoder.weights += 2 * frames * (3 * mel * 2 * mel + 2 * mel * mel + mel * a) + 2 * tokens * frames * a
@@ -268,8 +269,8 @@ def fastspeech_flops(model: FastSpeechTTS) -> ModelFlops:
         decoder.weights += 2 * frames * d * mel + 2 * frames * post_k * convs
         return [encoder, decoder]
 
-    aligner = model.to_prior if model.alignment == "mean_frame" else model.aligner
-    return ModelFlops(parts_of, [trainable_share([model.encoder, aligner, model.duration_predictor]),
+    aligner = [model.aligner] if model.alignment == "attention" else []
+    return ModelFlops(parts_of, [trainable_share([model.encoder, model.to_prior, *aligner, model.duration_predictor]),
                                  trainable_share([model.progress, model.decoder, model.postnet])])
 
 

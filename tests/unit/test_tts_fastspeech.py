@@ -94,3 +94,18 @@ def test_synthesis_length_comes_from_the_durations_and_the_frame_limit_is_counte
     model.synthesize(texts)
     assert model.last_synthesis["too_short"] == 3 and model.last_synthesis["hit_frame_limit"] == 3
     model.max_frames_per_token = float(cfg.model.max_frames_per_token)
+
+
+def test_attention_alignment_trains_every_parameter_and_keeps_the_encoders_target(setup):
+    """model.alignment=attention: DDP runs without an unused-parameter search, so every parameter must
+    get a gradient in every step (the aligner's from the forward-sum loss, the encoder's also from the
+    mean-frame prior, which keeps its states specific to their tokens)."""
+    _, tok, batch, _ = setup
+    cfg = recipe_config("tts_ddp", ["model.alignment=attention"])
+    torch.manual_seed(0)
+    model = build_model(cfg, tok).train()
+    loss, n = model(batch)
+    (loss / n).backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    # to_prior's only path to the loss is the mean-frame prior: its gradient is the encoder's target.
+    assert missing == [] and hasattr(model, "aligner") and model.alignment == "attention"
