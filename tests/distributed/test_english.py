@@ -74,12 +74,10 @@ def asr_export(asr_run, tmp_path_factory):
 def test_tts_ddp_speaks_one_english_voice_scored_by_the_english_recognizer(asr_export, english_dir, tmp_path):
     """tts_ddp's English preset reads one voice (data.english.voice); the exported recognizer
     transcribes its synthesis of the unseen sentences (val.asr_cer), as make quality-english does.
-    With the two English options measured in recipes/tts_ddp/README.md (espeak-ng phonemes in, the
-    learned attention alignment), which this is the one real run of."""
+    It reads espeak-ng's phonemes and learns its alignment by attention (the preset's choices)."""
     run_dir = tmp_path / "tts"
     proc = _launch("tts_ddp", run_dir, english_dir, "trainer.max_steps=2", "trainer.val_check_interval=2",
-                   f"eval.asr_checkpoint={asr_export}", "eval.num_sentences=3",
-                   "model.tokenizer.phonemes=en-us", "model.alignment=attention")
+                   f"eval.asr_checkpoint={asr_export}", "eval.num_sentences=3")
     assert proc.returncode == 0, proc.stderr[-4000:]
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "completed" and s["steps"] == 2 and "test" not in s  # a TTS model is not a recognizer

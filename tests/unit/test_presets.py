@@ -89,7 +89,7 @@ def test_per_gpu_batch_scales_with_the_world_size():
 
 def test_data_presets_pick_each_default_models_measured_settings():
     """common/conf/tuning/<family>/<model>_<data>.yaml: asr_ddp's default model on English gets the
-    width, steps and weight average measured there; tts_ddp's reads one voice; the tone corpus and
+    width, steps and weight average measured there; tts_ddp's reads one voice, in phonemes, with the attention alignment; the tone corpus and
     another model preset keep their own settings."""
     english = compose("asr_ddp", ["data=english"])
     assert (english.model.encoder.hidden_size, english.trainer.max_steps, english.ema.decay) == (144, 9000, 0.999)
@@ -97,5 +97,8 @@ def test_data_presets_pick_each_default_models_measured_settings():
     tone = compose("asr_ddp")
     assert tone.ema.decay is None and tone.model.encoder.hidden_size == 96
     assert compose("asr_ddp", ["data=english", "model=fastconformer_ctc_large"]).ema.decay is None
-    assert compose("tts_ddp", ["data=english"]).data.english.voice == "en-us+m3"
-    assert compose("tts_ddp").data.english.voice is None
+    tts_english, tts_tone = compose("tts_ddp", ["data=english"]), compose("tts_ddp")
+    assert (tts_english.data.english.voice, tts_english.model.tokenizer.phonemes, tts_english.model.alignment) \
+        == ("en-us+m3", "en-us", "attention")
+    assert (tts_tone.data.english.voice, tts_tone.model.tokenizer.phonemes, tts_tone.model.alignment) \
+        == (None, None, "mean_frame")  # characters and the search over mean frames

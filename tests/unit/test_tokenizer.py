@@ -82,3 +82,13 @@ def test_phonemize_keeps_one_result_per_text_even_when_espeak_splits_a_line():
     texts = ["hello world", "one two, three; four: five", "", "x"]
     batched = phonemize([t for t in texts if t], "en-us")
     assert batched == [phonemize([t], "en-us", batch=1)[0] for t in texts if t] and len(batched) == 3
+
+
+def test_phonemizing_without_espeak_ng_names_the_setting_and_the_install(monkeypatch, tmp_path):
+    import pytest
+
+    from common.data.tokenizer import phonemize
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no espeak-ng on this PATH
+    with pytest.raises(RuntimeError, match=r"model.tokenizer.phonemes=en-us: .*espeak-ng.*apt-get install espeak-ng"):
+        phonemize(["hello"], "en-us")
