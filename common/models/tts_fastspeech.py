@@ -26,6 +26,8 @@ The loss is a *sum* over the batch's valid frames, normalized by the global batc
 
     sum over frames of (L1 before post-net + L1 after post-net + prior) / num_mel_bins
     + duration_loss_weight x sum over tokens of (log(1 + predicted frames) - log(1 + aligned frames))^2
+    + with model.alignment=attention, the aligner's forward-sum loss (common.models.alignment), whose
+      log attention the search then runs over instead of the mean frames
 
 Usage::
 
