@@ -220,10 +220,11 @@ def split_of(normalized: str, spec: EnglishCorpusSpec) -> str:
 
 
 # --- voices --------------------------------------------------------------------------------------
-def espeak_binary() -> str:
+def espeak_binary(needed_by: str = "data=english speaks its sentences with espeak-ng") -> str:
+    """The espeak-ng binary, or one error line saying what needs it and how to install it."""
     path = shutil.which("espeak-ng")
     if path is None:
-        raise EnglishCorpusError(f"data=english speaks its sentences with espeak-ng, which is not installed: {INSTALL_HINT}")
+        raise EnglishCorpusError(f"{needed_by}, which is not installed: {INSTALL_HINT}")
     return path
 
 

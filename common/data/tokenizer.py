@@ -219,15 +219,11 @@ class PhonemeTokenizer(_SavedAsJson):
 def phonemize(texts: list[str], voice: str = "en-us", batch: int = 500) -> list[str]:
     """espeak-ng's IPA for each text (``_`` between phonemes, a space between words), one process per
     ``batch`` texts (one per line; a line that is one clause gives one line back)."""
-    import shutil
     import subprocess
 
-    from .english import INSTALL_HINT
+    from .english import espeak_binary
 
-    binary = shutil.which("espeak-ng")
-    if binary is None:  # one line naming the setting that needs it and the install
-        raise RuntimeError(f"model.tokenizer.phonemes={voice}: phonemizing text needs espeak-ng, which is not "
-                           f"installed: {INSTALL_HINT}")
+    binary = espeak_binary(f"model.tokenizer.phonemes={voice}: phonemizing text needs espeak-ng")
     out: list[str] = []
     for start in range(0, len(texts), batch):
         chunk = [" ".join(t.split()) for t in texts[start:start + batch]]
