@@ -69,7 +69,8 @@ SPLITS = ("train", "dev", "test", "test_voices")
 # Real human speech to report on, never to train or tune on: Debian's pocketsphinx-testdata (5 LibriVox
 # sentences of "Sense and Sensibility", 5 spoken card names), read where the package installs it.
 REAL_RECORDINGS_DIR = Path("/usr/share/pocketsphinx/test/data")
-INSTALL_HINT = "install it with: sudo apt-get install espeak-ng (Debian/Ubuntu; `make setup` does on Debian)"
+INSTALL_HINT = ("install it with: sudo apt-get install espeak-ng (Debian/Ubuntu; a system package, so `make setup`, "
+                "which makes the Python environment, does not; README \"Spoken English\")")
 
 
 class EnglishCorpusError(RuntimeError):

@@ -313,9 +313,11 @@ def _rank_batch(args, shape, layout, tokenizer, mesh, rank: int):
     try:
         batch = next(iter(dm.train_dataloader()))
     except StopIteration:
+        # Named both ways: make users set SLICE_S / DATA, the module's users --slice-s / --data.
         raise ConfigError(f"the training data forms no global batch of data.max_duration_s={cfg.data.max_duration_s:g} s "
                           f"({dp} data-parallel ranks): a smaller corpus than one step of this job; use the job's "
-                          "DATA, or --slice-s to run a slice of each rank's share") from None
+                          "data (make dry-run ... DATA=<preset>, or --data), or run a slice of each rank's share "
+                          "(make dry-run ... SLICE_S=4, or --slice-s 4: 4 audio seconds per rank)") from None
     batch = dm.on_after_batch_transfer(dm.on_before_batch_transfer(batch, 0), 0)
     frames = batch["feature_mask"].sum() if "feature_mask" in batch else None
     return batch, {"utterances": int(batch["input_features"].shape[0]),

@@ -79,3 +79,12 @@ def test_parse_ranks():
 def test_a_ddp_recipe_is_refused_in_one_line():
     proc = dry_run("asr_ddp", "--nodes", "2", "--gpus-per-node", "2", "--ranks", "0", timeout=120)
     assert proc.returncode == 2 and "RECIPE=asr_ddp trains with DDP" in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+def test_a_corpus_smaller_than_one_step_names_the_make_variable_and_the_flag(tiny_corpus):
+    # The tiny corpus cannot fill a global batch of 10,000 s; make users type SLICE_S, not --slice-s.
+    proc = dry_run(*JOB, "--ranks", "0", f"data.dir={tiny_corpus['dir']}", "data.generated.num_train=120",
+                   "data.generated.num_val=16", "data.max_duration_s=10000", timeout=300)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("error: the training data forms no global batch"), proc.stderr
+    assert "SLICE_S=4" in last and "--slice-s 4" in last and "DATA=<preset>" in last, last
