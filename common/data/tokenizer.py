@@ -165,11 +165,14 @@ class PhonemeTokenizer(_SavedAsJson):
         self._index = {p: i for i, p in enumerate(self.vocab)}
 
     @classmethod
-    def build(cls, texts: Iterable[str], voice: str = "en-us") -> PhonemeTokenizer:
+    def build(cls, texts: Iterable[str], voice: str = "en-us", cache_dir: str | Path | None = None) -> PhonemeTokenizer:
+        """``cache_dir``: keep the texts' phonemes there (:func:`cached_phonemize`), so that a relaunch,
+        a resume and the other ranks read them instead of running espeak-ng over every training text."""
         from .text import normalize_text
 
         unique = sorted({normalize_text(t) for t in texts} - {""})
-        known = dict(zip(unique, phonemize(unique, voice)))
+        phonemes = cached_phonemize(unique, voice, cache_dir) if cache_dir is not None else phonemize(unique, voice)
+        known = dict(zip(unique, phonemes))
         symbols = sorted({sym for phonemes in known.values() for sym in cls._symbols(phonemes)} - set(cls.SPECIALS))
         return cls(voice, list(cls.SPECIALS) + symbols, known)
 
@@ -218,7 +221,8 @@ class PhonemeTokenizer(_SavedAsJson):
 
 def phonemize(texts: list[str], voice: str = "en-us", batch: int = 500) -> list[str]:
     """espeak-ng's IPA for each text (``_`` between phonemes, a space between words), one process per
-    ``batch`` texts (one per line; a line that is one clause gives one line back)."""
+    ``batch`` texts (one paragraph each: espeak-ng reads lines without end punctuation as one clause;
+    a text of one clause gives one line back)."""
     import subprocess
 
     from .english import espeak_binary
@@ -228,7 +232,7 @@ def phonemize(texts: list[str], voice: str = "en-us", batch: int = 500) -> list[
     for start in range(0, len(texts), batch):
         chunk = [" ".join(t.split()) for t in texts[start:start + batch]]
         proc = subprocess.run([binary, "-q", "--ipa", "--sep=_", "-v", voice, "--stdin"],
-                              input="\n".join(chunk) + "\n", capture_output=True, text=True)
+                              input="\n\n".join(chunk) + "\n", capture_output=True, text=True)
         lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
         if proc.returncode != 0:
             raise RuntimeError(f"espeak-ng -v {voice} --ipa failed on {chunk[0]!r}...: {proc.stderr[-300:]}")
@@ -238,6 +242,43 @@ def phonemize(texts: list[str], voice: str = "en-us", batch: int = 500) -> list[
             lines = [phonemize([t], voice, batch=1)[0] for t in chunk]
         out.extend(lines)
     return out
+
+
+def cached_phonemize(texts: list[str], voice: str, cache_dir: str | Path) -> list[str]:
+    """:func:`phonemize` with a cache per voice and espeak-ng version in ``cache_dir``
+    (``phonemes_<voice>_<version digest>.json``): only texts it lacks are phonemized, and ranks
+    that start together take turns (a file lock), so one phonemizes and the others read.
+
+    Usage::
+
+        cached_phonemize(["see the license"], "en-us", "data/phoneme_cache")  # ["s_ˈiː ð_ə l_ˈaɪ_s_ə_n_s"]
+    """
+    import fcntl
+    import hashlib
+    import os
+
+    from .english import espeak_version
+
+    version = espeak_version()  # another espeak-ng may phonemize differently: its own file
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"phonemes_{voice}_{hashlib.sha1(version.encode()).hexdigest()[:10]}.json"
+    with open(cache_dir / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cache: dict[str, str] = {}
+        if path.exists():
+            try:
+                cache = json.loads(path.read_text(encoding="utf-8"))["phonemes"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}: not a phoneme cache ({e}); move it away and the next run rebuilds it") from e
+        missing = sorted({t for t in texts if t not in cache})
+        if missing:
+            cache.update(zip(missing, phonemize(missing, voice)))
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"espeak_ng": version, "voice": voice, "phonemes": cache}, ensure_ascii=False),
+                           encoding="utf-8")
+            os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
+    return [cache[t] for t in texts]
 
 
 class HFTokenizer:

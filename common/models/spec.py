@@ -95,12 +95,15 @@ def bpe_tokenizer(cfg, texts):
 
 
 def tts_tokenizer(cfg, texts):
-    """espeak-ng phonemes when ``model.tokenizer.phonemes`` names a voice (e.g. ``en-us``), else
-    :func:`bpe_tokenizer` (characters at ``vocab_size: 1``)."""
+    """espeak-ng phonemes when ``model.tokenizer.phonemes`` names a voice (e.g. ``en-us``), cached in
+    ``<data.dir>/phoneme_cache``, else :func:`bpe_tokenizer` (characters at ``vocab_size: 1``)."""
     if cfg.model.tokenizer.phonemes:
+        from pathlib import Path
+
         from common.data.tokenizer import PhonemeTokenizer
 
-        return PhonemeTokenizer.build(texts, voice=cfg.model.tokenizer.phonemes)
+        return PhonemeTokenizer.build(texts, voice=cfg.model.tokenizer.phonemes,
+                                      cache_dir=Path(cfg.data.dir) / "phoneme_cache")
     return bpe_tokenizer(cfg, texts)
 
 

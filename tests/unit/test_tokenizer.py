@@ -1,3 +1,5 @@
+import pytest
+
 from common.data.tokenizer import AUDIO_TOKEN, WordTokenizer, load_tokenizer
 
 
@@ -85,10 +87,46 @@ def test_phonemize_keeps_one_result_per_text_even_when_espeak_splits_a_line():
 
 
 def test_phonemizing_without_espeak_ng_names_the_setting_and_the_install(monkeypatch, tmp_path):
-    import pytest
 
     from common.data.tokenizer import phonemize
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no espeak-ng on this PATH
     with pytest.raises(RuntimeError, match=r"model.tokenizer.phonemes=en-us: .*espeak-ng.*apt-get install espeak-ng"):
         phonemize(["hello"], "en-us")
+
+
+def test_phonemes_are_cached_per_voice_and_espeak_version_and_ranks_starting_together_phonemize_once(tmp_path,
+                                                                                                    monkeypatch):
+    import multiprocessing
+    import shutil
+
+    from common.data.tokenizer import PhonemeTokenizer
+
+    # An espeak-ng on PATH that logs each call, then runs the real one.
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    (bin_dir / "espeak-ng").write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {shutil.which("espeak-ng")} "$@"\n')
+    (bin_dir / "espeak-ng").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+
+    def phonemizing_calls() -> int:
+        return sum("--ipa" in line for line in log.read_text().splitlines()) if log.exists() else 0
+
+    texts, cache = ["see the license", "through the rough", "Though the cough"], tmp_path / "cache"
+    # Two ranks starting at once: one phonemizes, the other waits for it and reads.
+    ctx = multiprocessing.get_context("fork")
+    ranks = [ctx.Process(target=PhonemeTokenizer.build, args=(texts, "en-us", cache)) for _ in range(2)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(60)
+    assert [p.exitcode for p in ranks] == [0, 0] and phonemizing_calls() == 1
+    built = PhonemeTokenizer.build(texts, "en-us", cache_dir=cache)  # a relaunch: nothing phonemized
+    assert phonemizing_calls() == 1
+    assert built.known == PhonemeTokenizer.build(texts, "en-us").known  # the same phonemes as without a cache
+    more = PhonemeTokenizer.build([*texts, "a new sentence"], "en-us", cache_dir=cache)  # only the new text
+    assert phonemizing_calls() == 3 and more.known["a new sentence"] == built.phonemes("a new sentence")
+    [cached] = cache.glob("phonemes_en-us_*.json")
+    cached.write_text("{not json")
+    with pytest.raises(ValueError, match=f"{cached}: not a phoneme cache"):
+        PhonemeTokenizer.build(texts, "en-us", cache_dir=cache)
