@@ -183,8 +183,8 @@ def measure_overhead(recipe: str, data_dir: Path, warmup: int, steps: int) -> di
     from common.models import build_model, spec_of
     from common.module import TrainingModule, build_optimizer
     from common.parallel import build_strategy
-    from common.parallel.gradients import clip_grad_norm_
     from common.recording import RunRecorder
+    from common.step import clip_gradients, training_loss
 
     # No loader workers: nothing else may run on the cores while the two loops are timed.
     over = [f"data.max_duration_s={PER_RANK_BATCH_S}", f"data.dir={data_dir}", *CORPUS, "trainer.devices=1",
@@ -203,10 +203,10 @@ def measure_overhead(recipe: str, data_dir: Path, warmup: int, steps: int) -> di
     opt, sched = build_optimizer(params, cfg.optim, max_steps=warmup + steps)  # the recipe's AdamW + schedule
     normalizer = spec_of(cfg).loss_normalizer
 
-    def bare_step():
-        loss_sum, _ = bare(batch)
-        (loss_sum / batch[normalizer]).backward()
-        clip_grad_norm_(params, cfg.optim.max_grad_norm)
+    def bare_step():  # the recipe's step (common.step), without Lightning
+        loss, _ = training_loss(bare(batch), batch, normalizer, dp=1, model=bare)
+        loss.backward()
+        clip_gradients(params, cfg.optim.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

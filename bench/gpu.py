@@ -203,8 +203,8 @@ def default_gpu_precision() -> str:
 def measure_speech(recipe: str, size_name: str, overrides: list[str], *, batch_s: float, warmup: int, steps: int,
                    num_batches: int = 16, num_workers: int = 4, device="cuda", precision: str = "bf16-true") -> dict:
     """Training-step throughput of a recipe model on GPU-resident global batches of its own data pipeline."""
-    from common.parallel.gradients import clip_grad_norm_
     from common.run import build_run
+    from common.step import clip_gradients, training_loss
 
     cfg = recipe_config(recipe, [*overrides, f"data.max_duration_s={batch_s}", f"data.num_workers={num_workers}"])
     run = build_run(cfg)  # seeded: the same weights as a run of this config
@@ -226,12 +226,13 @@ def measure_speech(recipe: str, size_name: str, overrides: list[str], *, batch_s
     def step(batch):
         batch = prec.convert_input(features(dict(batch), training=True))
         with prec.forward_context():
-            loss_sum, _ = model(batch)
-        (loss_sum / batch[normalizer]).backward()
-        clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            out = model(batch)
+            loss, _ = training_loss(out, batch, normalizer, dp=1, model=model)  # the recipe's step (common.step)
+        loss.backward()
+        clip_gradients(params, cfg.optim.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss_sum.detach()
+        return out.loss_sum.detach()
 
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -1,13 +1,5 @@
-"""The LightningModule shared by the recipes: loss normalisation, optimizer, clipping, validation.
-
-The wrapped model only computes sums (loss over its local answer tokens); this module turns
-them into the loss of the *global* batch, so the logged ``train_loss`` and the gradients are the
-same whatever the data-parallel / tensor-parallel layout:
-
-    loss_for_backward = local_loss_sum * dp_size / global_num_target_tokens
-
-FSDP2 and DDP *average* gradients over the dp ranks, and the factor ``dp_size`` undoes that
-average, leaving d(sum over the global batch)/d(theta) / global tokens.
+"""The LightningModule shared by the recipes: the step (``common.step``'s global-batch loss and
+clipping), the optimizer, validation, what a checkpoint carries.
 
 Usage::
 
@@ -26,7 +18,8 @@ from torchmetrics.text import WordErrorRate
 
 from common.data.text import normalize_text
 from common.parallel import ParallelOptions, data_parallel_rank_size, parallelize
-from common.parallel.gradients import clip_grad_norm_, grad_norm, is_dtensor, to_local
+from common.parallel.gradients import is_dtensor, to_local
+from common.step import clip_gradients, training_loss
 
 
 class TrainingModule(L.LightningModule):
@@ -40,7 +33,7 @@ class TrainingModule(L.LightningModule):
         self.parallel_options = ParallelOptions(**(parallel or {}))
         self.val_loss = MeanMetric()
         # Recognizers are scored by WER; other models may report extra per-value means (e.g. TTS
-        # "mel_loss") named by their spec's `validation_metrics`, through the model's `last_sums`.
+        # "mel_loss") named by their spec's `validation_metrics`, in their forward's LossSums.parts.
         self.val_wer = WordErrorRate() if spec.transcribes else None
         self.val_extra = torch.nn.ModuleDict({name: MeanMetric() for name in spec.validation_metrics})
         self.loss_normalizer = spec.loss_normalizer
@@ -71,22 +64,10 @@ class TrainingModule(L.LightningModule):
 
     # --- training -------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        loss_sum, _ = self.model(batch)
-        global_tokens = batch[self.loss_normalizer]  # answer/target tokens, or mel frames for TTS
         dp = self.dp_size
-        tp = self.trainer.world_size // dp
-        if batch.get("substitute"):
-            # This rank's shard was unreadable (see common.data.checks): the step runs on silence so that
-            # every collective matches, and contributes nothing.
-            loss_sum = loss_sum * 0.0
-        # Global-batch loss: the per-rank shares summed over the world (TP ranks hold copies, hence / tp).
-        # Kept on the device: common.recording reduces a window of steps with one collective and one
-        # host copy every trainer.log_every_n_steps steps, instead of a blocking all-reduce per step.
-        shares = {"train_loss": to_local(loss_sum).detach() / global_tokens / tp}
-        for name, (total, _) in getattr(self.model, "last_sums", {}).items():  # e.g. TTS mel_loss, stop_loss
-            shares[f"train_{name}"] = total.detach() / global_tokens / tp
-        self.step_shares = shares
-        return loss_sum * (dp / global_tokens)
+        loss, self.step_shares = training_loss(self.model(batch), batch, self.loss_normalizer, dp=dp,
+                                               tp=self.trainer.world_size // dp, model=self.model)
+        return loss
 
     def backward(self, loss, *args, **kwargs):
         # Under loss parallel the backward of the vocabulary-sharded cross-entropy must run in its context.
@@ -96,9 +77,8 @@ class TrainingModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         self.last_lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
         max_norm = self.optim_cfg.get("max_grad_norm")
-        params = [p for p in self.parameters() if p.grad is not None]
         # A device tensor (the same on every rank): read with the step's other values, no sync here.
-        self.last_grad_norm = (clip_grad_norm_(params, max_norm) if max_norm else grad_norm(params)).detach()
+        self.last_grad_norm = clip_gradients([p for p in self.parameters() if p.grad is not None], max_norm)
 
     def configure_optimizers(self):
         opt, sched = build_optimizer([p for p in self.parameters() if p.requires_grad], self.optim_cfg,
@@ -116,7 +96,7 @@ class TrainingModule(L.LightningModule):
 
     # --- validation -----------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx):
-        loss_sum, num_tokens = self.model(batch)
+        loss_sum, num_tokens, parts = self.model(batch)
         if batch.get("substitute"):
             # Silence standing in for an unreadable or empty shard: run every forward the other
             # ranks run (FSDP2/TP collectives inside generate must match), but do not score.
@@ -124,7 +104,7 @@ class TrainingModule(L.LightningModule):
                 self.model.generate(batch["input_features"], batch["feature_mask"])
             return
         self.val_loss.update(to_local(loss_sum).detach() / num_tokens, weight=num_tokens)
-        for name, (total, count) in getattr(self.model, "last_sums", {}).items():
+        for name, (total, count) in parts.items():
             if name in self.val_extra:
                 self.val_extra[name].update(total / count, weight=count)
         if self.val_wer is not None:

@@ -8,7 +8,7 @@ vocabulary, whose id 0 is the blank.
 Usage::
 
     model = CTCASR(cfg.model, BPETokenizer.build(texts, vocab_size=64))
-    loss_sum, num_tokens = model(batch)     # summed CTC loss of this batch, and its target tokens
+    loss_sum, num_tokens, _ = model(batch)  # summed CTC loss of this batch, and its target tokens
     hyps = model.generate(batch["input_features"], batch["feature_mask"])   # greedy CTC decoding
 """
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from common.flops import ModelFlops, fastconformer_forward, trainable_share
 from common.models.encoder import build_encoder, encoder_activation_values
-from common.models.spec import ModelSpec, bpe_tokenizer, register
+from common.models.spec import LossSums, ModelSpec, bpe_tokenizer, register
 from common.parallel.spec import ParallelHooks
 
 
@@ -76,7 +76,7 @@ class CTCASR(nn.Module):
         # hidden_states[k]: the output of block k (0 is the subsampled input)
         return log_probs, lens, self.ctc.ctc_head(out.hidden_states[self.inter_layer]).float().log_softmax(-1)
 
-    def forward(self, batch) -> tuple[torch.Tensor, int]:
+    def forward(self, batch) -> LossSums:
         """Summed CTC loss over this batch's utterances, and the number of target tokens."""
         inner = self.inter_layer is not None
         log_probs, lens, *inner_log_probs = self.encode(batch["input_features"], batch["feature_mask"], inner=inner)
@@ -89,7 +89,7 @@ class CTCASR(nn.Module):
                                     blank=self.blank_id, reduction="sum", zero_infinity=True)
             loss_sum = (1 - self.inter_weight) * loss_sum + self.inter_weight * inner_loss
         num_tokens = batch["num_target_tokens"] if "num_target_tokens" in batch else int(target_lens.sum())
-        return loss_sum, num_tokens
+        return LossSums(loss_sum, num_tokens)
 
     @torch.no_grad()
     def generate(self, features: torch.Tensor, feature_mask: torch.Tensor) -> list[list[int]]:

@@ -17,7 +17,7 @@ This file never touches ``torch.distributed``: it declares its shardable parts i
 Usage::
 
     model = SALM(cfg.model, tokenizer)
-    loss_sum, num_tokens = model(batch)          # summed CE over the answer tokens of this batch
+    loss_sum, num_tokens, _ = model(batch)       # summed CE over the answer tokens of this batch
     hyps = model.generate(batch["input_features"], batch["feature_mask"])
 """
 
@@ -39,7 +39,7 @@ from common.models.encoder import (
     exported_ctc_head,
     exported_model_config,
 )
-from common.models.spec import ModelSpec, register
+from common.models.spec import LossSums, ModelSpec, register
 from common.parallel import ConfigError
 from common.parallel.spec import ParallelHooks, ParallelSpec
 
@@ -380,7 +380,7 @@ class SALM(nn.Module):
         hidden = self.llm.get_decoder()(inputs_embeds=embeds, use_cache=False).last_hidden_state
         return self.llm.lm_head(hidden)
 
-    def forward(self, batch) -> tuple[torch.Tensor, int]:
+    def forward(self, batch) -> LossSums:
         """Summed cross-entropy over this batch's answer tokens, and their number."""
         targets, target_lens = batch["target_ids"], batch["target_lens"]
         audio, audio_lens, ctc_sum = self.encode_audio(batch["input_features"], batch["feature_mask"], targets,
@@ -400,7 +400,7 @@ class SALM(nn.Module):
         if ctc_sum is not None:
             loss_sum = loss_sum + self.ctc_weight * ctc_sum
         num_tokens = batch["num_target_tokens"] if "num_target_tokens" in batch else int(target_lens.sum())
-        return loss_sum, num_tokens
+        return LossSums(loss_sum, num_tokens)
 
     @torch.no_grad()
     def generate(self, features, feature_mask, max_new_tokens: int | None = None) -> list[list[int]]:

@@ -20,13 +20,36 @@ and everywhere else::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
 
 from common.parallel import ConfigError
 
 FRAME_S = 0.01  # one log-mel feature frame (common.data.features)
 TEXT_TOKENS_PER_S = 4  # the planner's assumption for target text per audio second
+
+
+class LossSums(NamedTuple):
+    """What every model's ``forward(batch)`` returns: sums over this rank's share of the batch, never
+    means (``common.step.training_loss`` divides by the global batch's count).
+
+    ``loss_sum``: the loss to train, summed over this rank's targets; ``count``: how many targets
+    (answer tokens, or mel frames for TTS); ``parts``: named sums the model reports beside the loss,
+    each with its count (TTS ``mel_loss``), logged as ``train_<name>`` and, where the spec lists them in
+    ``validation_metrics``, validated.
+
+    Usage::
+
+        out = model(batch)
+        out.loss_sum, out.count, out.parts.get("mel_loss")
+    """
+
+    loss_sum: torch.Tensor
+    count: torch.Tensor | int
+    parts: Mapping[str, tuple[torch.Tensor, torch.Tensor | int]] = {}
 
 
 @dataclass(frozen=True)
@@ -68,7 +91,7 @@ class ModelSpec:
     flops: Callable             # model -> common.flops.ModelFlops (training FLOPs per global batch, for MFU)
     activation_values: Callable  # (cfg, model, RankBatch) -> values backward keeps on one rank (planner estimate)
     loss_normalizer: str = "global_num_target_tokens"  # the batch figure the loop divides loss sums by
-    validation_metrics: tuple[str, ...] = ()  # per-value means the model reports beside the loss (model.last_sums)
+    validation_metrics: tuple[str, ...] = ()  # per-value means the model reports beside the loss (LossSums.parts)
     transcribes: bool = False   # model.generate(features, mask) -> token ids: WER in validation, make transcribe
     ctc_log_probs: Callable | None = None  # (model, features, mask) -> (log_probs (B, T, V), lengths): CTC models,
                                            # decoded with a word LM too (common.models.ctc_lm)

@@ -32,7 +32,7 @@ The loss is a *sum* over the batch's valid frames, normalized by the global batc
 Usage::
 
     model = FastSpeechTTS(cfg.model, BPETokenizer.build(texts, vocab_size=128), num_mel_bins=64)
-    loss_sum, num_frames = model(batch)        # batch["target_ids"]: text, batch["input_features"]: mel
+    loss_sum, num_frames, parts = model(batch)  # batch["target_ids"]: text, batch["input_features"]: mel
     mels = model.synthesize(["alpha bravo"])    # list of (frames, num_mel_bins) tensors
     model.last_synthesis                        # {"sentences": 1, "hit_frame_limit": 0}
 """
@@ -55,7 +55,7 @@ from common.models.alignment import (
     monotonic_alignment_search,
 )
 from common.models.encoder import ChannelLayerNorm
-from common.models.spec import FRAME_S, TEXT_TOKENS_PER_S, ModelSpec, register, tts_tokenizer
+from common.models.spec import FRAME_S, TEXT_TOKENS_PER_S, LossSums, ModelSpec, register, tts_tokenizer
 from common.parallel.spec import ParallelHooks
 
 PROGRESS_BINS = 16  # resolution of "how far into its token a frame lies"
@@ -145,7 +145,6 @@ class FastSpeechTTS(nn.Module):
         self.alignment_prior_sigma = float(cfg.alignment_prior_sigma)
         self.max_frames_per_token = float(cfg.max_frames_per_token)
         self.parallel_hooks = ParallelHooks()
-        self.last_sums: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (sum, frames) of the last forward
         self.last_synthesis: dict[str, int] = {}
 
     def encode(self, text: torch.Tensor, text_lens: torch.Tensor) -> torch.Tensor:
@@ -164,7 +163,7 @@ class FastSpeechTTS(nn.Module):
             before, after = self.postnet(hidden * frame_mask[..., None])
         return before, after, frame_mask
 
-    def forward(self, batch) -> tuple[torch.Tensor, int]:
+    def forward(self, batch) -> LossSums:
         text, text_lens = batch["target_ids"], batch["target_lens"]
         mel, frame_mask = batch["input_features"], batch["feature_mask"]
         frame_lens = frame_mask.sum(1)
@@ -199,9 +198,8 @@ class FastSpeechTTS(nn.Module):
         bins = mel.shape[-1]
         loss_sum = (l1_before + l1_after) / bins + align_sum + self.duration_loss_weight * duration_sum
         num_frames = batch["num_frames"] if "num_frames" in batch else int(frame_lens.sum())  # no host sync
-        self.last_sums = {"mel_loss": (l1_after.detach() / bins, num_frames),
-                          "duration_loss": (duration_sum.detach(), num_frames)}
-        return loss_sum, num_frames
+        return LossSums(loss_sum, num_frames, {"mel_loss": (l1_after.detach() / bins, num_frames),
+                                               "duration_loss": (duration_sum.detach(), num_frames)})
 
     def log_durations(self, states: torch.Tensor, text_lens: torch.Tensor) -> torch.Tensor:
         """log(1 + frames) per token, (batch, tokens), in training and in eval mode alike.

@@ -14,7 +14,7 @@ count in :class:`common.module.TrainingModule`, so DDP and one process agree ste
 Usage::
 
     model = SpeechT5TTS(cfg.model, BPETokenizer.build(texts, vocab_size=1), num_mel_bins=64)
-    loss_sum, num_frames = model(batch)      # batch["target_ids"]: text, batch["input_features"]: mel
+    loss_sum, num_frames, parts = model(batch)  # batch["target_ids"]: text, batch["input_features"]: mel
     mels = model.synthesize(["alpha bravo"])   # list of (frames, num_mel_bins) tensors
 """
 
@@ -28,7 +28,7 @@ from torch import nn
 
 from common.flops import ModelFlops, Part, trainable_share
 from common.models.encoder import ChannelLayerNorm
-from common.models.spec import FRAME_S, TEXT_TOKENS_PER_S, ModelSpec, bpe_tokenizer, register
+from common.models.spec import FRAME_S, TEXT_TOKENS_PER_S, LossSums, ModelSpec, bpe_tokenizer, register
 from common.parallel.spec import ParallelHooks
 
 
@@ -85,10 +85,9 @@ class SpeechT5TTS(nn.Module):
         # Single speaker: SpeechT5's decoder pre-net always concatenates a speaker embedding.
         self.register_buffer("speaker", torch.zeros(1, self.config.speaker_embedding_dim), persistent=False)
         self.parallel_hooks = ParallelHooks()
-        self.last_sums: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (sum, frames) of the last forward
         self.last_synthesis: dict[str, int] = {}  # sentences, hit_frame_limit of the last synthesize()
 
-    def forward(self, batch) -> tuple[torch.Tensor, int]:
+    def forward(self, batch) -> LossSums:
         text, text_lens = batch["target_ids"], batch["target_lens"]
         text_mask = (torch.arange(text.shape[1], device=text.device)[None, :] < text_lens[:, None]).long()
         mel, frame_mask = batch["input_features"], batch["feature_mask"]
@@ -125,10 +124,9 @@ class SpeechT5TTS(nn.Module):
             ga = (attn * w[:, None, None]).sum() / (attn.shape[1] * attn.shape[2]) * self.r
             loss_sum = loss_sum + self.guided_attention_weight * ga
         num_frames = batch["num_frames"] if "num_frames" in batch else int(frame_lens.sum())  # no host sync
-        # Sums over this batch's frames (the TrainingModule divides by the global frame count).
-        self.last_sums = {"mel_loss": (l1_after.detach() / mel.shape[-1], num_frames),
-                          "stop_loss": (bce_sum.detach(), num_frames)}
-        return loss_sum, num_frames
+        # Sums over this batch's frames (common.step.training_loss divides by the global frame count).
+        return LossSums(loss_sum, num_frames, {"mel_loss": (l1_after.detach() / mel.shape[-1], num_frames),
+                                               "stop_loss": (bce_sum.detach(), num_frames)})
 
     @torch.no_grad()
     def synthesize(self, texts: list[str]) -> list[torch.Tensor]:

@@ -163,7 +163,7 @@ def run_rank(args, rank: int) -> dict:
 
     from common.module import build_optimizer
     from common.parallel import ParallelOptions, fsdp_units, parallelize
-    from common.parallel.gradients import clip_grad_norm_
+    from common.step import clip_gradients, training_loss
     from common.tools.plan import activation_bytes, build_meta_model, state_bytes
 
     t0 = time.perf_counter()
@@ -226,13 +226,10 @@ def run_rank(args, rank: int) -> dict:
     for step in range(args.steps):
         t = time.perf_counter()
         with counter if step == 0 else contextlib.nullcontext():
-            loss_sum, _ = model(batch)
-            loss = loss_sum * (dp / batch[spec_of(cfg).loss_normalizer])
+            loss, _ = training_loss(model(batch), batch, spec_of(cfg).loss_normalizer, dp=dp, tp=tp, model=model)
             with model.parallel_hooks.loss_context():
                 loss.backward()
-            max_norm = cfg.optim.get("max_grad_norm")
-            if max_norm:
-                clip_grad_norm_([p for p in trainable if p.grad is not None], max_norm)
+            clip_gradients([p for p in trainable if p.grad is not None], cfg.optim.get("max_grad_norm"))
             opt.step()
         if step < args.steps - 1:
             opt.zero_grad(set_to_none=False)

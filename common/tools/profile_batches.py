@@ -102,7 +102,7 @@ class GPUMemory:
         try:
             for _ in range(2):  # the second step holds AdamW's state too
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss_sum, _ = self.model(data)
+                    loss_sum = self.model(data).loss_sum
                 loss_sum.backward()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)

@@ -17,7 +17,7 @@ from torch import nn
 
 from common.flops import ModelFlops, Part, trainable_share
 from common.models.asr_ctc import ctc_greedy_decode
-from common.models.spec import ModelSpec, bpe_tokenizer, register
+from common.models.spec import LossSums, ModelSpec, bpe_tokenizer, register
 from common.parallel.spec import ParallelHooks
 
 
@@ -35,7 +35,7 @@ class ToyCTC(nn.Module):
         log_probs, lens = self._log_probs(batch["input_features"]), batch["feature_mask"].sum(-1)
         loss = F.ctc_loss(log_probs.transpose(0, 1), batch["target_ids"], lens, batch["target_lens"],
                           blank=self.blank_id, reduction="sum", zero_infinity=True)
-        return loss, int(batch["target_lens"].sum())
+        return LossSums(loss, int(batch["target_lens"].sum()))
 
     @torch.no_grad()
     def generate(self, features, feature_mask):

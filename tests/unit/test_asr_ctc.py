@@ -34,7 +34,7 @@ def setup(tiny_corpus):
 
 def test_loss_sum_and_token_count(setup):
     model, tok, batch = setup
-    loss_sum, num_tokens = model(batch)
+    loss_sum, num_tokens, _ = model(batch)
     assert num_tokens == sum(len(tok.encode(t)) for t in batch["texts"])  # no <eos> for CTC
     assert torch.isfinite(loss_sum) and loss_sum > 0
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
@@ -44,7 +44,7 @@ def test_loss_does_not_depend_on_what_an_utterance_is_batched_with(setup):
     model, _, batch = setup
     n = batch["input_features"].shape[0]
     with torch.no_grad():
-        whole, _ = model(batch)
+        whole = model(batch).loss_sum
         parts = 0.0
         for i in range(n):
             frames = int(batch["feature_mask"][i].sum())
@@ -104,16 +104,38 @@ def test_intermediate_ctc_mixes_the_inner_layers_loss(setup):
     torch.manual_seed(0)
     mixed = CTCASR(mixed_cfg, tok).eval()
     with torch.no_grad():
-        final, _ = plain(batch)
+        final = plain(batch).loss_sum
         # The inner loss by hand: layer 1's output through the same head.
         out = plain.ctc.encoder(input_features=batch["input_features"], attention_mask=batch["feature_mask"].long(),
                                 output_hidden_states=True)
         inner = plain.ctc.ctc_head(out.hidden_states[1]).float().log_softmax(-1)
         inner_loss = torch.nn.functional.ctc_loss(inner.transpose(0, 1), batch["target_ids"], out.attention_mask.sum(-1),
                                                   batch["target_lens"], blank=0, reduction="sum", zero_infinity=True)
-        got, _ = mixed(batch)
+        got = mixed(batch).loss_sum
         assert torch.allclose(got, 0.7 * final + 0.3 * inner_loss, rtol=1e-5)
         assert mixed.generate(batch["input_features"], batch["feature_mask"]) == \
             plain.generate(batch["input_features"], batch["feature_mask"])  # decoding reads the last layer only
     with pytest.raises(ValueError, match="model.inter_ctc: layer must be an integer in \\[1, 1\\]"):
         CTCASR(OmegaConf.merge(cfg, {"inter_ctc": {"layer": 2, "weight": 0.3}}), tok)
+
+
+def test_the_step_divides_the_models_sums_by_the_global_count_and_names_a_model_that_breaks_the_contract():
+    import pytest
+
+    from common.models.spec import LossSums
+    from common.step import training_loss
+
+    batch = {"global_num_target_tokens": torch.tensor(8.0)}
+    out = LossSums(torch.tensor(4.0), 3, {"part": (torch.tensor(2.0), 3)})
+    loss, shares = training_loss(out, batch, "global_num_target_tokens", dp=2, tp=2)
+    # dp 2 undoes DDP's / FSDP2's average of the gradients; TP ranks hold copies of the same sums.
+    assert float(loss) == 4.0 * 2 / 8 and float(shares["train_loss"]) == 4.0 / 8 / 2
+    assert float(shares["train_part"]) == 2.0 / 8 / 2
+    silent, _ = training_loss(out, {**batch, "substitute": True}, "global_num_target_tokens", dp=2)
+    assert float(silent) == 0.0  # an unreadable shard's silence contributes nothing
+
+    class Old(torch.nn.Module):
+        pass
+
+    with pytest.raises(TypeError, match=r"Old.forward\(batch\) returned tuple; a model returns .*LossSums"):
+        training_loss((torch.tensor(1.0), 1), batch, "global_num_target_tokens", dp=1, model=Old())

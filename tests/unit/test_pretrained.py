@@ -51,7 +51,7 @@ def test_pretrained_llm_and_encoder_from_local_paths(tmp_path, salm_cfg):
     mask = torch.ones(2, 40, dtype=torch.bool)
     batch = {"input_features": features, "feature_mask": mask, "target_ids": torch.tensor([[4, 2], [5, 2]]),
              "target_lens": torch.tensor([2, 2])}
-    loss_sum, n = model(batch)
+    loss_sum, n, _ = model(batch)
     assert n == 4 and torch.isfinite(loss_sum)
 
     tok.save(tmp_path / "saved")
@@ -70,7 +70,7 @@ def test_lora_trains_adapters_encoder_and_projector_only(salm_cfg):
     assert not any(n.startswith("llm.") and "lora_" not in n for n in trainable)
     batch = {"input_features": torch.randn(2, 40, 64), "feature_mask": torch.ones(2, 40, dtype=torch.bool),
              "target_ids": torch.tensor([[5, 2], [6, 2]]), "target_lens": torch.tensor([2, 2])}
-    loss_sum, _ = model(batch)
+    loss_sum = model(batch).loss_sum
     loss_sum.backward()
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.grad is not None for p in lora_b)

@@ -67,7 +67,7 @@ def test_salm_trains_on_the_real_backbone(smollm2):
     batch = {"input_features": torch.randn(2, 40, 64), "feature_mask": torch.ones(2, 40, dtype=torch.bool),
              "target_ids": torch.tensor([tok.encode("hello") + [tok.eos_id], tok.encode("yes") + [tok.eos_id]]),
              "target_lens": torch.tensor([2, 2])}
-    loss_sum, n = model(batch)
+    loss_sum, n, _ = model(batch)
     loss_sum.backward()
     assert n == 4 and torch.isfinite(loss_sum)
     assert model.llm.get_input_embeddings().weight.grad is not None

@@ -33,7 +33,7 @@ def _take(batch, idx):
 
 def test_loss_counts_only_answer_tokens(setup):
     model, _, batch = setup
-    loss_sum, num_tokens = model(batch)
+    loss_sum, num_tokens, _ = model(batch)
     assert num_tokens == int(batch["target_lens"].sum())  # transcript words + <eos>, nothing from the prompt
     assert torch.isfinite(loss_sum) and loss_sum > 0
 
@@ -44,7 +44,7 @@ def test_loss_does_not_depend_on_what_an_utterance_is_batched_with(setup):
     n = batch["input_features"].shape[0]
     assert n >= 3
     with torch.no_grad():
-        whole, _ = model(batch)
+        whole = model(batch).loss_sum
         parts = sum(model(_take(batch, torch.tensor([i])))[0] for i in range(n))
     assert whole.item() == pytest.approx(parts.item(), rel=1e-5)
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
@@ -171,7 +171,7 @@ def test_ctc_compressed_salm_trains_and_decodes(tiny_corpus, salm_cfg):
     torch.manual_seed(0)
     model = SALM(cfg, tok)
     batch = next(featurized(make_loader(cuts, tok, dp_rank=0, dp_size=1, max_duration_s=12, shuffle=False, seed=0)))
-    loss, n = model(batch)
+    loss, n, _ = model(batch)
     loss.backward()
     assert torch.isfinite(loss) and n == int(batch["target_lens"].sum())
     assert model.ctc_head.weight.grad.abs().sum() > 0
@@ -179,7 +179,7 @@ def test_ctc_compressed_salm_trains_and_decodes(tiny_corpus, salm_cfg):
     # CTC head: its labels only choose the segments (argmax of detached logits).
     model.zero_grad()
     model.ctc_weight = 0.0
-    model(batch)[0].backward()
+    model(batch).loss_sum.backward()
     assert model.projector.mlp[0].weight.grad.abs().sum() > 0
     assert sum(p.grad.abs().sum() for p in model.encoder.layers.parameters() if p.grad is not None) > 0
     assert model.ctc_head.weight.grad is None or model.ctc_head.weight.grad.abs().sum() == 0

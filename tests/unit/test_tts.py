@@ -34,9 +34,9 @@ def test_targets_are_raw_log_mel_and_frame_counts_match_metadata(setup):
 def test_loss_is_a_sum_over_frames_independent_of_batch_composition(setup):
     model, _, batch, _ = setup
     with torch.no_grad():
-        whole, n = model(batch)
-        mel_sum, mel_count = model.last_sums["mel_loss"]
-        stop_count = model.last_sums["stop_loss"][1]
+        whole, n, parts = model(batch)
+        mel_sum, mel_count = parts["mel_loss"]
+        stop_count = parts["stop_loss"][1]
         parts = sum(model(single)[0].item() for single in tts_single_utterances(batch))
     assert n == int(batch["feature_mask"].sum()) and mel_count == stop_count == n
     assert whole.item() == pytest.approx(parts, rel=1e-4)
