@@ -166,7 +166,7 @@ def refuse_other_model(path: Path, cfg, run_dir: Path | None = None) -> None:
     """:class:`ConfigError` if the checkpoint at ``path`` was written for another model or tokenizer
     (``model.*``) than this launch's: the differing settings, as the overrides that give the
     checkpoint's back. Called before anything in the run directory changes."""
-    from common.parallel import ConfigError
+    from common.errors import ConfigError
 
     # The recipe alone may differ: salm_fsdp2 and salm_tp_fsdp2 train the same model in two layouts, and
     # DCP reshards a checkpoint of one for the other. Another recipe's model differs in its settings.
@@ -226,7 +226,7 @@ def resolve_resume(cfg, run_dir: Path, rank: int = 0) -> tuple[str | None, int]:
     A fresh start (``run.resume=false``) moves an earlier attempt's checkpoints aside (rank 0),
     so that they are neither resumed nor pruned as ours.
     """
-    from common.parallel import ConfigError
+    from common.errors import ConfigError
 
     ckpt_dir = Path(run_dir) / "checkpoints"
     explicit = cfg.run.get("resume_from")

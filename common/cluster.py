@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from common.parallel import ConfigError
+from common.errors import ConfigError
 
 # Each rank's environment, whatever started it (the launcher sets these unless already set). A hang
 # must surface: a collective that times out (run.collective_timeout_s) tears the process down instead

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from common.parallel import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from common.data.buckets import allow_older_sampler_states
+from common.errors import ConfigError
 from common.models.encoder import EXPORT_CONFIG_FILE as CONFIG_FILE  # the one declaration of the format
 from common.models.encoder import EXPORT_FORMAT as FORMAT
 from common.models.encoder import EXPORT_WEIGHTS_FILE as WEIGHTS_FILE
-from common.parallel import ConfigError
 
 allow_older_sampler_states()  # checkpoints of earlier versions still load
 

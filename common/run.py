@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from common.errors import ConfigError
 from common.models import build_model, build_tokenizer, spec_of
 from common.models.spec import ModelSpec
-from common.parallel import ConfigError, check_launch, check_tensor_parallel, resolve_layout
+from common.parallel import check_launch, check_tensor_parallel, resolve_layout
 from common.parallel.layout import Layout
 
 # The checkout (recipes/, outputs/); an image installs the package elsewhere and sets SPEECH_RECIPES_ROOT=/app.

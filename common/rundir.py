@@ -36,7 +36,7 @@ import socket
 import time
 from pathlib import Path
 
-from common.parallel import ConfigError
+from common.errors import ConfigError
 
 LOCK_FILE = "run.lock"
 ATTEMPTS_FILE = "attempts.jsonl"

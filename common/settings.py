@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 
 from common.data.checks import ON_BAD_ITEM
-from common.parallel import ConfigError
+from common.errors import ConfigError
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]*$")
 RESERVED_RUN_NAMES = {"latest"}  # outputs/<recipe>/latest links to the newest run

@@ -24,7 +24,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.parallel import ConfigError, build_strategy
+from common.errors import ConfigError
+from common.parallel import build_strategy
 from common.run import build_run, check_run
 
 log = logging.getLogger("common.train")

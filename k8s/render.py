@@ -130,7 +130,7 @@ def check_layout(recipe: str, nodes: int, gpus_per_node: int, model: str | None,
     """The job's shape checked as every launcher checks it (common.cluster.check_shape: presets, settings,
     dp x tp = NODES x GPUS_PER_NODE, tensor parallel inside a node); the same rules as make plan and Slurm."""
     from common import cluster
-    from common.parallel import ConfigError
+    from common.errors import ConfigError
 
     try:
         cluster.check_shape(recipe, cluster.requested(nodes, gpus_per_node), model, data)

@@ -288,7 +288,7 @@ def load_bucket_profile(path, recipe: str | None = None) -> tuple[BucketGrid, di
     import json
     from pathlib import Path
 
-    from common.parallel import ConfigError
+    from common.errors import ConfigError
 
     path = Path(path)
     try:

@@ -485,7 +485,7 @@ def check_batch_budget(cuts, *, max_duration_s: float, max_utterance_s: float | 
     """ConfigError if none of the first ``sample_size`` training utterances fits the batch budget
     (its duration bound, or for speech-LLMs its LLM positions), naming the setting, its value and the
     shortest utterance: a run must not validate, then stop with nothing to train on. Metadata only."""
-    from common.parallel import ConfigError
+    from common.errors import ConfigError
 
     longest_s = float(max_utterance_s or max_duration_s)
     setting = "data.max_utterance_s" if max_utterance_s else "data.max_duration_s"

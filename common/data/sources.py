@@ -285,7 +285,3 @@ def nemo_to_cuts(path: str | Path):
         ))
     return CutSet.from_cuts(cuts)
 
-
-def as_spec_list(paths: Iterable[str]) -> list[SourceSpec]:
-    """Command-line paths (``python -m common.data check a.jsonl.gz shar_dir/``) as specs."""
-    return parse_sources(list(paths), setting="argument")

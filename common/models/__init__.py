@@ -13,8 +13,8 @@ Usage::
 
 from __future__ import annotations
 
+from common.errors import ConfigError
 from common.models.spec import ModelSpec, registered
-from common.parallel import ConfigError
 
 # model.name -> the model file that registers its spec (common.models.spec). A model file outside
 # this package is named by model.module in the preset and registers itself when imported.

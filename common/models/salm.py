@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import ConfigError
 from common.flops import ModelFlops, Part, decoder_lm_forward, fastconformer_forward, trainable_share
 from common.models.encoder import (
     build_encoder,
@@ -40,7 +41,6 @@ from common.models.encoder import (
     exported_model_config,
 )
 from common.models.spec import LossSums, ModelSpec, register
-from common.parallel import ConfigError
 from common.parallel.spec import ParallelHooks, ParallelSpec
 
 log = logging.getLogger(__name__)

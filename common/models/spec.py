@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from common.parallel import ConfigError
+from common.errors import ConfigError
 
 FRAME_S = 0.01  # one log-mel feature frame (common.data.features)
 TEXT_TOKENS_PER_S = 4  # the planner's assumption for target text per audio second

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from common.errors import ConfigError
+
 from .layout import (
-    ConfigError,
     Layout,
     build_strategy,
     check_launch,
@@ -36,7 +37,6 @@ from .layout import (
 from .spec import ParallelHooks, ParallelSpec
 
 __all__ = [
-    "ConfigError",
     "Layout",
     "ParallelHooks",
     "ParallelOptions",

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from common.errors import ConfigError
+
 MODEL_PARALLEL = "lightning.pytorch.strategies.ModelParallelStrategy"
 DDP = "lightning.pytorch.strategies.DDPStrategy"
 STRATEGIES = {MODEL_PARALLEL: "model_parallel", DDP: "ddp"}
@@ -26,10 +28,6 @@ def gpu_precision(strategy_target: str) -> str:
     at dp=1); under DDP, bf16 autocast (``bf16-mixed``). ``bf16-true`` (bf16 weights and AdamW
     state: half the memory, NeMo's SALM choice) is an opt-in."""
     return "32-true" if STRATEGIES.get(strategy_target) == "model_parallel" else "bf16-mixed"
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names the setting and its value."""
 
 
 @dataclass(frozen=True)

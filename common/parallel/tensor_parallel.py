@@ -30,7 +30,7 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
 )
 
-from .layout import ConfigError
+from common.errors import ConfigError
 
 
 class ReplicateOnShardedActivations(ParallelStyle):

@@ -43,7 +43,7 @@ from torch import nn
 
 from common import cluster
 from common.data.tokenizer import SizedVocabulary
-from common.parallel import ConfigError
+from common.errors import ConfigError
 
 GIB = 1024**3
 MIB = 1024**2

@@ -27,9 +27,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from common.errors import ConfigError
 from common.inference import CONFIG_FILE, FORMAT, WEIGHTS_FILE, is_export, load_model, read_checkpoint
 from common.models import spec_of
-from common.parallel import ConfigError
 
 DATA_KEYS = ("sample_rate", "num_mel_bins", "feature_normalization")  # what turns audio into model inputs
 

@@ -241,7 +241,8 @@ def activation_bytes(cfg, model, dp: int, tp: int, act_bytes: int) -> int:
 
 def enumerate_layouts(cfg, model, gpus_per_node: int, nodes: int):
     """([(strategy, dp, tp)], [{dp, tp, reason}]): DDP is one layout; TP stays inside a node."""
-    from common.parallel import ConfigError, check_tensor_parallel, resolve_layout
+    from common.errors import ConfigError
+    from common.parallel import check_tensor_parallel, resolve_layout
     from common.parallel.layout import check_tensor_parallel_within_node
 
     world = gpus_per_node * nodes

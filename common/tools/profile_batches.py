@@ -30,7 +30,7 @@ import math
 import sys
 from pathlib import Path
 
-from common.parallel import ConfigError
+from common.errors import ConfigError
 
 GIB = 1024**3
 

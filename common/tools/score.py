@@ -20,8 +20,8 @@ import sys
 
 import torch
 
+from common.errors import ConfigError
 from common.inference import load_model
-from common.parallel import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,7 @@ import sys
 import time
 
 from common import cluster
-from common.parallel import ConfigError
+from common.errors import ConfigError
 from common.run import ROOT, new_run_name
 
 CONTAINERS = ("none", "pyxis", "apptainer")

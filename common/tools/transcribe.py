@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
+from common.errors import ConfigError
 from common.inference import load_model
-from common.parallel import ConfigError
 
 CHUNK_S = 30.0  # longest piece of audio given to the model at once (seconds)
 SEARCH_S = 3.0  # a chunk ends at the quietest 10 ms frame of its last SEARCH_S seconds

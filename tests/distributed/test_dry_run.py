@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from common.parallel import ConfigError
+from common.errors import ConfigError
 from common.tools.dry_run import parse_ranks
 from tests.conftest import ROOT
 

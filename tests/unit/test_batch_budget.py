@@ -6,7 +6,7 @@ from lhotse.testing.dummies import dummy_cut, dummy_supervision
 
 from common.data.loading import TokenBudget, check_batch_budget
 from common.data.tokenizer import WordTokenizer
-from common.parallel import ConfigError
+from common.errors import ConfigError
 
 
 def _cuts(durations):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from common import cluster
-from common.parallel import ConfigError
+from common.errors import ConfigError
 
 
 def test_each_scheduler_gives_its_shape_and_torchrun_arguments():

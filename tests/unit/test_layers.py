@@ -20,7 +20,7 @@ LAYERS = (
                        "common.recording", "common.evaluation")),
     ("building a run", ("common.run", "common.settings", "common.inference", "common.rundir", "common.cluster")),
     ("data and models", ("common.data.", "common.data", "common.models.", "common.models", "common.flops")),
-    ("parallel core", ("common.parallel.", "common.parallel")),
+    ("parallel core", ("common.parallel.", "common.parallel", "common.errors")),
 )
 ORDER = [name for name, _ in reversed(LAYERS)]  # lowest first
 

@@ -2,7 +2,8 @@ import pytest
 from omegaconf import OmegaConf
 from transformers import Qwen3Config
 
-from common.parallel import ConfigError, check_launch, check_tensor_parallel, resolve_layout
+from common.errors import ConfigError
+from common.parallel import check_launch, check_tensor_parallel, resolve_layout
 
 MP = "lightning.pytorch.strategies.ModelParallelStrategy"
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from common.errors import ConfigError
 from common.models import BUILTIN, build_model, model_spec
 from common.models.spec import ModelSpec, register
-from common.parallel import ConfigError
 from tests.conftest import recipe_config
 
 ROOT = Path(__file__).resolve().parents[2]

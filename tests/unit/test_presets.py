@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from common.data.tokenizer import SizedVocabulary
+from common.errors import ConfigError
 from common.models import build_model, model_presets, parameter_counts
-from common.parallel import ConfigError
 from common.run import ROOT, compose
 from common.settings import check_settings, resolve_batch_size
 

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from common.data.buckets import PROFILE_FORMAT, load_bucket_profile
-from common.parallel import ConfigError
+from common.errors import ConfigError
 from common.run import ROOT
 from common.tools.profile_batches import PlannerMemory, profile, search_largest
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from common.parallel import ConfigError
+from common.errors import ConfigError
 from common.rundir import check_restart_budget
 
 

@@ -42,7 +42,7 @@ def test_auto_resume_with_other_model_settings_is_refused_naming_them(tmp_path):
     load into another model), with the overrides that resume it."""
     import pytest
 
-    from common.parallel import ConfigError
+    from common.errors import ConfigError
 
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)

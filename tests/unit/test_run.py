@@ -3,7 +3,7 @@
 import pytest
 from omegaconf.errors import ReadonlyConfigError
 
-from common.parallel import ConfigError
+from common.errors import ConfigError
 from common.run import RecipeError, build_run, check_run, compose
 from tests.conftest import tiny_overrides
 

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import save_model
 
 from common.data.tokenizer import BPETokenizer, WordTokenizer
+from common.errors import ConfigError
 from common.models import spec_of
 from common.models.asr_ctc import CTCASR, ctc_greedy_decode
 from common.models.encoder import ChannelLayerNorm
 from common.models.salm import SALM, check_salm_settings
-from common.parallel import ConfigError
 from common.run import compose, packaged_file
 from common.tools.export import self_contained
 from tests.conftest import recipe_config

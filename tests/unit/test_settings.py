@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from common.parallel import ConfigError
+from common.errors import ConfigError
 from tests.conftest import ROOT, recipe_config
 
 

@@ -8,7 +8,7 @@ from torch.distributed.tensor.parallel import (
 )
 from transformers import LlamaConfig, Qwen3Config, Qwen3Model
 
-from common.parallel import ConfigError
+from common.errors import ConfigError
 from common.parallel.tensor_parallel import ReplicateOnShardedActivations, backbone_tp_plan
 
 

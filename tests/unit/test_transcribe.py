@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from common.parallel import ConfigError
+from common.errors import ConfigError
 from common.tools.transcribe import audio_chunks
 
 SR = 16000
