@@ -50,6 +50,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from common.data.buckets import allow_older_sampler_states
+from common.parallel.gather import gather_objects
 from common.parallel.strategy import META_FILE
 
 log = logging.getLogger("common.train")
@@ -512,14 +513,13 @@ class RunCheckpoint(ModelCheckpoint):
 
 
 def _link(target: Path, link: Path) -> None:
-    tmp = link.with_name(f".{link.name}.{os.getpid()}")
-    _remove(tmp)
-    tmp.symlink_to(target.name)
+    from common.rundir import replace_link
+
     if link.is_dir() and not link.is_symlink():
         # A copy that Lightning's save_last wrote in a run directory of an earlier version: a
         # duplicate of a step checkpoint; a link cannot replace a directory.
         _remove(link)
-    os.replace(tmp, link)  # atomic: last.ckpt always names a complete checkpoint
+    replace_link(link, target.name)  # atomic: last.ckpt always names a complete checkpoint
 
 
 def _remove(path: Path) -> None:
@@ -548,13 +548,7 @@ class ExactResume(Callback):
         self._pending: dict | None = None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        mine = rng_states()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, mine)  # every rank is saving: a collective is safe
-        else:
-            gathered = [mine]
-        checkpoint["rng_states"] = gathered
+        checkpoint["rng_states"] = gather_objects(rng_states())  # every rank is saving: a collective is safe
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         states = checkpoint.get("rng_states")

@@ -20,6 +20,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from common.parallel.gather import gather_objects
+
 log = logging.getLogger("common.train")
 
 
@@ -241,12 +243,7 @@ class RunRecorder(L.Callback):
         mine = training_state_bytes(pl_module, trainer.optimizers)
         mine["peak_memory_bytes"] = peak_memory_bytes(pl_module.device)
         mine["rank"] = trainer.global_rank
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, mine)
-            self.per_rank = gathered
-        else:
-            self.per_rank = [mine]
+        self.per_rank = gather_objects(mine)
 
     def throughput(self) -> dict:
         if self.t_warm is None or not self.history:

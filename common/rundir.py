@@ -137,6 +137,15 @@ class RunDirectory:
             os.fsync(f.fileno())
 
 
+def replace_link(link: Path, target: str) -> None:
+    """Point the symlink ``link`` at ``target`` (a name beside it) atomically: a reader sees the old
+    target or the new one, never no link (``latest``, ``checkpoints/last.ckpt``)."""
+    tmp = link.with_name(f".{link.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
 def is_run_directory(path: str | Path) -> bool:
     """A run's output directory (``checkpoints/`` or ``summary.json`` in it), not a checkpoint."""
     path = Path(path)

@@ -122,11 +122,9 @@ def wandb_run_id(run_dir: Path) -> str | None:
 
 
 def link_latest(run_dir: Path) -> None:
-    latest = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".latest.{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(run_dir.name)
-    os.replace(tmp, latest)
+    from common.rundir import replace_link
+
+    replace_link(run_dir.parent / "latest", run_dir.name)
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name=None)
@@ -326,13 +324,9 @@ def prepare_run(cfg: DictConfig, layout, run_dir: Path) -> tuple:
 def gather_data_report(datamodule) -> dict:
     """Every rank's skipped items, merged by cut id (TP peers and all ranks see metadata problems
     alike), and the number of steps some rank trained on silence (summed over ranks)."""
-    import torch.distributed as dist
+    from common.parallel.gather import gather_objects
 
-    local = {"items": datamodule.bad_items, "substituted_batches": datamodule.substituted_batches}
-    if not (dist.is_available() and dist.is_initialized()):
-        return local
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
+    gathered = gather_objects({"items": datamodule.bad_items, "substituted_batches": datamodule.substituted_batches})
     merged: dict = {}
     for report in gathered:
         for cut_id, item in report["items"].items():
