@@ -18,15 +18,19 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from common.data.guard import DataGuard
 from common.errors import ConfigError
 from common.parallel import build_strategy
-from common.run import build_run, check_run
+from common.recording import RunRecorder, write_summary
+from common.run import Run, build_run, check_run
+from common.rundir import RunDirectory, check_restart_budget
 
 log = logging.getLogger("common.train")
 RANK = int(os.environ.get("RANK", 0))
@@ -195,117 +199,72 @@ def leave_process_group() -> None:
     os._exit(0)
 
 
+@dataclass
+class Launch:
+    """One launch of a run, built and checked (:func:`prepare_launch`): nothing in the run directory
+    has changed yet but unusable checkpoints moved aside."""
+
+    run: Run                    # config, layout, data sources, tokenizer, model, spec
+    module: object              # the TrainingModule (common.module)
+    datamodule: object          # the SpeechDataModule (common.data.datamodule)
+    ckpt_path: str | None       # the checkpoint this launch resumes from (None: a fresh start)
+    resume_step: int | None     # its step
+
+
+@dataclass
+class Outcome:
+    """How an attempt ended, and what it measured after training (rank 0's test sets)."""
+
+    status: str = "failed"
+    error: str | None = None
+    extra_val: dict = field(default_factory=dict)    # TTS: CER of synthesized speech
+    test_scores: dict = field(default_factory=dict)  # recognizers: {set: {wer, cer, ...}}
+    data_report: dict = field(default_factory=dict)  # skipped items, substituted batches
+
+
 def train(cfg: DictConfig) -> None:
-    # A rank that dies of a signal (SIGSEGV, SIGABRT from C++) prints every thread's Python stack.
-    faulthandler.enable()
+    faulthandler.enable()  # a rank that dies of a signal (SIGSEGV, SIGABRT) prints every thread's stack
     setup_logging()
     t0 = time.perf_counter()
     run_dir = Path(cfg.run.output_dir).resolve()
-
-    # 1. Validate settings and layout before anything expensive (every rank raises the same error; no hang).
+    # 1. Settings, layout and the restart budget, before anything expensive (every rank raises alike).
     checked = check_run(cfg)
-    layout = checked.layout
     warn_if_restarts_reuse_the_store()
-    # A run whose last attempts all failed at the same step is not restarted again (every rank reads
-    # the same attempts.jsonl, so all refuse alike).
-    from common.rundir import check_restart_budget
-
     check_restart_budget(run_dir, cfg.run.max_failures_at_step)
-
     # 2. One writer per run directory: a second launch on it stops here, naming the holder.
-    from common.rundir import RunDirectory
-
     rundir = RunDirectory(run_dir)
     if RANK == 0:
         rundir.lock()
     try:
-        prepared = prepare_run(cfg, layout, run_dir)
+        launch = prepare_launch(cfg, checked.layout, run_dir)
     except BaseException:
         rundir.release_if_unused()  # a launch that failed its checks leaves no empty run directory
         raise
-    module, datamodule, tokenizer, model, sources, ckpt_path, resume_step = prepared
-
-    # 3. Run directory: the previous launch's record goes to history/ before anything changes;
-    #    resolved config and tokenizer first, so a failed run still explains itself.
-    from common.checkpointing import Preempted
-    from common.data.guard import DataGuard
-    from common.recording import RunRecorder, summarize, write_summary
-
+    # 3. The record: the previous launch's goes to history/ first; config and tokenizer next, so that
+    #    a failed run still explains itself.
     if RANK == 0:
-        rundir.begin_attempt(sys.argv[1:], resume_step=resume_step if ckpt_path else None)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        tokenizer.save(run_dir / "tokenizer")
-        if ckpt_path:  # `latest` names a run with something to load: one that saved a checkpoint or completed
-            link_latest(run_dir)
+        begin_record(rundir, cfg, launch)
     recorder = RunRecorder(run_dir, print_every_n_steps=cfg.run.print_every_n_steps,
                            log_every_n_steps=cfg.trainer.log_every_n_steps,
-                           resume_step=resume_step if ckpt_path else None)
-    guard = DataGuard(datamodule, max_bad_item_fraction=cfg.data.max_bad_item_fraction)
-    trainer, checkpoint = build_trainer(cfg, run_dir, recorder, resuming=ckpt_path is not None, callbacks=[guard])
+                           resume_step=launch.resume_step if launch.ckpt_path else None)
+    guard = DataGuard(launch.datamodule, max_bad_item_fraction=cfg.data.max_bad_item_fraction)
+    trainer, checkpoint = build_trainer(cfg, run_dir, recorder, resuming=launch.ckpt_path is not None,
+                                        callbacks=[guard])
     if RANK == 0:
         checkpoint.on_published = lambda: link_latest(run_dir)
-
-    # 4. Train; the summary is written whether it completes or fails.
-    status, error, extra_val, test_scores = "failed", None, {}, {}
-    data_report = {"items": datamodule.bad_items, "substituted_batches": datamodule.substituted_batches}
+    # 4. Train and score; the record is written whether it completes or fails.
+    outcome = Outcome(data_report={"items": launch.datamodule.bad_items,
+                                   "substituted_batches": launch.datamodule.substituted_batches})
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        data_report = gather_data_report(datamodule)
-        release_process_group()  # no collective after this: rank 0 scores alone, the others leave
-        extra_val = evaluate_intelligibility(cfg, model, module.spec, sources) if RANK == 0 else {}
-        test_scores = evaluate_test_sets(cfg, module.spec, sources, checkpoint.latest_path, run_dir) if RANK == 0 else {}
-        status = "completed"
-        if RANK == 0:
-            link_latest(run_dir)
-    except Preempted as exc:  # SIGTERM/SIGINT: every rank saved at the same step; a relaunch resumes
-        status, error = exc.status, str(exc)
-        log.info("%s", exc)
-    except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised
-        lines = str(exc).strip().splitlines()
-        error = f"{type(exc).__name__}: {lines[0] if lines else ''}".strip()  # one line; the log has the rest
-        if checkpoint.stop_signal == "SIGINT":  # a second Ctrl-C: stopped at once, last checkpoint kept
-            status = "interrupted"
-        raise
+        fit_and_score(cfg, launch, trainer, checkpoint, run_dir, outcome)
     finally:
         if RANK == 0:
-            wall_s = time.perf_counter() - t0
-            summary = summarize(cfg, layout, recorder, status=status, error=error, wall_s=wall_s,
-                                checkpoint=checkpoint.latest_path, resumed_from=ckpt_path,
-                                bad_items=list(data_report["items"].values()),
-                                previous=rundir.previous_summary if ckpt_path else None, attempt=rundir.attempt)
-            summary["data"]["substituted_batches"] = data_report["substituted_batches"]
-            summary["checkpoint_saves"] = checkpoint.saves  # this attempt's saves: step, mode, stall, write (s)
-            summary["data"]["coverage"] = datamodule.coverage
-            summary["data"]["bad_item_share"] = guard.last_share
-            summary["derived_settings"] = checked.derived  # what check_run resolved (config.yaml has the results)
-            summary["val"].update(extra_val if status == "completed" else {})
-            if test_scores:
-                summary["test"] = test_scores  # {set: {wer, cer, utterances, hours, examples}}
-            unwritten = []  # a full disk or a vanished directory: each part is tried, what failed is said
-            for name, write in (("skipped_items.jsonl", lambda: write_bad_items(run_dir, data_report["items"])),
-                                ("summary.json", lambda: write_summary(run_dir, summary)),
-                                ("attempts.jsonl", lambda: rundir.end_attempt(status, wall_s, steps=summary["steps"],
-                                                                              error=error))):
-                try:
-                    write()
-                except OSError as exc:
-                    unwritten.append(f"{name} ({exc.strerror or exc})")
-            if unwritten:
-                print(f"error: the run's record could not be written in {run_dir}: {', '.join(unwritten)}; the run "
-                      f"ended {status}" + (f" ({error})" if error else "") + "; its newest complete checkpoint: "
-                      f"{checkpoint.latest_path or 'none'}", file=sys.stderr, flush=True)
-            print(f"\nrun {status}: results in {run_dir}\n  summary.json, metrics.jsonl, validation.jsonl, "
-                  f"config.yaml, attempts.jsonl, history/, checkpoints/ -- val {summary['val']}", flush=True)
-            if summary["checkpoint"]:  # only commands that accept this model's checkpoint
-                if module.spec.transcribes:
-                    print(f"  transcribe: python -m common.tools.transcribe {summary['checkpoint']} <audio file>",
-                          flush=True)
-                if module.spec.synthesizes:
-                    print(f"  synthesize: python -m common.tools.synthesize {summary['checkpoint']} \"<text>\" "
-                          "--out speech.wav", flush=True)
+            summary = summarize(cfg, checked, recorder, outcome, checkpoint, launch, guard, rundir,
+                                wall_s=time.perf_counter() - t0)
+            end_record(rundir, run_dir, summary, outcome, launch.run.spec)
 
 
-def prepare_run(cfg: DictConfig, layout, run_dir: Path) -> tuple:
+def prepare_launch(cfg: DictConfig, layout, run_dir: Path) -> Launch:
     """Data sources, tokenizer, model, training module, data module and the checkpoint to resume,
     every check included; nothing in the run directory changes but moving unusable checkpoints aside."""
     from common.checkpointing import resolve_resume
@@ -315,10 +274,96 @@ def prepare_run(cfg: DictConfig, layout, run_dir: Path) -> tuple:
     parallel = OmegaConf.to_container(cfg.parallel) if cfg.parallel else None  # ModelParallelStrategy only
     module = TrainingModule(run.model, run.tokenizer, run.spec, optim=cfg.optim, parallel=parallel,
                             run_config=OmegaConf.to_container(cfg, resolve=True))
-    datamodule = run.datamodule()
     # The same run.name again continues from its newest readable checkpoint (common.checkpointing).
     ckpt_path, resume_step = resolve_resume(cfg, run_dir, rank=RANK)
-    return module, datamodule, run.tokenizer, run.model, run.sources, ckpt_path, resume_step
+    return Launch(run, module, run.datamodule(), ckpt_path, resume_step)
+
+
+def begin_record(rundir: RunDirectory, cfg: DictConfig, launch: Launch) -> None:
+    """Rank 0, before training: the attempt's start row (the earlier record copied to history/ first),
+    the resolved config, the tokenizer, and ``latest`` for a run with something to load."""
+    rundir.begin_attempt(sys.argv[1:], resume_step=launch.resume_step if launch.ckpt_path else None)
+    OmegaConf.save(cfg, rundir.path / "config.yaml", resolve=True)
+    launch.run.tokenizer.save(rundir.path / "tokenizer")
+    if launch.ckpt_path:  # `latest` names a run with something to load: one that saved a checkpoint or completed
+        link_latest(rundir.path)
+
+
+def fit_and_score(cfg: DictConfig, launch: Launch, trainer, checkpoint, run_dir: Path, outcome: Outcome) -> None:
+    """Train, then (rank 0, alone) score the test sets; ``outcome`` says how it ended. A preemption
+    returns (every rank saved at the same step; a relaunch resumes); any other error is recorded
+    in one line, then raised."""
+    from common.checkpointing import Preempted
+
+    run = launch.run
+    try:
+        trainer.fit(launch.module, datamodule=launch.datamodule, ckpt_path=launch.ckpt_path, weights_only=True)
+        outcome.data_report = gather_data_report(launch.datamodule)
+        release_process_group()  # no collective after this: rank 0 scores alone, the others leave
+        if RANK == 0:
+            outcome.extra_val = evaluate_intelligibility(cfg, run.model, run.spec, run.sources)
+            outcome.test_scores = evaluate_test_sets(cfg, run.spec, run.sources, checkpoint.latest_path, run_dir)
+            link_latest(run_dir)
+        outcome.status = "completed"
+    except Preempted as exc:  # SIGTERM/SIGINT
+        outcome.status, outcome.error = exc.status, str(exc)
+        log.info("%s", exc)
+    except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised
+        lines = str(exc).strip().splitlines()
+        outcome.error = f"{type(exc).__name__}: {lines[0] if lines else ''}".strip()  # one line; the log has the rest
+        if checkpoint.stop_signal == "SIGINT":  # a second Ctrl-C: stopped at once, last checkpoint kept
+            outcome.status = "interrupted"
+        raise
+
+
+def end_record(rundir: RunDirectory, run_dir: Path, summary: dict, outcome: Outcome, spec) -> None:
+    """Rank 0, however the attempt ended: skipped items, summary.json, the attempt's end row (each
+    tried; a full disk or a vanished directory is said, with the newest checkpoint), then the
+    closing lines."""
+    status, error = outcome.status, outcome.error
+    unwritten = []
+    for name, write in (("skipped_items.jsonl", lambda: write_bad_items(run_dir, outcome.data_report["items"])),
+                        ("summary.json", lambda: write_summary(run_dir, summary)),
+                        ("attempts.jsonl", lambda: rundir.end_attempt(status, summary["attempt_wall_s"],
+                                                                      steps=summary["steps"], error=error))):
+        try:
+            write()
+        except OSError as exc:
+            unwritten.append(f"{name} ({exc.strerror or exc})")
+    if unwritten:
+        print(f"error: the run's record could not be written in {run_dir}: {', '.join(unwritten)}; the run "
+              f"ended {status}" + (f" ({error})" if error else "") + "; its newest complete checkpoint: "
+              f"{summary['checkpoint'] or 'none'}", file=sys.stderr, flush=True)
+    print(f"\nrun {status}: results in {run_dir}\n  summary.json, metrics.jsonl, validation.jsonl, "
+          f"config.yaml, attempts.jsonl, history/, checkpoints/ -- val {summary['val']}", flush=True)
+    if summary["checkpoint"]:  # only commands that accept this model's checkpoint
+        if spec.transcribes:
+            print(f"  transcribe: python -m common.tools.transcribe {summary['checkpoint']} <audio file>", flush=True)
+        if spec.synthesizes:
+            print(f"  synthesize: python -m common.tools.synthesize {summary['checkpoint']} \"<text>\" "
+                  "--out speech.wav", flush=True)
+
+
+def summarize(cfg: DictConfig, checked, recorder, outcome: Outcome, checkpoint, launch: Launch, guard,
+              rundir: RunDirectory, wall_s: float) -> dict:
+    """The whole ``summary.json``: the recorder's part (common.recording.summarize) and what this
+    attempt's other parts know."""
+    from common.recording import summarize as recorded_summary
+
+    summary = recorded_summary(cfg, checked.layout, recorder, status=outcome.status, error=outcome.error,
+                               wall_s=wall_s, checkpoint=checkpoint.latest_path, resumed_from=launch.ckpt_path,
+                               bad_items=list(outcome.data_report["items"].values()),
+                               previous=rundir.previous_summary if launch.ckpt_path else None,
+                               attempt=rundir.attempt)
+    summary["data"]["substituted_batches"] = outcome.data_report["substituted_batches"]
+    summary["data"]["coverage"] = launch.datamodule.coverage
+    summary["data"]["bad_item_share"] = guard.last_share
+    summary["checkpoint_saves"] = checkpoint.saves  # this attempt's saves: step, mode, stall, write (s)
+    summary["derived_settings"] = checked.derived  # what check_run resolved (config.yaml has the results)
+    summary["val"].update(outcome.extra_val if outcome.status == "completed" else {})
+    if outcome.test_scores:
+        summary["test"] = outcome.test_scores  # {set: {wer, cer, utterances, hours, examples}}
+    return summary
 
 
 def gather_data_report(datamodule) -> dict:
