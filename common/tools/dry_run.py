@@ -157,14 +157,8 @@ def _shard(t: torch.Tensor) -> torch.Tensor:
 def run_rank(args, rank: int) -> dict:
     """Rank ``rank`` of the job, in this process (see the module docstring)."""
     import torch.distributed as dist
-    from omegaconf import OmegaConf
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from common.module import build_optimizer
-    from common.parallel import ParallelOptions, fsdp_units, parallelize
-    from common.step import clip_gradients, training_loss
-    from common.tools.plan import activation_bytes, build_meta_model, state_bytes
 
     t0 = time.perf_counter()
     shape = cluster.requested(args.nodes, args.gpus_per_node)
@@ -176,33 +170,66 @@ def run_rank(args, rank: int) -> dict:
                           "its gradients (make plan states its memory); the dry run is for model-parallel recipes")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    model, tokenizer, predicted, largest_unit = _build_rank_model(cfg, layout, mesh, rank)
+    built_s = time.perf_counter() - t0
 
+    batch, batch_note = _rank_batch(args, shape, layout, tokenizer, mesh, rank)
+    opt, counter, step_s = _train_steps(model, batch, cfg, dp, tp, args.steps)
+
+    def local_bytes(tensors):
+        return sum(_shard(x).numel() * _shard(x).element_size() for x in tensors)
+
+    job_checkpoint_bytes = sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1)  # + AdamW's 2 moments
+                               for p in {id(p): p for p in model.parameters()}.values())
+    measured = {
+        "param_bytes": local_bytes(list(model.parameters())),
+        "grad_bytes": local_bytes([p.grad for p in model.parameters() if p.grad is not None]),
+        "optimizer_state_bytes": sum(local_bytes([v for v in state.values() if isinstance(v, torch.Tensor)])
+                                     for state in opt.state.values()),
+    }
+    collectives = _collective_report(counter, mesh, args, world, dp, tp)
+    dist.destroy_process_group()
+    rank_checkpoint_bytes = measured["param_bytes"] + measured["optimizer_state_bytes"]
+    return {"rank": rank, "world_size": world, "node": rank // args.gpus_per_node, "dp": dp, "tp": tp,
+            "dp_rank": rank // tp, "tp_rank": rank % tp, "built_s": round(built_s, 2),
+            "step_s": [round(s, 2) for s in step_s], "batch": batch_note, "measured": measured,
+            "predicted": predicted, "largest_gathered_unit_bytes": largest_unit,
+            "share_s": float(cfg.data.max_duration_s) / dp,
+            # What a checkpoint holds (DCP: each rank writes its shards of parameters and optimizer state).
+            "checkpoint": {"rank_bytes": rank_checkpoint_bytes, "job_bytes": job_checkpoint_bytes,
+                           "storage_gbps": args.storage_gbps,
+                           "rank_write_s": rank_checkpoint_bytes / (args.storage_gbps * 1e9)},
+            "collectives": collectives, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _build_rank_model(cfg, layout, mesh, rank: int) -> tuple:
+    """This rank's model, parallelized on ``mesh`` and filled with seeded random weights (only its
+    shards exist), its tokenizer, the planner's prediction for this rank from the same unsharded
+    model, and the largest FSDP unit an all-gather materializes (bytes)."""
+    from omegaconf import OmegaConf
+
+    from common.models import spec_of
+    from common.parallel import ParallelOptions, fsdp_units, parallelize
+    from common.tools.plan import activation_bytes, build_meta_model, state_bytes, tp_split_dims
+
+    dp, tp = layout.data_parallel_size, layout.tensor_parallel_size
     build_cfg = copy.deepcopy(cfg)
     OmegaConf.set_readonly(build_cfg, False)
     with parameters_on_meta():
         model, tokenizer = build_meta_model(build_cfg, device=None)
-    spec = model.parallel_spec()
-    from common.models import spec_of
-
     if spec_of(cfg).llm is not None:  # what build_run checks with a layout: TP must split heads and vocabulary
         from common.parallel import check_tensor_parallel
 
         llm = spec_of(cfg).llm(model)
         check_tensor_parallel(tp, llm.config, llm.get_input_embeddings().num_embeddings,
                               lora=bool(cfg.model.get("lora")))
-    # The planner's prediction for this rank, from the same (unsharded) model.
     seq_par = bool(cfg.parallel and cfg.parallel.sequence_parallel)
     param_b = next(model.parameters()).element_size()
     predicted = state_bytes(model, layout.strategy, dp, tp, param_b, seq_par, ranks=[rank])[0]
     predicted["activation_bytes"] = activation_bytes(build_cfg, model, dp, tp, param_b)
-    units = fsdp_units(model, spec)
-    tp_ids = set()
-    if tp > 1:
-        from common.tools.plan import tp_split_dims
-
-        tp_ids = set(tp_split_dims(model, seq_par)[0])
+    tp_ids = set(tp_split_dims(model, seq_par)[0]) if tp > 1 else set()
     largest_unit = max(sum(p.numel() * p.element_size() // (tp if id(p) in tp_ids else 1) for p in params)
-                       for _, params in units)
+                       for _, params in fsdp_units(model, model.parallel_spec()))
 
     options = ParallelOptions(**OmegaConf.to_container(cfg.parallel)) if cfg.parallel else ParallelOptions()
     options.compile = False  # the graphs a GPU compiles are not what this CPU would
@@ -216,14 +243,21 @@ def run_rank(args, rank: int) -> dict:
         for p in model.parameters():
             local = _shard(p)
             local.copy_(torch.randn(local.shape, generator=gen) * 0.02)
-    built_s = time.perf_counter() - t0
+    return model, tokenizer, predicted, largest_unit
 
-    batch, batch_note = _rank_batch(args, shape, layout, tokenizer, mesh, rank)
+
+def _train_steps(model, batch, cfg, dp: int, tp: int, steps: int) -> tuple:
+    """``steps`` optimizer steps of the recipe's step (common.step) on ``batch``; the first one's
+    collectives counted. (optimizer, counter, seconds per step)."""
+    from common.models import spec_of
+    from common.module import build_optimizer
+    from common.step import clip_gradients, training_loss
+
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt, _ = build_optimizer(trainable, cfg.optim, max_steps=cfg.trainer.max_steps)
     counter = CollectiveCounter()
     step_s = []
-    for step in range(args.steps):
+    for step in range(steps):
         t = time.perf_counter()
         with counter if step == 0 else contextlib.nullcontext():
             loss, _ = training_loss(model(batch), batch, spec_of(cfg).loss_normalizer, dp=dp, tp=tp, model=model)
@@ -231,21 +265,15 @@ def run_rank(args, rank: int) -> dict:
                 loss.backward()
             clip_gradients([p for p in trainable if p.grad is not None], cfg.optim.get("max_grad_norm"))
             opt.step()
-        if step < args.steps - 1:
+        if step < steps - 1:
             opt.zero_grad(set_to_none=False)
         step_s.append(time.perf_counter() - t)
+    return opt, counter, step_s
 
-    def local_bytes(tensors):
-        return sum(_shard(x).numel() * _shard(x).element_size() for x in tensors)
 
-    job_checkpoint_bytes = sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1)  # + AdamW's 2 moments
-                               for p in {id(p): p for p in model.parameters()}.values())
-    measured = {
-        "param_bytes": local_bytes(list(model.parameters())),
-        "grad_bytes": local_bytes([p.grad for p in model.parameters() if p.grad is not None]),
-        "optimizer_state_bytes": sum(local_bytes([v for v in state.values() if isinstance(v, torch.Tensor)])
-                                     for state in opt.state.values()),
-    }
+def _collective_report(counter, mesh, args, world: int, dp: int, tp: int) -> dict:
+    """The counted collectives per mesh dimension: calls, bytes, ring traffic, ops, whether the group
+    spans nodes, and the seconds that traffic takes at the stated link speed."""
     groups = {mesh["data_parallel"].get_group().group_name: "data_parallel",
               mesh["tensor_parallel"].get_group().group_name: "tensor_parallel"}
     if tp > 1:
@@ -269,18 +297,7 @@ def run_rank(args, rank: int) -> dict:
         gbps = args.inter_node_gbps if across else args.intra_node_gbps
         row.update(ops=dict(row["ops"]), group_size=sizes.get(dim, world), across_nodes=across, gbps=gbps,
                    time_s=row["traffic_bytes"] / (gbps * 1e9))
-    dist.destroy_process_group()
-    return {"rank": rank, "world_size": world, "node": rank // per_node, "dp": dp, "tp": tp,
-            "dp_rank": rank // tp, "tp_rank": rank % tp, "built_s": round(built_s, 2),
-            "step_s": [round(s, 2) for s in step_s], "batch": batch_note, "measured": measured,
-            "predicted": predicted, "largest_gathered_unit_bytes": largest_unit,
-            "share_s": float(cfg.data.max_duration_s) / dp,
-            # What a checkpoint holds (DCP: each rank writes its shards of parameters and optimizer state).
-            "checkpoint": {"rank_bytes": measured["param_bytes"] + measured["optimizer_state_bytes"],
-                           "job_bytes": job_checkpoint_bytes, "storage_gbps": args.storage_gbps,
-                           "rank_write_s": (measured["param_bytes"] + measured["optimizer_state_bytes"])
-                           / (args.storage_gbps * 1e9)},
-            "collectives": dict(collectives), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return dict(collectives)
 
 
 def _rank_batch(args, shape, layout, tokenizer, mesh, rank: int):
