@@ -82,10 +82,12 @@ class CorpusServer:
                 self.send_header("Accept-Ranges", "bytes")
                 self.end_headers()
                 if body:
-                    self.wfile.write(data)
+                    # Counted before the write: once the client holds the bytes, the counters hold them
+                    # too (counted after, a reader that finished could look before this thread counts).
                     with server._lock:
                         server.bytes_sent += len(data)
                         server.bytes_by_path[path] = server.bytes_by_path.get(path, 0) + len(data)
+                    self.wfile.write(data)
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
