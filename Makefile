@@ -23,7 +23,7 @@ export RUN_NAME
 # torchrun --max-restarts: a fresh rendezvous store per restart (see common/train.py).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE := 1
 
-.PHONY: help setup run transcribe export synthesize data-check to-shar test quality quality-english bench plan profile-batches lint clean \
+.PHONY: help setup run transcribe export synthesize data-check to-shar test test-fast quality quality-english bench plan profile-batches lint clean \
         docker-build docker-run cpu-base container-test k8s-render k8s-apply slurm-render slurm-submit dry-run
 
 # Containers: docker where it exists, else podman (CI); the CPU base and make container-test use podman.
@@ -79,6 +79,7 @@ help:
 	@echo "                                 report missing/corrupt audio, bad durations, bad text; non-zero if any"
 	@echo "make to-shar MANIFEST=<file> SHAR=<dir>  export a manifest (cuts, NeMo, ...) to Lhotse Shar shards"
 	@echo "make test                        unit + multi-process tests (CPU, gloo)"
+	@echo "make test-fast                   unit tests not marked slow: the inner loop (~3 min on 2 cores)"
 	@echo "make quality RECIPE=<r>          default run + check its time and WER goals"
 	@echo "make quality-english RECIPE=asr_ddp  default run on data=english (spoken English) + its WER goals"
 	@echo "make quality-english RECIPE=salm_fsdp2  SmolLM2 on that run's exported encoder (make export RECIPE=asr_ddp first)"
@@ -158,7 +159,11 @@ to-shar: setup
 
 # The container build and run has its own target (make container-test): minutes, and needs podman.
 test: setup
-	$(PY) -m pytest -q tests --ignore=tests/containers
+	$(PY) -m pytest -q tests --ignore=tests/containers --durations=20
+
+# The inner loop: unit tests not marked slow (about 3 minutes on 2 cores); make test is CI's.
+test-fast: setup
+	$(PY) -m pytest -q tests/unit -m "not slow"
 
 # Full default run of a recipe, then its goals (time, WER) are checked; non-zero exit if one is missed.
 # Goals per recipe (QUALITY_<recipe> overrides); the SALM recipes share the issue's goals.

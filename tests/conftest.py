@@ -36,6 +36,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def jsonl_rows(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines file of a run (metrics.jsonl, validation.jsonl, attempts.jsonl)."""
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
 def recipe_config(recipe: str, overrides: list[str] = ()):
     """A recipe's config composed exactly as `make run` composes it (base.yaml + family + recipe)."""
     from common.run import compose
@@ -48,16 +55,38 @@ def salm_cfg():
     return recipe_config("salm_tp_fsdp2")
 
 
+def recipe_command(recipe: str | Path, nproc: int, run_dir: Path, overrides: list[str],
+                   torchrun_args: tuple[str, ...] = ()) -> list[str]:
+    """`make run`'s torchrun command line (standalone, gloo on CPU); ``recipe``: a recipe name or a
+    recipe directory (a recipe made by a test)."""
+    config_path = recipe if isinstance(recipe, Path) else ROOT / "recipes" / recipe
+    return [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", *torchrun_args, "-m", "common.train",
+            f"--config-path={config_path}", "--config-name=config", f"run.output_dir={run_dir}", *overrides]
+
+
+def recipe_env(extra_env: dict | None = None) -> dict:
+    """`make run`'s environment: one thread per rank, no run name from the shell, a fresh rendezvous
+    store per torchrun restart."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "RUN_NAME": "", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+            **(extra_env or {})}
+
+
 def run_recipe(recipe: str, nproc: int, overrides: list[str], run_dir_root: Path, timeout: int = 600,
                extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    """Launch the real entry point exactly as `make run` does (torchrun standalone, gloo on CPU)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN_NAME": "", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-           **(extra_env or {})}
+    """Launch the real entry point exactly as `make run` does, and wait for it."""
     run_dir_root.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", "-m", "common.train",
-           f"--config-path={ROOT / 'recipes' / recipe}", "--config-name=config",
-           f"run.output_dir={run_dir_root}", *overrides]
-    return subprocess.run(cmd, cwd=run_dir_root.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(recipe_command(recipe, nproc, run_dir_root, overrides), cwd=run_dir_root.parent,
+                          env=recipe_env(extra_env), capture_output=True, text=True, timeout=timeout)
+
+
+def start_recipe(recipe: str, nproc: int, run_dir: Path, overrides: list[str], log: Path,
+                 torchrun_args: tuple[str, ...] = (), extra_env: dict | None = None) -> subprocess.Popen:
+    """The same launch in the background, its output in ``log`` (a file: a full pipe would block the
+    run), in its own session (a test may kill the whole tree)."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(recipe_command(recipe, nproc, run_dir, overrides, torchrun_args), cwd=run_dir.parent,
+                            env=recipe_env(extra_env), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def tiny_overrides(tiny_corpus: dict, nproc: int, *extra: str) -> list[str]:
@@ -68,7 +97,6 @@ def tiny_overrides(tiny_corpus: dict, nproc: int, *extra: str) -> list[str]:
 
 def ddp_parity_metrics(recipe: str, tiny_corpus: dict, root: Path, steps: int, *extra: str) -> dict[int, list[dict]]:
     """metrics.jsonl rows of the same short run with 1 and with 2 DDP processes."""
-    import json
 
     out = {}
     for nproc in (1, 2):
@@ -76,7 +104,7 @@ def ddp_parity_metrics(recipe: str, tiny_corpus: dict, root: Path, steps: int, *
         proc = run_recipe(recipe, nproc, tiny_overrides(tiny_corpus, nproc, f"trainer.max_steps={steps}",
                                                         "trainer.limit_val_batches=0", *extra), run_dir)
         assert proc.returncode == 0, proc.stderr[-4000:]
-        out[nproc] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        out[nproc] = jsonl_rows(run_dir / "metrics.jsonl")
     return out
 
 

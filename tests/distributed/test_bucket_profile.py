@@ -3,7 +3,7 @@
 import json
 
 from common.data.buckets import PROFILE_FORMAT
-from tests.conftest import run_recipe, tiny_overrides
+from tests.conftest import jsonl_rows, run_recipe, tiny_overrides
 
 
 def test_a_run_uses_the_profiled_batch_sizes(tiny_corpus, tmp_path):
@@ -15,7 +15,7 @@ def test_a_run_uses_the_profiled_batch_sizes(tiny_corpus, tmp_path):
     proc = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, "trainer.max_steps=8", "trainer.limit_val_batches=0",
                                                    f"data.bucket_profile={path}"), run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = jsonl_rows(run_dir / "metrics.jsonl")
     assert len(rows) == 8
     assert {r["utterances"] for r in rows} <= {10, 6}  # 5 or 3 per GPU x 2 GPUs
     assert {r["utterances"] for r in rows} == {10, 6}  # both buckets trained

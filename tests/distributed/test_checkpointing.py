@@ -10,11 +10,11 @@ import shutil
 import pytest
 
 from common.checkpointing import WRITE_DELAY_ENV
-from tests.conftest import run_recipe, tiny_overrides
+from tests.conftest import jsonl_rows, run_recipe, tiny_overrides
 
 
 def _metrics(run_dir) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return jsonl_rows(run_dir / "metrics.jsonl")
 
 
 def _ckpts(run_dir) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import run_recipe, tiny_overrides
+from tests.conftest import jsonl_rows, run_recipe, tiny_overrides
 
 STEPS = 24
 BUCKETS = 2
@@ -19,7 +19,7 @@ def test_a_compiled_run_stops_compiling_after_the_first_pass(tiny_corpus, tmp_pa
         "parallel.compile_backend=aot_eager", f"data.num_buckets={BUCKETS}", "trainer.log_every_n_steps=3",
         "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0"), run_dir)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = jsonl_rows(run_dir / "metrics.jsonl")
     summary = json.loads((run_dir / "summary.json").read_text())
     graphs = {r["step"]: r["compiled_graphs"] for r in rows if "compiled_graphs" in r}
     assert sorted(graphs) == list(range(3, STEPS + 1, 3))

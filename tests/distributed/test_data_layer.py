@@ -8,7 +8,7 @@ import json
 import pytest
 
 from common.data.__main__ import main as data_cli
-from tests.conftest import run_recipe, tiny_overrides
+from tests.conftest import jsonl_rows, run_recipe, tiny_overrides
 from tests.corpora import BAD_KINDS, tone_cuts, write_bad_items, write_nemo_corpus
 
 
@@ -40,14 +40,14 @@ def test_bad_items_are_skipped_counted_and_all_ranks_keep_step(user_data, tiny_c
                                                    *_sources(user_data), "data.max_bad_item_fraction=0.9"), run_dir)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = jsonl_rows(run_dir / "metrics.jsonl")
     assert summary["status"] == "completed" and [m["step"] for m in metrics] == list(range(1, 13))
     skipped = summary["data"]["skipped"]
     assert set(skipped["by_kind"]) == set(BAD_KINDS), skipped
     assert len(BAD_KINDS) <= skipped["total"] <= len(BAD_KINDS) + 12  # distinct items (12 extra unreadable copies)
     assert skipped["times"] >= skipped["total"]  # the mix repeats its sources: items are met again
     assert summary["data"]["substituted_batches"] >= 1  # a whole shard was unreadable, and no deadlock
-    logged = [json.loads(x) for x in (run_dir / "skipped_items.jsonl").read_text().splitlines()]
+    logged = jsonl_rows(run_dir / "skipped_items.jsonl")
     assert len(logged) == skipped["total"]
     assert {item["path"] for item in logged} >= set(user_data["paths"].values())
     assert "skipping bad data item" in proc.stdout + proc.stderr or "skipped bad data item" in proc.stdout + proc.stderr
@@ -132,8 +132,8 @@ def test_resume_after_a_pass_boundary_repeats_the_losses(source, small_sources, 
                                                       f"run.resume_from={tmp_path / 'full' / 'checkpoints' / f'step{step:06d}.ckpt'}"),
                          tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    a = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    a = jsonl_rows(tmp_path / "full" / "metrics.jsonl")
+    b = jsonl_rows(tmp_path / "resumed" / "metrics.jsonl")
     assert [m["step"] for m in b] == list(range(step + 1, 15))
     assert [m["batch"] for m in b] == [m["batch"] for m in a[step:]]  # the same global batches, in order
     for x, y in zip(a[step:], b):
@@ -275,7 +275,7 @@ def test_a_run_from_s3_trains_like_the_same_corpus_on_local_disk(small_sources, 
             proc = run_recipe("asr_ddp", 2, tiny_overrides(tiny_corpus, 2, *common, f"data.train=[{source}]"),
                               tmp_path / name, extra_env=store.env)
             assert proc.returncode == 0, proc.stderr[-4000:]
-            runs[name] = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            runs[name] = jsonl_rows(tmp_path / name / "metrics.jsonl")
     assert [m["batch"] for m in runs["s3"]] == [m["batch"] for m in runs["local"]] and len(runs["s3"]) == 8
     for a, b in zip(runs["s3"], runs["local"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6), a["step"]

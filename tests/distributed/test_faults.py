@@ -14,26 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TORCHRUN, recipe_config, run_recipe, tiny_overrides
+from tests.conftest import jsonl_rows, recipe_config, run_recipe, start_recipe, tiny_overrides
+from tests.processes import children, kill_tree
 
 ASR = ("trainer.max_steps=10", "trainer.limit_val_batches=0", "checkpoint.every_n_steps=3", "data.max_duration_s=8")
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return jsonl_rows(run_dir / "metrics.jsonl")
 
 
 def _launch(run_dir: Path, overrides: list[str], max_restarts: int, extra_env: dict | None = None) -> subprocess.Popen:
     """`make run`'s torchrun command, with an elastic restart budget (what a job would pass)."""
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [TORCHRUN, "--standalone", "--nproc-per-node=2", f"--max-restarts={max_restarts}", "--monitor-interval=1",
-           "-m", "common.train", f"--config-path={ROOT / 'recipes' / 'asr_ddp'}", "--config-name=config",
-           f"run.output_dir={run_dir}", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN_NAME": "", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-           **(extra_env or {})}
-    log = open(run_dir.parent / f"{run_dir.name}.log", "w")  # a file: a full pipe would block the run
-    return subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return start_recipe("asr_ddp", 2, run_dir, overrides, run_dir.parent / f"{run_dir.name}.log",
+                        torchrun_args=(f"--max-restarts={max_restarts}", "--monitor-interval=1"), extra_env=extra_env)
 
 
 def _output(run_dir: Path) -> str:
@@ -48,14 +42,6 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(x.split("=", 1) for x in raw.decode(errors="replace").split("\0") if "=" in x)
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
 
 
 def _worker(agent_pid: int, rank: int) -> int | None:
@@ -67,7 +53,7 @@ def _worker(agent_pid: int, rank: int) -> int | None:
         is_rank = env.get("RANK") == str(rank) and "TORCHELASTIC_RUN_ID" in env
         if is_rank and not parent_is_rank:
             return pid
-        stack += [(c, is_rank) for c in _children(pid)]
+        stack += [(c, is_rank) for c in children(pid)]
     return None
 
 
@@ -103,7 +89,7 @@ def test_a_sigkilled_rank_restarts_the_group_and_the_run_resumes_exactly(tiny_co
         proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
-            _kill_tree(proc.pid)
+            kill_tree(proc.pid)
     assert proc.returncode == 0, _output(run_dir)
     assert rows_at_kill < 10  # killed mid-run
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -129,7 +115,7 @@ def test_a_sigkilled_rank_fails_the_job_fast_without_restarts(tiny_corpus, tmp_p
         proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
-            _kill_tree(proc.pid)
+            kill_tree(proc.pid)
     assert proc.returncode != 0, _output(run_dir)
     assert survivor and not _alive(survivor)  # no rank left behind
 
@@ -150,13 +136,6 @@ def test_collective_timeout_reaches_the_strategy():
     assert recipe_config("asr_ddp").run.collective_timeout_s == 600
 
 
-def _descendants(pid: int) -> list[int]:
-    out, stack = [], [pid]
-    while stack:
-        children = _children(stack.pop())
-        out += children
-        stack += children
-    return out
 
 
 def _cmdline(proc_dir: Path) -> str:
@@ -166,13 +145,6 @@ def _cmdline(proc_dir: Path) -> str:
         return ""
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants at once, as a lost node would lose them."""
-    for p in [pid, *_descendants(pid)]:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def test_a_job_killed_before_a_written_checkpoint_is_renamed_resumes_from_the_last_complete_one(tiny_corpus, tmp_path):
@@ -193,10 +165,10 @@ def test_a_job_killed_before_a_written_checkpoint_is_renamed_resumes_from_the_la
         while HELD_MESSAGE not in (run_dir.parent / "run.log").read_text():
             assert proc.poll() is None and time.monotonic() < deadline, _output(run_dir)
             time.sleep(0.05)
-        _kill_tree(proc.pid)  # torchrun starts each rank in its own session: not one killpg
+        kill_tree(proc.pid)  # torchrun starts each rank in its own session: not one killpg
     finally:
         if proc.poll() is None:
-            _kill_tree(proc.pid)
+            kill_tree(proc.pid)
         proc.wait()
     gone = time.monotonic() + 60
     while [p for p in Path("/proc").glob("[0-9]*") if str(run_dir) in _cmdline(p)]:
@@ -237,10 +209,10 @@ def test_a_job_killed_while_an_async_checkpoint_is_written_resumes_from_the_prev
                 or _metrics(run_dir)[-1]["step"] < 5:
             assert proc.poll() is None and time.monotonic() < deadline, _output(run_dir)
             time.sleep(0.05)
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
     finally:
         if proc.poll() is None:
-            _kill_tree(proc.pid)
+            kill_tree(proc.pid)
         proc.wait()
     ckpts = run_dir / "checkpoints"
     partial = ckpts / ".partial-step000004.ckpt"

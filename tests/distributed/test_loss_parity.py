@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_recipe
+from tests.conftest import jsonl_rows, run_recipe
 
 # TP alone is checked against one process with a real pretrained backbone (SmolLM2, TP 3:
 # tests/distributed/test_pretrained_parity.py); the 2-D layout runs with activation checkpointing,
@@ -38,7 +38,7 @@ def losses(tiny_corpus, tmp_path_factory):
         ], run_dir)
         assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-4000:]}"
         RUN_DIRS[name] = run_dir
-        out[name] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        out[name] = jsonl_rows(run_dir / "metrics.jsonl")
         summary = json.loads((run_dir / "summary.json").read_text())
         assert (summary["data_parallel_size"], summary["tensor_parallel_size"]) == (dp, tp)
     return out

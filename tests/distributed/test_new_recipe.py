@@ -7,7 +7,7 @@ import os
 import subprocess
 import textwrap
 
-from tests.conftest import ROOT, TORCHRUN, tiny_overrides
+from tests.conftest import ROOT, jsonl_rows, recipe_command, recipe_env, tiny_overrides
 
 MODEL_FILE = '''
 """A toy CTC recognizer: one linear layer from log-mel frames to the vocabulary."""
@@ -92,16 +92,14 @@ def test_a_recipe_and_model_file_outside_the_repository_train_on_two_processes(t
     before = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
 
     run_dir = tmp_path / "outputs" / "toy"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN_NAME": "", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "common.train",
-                           f"--config-path={recipe_dir}", "--config-name=config", f"run.output_dir={run_dir}",
-                           *tiny_overrides(tiny_corpus, 2, "trainer.max_steps=2", "trainer.limit_val_batches=0")],
+    env = recipe_env({"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    proc = subprocess.run(recipe_command(recipe_dir, 2, run_dir,
+                                         tiny_overrides(tiny_corpus, 2, "trainer.max_steps=2", "trainer.limit_val_batches=0")),
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["recipe"], summary["status"], summary["steps"], summary["world_size"]) == ("toy_ddp", "completed", 2, 2)
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = jsonl_rows(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and all(r["train_loss"] > 0 for r in rows)
     assert rows[0]["model_tflop"] > 0  # the MFU counter uses the model file's own FLOPs formula
     assert subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout == before

@@ -4,14 +4,13 @@ torchrun during training."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
 
 import pytest
 
-from tests.conftest import ROOT, TORCHRUN, run_recipe, tiny_overrides
+from tests.conftest import recipe_command, recipe_env, run_recipe, tiny_overrides
 
 STEPS = 30
 CHECK_EVERY = 3  # ranks agree on a signal at log steps only (no host sync in the others)
@@ -26,11 +25,9 @@ OVERRIDES = (f"trainer.max_steps={STEPS}", "trainer.limit_val_batches=0", "check
                          ids=["SIGTERM", "SIGINT"])
 def test_signal_saves_at_a_step_boundary_and_the_same_command_resumes(sig, status, tiny_corpus, tmp_path):
     run_dir = tmp_path / "preempted"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN_NAME": "", "WANDB_MODE": "offline"}
-    cmd = [TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "common.train",
-           f"--config-path={ROOT / 'recipes' / 'asr_ddp'}", "--config-name=config", f"run.output_dir={run_dir}",
-           *tiny_overrides(tiny_corpus, 2, *OVERRIDES)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = recipe_command("asr_ddp", 2, run_dir, tiny_overrides(tiny_corpus, 2, *OVERRIDES))
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=recipe_env({"WANDB_MODE": "offline"}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):

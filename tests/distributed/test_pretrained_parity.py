@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import run_recipe
+from tests.conftest import jsonl_rows, run_recipe
 
 STEPS = 3
 
@@ -30,7 +30,7 @@ def _run(name, nproc, dp, tp, pretrained, tiny_corpus, root, *extra):
         "model.ctc_aux_weight=0", "model.projector.ctc_compress=false", "model.max_new_tokens=4", *extra,
     ], run_dir, timeout=900)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-4000:]}"
-    return run_dir, [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_dir, jsonl_rows(run_dir / "metrics.jsonl")
 
 
 def _assert_parity(ref, got, name):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, free_port, run_recipe
+from tests.conftest import ROOT, free_port, jsonl_rows, run_recipe
 
 SUMMARY_KEYS = {"recipe", "status", "world_size", "data_parallel_size", "tensor_parallel_size", "strategy",
                 "accelerator", "precision", "steps", "train_loss_first", "train_loss_last", "val", "throughput",
@@ -38,7 +38,7 @@ def test_recipe_run_writes_the_contract(recipe, nproc, dp, tp, tiny_corpus, tmp_
     config = (run_dir / "config.yaml").read_text()
     assert "ModelParallelStrategy" in config and "use_distributed_sampler: false" in config and "${" not in config
 
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = jsonl_rows(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all({"step", "train_loss", "lr"} <= m.keys() and m["train_loss"] > 0 for m in metrics)
 
@@ -56,7 +56,7 @@ def test_recipe_run_writes_the_contract(recipe, nproc, dp, tp, tiny_corpus, tmp_
     assert (s["device"]["type"], s["device"]["distributed_backend"]) == ("cpu", "gloo")
     assert s["device"]["torch"] == __import__("torch").__version__
     assert 0 <= s["val"]["wer"] and s["val"]["loss"] > 0
-    validations = [json.loads(x) for x in (run_dir / "validation.jsonl").read_text().splitlines()]
+    validations = jsonl_rows(run_dir / "validation.jsonl")
     assert [v["step"] for v in validations] == [0, 4]  # the untrained model first, then every val_check_interval
     assert s["val_first"] == {"loss": validations[0]["val_loss"], "wer": validations[0]["val_wer"]}
     t = s["throughput"]

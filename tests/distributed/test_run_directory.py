@@ -5,7 +5,6 @@ launch while the first still runs."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -13,14 +12,12 @@ from pathlib import Path
 import pytest
 
 from common.tools.check_run import check
-from tests.conftest import ROOT, TORCHRUN, run_recipe, tiny_overrides
-from tests.distributed.test_faults import _kill_tree
+from tests.conftest import jsonl_rows, run_recipe, start_recipe, tiny_overrides
+from tests.processes import kill_tree
 
 ASR = ("trainer.max_steps=6", "trainer.val_check_interval=6", "checkpoint.every_n_steps=3", "data.max_duration_s=8")
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines()]
 
 
 def _summary(run_dir: Path) -> dict:
@@ -54,7 +51,7 @@ def test_every_launch_is_kept_and_the_summary_describes_the_whole_run(tiny_corpu
     bad = run_recipe("asr_ddp", 2, [*overrides, "trainer.max_steps=abc"], run_dir, timeout=120)
     assert bad.returncode != 0 and "error: trainer.max_steps must be an integer >= 1, got 'abc'" in bad.stderr
     assert (run_dir / "config.yaml").read_text() == config2 and _summary(run_dir) == s2
-    assert [r["attempt"] for r in _rows(run_dir / "attempts.jsonl")] == [1, 1, 2, 2]
+    assert [r["attempt"] for r in jsonl_rows(run_dir / "attempts.jsonl")] == [1, 1, 2, 2]
 
     # 3. The newest checkpoint is damaged (a flipped byte): auto-resume sets it aside, says why and
     #    resumes from the one before; steps 4..6 repeat the first launch's losses.
@@ -72,7 +69,7 @@ def test_every_launch_is_kept_and_the_summary_describes_the_whole_run(tiny_corpu
     assert s3["resumed_from"].endswith("step000003.ckpt") and (s3["steps"], s3["attempt_steps"]) == (6, 3)
     assert s3["val_first"] == s1["val_first"] and s3["val"]["wer"] == pytest.approx(s1["val"]["wer"], abs=1e-6)
     assert s3["throughput"]["utterances_per_s"] > 0  # this attempt's, or the last that measured one
-    for a, b in zip(_rows(run_dir / "metrics.jsonl"), [json.loads(x) for x in metrics1.splitlines()]):
+    for a, b in zip(jsonl_rows(run_dir / "metrics.jsonl"), [json.loads(x) for x in metrics1.splitlines()]):
         assert a["step"] == b["step"] and a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
     assert (run_dir / "checkpoints" / "last.ckpt").resolve().name == "step000006.ckpt"
 
@@ -81,19 +78,13 @@ def test_every_launch_is_kept_and_the_summary_describes_the_whole_run(tiny_corpu
     assert fresh.returncode == 0, fresh.stderr[-4000:]
     assert _summary(run_dir)["resumed_from"] is None and _summary(run_dir)["attempt"] == 4
     assert _summary(run_dir / "history" / "attempt-3")["resumed_from"].endswith("step000003.ckpt")
-    ends = [r for r in _rows(run_dir / "attempts.jsonl") if r["event"] == "end"]
+    ends = [r for r in jsonl_rows(run_dir / "attempts.jsonl") if r["event"] == "end"]
     assert [(r["attempt"], r["status"]) for r in ends] == [(n, "completed") for n in (1, 2, 3, 4)]
     assert len(list(run_dir.parent.glob("exp/checkpoints.replaced-*/step000003.ckpt"))) == 1
 
 
 def _launch(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
-    cmd = [TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "common.train",
-           f"--config-path={ROOT / 'recipes' / 'asr_ddp'}", "--config-name=config", f"run.output_dir={run_dir}",
-           *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN_NAME": "", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    log = open(run_dir.parent / "first.log", "w")
-    return subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return start_recipe("asr_ddp", 2, run_dir, overrides, run_dir.parent / "first.log")
 
 
 def test_one_writer_per_run_directory_and_a_killed_holder_frees_it(tiny_corpus, tmp_path):
@@ -115,13 +106,13 @@ def test_one_writer_per_run_directory_and_a_killed_holder_frees_it(tiny_corpus, 
         assert (f"error: run directory {run_dir} is in use by another launch (pid {holder['pid']} on "
                 f"{holder['host']}") in second.stderr, second.stderr[-3000:]
         assert first.poll() is None  # the first run goes on, alone
-        steps = [r["step"] for r in _rows(metrics)]
+        steps = [r["step"] for r in jsonl_rows(metrics)]
         assert steps == list(range(1, len(steps) + 1))  # one writer: no interleaved rows
     finally:
-        _kill_tree(first.pid)  # a crash of torchrun and every rank: no clean exit, no unlock call
+        kill_tree(first.pid)  # a crash of torchrun and every rank: no clean exit, no unlock call
         first.wait(timeout=60)
     # The kernel dropped the dead holder's lock: the same run name starts again at once.
     third = run_recipe("asr_ddp", 2, [*overrides, "trainer.max_steps=2"], run_dir)
     assert third.returncode == 0, third.stderr[-3000:]
-    assert [r["event"] for r in _rows(run_dir / "attempts.jsonl")] == ["start", "start", "end"]  # killed: no end row
+    assert [r["event"] for r in jsonl_rows(run_dir / "attempts.jsonl")] == ["start", "start", "end"]  # killed: no end row
     assert (run_dir / "history" / "attempt-1" / "metrics.jsonl").exists()

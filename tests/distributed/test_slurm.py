@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.ci_guard import in_ci, require_tool
-from tests.conftest import ROOT, run_recipe
+from tests.conftest import ROOT, jsonl_rows, run_recipe
 from tests.slurm_cluster import INSTALL, SlurmCluster, can_be_root, missing_tools
 
 STEPS = 12
@@ -75,7 +75,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_losses(slurm
     reference = tmp_path / "reference"
     proc = run_recipe("salm_tp_fsdp2", 4, ["trainer.devices=4", *RUN, *data], reference)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    expected = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    expected = jsonl_rows(reference / "metrics.jsonl")
 
     out = tmp_path / "outputs"
     run_name = f"slurm-{os.getpid()}"
@@ -103,14 +103,14 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_losses(slurm
     assert "USR1: checkpoint, then requeue" in log and "preempted (USR1): requeued (requeue 1 of 2)" in log, log
     assert "the launch failed with status 1" in log and "requeued (requeue 2 of 2)" in log, log
 
-    attempts = [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    attempts = jsonl_rows(run_dir / "attempts.jsonl")
     ends = [a for a in attempts if a["event"] == "end"]
     assert [a["status"] for a in ends][0] == "preempted" and ends[-1]["status"] == "completed", attempts
     assert len([a for a in attempts if a["event"] == "start"]) == 3, attempts  # the killed attempt started too
     summary = json.loads((run_dir / "summary.json").read_text())
     assert 2 <= ends[0]["steps"] < 5 and summary["resumed_from"].endswith("step000004.ckpt"), summary
     assert (summary["world_size"], summary["data_parallel_size"], summary["tensor_parallel_size"]) == (4, 2, 2)
-    got = [json.loads(x) for x in metrics.read_text().splitlines()]
+    got = jsonl_rows(metrics)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     for mine, ref in zip(got, expected):
         assert mine["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-6), (mine, ref)

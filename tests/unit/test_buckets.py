@@ -144,6 +144,7 @@ def test_state_with_word_alignments_loads_as_a_weights_only_checkpoint(tmp_path)
     assert [[c.id for c in x] for x in resumed] == [[c.id for c in x] for x in ref]
 
 
+@pytest.mark.slow  # make test-fast leaves it out
 def test_checkpoints_of_earlier_versions_with_alignment_items_still_load(tmp_path):
     # Written before the state went through JSON: AlignmentItem tuples inside. Reading the checkpoint
     # through common.inference (or the resume path in common.checkpointing) allows exactly that type.

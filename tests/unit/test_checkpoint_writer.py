@@ -88,6 +88,7 @@ def _rss_after_saves(sharded: bool, directory: str) -> dict:
     return {"rss": rss, "staged_bytes": staged}
 
 
+@pytest.mark.slow  # make test-fast leaves it out
 @pytest.mark.parametrize("sharded", [False, True], ids=["ddp_file", "dcp_directory"])
 def test_host_memory_after_20_saves_is_within_5_percent_of_after_2(sharded, tmp_path):
     """Each save stages ~76 MB (parameters and AdamW moments); a staging copy kept per save would add

@@ -133,6 +133,7 @@ def test_the_real_recordings_are_a_test_set_read_in_place(tmp_path):
     assert all(str(english.REAL_RECORDINGS_DIR) in c.recording.sources[0].source for c in cuts)
 
 
+@pytest.mark.slow  # make test-fast leaves it out
 def test_without_espeak_ng_the_run_stops_in_one_line_naming_the_install(tmp_path):
     env = {**os.environ, "PATH": str(tmp_path)}  # no espeak-ng on this PATH
     proc = subprocess.run([sys.executable, "-m", "common.tools.launch", "asr_ddp", "--nproc", "1", "data=english",

@@ -7,6 +7,8 @@ import torch
 from common.data.tokenizer import AUDIO_TOKEN, HFTokenizer
 from common.models.salm import SALM, VOCAB_MULTIPLE
 
+pytestmark = pytest.mark.slow  # dequantizes the real SmolLM2 (~40 s): make test-fast leaves it out
+
 QUESTION = "What is the capital of France?"
 
 

@@ -60,6 +60,7 @@ def test_runs_read_the_profile(asr_profile, tmp_path):
         load_bucket_profile(tmp_path / "bad.json")
 
 
+@pytest.mark.slow  # make test-fast leaves it out
 def test_make_profile_batches_writes_the_file(tiny_corpus, tmp_path):
     out = tmp_path / "profile.json"
     proc = subprocess.run(["make", "-s", "profile-batches", "RECIPE=tts_ddp", f"PROFILE={out}", "FRACTION=0.3",

@@ -1,12 +1,12 @@
 """RunRecorder: every step gets its row, but values reach the host only at log steps; MFU series."""
 
-import json
 import time
 from types import SimpleNamespace
 
 import torch
 
 from common.recording import RunRecorder
+from tests.conftest import jsonl_rows
 
 
 class _Logger:  # what Lightning's WandbLogger receives
@@ -44,13 +44,13 @@ def test_rows_are_written_at_log_steps_with_every_step_and_an_mfu_series(tmp_pat
     _step(recorder, trainer, module, 2, 3.0)
     assert not metrics.exists() and len(recorder.pending) == 2  # values still on the device
     _step(recorder, trainer, module, 3, 2.0)
-    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    rows = jsonl_rows(metrics)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["train_loss"] for r in rows] == [4.0, 3.0, 2.0] and rows[2]["train_mel_loss"] == 1.0
     assert [r["grad_norm"] for r in rows] == [1.0, 2.0, 3.0] and rows[0]["model_tflop"] == 4.0
     for step, loss in ((4, 1.5), (5, 1.0), (6, 0.5), (7, 0.25)):  # 7 = max_steps: flushed although not a multiple
         _step(recorder, trainer, module, step, loss)
-    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    rows = jsonl_rows(metrics)
     assert [r["step"] for r in rows] == list(range(1, 8)) and rows[-1]["train_loss"] == 0.25
     # wandb: every step's values, and an MFU point per log window past the warm-up.
     assert [s for s, _ in logger.points] == list(range(1, 8))
@@ -67,5 +67,5 @@ def test_a_failed_run_writes_its_pending_rows_without_a_collective(tmp_path):
     _step(recorder, trainer, module, 1, 4.0)
     _step(recorder, trainer, module, 2, 3.0)
     recorder.on_exception(trainer, module, RuntimeError("boom"))
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = jsonl_rows(tmp_path / "metrics.jsonl")
     assert [r["train_loss"] for r in rows] == [4.0, 3.0]  # one process: its values are the run's

@@ -105,6 +105,7 @@ def test_packaged_gguf_is_found_without_importing_its_package():
         packaged_file("pkg:no_such_package/x.gguf", "model.pretrained_llm")
 
 
+@pytest.mark.slow  # make test-fast leaves it out
 def test_random_init_keeps_the_architecture_and_tokenizer_not_the_weights(smollm2_gguf):
     from common.data.tokenizer import HFTokenizer
     from common.models.salm import build_llm, load_pretrained_llm

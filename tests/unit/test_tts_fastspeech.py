@@ -57,6 +57,7 @@ def test_loss_is_a_sum_over_frames_independent_of_batch_composition(setup):
     assert mel_sum.item() > 0
 
 
+@pytest.mark.slow  # make test-fast leaves it out
 def test_training_learns_the_frames_and_the_durations(setup):
     _, tok, batch, cfg = setup
     torch.manual_seed(0)
