@@ -51,13 +51,7 @@ def render(recipe: str, nodes: int, gpus_per_node: int, model: str | None = None
            max_requeues: int = 3, cpu: bool = False, run_name: str | None = None,
            python: str | None = None) -> str:
     """The batch script's text, after checking the layout (``ConfigError`` naming what is wrong)."""
-    if container not in CONTAINERS:
-        raise ConfigError(f"CONTAINER {container!r} is not one of {', '.join(CONTAINERS)}")
-    if container != "none" and not image:
-        raise ConfigError(f"CONTAINER={container} needs IMAGE (the repository's image, e.g. "
-                          "registry.example.com/speech-recipes:0.1.0; apptainer also takes a .sif file)")
-    if max_requeues < 0:
-        raise ConfigError(f"MAX_REQUEUES must be >= 0, got {max_requeues}")
+    _check_options(container, image, max_requeues)
     shape = cluster.requested(nodes, gpus_per_node)
     cfg, checked = cluster.check_shape(recipe, shape, model, data, list(overrides))
     run_name = run_name or os.environ.get("RUN_NAME") or new_run_name()
@@ -66,24 +60,45 @@ def render(recipe: str, nodes: int, gpus_per_node: int, model: str | None = None
     chosen = [o for o in cluster.job_overrides(recipe, shape, model, data, list(overrides))
               if not o.startswith(("trainer.devices=", "trainer.num_nodes="))]
     launch = ["-m", "common.tools.launch", recipe, "--slurm", "--nproc", str(gpus_per_node), *chosen]
-    outputs, data_dir = ROOT / "outputs", ROOT / "data"
-    if container == "pyxis":
-        step = ["--container-image", image, "--container-workdir=/workspace", "--no-container-mount-home",
-                f"--container-mounts={outputs}:/workspace/outputs,{data_dir}:/workspace/data"]
-        command = ["python", *launch]
-    elif container == "apptainer":
-        step = []
-        command = ["apptainer", "exec", *([] if cpu else ["--nv"]), "--pwd", "/workspace",
-                   "--bind", f"{outputs}:/workspace/outputs,{data_dir}:/workspace/data",
-                   image if image.endswith(".sif") or "://" in image else f"docker://{image}", "python", *launch]
-    else:
-        step = []
-        command = [python or sys.executable, *launch]
-    layout = checked.layout
+    outputs = ROOT / "outputs"
+    step, command = _step_command(container, image, cpu, python, launch)
     header = [f"--job-name={run_name}", f"--nodes={nodes}", "--ntasks-per-node=1",
               *([] if cpu else [f"--gpus-per-node={gpus_per_node}"]),
               f"--signal=B:USR1@{lead_s}", "--requeue", "--open-mode=append",
               f"--output={outputs}/slurm/%x-%j.out", *shlex.split(sbatch)]
+    return _script(recipe, nodes, gpus_per_node, cpu, checked.layout, run_name, header, container, max_requeues,
+                   step, command)
+
+
+def _check_options(container: str, image: str | None, max_requeues: int) -> None:
+    if container not in CONTAINERS:
+        raise ConfigError(f"CONTAINER {container!r} is not one of {', '.join(CONTAINERS)}")
+    if container != "none" and not image:
+        raise ConfigError(f"CONTAINER={container} needs IMAGE (the repository's image, e.g. "
+                          "registry.example.com/speech-recipes:0.1.0; apptainer also takes a .sif file)")
+    if max_requeues < 0:
+        raise ConfigError(f"MAX_REQUEUES must be >= 0, got {max_requeues}")
+
+
+def _step_command(container: str, image: str | None, cpu: bool, python: str | None,
+                  launch: list[str]) -> tuple[list[str], list[str]]:
+    """srun's container options and the command each node runs: the launcher, in the image (pyxis,
+    apptainer) or in this checkout's Python."""
+    outputs, data_dir = ROOT / "outputs", ROOT / "data"
+    if container == "pyxis":
+        return (["--container-image", image, "--container-workdir=/workspace", "--no-container-mount-home",
+                 f"--container-mounts={outputs}:/workspace/outputs,{data_dir}:/workspace/data"],
+                ["python", *launch])
+    if container == "apptainer":
+        return [], ["apptainer", "exec", *([] if cpu else ["--nv"]), "--pwd", "/workspace",
+                    "--bind", f"{outputs}:/workspace/outputs,{data_dir}:/workspace/data",
+                    image if image.endswith(".sif") or "://" in image else f"docker://{image}", "python", *launch]
+    return [], [python or sys.executable, *launch]
+
+
+def _script(recipe: str, nodes: int, gpus_per_node: int, cpu: bool, layout, run_name: str, header: list[str],
+            container: str, max_requeues: int, step: list[str], command: list[str]) -> str:
+    """The batch script: #SBATCH header, rendezvous, preemption traps, srun, and the requeue decision."""
     q = shlex.quote
     return f"""#!/bin/bash
 # {recipe} on {nodes} node(s) x {gpus_per_node} {'CPU process(es)' if cpu else 'GPU(s)'}: data parallel {layout.data_parallel_size} x tensor parallel {layout.tensor_parallel_size}
