@@ -217,6 +217,39 @@ def model_settings_changed(path: Path, cfg) -> list[str]:
     return changed
 
 
+def check_resume_from(explicit: str, cfg) -> None:
+    """``run.resume_from`` must name a complete, readable checkpoint of this run's model that its
+    strategy can load; a ConfigError says which of these it is not."""
+    from common.errors import ConfigError
+    from common.rundir import is_run_directory
+
+    path = Path(explicit)
+    if not path.exists():
+        raise ConfigError(f"run.resume_from={explicit}: no such checkpoint")
+    if path.name.startswith(PARTIAL_PREFIX):
+        raise ConfigError(f"run.resume_from={explicit} is an incomplete checkpoint (its writer was stopped); "
+                          "use a step<N>.ckpt one")
+    if is_run_directory(path):
+        raise ConfigError(f"run.resume_from={explicit} is a run directory; give one of its checkpoints, "
+                          f"e.g. {path / 'checkpoints' / LAST_LINK}")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ConfigError(f"run.resume_from={explicit} cannot be read: {problem}")
+    run_config = checkpoint_run_config(path)
+    if run_config is None:
+        raise ConfigError(f"run.resume_from={explicit} holds no run_config: not a checkpoint written by "
+                          "common.train")
+    theirs, ours = run_config.get("model", {}).get("name"), cfg.model.name
+    if theirs != ours:
+        raise ConfigError(f"run.resume_from={explicit} is a {theirs!r} checkpoint (recipe "
+                          f"{run_config.get('recipe')!r}); this run trains {ours!r} (recipe {cfg.recipe!r})")
+    refuse_other_model(path, cfg)
+    if path.is_dir() and "DDPStrategy" in str(cfg.trainer.strategy.get("_target_")):
+        raise ConfigError(f"run.resume_from={explicit} is a sharded (FSDP2/TP) checkpoint directory; "
+                          f"recipe {cfg.recipe!r} uses DDPStrategy, which reads only single-file checkpoints "
+                          "(make export gives consolidated weights)")
+
+
 def resolve_resume(cfg, run_dir: Path, rank: int = 0) -> tuple[str | None, int]:
     """The checkpoint this run continues from (``None``: from scratch) and its step.
 
@@ -227,39 +260,11 @@ def resolve_resume(cfg, run_dir: Path, rank: int = 0) -> tuple[str | None, int]:
     A fresh start (``run.resume=false``) moves an earlier attempt's checkpoints aside (rank 0),
     so that they are neither resumed nor pruned as ours.
     """
-    from common.errors import ConfigError
-
     ckpt_dir = Path(run_dir) / "checkpoints"
     explicit = cfg.run.get("resume_from")
     if explicit:
-        path = Path(explicit)
-        if not path.exists():
-            raise ConfigError(f"run.resume_from={explicit}: no such checkpoint")
-        if path.name.startswith(PARTIAL_PREFIX):
-            raise ConfigError(f"run.resume_from={explicit} is an incomplete checkpoint (its writer was stopped); "
-                              "use a step<N>.ckpt one")
-        from common.rundir import is_run_directory
-
-        if is_run_directory(path):
-            raise ConfigError(f"run.resume_from={explicit} is a run directory; give one of its checkpoints, "
-                              f"e.g. {path / 'checkpoints' / LAST_LINK}")
-        problem = checkpoint_problem(path)
-        if problem:
-            raise ConfigError(f"run.resume_from={explicit} cannot be read: {problem}")
-        run_config = checkpoint_run_config(path)
-        if run_config is None:
-            raise ConfigError(f"run.resume_from={explicit} holds no run_config: not a checkpoint written by "
-                              "common.train")
-        theirs, ours = run_config.get("model", {}).get("name"), cfg.model.name
-        if theirs != ours:
-            raise ConfigError(f"run.resume_from={explicit} is a {theirs!r} checkpoint (recipe "
-                              f"{run_config.get('recipe')!r}); this run trains {ours!r} (recipe {cfg.recipe!r})")
-        refuse_other_model(path, cfg)
-        if path.is_dir() and "DDPStrategy" in str(cfg.trainer.strategy.get("_target_")):
-            raise ConfigError(f"run.resume_from={explicit} is a sharded (FSDP2/TP) checkpoint directory; "
-                              f"recipe {cfg.recipe!r} uses DDPStrategy, which reads only single-file checkpoints "
-                              "(make export gives consolidated weights)")
-        return str(path), checkpoint_step(path) or 0
+        check_resume_from(explicit, cfg)
+        return str(Path(explicit)), checkpoint_step(Path(explicit)) or 0
     found = complete_checkpoints(ckpt_dir)
     if cfg.run.resume:
         for step, path in reversed(found):

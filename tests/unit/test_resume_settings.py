@@ -57,3 +57,28 @@ def test_auto_resume_with_other_model_settings_is_refused_naming_them(tmp_path):
     cfg.model.projector.stack_frames = 2
     path, step = resolve_resume(cfg, run_dir)
     assert step == 3 and path.endswith("step000003.ckpt")
+
+
+def test_run_resume_from_that_cannot_work_is_one_error_naming_what_it_is(tmp_path):
+    import pytest
+
+    from common.checkpointing import check_resume_from
+    from common.errors import ConfigError
+
+    cfg = OmegaConf.create({"recipe": "asr_ddp", "model": {"name": "asr_ctc"}, "run": {"resume": True},
+                            "trainer": {"strategy": {"_target_": "lightning.pytorch.strategies.DDPStrategy"}}})
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "attempts.jsonl").write_text("")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    partial = _checkpoint(tmp_path / ".partial-step000004.ckpt", {"name": "asr_ctc"})
+    other = _checkpoint(tmp_path / "step000002.ckpt", {"name": "salm"})
+    for path, message in ((tmp_path / "gone.ckpt", "no such checkpoint"),
+                          (partial, "is an incomplete checkpoint"),
+                          (tmp_path / "run", "is a run directory; give one of its checkpoints"),
+                          (tmp_path / "notes.txt", "cannot be read"),
+                          (other, "is a 'salm' checkpoint (recipe None); this run trains 'asr_ctc'")):
+        with pytest.raises(ConfigError, match=f"run.resume_from={path}.* {message}".replace("(", r"\(").replace(")", r"\)")):
+            check_resume_from(str(path), cfg)
+    cfg.run.resume_from = str(tmp_path / "gone.ckpt")  # resolve_resume refuses it the same way
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        resolve_resume(cfg, tmp_path / "run")
