@@ -54,7 +54,6 @@ from common.parallel.gather import gather_objects
 from common.parallel.strategy import META_FILE
 
 log = logging.getLogger("common.train")
-allow_older_sampler_states()  # checkpoints of earlier versions still resume (and are not taken for damaged)
 
 CHECKPOINT_NAME = re.compile(r"^step(\d+)\.ckpt$")
 PARTIAL_PREFIX = ".partial-"
@@ -100,6 +99,7 @@ def checkpoint_problem(path: Path) -> str | None:
     it names exists and is long enough for the byte ranges it lists. Reads every byte of a file
     checkpoint (about a second per GB); a directory's shards are only sized.
     """
+    allow_older_sampler_states()  # checkpoints of earlier versions read as complete, not damaged
     import zipfile
 
     path = Path(path)
@@ -133,6 +133,7 @@ def checkpoint_problem(path: Path) -> str | None:
 
 def checkpoint_run_config(path: Path) -> dict | None:
     """The resolved run config saved inside a checkpoint (``None``: not one of ours)."""
+    allow_older_sampler_states()
     path = Path(path)
     meta = path / META_FILE if path.is_dir() else path
     try:
@@ -260,6 +261,7 @@ def resolve_resume(cfg, run_dir: Path, rank: int = 0) -> tuple[str | None, int]:
     A fresh start (``run.resume=false``) moves an earlier attempt's checkpoints aside (rank 0),
     so that they are neither resumed nor pruned as ours.
     """
+    allow_older_sampler_states()  # the checkpoint Lightning loads next may be of an earlier version
     ckpt_dir = Path(run_dir) / "checkpoints"
     explicit = cfg.run.get("resume_from")
     if explicit:

@@ -24,9 +24,6 @@ from common.models.encoder import EXPORT_CONFIG_FILE as CONFIG_FILE  # the one d
 from common.models.encoder import EXPORT_FORMAT as FORMAT
 from common.models.encoder import EXPORT_WEIGHTS_FILE as WEIGHTS_FILE
 
-allow_older_sampler_states()  # checkpoints of earlier versions still load
-
-
 
 def is_export(path: str | Path) -> bool:
     path = Path(path)
@@ -42,6 +39,7 @@ def read_checkpoint(path: Path, weights: str = "average") -> tuple[dict, dict | 
     ``weights``: a run with ``ema.decay`` keeps two sets; ``average`` (the EMA, its ``state_dict``)
     or ``trained`` (the weights the optimizer moved, ``current_model_state``). Without an average
     both name the one set there is."""
+    allow_older_sampler_states()  # checkpoints of earlier versions still load
     if path.is_dir():  # a sharded (torch.distributed.checkpoint) directory from ModelParallelStrategy
         meta = path / "meta.pt"
         if not meta.exists():
