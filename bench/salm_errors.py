@@ -7,7 +7,8 @@ Usage::
         data/english_corpus/<digest>/test_cuts.jsonl.gz [--first 120] [--llm-fix DEV_MANIFEST]
 
 ``--llm-fix``: also the SALM's pretrained LLM alone, shown four of the dev manifest's recognizer
-transcripts with their references, then asked to fix each test transcript given as text.
+transcripts with their references (the first four it gets wrong, shortest sentences first), then
+asked to fix each test transcript given as text.
 """
 
 from __future__ import annotations
@@ -119,8 +120,8 @@ def main(argv=None) -> int:
               "rewritten": [{"ref": r, "recognizer": a, "salm": b} for r, a, b in zip(refs, asr, salm)
                             if sum(word_outcomes(r, a)) > sum(word_outcomes(r, b))][:8]}
     if args.llm_fix:
-        dev_refs, dev_asr = transcripts(args.recognizer, args.llm_fix, 40)
-        shots = [(r, h) for r, h in zip(dev_refs, dev_asr) if r != h][:4]
+        dev_refs, dev_asr = transcripts(args.recognizer, args.llm_fix, None)  # shortest first
+        shots = [(r, h) for r, h in zip(dev_refs[:40], dev_asr[:40]) if r != h][:4]
         fixed = llm_fix(args.salm, shots, asr)
         report["wer_llm_fixing_the_text"] = round(float(word_error_rate(fixed, refs)), 4)
     print(json.dumps(report, indent=1))
