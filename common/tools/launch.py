@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import signal
@@ -167,7 +168,8 @@ def main(argv=None) -> int:
     # Ctrl-C reaches the ranks directly (same process group) and they checkpoint; this process keeps
     # reading their output to the end. A SIGTERM (docker stop, Slurm's preemption) is passed on to torchrun.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    forwarded: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: (forwarded.append(1), proc.send_signal(signal.SIGTERM)))
     terminal = TerminalFilter()
     reader = threading.Thread(target=_pump, args=(proc.stderr, log, terminal), daemon=True)
     reader.start()
@@ -176,16 +178,30 @@ def main(argv=None) -> int:
     log.close()
     node = shape.node_rank if shape.scheduler != "local" else None
     where = _keep_log(Path(log.name), run_dir, "launch.log" if node is None else f"launch-node{node}.log")
+    record = run_dir / "summary.json"
+    if rc != 0 and forwarded and _status(record) == "preempted":
+        # torchrun exits non-zero on the SIGTERM it was sent, after every rank checkpointed and left: a
+        # preemption as asked for, said as one, not as an error. The status stays non-zero, so that a
+        # pod's OnFailure policy restarts it and the restart resumes (README: "Preemption and Ctrl-C").
+        print(f"preempted: {json.loads(record.read_text())['error']} (exit status {rc}: a restart policy "
+              "resumes it)", file=sys.stderr, flush=True)
+        return rc
     if rc != 0:
         if not terminal.errors:
             cause = next((e for e in terminal.exceptions if "SIGTERM" not in e), None) or (
                 f"the ranks exited with status {rc}")
             print(f"error: {cause}", file=sys.stderr)
-        record = run_dir / "summary.json"
         said = f"the run's record: {record} (attempts.jsonl beside it)" if record.exists() else (
             "no record was written (the launch ended before the run started)")
         print(f"  {said}; full log: {where}", file=sys.stderr, flush=True)
     return rc
+
+
+def _status(record: Path) -> str | None:
+    try:
+        return json.loads(record.read_text()).get("status")
+    except (OSError, ValueError):
+        return None
 
 
 @contextlib.contextmanager

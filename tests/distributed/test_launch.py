@@ -225,3 +225,26 @@ def test_a_vanished_output_directory_is_said_in_one_line(tiny_corpus, tmp_path):
     assert line.startswith(f"error: the run's record could not be written in {run}: ") and "summary.json (" in line \
         and "attempts.jsonl (" in line and "the run ended failed (" in line, stderr[-3000:]
     assert "Traceback" not in stderr
+
+
+def test_sigterm_to_the_launcher_checkpoints_and_is_said_as_a_preemption_not_an_error(tiny_corpus, tmp_path):
+    """docker stop / a pod's eviction reach the launcher: every rank checkpoints, the record says
+    preempted, and the launcher says so, not "error: SignalException"; its status stays non-zero
+    (torchrun's), so that Kubernetes' OnFailure restarts the pod and the restart resumes."""
+    import signal
+    import time
+
+    run = tmp_path / "runs" / "stopped"
+    cmd = [sys.executable, "-m", "common.tools.launch", "asr_ddp", "--nproc", "2", "trainer.max_steps=2000",
+           f"run.output_dir={run}", f"data.dir={tiny_corpus['dir']}", *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN_NAME": "", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)  # a bound only a hang reaches
+    assert proc.returncode != 0, err[-3000:]
+    assert "preempted: stopped by SIGTERM after step" in err and "error:" not in err, err[-3000:]
+    assert list((run / "checkpoints").glob("step*.ckpt"))
