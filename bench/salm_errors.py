@@ -47,20 +47,21 @@ def compare(refs: list[str], first: list[str], second: list[str]) -> dict[str, i
 
 def transcripts(checkpoint: str, manifest: str, first: int | None) -> tuple[list[str], list[str]]:
     """(references, hypotheses) of a recognizer on the first ``first`` cuts of ``manifest``."""
+    import tempfile
+
     from lhotse import load_manifest
 
     from common.data.sources import parse_sources
     from common.evaluation import recognition_scores
     from common.inference import load_model
 
-    if first:
-        import tempfile
-
-        path = tempfile.NamedTemporaryFile(suffix=".jsonl.gz", delete=False).name
-        load_manifest(manifest).subset(first=first).to_file(path)
-        manifest = path
     model, tokenizer, cfg = load_model(checkpoint)
-    out = recognition_scores(model, tokenizer, cfg, parse_sources([manifest], "test"), num_examples=10**6)
+    with tempfile.TemporaryDirectory() as tmp:  # the first cuts only: a manifest of them, removed after
+        if first:
+            path = f"{tmp}/first.jsonl.gz"
+            load_manifest(manifest).subset(first=first).to_file(path)
+            manifest = path
+        out = recognition_scores(model, tokenizer, cfg, parse_sources([manifest], "test"), num_examples=10**6)
     return [e["ref"] for e in out["examples"]], [e["hyp"] for e in out["examples"]]
 
 

@@ -40,7 +40,7 @@ def training_loss(out: LossSums, batch: dict, normalizer: str, *, dp: int, tp: i
         raise TypeError(f"{type(model).__name__}.forward(batch) returned {type(out).__name__}; a model returns "
                         "common.models.spec.LossSums(loss_sum, count, parts) (README: \"Add a recipe\")")
     loss_sum, global_count = out.loss_sum, batch[normalizer]
-    if batch.get("substitute"):
+    if batch.get("substitute"):  # an unreadable shard's silence (common.data.checks): collectives match
         loss_sum = loss_sum * 0.0
     shares = {"train_loss": to_local(loss_sum).detach() / global_count / tp}
     for name, (total, _) in out.parts.items():

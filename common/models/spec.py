@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -49,7 +50,7 @@ class LossSums(NamedTuple):
 
     loss_sum: torch.Tensor
     count: torch.Tensor | int
-    parts: Mapping[str, tuple[torch.Tensor, torch.Tensor | int]] = {}
+    parts: Mapping[str, tuple[torch.Tensor, torch.Tensor | int]] = MappingProxyType({})  # read-only: shared default
 
 
 @dataclass(frozen=True)

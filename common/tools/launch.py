@@ -179,11 +179,12 @@ def main(argv=None) -> int:
     node = shape.node_rank if shape.scheduler != "local" else None
     where = _keep_log(Path(log.name), run_dir, "launch.log" if node is None else f"launch-node{node}.log")
     record = run_dir / "summary.json"
-    if rc != 0 and forwarded and _status(record) == "preempted":
+    summary = _summary(record) if rc != 0 and forwarded else {}
+    if summary.get("status") == "preempted":
         # torchrun exits non-zero on the SIGTERM it was sent, after every rank checkpointed and left: a
         # preemption as asked for, said as one, not as an error. The status stays non-zero, so that a
         # pod's OnFailure policy restarts it and the restart resumes (README: "Preemption and Ctrl-C").
-        print(f"preempted: {json.loads(record.read_text())['error']} (exit status {rc}: a restart policy "
+        print(f"preempted: {summary['error']} (exit status {rc}: a restart policy "
               "resumes it)", file=sys.stderr, flush=True)
         return rc
     if rc != 0:
@@ -197,11 +198,11 @@ def main(argv=None) -> int:
     return rc
 
 
-def _status(record: Path) -> str | None:
+def _summary(record: Path) -> dict:
     try:
-        return json.loads(record.read_text()).get("status")
+        return json.loads(record.read_text())
     except (OSError, ValueError):
-        return None
+        return {}
 
 
 @contextlib.contextmanager
