@@ -179,7 +179,7 @@ def measure_overhead(recipe: str, data_dir: Path, warmup: int, steps: int) -> di
     one process, its callbacks) and of a bare PyTorch loop, on the same batch, model and optimizer."""
     import lightning as L
 
-    from common.checkpointing import ExactResume
+    from common.checkpoint import ExactResume
     from common.models import build_model, spec_of
     from common.module import TrainingModule, build_optimizer
     from common.parallel import build_strategy

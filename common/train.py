@@ -57,7 +57,7 @@ def setup_logging() -> None:
 def build_trainer(cfg: DictConfig, run_dir: Path, recorder, resuming: bool, callbacks: list = ()):
     import lightning as L
 
-    from common.checkpointing import ExactResume, RunCheckpoint
+    from common.checkpoint import ExactResume, FaultHooks, RunCheckpoint
 
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["strategy"] = build_strategy(cfg.trainer.strategy, cfg.run.get("collective_timeout_s"))
@@ -68,7 +68,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, recorder, resuming: bool, call
                                preemption_grace_s=cfg.checkpoint.preemption_grace_s,
                                check_stop_every_n_steps=cfg.trainer.log_every_n_steps,
                                at_end=cfg.checkpoint.at_end is not False,
-                               async_save=cfg.checkpoint.async_save)  # check_run resolved auto
+                               async_save=cfg.checkpoint.async_save,  # check_run resolved auto
+                               faults=FaultHooks.from_env(os.environ))  # tests' fault injection; unset in a real run
     loggers = []
     if cfg.logger.wandb:
         from lightning.pytorch.loggers import WandbLogger
@@ -267,14 +268,14 @@ def train(cfg: DictConfig) -> None:
 def prepare_launch(cfg: DictConfig, layout, run_dir: Path) -> Launch:
     """Data sources, tokenizer, model, training module, data module and the checkpoint to resume,
     every check included; nothing in the run directory changes but moving unusable checkpoints aside."""
-    from common.checkpointing import resolve_resume
+    from common.checkpoint import resolve_resume
     from common.module import TrainingModule
 
     run = build_run(cfg, layout)
     parallel = OmegaConf.to_container(cfg.parallel) if cfg.parallel else None  # ModelParallelStrategy only
     module = TrainingModule(run.model, run.tokenizer, run.spec, optim=cfg.optim, parallel=parallel,
                             run_config=OmegaConf.to_container(cfg, resolve=True))
-    # The same run.name again continues from its newest readable checkpoint (common.checkpointing).
+    # The same run.name again continues from its newest readable checkpoint (common.checkpoint.resume).
     ckpt_path, resume_step = resolve_resume(cfg, run_dir, rank=RANK)
     return Launch(run, module, run.datamodule(), ckpt_path, resume_step)
 
@@ -293,7 +294,7 @@ def fit_and_score(cfg: DictConfig, launch: Launch, trainer, checkpoint, run_dir:
     """Train, then (rank 0, alone) score the test sets; ``outcome`` says how it ended. A preemption
     returns (every rank saved at the same step; a relaunch resumes); any other error is recorded
     in one line, then raised."""
-    from common.checkpointing import Preempted
+    from common.checkpoint import Preempted
 
     run = launch.run
     try:

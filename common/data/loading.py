@@ -338,7 +338,7 @@ class MetadataFilter:
 def _worker_init(worker_id: int) -> None:
     # torchrun delivers SIGTERM (and a Ctrl-C's SIGINT) to a rank's whole process group, DataLoader
     # workers included. A worker dying of it would fail the rank mid-step; it keeps working
-    # instead, and exits with its rank (which saves a checkpoint first, see common.checkpointing). Workers draw
+    # instead, and exits with its rank (which saves a checkpoint first, see common.checkpoint). Workers draw
     # no random numbers (SpecAugment runs in the step, seeded per batch), so their seeds need no setting.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

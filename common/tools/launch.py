@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from common import cluster
-from common.checkpointing import check_relaunch
+from common.checkpoint import check_relaunch
 from common.errors import ConfigError
 from common.run import ROOT, check_run, compose, new_run_name, prepare_data
 from common.rundir import check_restart_budget

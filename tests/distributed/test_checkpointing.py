@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from common.checkpointing import WRITE_DELAY_ENV
+from common.checkpoint import WRITE_DELAY_ENV
 from tests.conftest import jsonl_rows, run_recipe, tiny_overrides
 
 

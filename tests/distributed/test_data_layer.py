@@ -161,7 +161,7 @@ def test_a_run_failing_while_an_async_checkpoint_is_written_keeps_the_previous_o
     save of step 9 or 18 is still being written (its writer starts 5 s late): that save is not
     published (it stays under its partial name, for the next attempt to remove), and the run's
     newest complete checkpoint, `last`, is the one before it (none at step 10, step 9 at step 20)."""
-    from common.checkpointing import PARTIAL_PREFIX, WRITE_DELAY_ENV
+    from common.checkpoint import PARTIAL_PREFIX, WRITE_DELAY_ENV
 
     broken_train = _unreadable_manifest(tmp_path, tone_cuts(tiny_corpus["train"], 40), "broken_train")
     run_dir = tmp_path / "run"

@@ -149,12 +149,12 @@ def _cmdline(proc_dir: Path) -> str:
 
 def test_a_job_killed_before_a_written_checkpoint_is_renamed_resumes_from_the_last_complete_one(tiny_corpus, tmp_path):
     """SIGKILL to every process at the one moment atomicity is for: the step-4 checkpoint is fully
-    written but not yet renamed (rank 0 holds there, common.checkpointing.HOLD_STEP_ENV). The
+    written but not yet renamed (rank 0 holds there, common.checkpoint.HOLD_STEP_ENV). The
     previous complete checkpoint is intact, and the restarted run takes it, not the un-renamed
     one, which it replaces, and records every step once."""
     import torch
 
-    from common.checkpointing import HELD_MESSAGE, HOLD_STEP_ENV
+    from common.checkpoint import HELD_MESSAGE, HOLD_STEP_ENV
 
     overrides = tiny_overrides(tiny_corpus, 2, "trainer.max_steps=8", "trainer.limit_val_batches=0",
                                "checkpoint.every_n_steps=2", "checkpoint.keep_last=3", "data.max_duration_s=4")
@@ -196,7 +196,7 @@ def test_a_job_killed_while_an_async_checkpoint_is_written_resumes_from_the_prev
     unpublished step 4, and removes that one."""
     import torch
 
-    from common.checkpointing import HELD_MESSAGE, HOLD_STEP_ENV
+    from common.checkpoint import HELD_MESSAGE, HOLD_STEP_ENV
 
     overrides = tiny_overrides(tiny_corpus, 2, "trainer.max_steps=8", "trainer.limit_val_batches=0",
                                "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=2", "checkpoint.keep_last=1",

@@ -156,7 +156,7 @@ def test_a_full_disk_ends_recorded_with_the_newest_complete_checkpoint_last(asyn
     terminal shows one error line. A read-only (unwritable) output directory is one line too."""
     import json
 
-    from common.checkpointing import PARTIAL_PREFIX, checkpoint_problem
+    from common.checkpoint import PARTIAL_PREFIX, checkpoint_problem
     from common.rundir import read_attempts
 
     root = _root_or_skip()

@@ -147,7 +147,7 @@ def test_state_with_word_alignments_loads_as_a_weights_only_checkpoint(tmp_path)
 @pytest.mark.slow  # make test-fast leaves it out
 def test_checkpoints_of_earlier_versions_with_alignment_items_still_load(tmp_path):
     # Written before the state went through JSON: AlignmentItem tuples inside. Reading the checkpoint
-    # through common.inference (or the resume path in common.checkpointing) allows exactly that type.
+    # through common.inference (or the resume path in common.checkpoint) allows exactly that type.
     import subprocess
     import sys
 
@@ -159,12 +159,12 @@ def test_checkpoints_of_earlier_versions_with_alignment_items_still_load(tmp_pat
                path)
     code = ("import sys, torch; from pathlib import Path; {imp}; "
             "c = torch.load(sys.argv[1], weights_only=True); print(c['loops']['carried'][0]['alignment']['word'][0].symbol)")
-    for imp in ("pass", "import common.inference, common.checkpointing"):  # importing changes nothing
+    for imp in ("pass", "import common.inference, common.checkpoint"):  # importing changes nothing
         plain = subprocess.run([sys.executable, "-c", code.format(imp=imp), str(path)], capture_output=True, text=True)
         assert plain.returncode != 0 and "AlignmentItem" in plain.stderr  # what torch alone says
     # The readers of checkpoints allow exactly that type: make transcribe / export, and the resume checks.
     for reader in ("from common.inference import read_checkpoint; read_checkpoint(Path(sys.argv[1]))",
-                   "from common.checkpointing import checkpoint_problem; assert checkpoint_problem(Path(sys.argv[1])) is None"):
+                   "from common.checkpoint import checkpoint_problem; assert checkpoint_problem(Path(sys.argv[1])) is None"):
         proc = subprocess.run([sys.executable, "-c", code.format(imp=reader), str(path)], capture_output=True, text=True)
         assert proc.returncode == 0 and proc.stdout.strip() == "w", proc.stderr[-2000:]
 

@@ -48,7 +48,7 @@ def _read(path, sharded: bool) -> dict:
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["ddp_file", "dcp_directory"])
 def test_the_writer_writes_the_state_of_the_save_while_training_goes_on(sharded, tmp_path):
-    from common.checkpoint_writer import CheckpointWriter
+    from common.checkpoint.writer import CheckpointWriter
 
     model, optimizer = _trainer_state()
     _step(model, optimizer)
@@ -73,7 +73,7 @@ def _rss_after_saves(sharded: bool, directory: str) -> dict:
     """Resident bytes after each of 20 saves of a ~76 MB state (run in a fresh interpreter)."""
     from pathlib import Path
 
-    from common.checkpoint_writer import CheckpointWriter
+    from common.checkpoint.writer import CheckpointWriter
 
     model, optimizer = _trainer_state()
     writer = CheckpointWriter(sharded=sharded)

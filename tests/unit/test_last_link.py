@@ -1,6 +1,6 @@
 """`last.ckpt` is a link swapped atomically, also over the directory an older version wrote there."""
 
-from common.checkpointing import LAST_LINK, _link
+from common.checkpoint.files import LAST_LINK, link_last
 
 
 def test_last_link_replaces_links_and_an_old_last_directory(tmp_path):
@@ -9,8 +9,8 @@ def test_last_link_replaces_links_and_an_old_last_directory(tmp_path):
     old = tmp_path / LAST_LINK
     old.mkdir()  # Lightning's save_last copy, from a run directory of an earlier version
     (old / "meta.pt").write_bytes(b"x")
-    _link(tmp_path / "step000002.ckpt", old)
+    link_last(tmp_path / "step000002.ckpt")
     assert old.is_symlink() and old.resolve() == (tmp_path / "step000002.ckpt").resolve()
-    _link(tmp_path / "step000004.ckpt", old)
+    link_last(tmp_path / "step000004.ckpt")
     assert old.resolve() == (tmp_path / "step000004.ckpt").resolve()
     assert sorted(p.name for p in tmp_path.iterdir()) == [LAST_LINK, "step000002.ckpt", "step000004.ckpt"]

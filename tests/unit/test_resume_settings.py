@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from common.checkpointing import model_settings_changed, resolve_resume
+from common.checkpoint import model_settings_changed, resolve_resume
 
 
 def _checkpoint(path, model: dict):
@@ -62,7 +62,7 @@ def test_auto_resume_with_other_model_settings_is_refused_naming_them(tmp_path):
 def test_run_resume_from_that_cannot_work_is_one_error_naming_what_it_is(tmp_path):
     import pytest
 
-    from common.checkpointing import check_resume_from
+    from common.checkpoint import check_resume_from
     from common.errors import ConfigError
 
     cfg = OmegaConf.create({"recipe": "asr_ddp", "model": {"name": "asr_ctc"}, "run": {"resume": True},

@@ -125,7 +125,7 @@ def test_a_damaged_sharded_checkpoint_is_detected(tmp_path):
     """Auto-resume's check on a DCP directory: a truncated or missing shard, a missing meta.pt."""
     import torch.distributed.checkpoint as dcp
 
-    from common.checkpointing import checkpoint_problem
+    from common.checkpoint import checkpoint_problem
 
     ckpt = tmp_path / "step000004.ckpt"
     dcp.save({"w": torch.randn(64, 64)}, checkpoint_id=str(ckpt), no_dist=True)

@@ -15,7 +15,8 @@ Lightning writes, so resume, ``make export`` and ``make transcribe`` read them u
   DDP rank 0 alone writes the one file with ``torch.save``, the other ranks stage nothing.
 
 Publishing (the rename that makes ``step<N>.ckpt`` visible, ``last.ckpt``, ``keep_last``) stays with
-:class:`common.checkpointing.RunCheckpoint`, in the step loop, once the write is done.
+:class:`common.checkpoint.RunCheckpoint` (:mod:`common.checkpoint.publish`), in the step loop, once the
+write is done.
 
 Usage (what ``RunCheckpoint`` does)::
 
@@ -39,9 +40,11 @@ import torch
 
 from common.parallel.strategy import META_FILE
 
+from .files import remove_path
+
 
 class CheckpointWriter:
-    """Stages a checkpoint dict (as ``trainer._checkpoint_connector.dump_checkpoint`` makes it) and
+    """Stages a checkpoint dict (as :func:`common.checkpoint.lightning_api.dump_checkpoint` makes it) and
     writes it in a background thread; one save at a time (the caller waits for the previous one).
 
     ``sharded``: a ``ModelParallelStrategy`` checkpoint (a DCP directory on every rank) rather than
@@ -60,6 +63,14 @@ class CheckpointWriter:
         if sharded and dist.is_available() and dist.is_initialized():
             # Every rank calls this at the same point (RunCheckpoint.setup): a collective itself.
             self._group = dist.new_group(backend="gloo")
+
+    @classmethod
+    def for_strategy(cls, strategy) -> CheckpointWriter:
+        """The writer for a Lightning strategy: sharded under ModelParallelStrategy, pinned under DDP on a GPU."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        sharded = isinstance(strategy, ModelParallelStrategy)
+        return cls(sharded=sharded, pin_memory=not sharded and strategy.root_device.type == "cuda")
 
     def submit(self, checkpoint: dict, path: Path, is_rank_zero: bool, before: Callable[[], None] | None = None,
                after: Callable[[], None] | None = None) -> Future | None:
@@ -104,3 +115,28 @@ class CheckpointWriter:
         self._executor.shutdown(wait=False)
         self._stager.close()
 
+
+
+class InFlight:
+    """A checkpoint whose staged copy is being written in the background."""
+
+    def __init__(self, partial: Path, final: Path, future: Future | None, record: dict):
+        self.partial, self.final, self.future = partial, final, future
+        self.record = record  # this save's row of RunCheckpoint.saves (write_s is filled in on completion)
+        self.removals: list[Path] = []  # checkpoints keep_last drops once this one is complete
+
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
+    def wait(self, remove_on_failure: bool) -> None:
+        """Until written; the write's seconds go into the record. A failed write raises a RuntimeError
+        naming the checkpoint, and (``remove_on_failure``: rank 0) its partial files are removed: a full
+        disk gets the space back, and the previous checkpoint stays ``last``."""
+        if self.future is None:
+            return  # this rank wrote nothing (DDP, rank > 0)
+        try:
+            self.record["write_s"] = round(self.future.result(), 3)
+        except BaseException as exc:
+            if remove_on_failure:
+                remove_path(self.partial)
+            raise RuntimeError(f"checkpoint {self.final} could not be written: {type(exc).__name__}: {exc}") from exc
