@@ -44,6 +44,9 @@ from pathlib import Path
 
 import torch
 
+from common.checkpoint.files import LAST_LINK
+from common.rundir import CHECKPOINTS_DIR, SUMMARY_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 PER_RANK_BATCH_S = 30  # audio seconds per data-parallel rank and step
@@ -107,7 +110,7 @@ def run_layout(name: str, runs_dir: Path, steps: int, data_dir: Path) -> dict:
     if recipe.startswith("salm"):
         overrides += [f"trainer.strategy.data_parallel_size={dp}", f"trainer.strategy.tensor_parallel_size={tp}"]
     wall_s = _torchrun(recipe, nproc, overrides, name)
-    s = json.loads((run_dir / "summary.json").read_text())
+    s = json.loads((run_dir / SUMMARY_FILE).read_text())
     state = [r["param_bytes"] + r["grad_bytes"] + r["optimizer_state_bytes"] for r in s["memory"]["per_rank"]]
     return {
         "recipe": recipe, "processes": nproc, "data_parallel_size": dp, "tensor_parallel_size": tp,
@@ -141,12 +144,12 @@ def measure_checkpoint_stall(runs_dir: Path, data_dir: Path) -> dict:
                      f"checkpoint.async_save={mode == 'async'}", "data.max_duration_s=8", f"data.dir={data_dir}",
                      *CORPUS, f"run.output_dir={run_dir}", "run.resume=false", *CHECKPOINT_SHAPE]
         wall_s = _torchrun("salm_fsdp2", 2, overrides, f"checkpoint {mode}")
-        s = json.loads((run_dir / "summary.json").read_text())
+        s = json.loads((run_dir / SUMMARY_FILE).read_text())
         saves = s["checkpoint_saves"]
         assert [x["mode"] for x in saves] == [mode] * 3, saves
         out[mode] = {"saves": saves, "median_stall_s": statistics.median(x["stall_s"] for x in saves),
                      "wall_s": round(wall_s, 1), "parameters": sum(r["param_bytes"] for r in s["memory"]["per_rank"]) // 4,  # fp32 shards
-                     "checkpoint_bytes_per_rank": _dir_bytes(run_dir / "checkpoints" / "last.ckpt") / 2,
+                     "checkpoint_bytes_per_rank": _dir_bytes(run_dir / CHECKPOINTS_DIR / LAST_LINK) / 2,
                      "step_time_s": s["throughput"]["step_time_s"], "compute_s": s["throughput"]["compute_s"],
                      "peak_rss_bytes_per_rank": [r["peak_memory_bytes"] for r in s["memory"]["per_rank"]]}
     return out

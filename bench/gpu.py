@@ -59,6 +59,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from common.flops import PEAK_BF16_TFLOPS  # noqa: E402 - dense bf16 peaks by device name (one table)
+from common.rundir import METRICS_FILE, SUMMARY_FILE  # noqa: E402
 
 # Published Qwen3 shapes (config.json of Qwen/Qwen3-0.6B and Qwen/Qwen3-1.7B); weights are random.
 LLM_SIZES = {
@@ -306,10 +307,10 @@ def measure_recipe(case: str, recipe: str, overrides: list[str], *, steps: int =
         env = {**os.environ, "RUN_NAME": "", "WANDB_MODE": "disabled"}
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
-        if proc.returncode != 0 or not (run_dir / "summary.json").exists():
+        if proc.returncode != 0 or not (run_dir / SUMMARY_FILE).exists():
             raise RuntimeError(f"{case}: exit {proc.returncode}: {proc.stderr[-1500:]}")
-        summary = json.loads((run_dir / "summary.json").read_text())
-        batches = [json.loads(line)["utterances"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+        batches = [json.loads(line)["utterances"] for line in (run_dir / METRICS_FILE).read_text().splitlines()
                    if '"utterances"' in line]
     t = summary["throughput"]
     peak = max((r["peak_memory_bytes"] for r in summary["memory"]["per_rank"]), default=0)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import lightning as L
 import torch
 
 from common.parallel.gather import gather_objects
+from common.rundir import METRICS_FILE, VALIDATION_FILE
 
 log = logging.getLogger("common.train")
 
@@ -73,17 +73,13 @@ class RunRecorder(L.Callback):
     """
 
     def __init__(self, run_dir: Path, print_every_n_steps: int = 10, warmup_steps: int = 3,
-                 resume_step: int | None = None, log_every_n_steps: int = 1):
+                 earlier_rows: dict[str, list[dict]] | None = None, log_every_n_steps: int = 1):
         self.run_dir = Path(run_dir)
-        # Rows of earlier attempts that this run continues (the summary describes the whole run).
-        self.earlier_history: list[dict] = []
-        self.earlier_validations: list[dict] = []
-        if int(os.environ.get("RANK", 0)) == 0:
-            # A resumed run appends to the earlier attempt's records, minus the steps after its
-            # checkpoint (trained again now; the earlier files are kept whole in history/); a
-            # fresh run starts them empty.
-            self.earlier_history = _keep_rows_up_to(self.run_dir / "metrics.jsonl", resume_step)
-            self.earlier_validations = _keep_rows_up_to(self.run_dir / "validation.jsonl", resume_step)
+        # Rows of earlier attempts that this run continues (the summary describes the whole run): what
+        # RunDirectory.begin_attempt left of the step logs (rank 0; the rows are appended after them).
+        earlier_rows = earlier_rows or {}
+        self.earlier_history: list[dict] = earlier_rows.get(METRICS_FILE, [])
+        self.earlier_validations: list[dict] = earlier_rows.get(VALIDATION_FILE, [])
         self.print_every = print_every_n_steps
         self.log_every = max(1, int(log_every_n_steps))
         self.warmup_steps = warmup_steps
@@ -188,7 +184,7 @@ class RunRecorder(L.Callback):
         self._note_compiles(records[-1]["step"])
         if self.compile_graphs:
             records[-1]["compiled_graphs"] = self.compile_graphs  # parallel.compile: the count so far
-        self._write("metrics.jsonl", records, trainer)
+        self._write(METRICS_FILE, records, trainer)
         if not trainer.is_global_zero:
             return
         window_mfu = self._window_mfu(records)
@@ -234,7 +230,7 @@ class RunRecorder(L.Callback):
         # The sanity check (trainer.num_sanity_val_steps) is recorded as the step-0 validation.
         record = {"step": trainer.global_step, **pl_module.last_validation}
         self.validations.append(record)
-        self._write("validation.jsonl", [record], trainer)
+        self._write(VALIDATION_FILE, [record], trainer)
         if trainer.is_global_zero:
             log.info("validation at step %d: %s", record["step"], record)
 
@@ -264,18 +260,6 @@ class RunRecorder(L.Callback):
             "mfu": round(model_flops_per_s / self.peak_flops, 4) if model_flops_per_s and self.peak_flops else None,
             "measured_steps": steps,
         }
-
-
-def _keep_rows_up_to(path: Path, step: int | None) -> list[dict]:
-    """Drop the rows after ``step`` (all rows for ``None``); returns the rows kept."""
-    if not path.exists():
-        return []
-    rows = [json.loads(row) for row in path.read_text().splitlines() if row.strip()] if step is not None else []
-    kept = [row for row in rows if row["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-    os.replace(tmp, path)
-    return kept
 
 
 def _val(record: dict | None) -> dict:
@@ -342,18 +326,3 @@ def skipped_summary(bad_items: list[dict], num_examples: int = 10) -> dict:
         by_kind[item["kind"]] = by_kind.get(item["kind"], 0) + 1
     return {"total": len(bad_items), "times": sum(item.get("times", 1) for item in bad_items),
             "by_kind": by_kind, "examples": bad_items[:num_examples]}
-
-
-def write_summary(run_dir: Path, summary: dict) -> Path:
-    path = Path(run_dir) / "summary.json"
-    tmp = path.with_suffix(".json.tmp")
-    try:
-        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        os.replace(tmp, path)  # readers never see a half-written summary
-    except OSError:
-        try:
-            tmp.unlink(missing_ok=True)  # a full disk leaves no half summary beside the last complete one
-        except OSError:
-            pass
-        raise
-    return path

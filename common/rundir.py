@@ -15,15 +15,20 @@ never erases what an earlier launch wrote:
   (:func:`check_restart_budget`).
 * ``history/attempt-<N>/``: before launch N+1 changes anything, the record as launch N left it
   (config, summary, skipped items; the step logs too when launch N+1 will cut rows from them,
-  i.e. it resumes from an earlier step or starts afresh) is copied here.
+  i.e. it resumes from an earlier step or starts afresh) is copied here. Then, and only then, the
+  step logs lose the rows after the resumed step (:meth:`RunDirectory.begin_attempt` does both, in
+  that order).
+
+Every file name of a run directory is declared here (``*_FILE``, ``*_DIR``); nothing else spells one.
 
 Usage (rank 0 of ``common/train.py``)::
 
     rundir = RunDirectory(run_dir)
     rundir.lock()                         # RunDirectoryBusy (a ConfigError) if another launch holds it
     attempt = rundir.begin_attempt(sys.argv[1:], resume_step=3)   # None: a fresh start
+    rundir.earlier_rows[METRICS_FILE]     # the rows up to step 3 this attempt continues
     ...
-    rundir.end_attempt(status="completed", wall_s=812.4)
+    unwritten = rundir.end_attempt("completed", summary, skipped_items={})   # [] when all was written
 """
 
 from __future__ import annotations
@@ -38,11 +43,20 @@ from pathlib import Path
 
 from common.errors import ConfigError
 
-LOCK_FILE = "run.lock"
-ATTEMPTS_FILE = "attempts.jsonl"
-HISTORY_DIR = "history"
-RECORD_FILES = ("config.yaml", "metrics.jsonl", "validation.jsonl", "summary.json", "skipped_items.jsonl")
-STEP_LOGS = ("metrics.jsonl", "validation.jsonl")  # one row per step; a resume cuts the rows after its step
+LOCK_FILE = "run.lock"                  # the one writer's lock
+ATTEMPTS_FILE = "attempts.jsonl"        # a start row and an end row per launch, append-only
+HISTORY_DIR = "history"                 # attempt-<N>/: the record as launch N left it
+CONFIG_FILE = "config.yaml"             # the resolved config of the latest launch
+METRICS_FILE = "metrics.jsonl"          # one row per optimizer step (common.recording)
+VALIDATION_FILE = "validation.jsonl"    # one row per validation
+SUMMARY_FILE = "summary.json"           # the whole run, as the run contract says (common.recording.summarize)
+SKIPPED_FILE = "skipped_items.jsonl"    # bad data items skipped, one row each
+CHECKPOINTS_DIR = "checkpoints"         # common.checkpoint
+TOKENIZER_DIR = "tokenizer"             # the tokenizer the model was trained with
+WORD_LM_FILE = "word_lm.json"           # the word LM of the training text (eval.word_lm)
+WANDB_ID_FILE = "wandb_run_id"          # a resumed run continues the same wandb run
+RECORD_FILES = (CONFIG_FILE, METRICS_FILE, VALIDATION_FILE, SUMMARY_FILE, SKIPPED_FILE)
+STEP_LOGS = (METRICS_FILE, VALIDATION_FILE)  # one row per step; a resume cuts the rows after its step
 
 
 # Who restarted this launch, and how often (recorded in each start row of attempts.jsonl).
@@ -60,6 +74,8 @@ class RunDirectory:
         self._created = False
         self.attempt = 0
         self.previous_summary: dict | None = None
+        # begin_attempt: the step-log rows this attempt continues ({METRICS_FILE: [...], VALIDATION_FILE: [...]}).
+        self.earlier_rows: dict[str, list[dict]] = {name: [] for name in STEP_LOGS}
 
     # --- one writer -------------------------------------------------------------------------
     def lock(self) -> None:
@@ -97,13 +113,14 @@ class RunDirectory:
 
     # --- every launch's record --------------------------------------------------------------
     def begin_attempt(self, argv: list[str], resume_step: int | None = None) -> int:
-        """Number this launch, copy the record the previous launch left into ``history/``, and
-        append a start row to ``attempts.jsonl``. Returns the attempt number (1 for a new run).
+        """Number this launch, copy the record the previous launch left into ``history/``, cut the
+        step logs to ``resume_step`` (:attr:`earlier_rows` keeps what is left), and append a start
+        row to ``attempts.jsonl``. Returns the attempt number (1 for a new run).
 
-        ``resume_step``: the step this launch continues from (``None``: a fresh start). The step
-        logs are copied only when this launch will cut them (rows after that step); a resume
-        at their last row only appends, so a job preempted many times does not copy its whole
-        log at every restart.
+        ``resume_step``: the step this launch continues from (``None``: a fresh start, the step logs
+        start empty). The step logs are copied only when this launch will cut them (rows after that
+        step); a resume at their last row only appends, so a job preempted many times does not copy
+        its whole log at every restart.
         """
         rows = read_attempts(self.path)
         self.attempt = 1 + max((r.get("attempt", 0) for r in rows), default=0)
@@ -114,7 +131,9 @@ class RunDirectory:
             kept.mkdir(parents=True, exist_ok=True)
             for name in existing:
                 shutil.copy2(self.path / name, kept / name)
-        summary = self.path / "summary.json"
+        for name in STEP_LOGS:  # after the copy above: a row cut here is in history/ first
+            self.earlier_rows[name] = _keep_rows_up_to(self.path / name, resume_step)
+        summary = self.path / SUMMARY_FILE
         self.previous_summary = json.loads(summary.read_text()) if summary.is_file() else None
         restarts = {name: int(os.environ[var]) for name, var in RESTART_COUNTERS.items()
                     if os.environ.get(var, "").isdigit()}
@@ -126,9 +145,42 @@ class RunDirectory:
                       **({"previous_attempt": "killed (no end recorded)"} if unrecorded else {})})
         return self.attempt
 
-    def end_attempt(self, status: str, wall_s: float, **extra) -> None:
-        self._append({"event": "end", "attempt": self.attempt, "time": _now(), "status": status,
-                      "wall_s": round(wall_s, 2), **extra})
+    def end_attempt(self, status: str, summary: dict, skipped_items: dict, error: str | None = None) -> list[str]:
+        """However the attempt ended: the skipped items, ``summary.json`` and the end row of
+        ``attempts.jsonl``, each tried on its own. Returns what could not be written, with why (a full
+        disk, a vanished directory), for the caller to say; ``[]`` when all was written."""
+        unwritten = []
+        for name, write in ((SKIPPED_FILE, lambda: self._write_skipped(skipped_items)),
+                            (SUMMARY_FILE, lambda: self.write_summary(summary)),
+                            (ATTEMPTS_FILE, lambda: self._append(
+                                {"event": "end", "attempt": self.attempt, "time": _now(), "status": status,
+                                 "wall_s": round(summary["attempt_wall_s"], 2), "steps": summary["steps"],
+                                 "error": error}))):
+            try:
+                write()
+            except OSError as exc:
+                unwritten.append(f"{name} ({exc.strerror or exc})")
+        return unwritten
+
+    def write_summary(self, summary: dict) -> Path:
+        """``summary.json``, replaced atomically: a reader never sees a half-written one."""
+        path = self.path / SUMMARY_FILE
+        tmp = path.with_suffix(".json.tmp")
+        try:
+            tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            os.replace(tmp, path)
+        except OSError:
+            try:
+                tmp.unlink(missing_ok=True)  # a full disk leaves no half summary beside the last complete one
+            except OSError:
+                pass
+            raise
+        return path
+
+    def _write_skipped(self, skipped_items: dict) -> None:
+        if skipped_items:
+            with open(self.path / SKIPPED_FILE, "w") as f:
+                f.writelines(json.dumps(item) + "\n" for item in skipped_items.values())
 
     def _append(self, row: dict) -> None:
         with open(self.path / ATTEMPTS_FILE, "a") as f:
@@ -149,7 +201,7 @@ def replace_link(link: Path, target: str) -> None:
 def is_run_directory(path: str | Path) -> bool:
     """A run's output directory (``checkpoints/`` or ``summary.json`` in it), not a checkpoint."""
     path = Path(path)
-    return path.is_dir() and ((path / "checkpoints").is_dir() or (path / "summary.json").is_file())
+    return path.is_dir() and ((path / CHECKPOINTS_DIR).is_dir() or (path / SUMMARY_FILE).is_file())
 
 
 def check_restart_budget(run_dir: str | Path, max_failures_at_step: int) -> None:
@@ -181,6 +233,18 @@ def read_attempts(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _keep_rows_up_to(path: Path, step: int | None) -> list[dict]:
+    """Drop the rows after ``step`` (all rows for ``None``), atomically; returns the rows kept."""
+    if not path.exists():
+        return []
+    rows = [json.loads(row) for row in path.read_text().splitlines() if row.strip()] if step is not None else []
+    kept = [row for row in rows if row["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    os.replace(tmp, path)
+    return kept
 
 
 def _last_step(path: Path) -> int:

@@ -13,7 +13,6 @@ summary.json, checkpoints/, tokenizer/, wandb/ (and an ``outputs/<recipe>/latest
 from __future__ import annotations
 
 import faulthandler
-import json
 import logging
 import os
 import sys
@@ -28,9 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 from common.data.guard import DataGuard
 from common.errors import ConfigError
 from common.parallel import build_strategy
-from common.recording import RunRecorder, write_summary
+from common.recording import RunRecorder
 from common.run import Run, build_run, check_run
-from common.rundir import RunDirectory, check_restart_budget
+from common.rundir import (CHECKPOINTS_DIR, CONFIG_FILE, TOKENIZER_DIR, WANDB_ID_FILE, WORD_LM_FILE, RunDirectory,
+                           check_restart_budget)
 
 log = logging.getLogger("common.train")
 RANK = int(os.environ.get("RANK", 0))
@@ -63,7 +63,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, recorder, resuming: bool, call
     trainer_kwargs["strategy"] = build_strategy(cfg.trainer.strategy, cfg.run.get("collective_timeout_s"))
     if resuming:
         trainer_kwargs["num_sanity_val_steps"] = 0  # the step-0 validation is in validation.jsonl already
-    checkpoint = RunCheckpoint(run_dir / "checkpoints", every_n_steps=cfg.checkpoint.every_n_steps,
+    checkpoint = RunCheckpoint(run_dir / CHECKPOINTS_DIR, every_n_steps=cfg.checkpoint.every_n_steps,
                                keep_last=cfg.checkpoint.keep_last,
                                preemption_grace_s=cfg.checkpoint.preemption_grace_s,
                                check_stop_every_n_steps=cfg.trainer.log_every_n_steps,
@@ -116,7 +116,7 @@ def wandb_run_id(run_dir: Path) -> str | None:
     same wandb run. Rank 0 only (other ranks log nothing)."""
     if RANK != 0:
         return None
-    path = run_dir / "wandb_run_id"
+    path = run_dir / WANDB_ID_FILE
     if path.exists():
         return path.read_text().strip()
     import uuid
@@ -246,8 +246,7 @@ def train(cfg: DictConfig) -> None:
     if RANK == 0:
         begin_record(rundir, cfg, launch)
     recorder = RunRecorder(run_dir, print_every_n_steps=cfg.run.print_every_n_steps,
-                           log_every_n_steps=cfg.trainer.log_every_n_steps,
-                           resume_step=launch.resume_step if launch.ckpt_path else None)
+                           log_every_n_steps=cfg.trainer.log_every_n_steps, earlier_rows=rundir.earlier_rows)
     guard = DataGuard(launch.datamodule, max_bad_item_fraction=cfg.data.max_bad_item_fraction)
     trainer, checkpoint = build_trainer(cfg, run_dir, recorder, resuming=launch.ckpt_path is not None,
                                         callbacks=[guard])
@@ -284,8 +283,8 @@ def begin_record(rundir: RunDirectory, cfg: DictConfig, launch: Launch) -> None:
     """Rank 0, before training: the attempt's start row (the earlier record copied to history/ first),
     the resolved config, the tokenizer, and ``latest`` for a run with something to load."""
     rundir.begin_attempt(sys.argv[1:], resume_step=launch.resume_step if launch.ckpt_path else None)
-    OmegaConf.save(cfg, rundir.path / "config.yaml", resolve=True)
-    launch.run.tokenizer.save(rundir.path / "tokenizer")
+    OmegaConf.save(cfg, rundir.path / CONFIG_FILE, resolve=True)
+    launch.run.tokenizer.save(rundir.path / TOKENIZER_DIR)
     if launch.ckpt_path:  # `latest` names a run with something to load: one that saved a checkpoint or completed
         link_latest(rundir.path)
 
@@ -322,15 +321,7 @@ def end_record(rundir: RunDirectory, run_dir: Path, summary: dict, outcome: Outc
     tried; a full disk or a vanished directory is said, with the newest checkpoint), then the
     closing lines."""
     status, error = outcome.status, outcome.error
-    unwritten = []
-    for name, write in (("skipped_items.jsonl", lambda: write_bad_items(run_dir, outcome.data_report["items"])),
-                        ("summary.json", lambda: write_summary(run_dir, summary)),
-                        ("attempts.jsonl", lambda: rundir.end_attempt(status, summary["attempt_wall_s"],
-                                                                      steps=summary["steps"], error=error))):
-        try:
-            write()
-        except OSError as exc:
-            unwritten.append(f"{name} ({exc.strerror or exc})")
+    unwritten = rundir.end_attempt(status, summary, skipped_items=outcome.data_report["items"], error=error)
     if unwritten:
         print(f"error: the run's record could not be written in {run_dir}: {', '.join(unwritten)}; the run "
               f"ended {status}" + (f" ({error})" if error else "") + "; its newest complete checkpoint: "
@@ -381,12 +372,6 @@ def gather_data_report(datamodule) -> dict:
     return {"items": merged, "substituted_batches": sum(r["substituted_batches"] for r in gathered)}
 
 
-def write_bad_items(run_dir: Path, bad_items: dict) -> None:
-    if bad_items:
-        with open(run_dir / "skipped_items.jsonl", "w") as f:
-            f.writelines(json.dumps(item) + "\n" for item in bad_items.values())
-
-
 def evaluate_test_sets(cfg: DictConfig, spec, sources: dict, checkpoint_path, run_dir: Path) -> dict:
     """Recognizers: WER and CER on every ``data.test`` set, from the run's final checkpoint (whatever
     the layout that wrote it: rank 0 rebuilds the whole model, as ``make transcribe`` does). CTC
@@ -406,7 +391,7 @@ def evaluate_test_sets(cfg: DictConfig, spec, sources: dict, checkpoint_path, ru
         from common.models.ctc_lm import WordLM
 
         lm = WordLM.build(iter_texts(sources["train"]))
-        (run_dir / "word_lm.json").write_text(lm.to_json())
+        (run_dir / WORD_LM_FILE).write_text(lm.to_json())
     model, tokenizer, cfg = load_model(checkpoint_path)
     threads = torch.get_num_threads()
     if torch.cuda.is_available():  # this rank's GPU (the process group is idle meanwhile: every rank has trained)

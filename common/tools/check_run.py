@@ -13,11 +13,13 @@ import json
 import sys
 from pathlib import Path
 
+from common.rundir import SUMMARY_FILE
+
 
 def check(run_dir: Path, max_wall_s: float | None, max_wer: float | None, min_wer_drop: float | None,
           min_mel_loss_drop_ratio: float | None = None, max_asr_cer: float | None = None,
           max_test_wer: dict | None = None, require_test: tuple = ()) -> list[str]:
-    path = run_dir / "summary.json"
+    path = run_dir / SUMMARY_FILE
     if not path.exists():
         return [f"{path}: no summary.json (did the run start?)"]
     s = json.loads(path.read_text())
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     problems = check(a.run_dir, a.max_wall_s, a.max_wer, a.min_wer_drop, a.min_mel_loss_drop_ratio, a.max_asr_cer,
                      dict(a.max_test_wer), tuple(a.require_test))
-    summary = json.loads((a.run_dir / "summary.json").read_text()) if (a.run_dir / "summary.json").exists() else {}
+    summary = json.loads((a.run_dir / SUMMARY_FILE).read_text()) if (a.run_dir / SUMMARY_FILE).exists() else {}
     print(json.dumps({k: summary.get(k) for k in ("recipe", "status", "steps", "wall_s", "val", "val_first", "test", "throughput")}, indent=2))
     for problem in problems:
         print(f"FAIL {a.run_dir}: {problem}", file=sys.stderr)

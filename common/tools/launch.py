@@ -44,7 +44,7 @@ from common import cluster
 from common.checkpoint import check_relaunch
 from common.errors import ConfigError
 from common.run import ROOT, check_run, compose, new_run_name, prepare_data
-from common.rundir import check_restart_budget
+from common.rundir import SUMMARY_FILE, check_restart_budget
 
 # torch.distributed.elastic's own log lines (glog format: I/W/E + MMDD), and torchrun's report.
 _LAUNCHER_LINE = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d")
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     log.close()
     node = shape.node_rank if shape.scheduler != "local" else None
     where = _keep_log(Path(log.name), run_dir, "launch.log" if node is None else f"launch-node{node}.log")
-    record = run_dir / "summary.json"
+    record = run_dir / SUMMARY_FILE
     summary = _summary(record) if rc != 0 and forwarded else {}
     if summary.get("status") == "preempted":
         # torchrun exits non-zero on the SIGTERM it was sent, after every rank checkpointed and left: a
