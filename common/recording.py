@@ -86,12 +86,8 @@ class RunRecorder(L.Callback):
         self.history: list[dict] = []
         self.validations: list[dict] = []
         self.pending: list[tuple[dict, list[str], torch.Tensor]] = []  # rows whose values are on the device
-        self.t_start = self.t_warm = None
-        self.utts_warm = self.audio_warm = self.tokens_warm = self.flops_warm = 0.0
-        # Per-step split after warm-up: waiting between steps (the next batch; plus the loop's own
-        # bookkeeping) and the step itself (forward, backward, optimizer, with their collectives).
-        self.t_batch_start = self.t_prev_end = None
-        self.data_wait_warm = self.compute_warm = 0.0
+        self.t_start = None
+        self.clock = StepClock(warmup_steps)
         self.per_rank: list[dict] = []
         self.device_info: dict = {}
         self.model_flops = None   # common.flops.ModelFlops of the model (None: no formula)
@@ -116,27 +112,17 @@ class RunRecorder(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         # The step starts when the loader handed its batch over (the data module notes it), before
         # the transfer and the features on the device, which are compute, not data wait.
-        now = time.perf_counter()
-        ready = getattr(getattr(trainer, "datamodule", None), "batch_ready_at", None)
-        self.t_batch_start = ready if ready is not None and (self.t_prev_end or 0.0) <= ready <= now else now
+        self.clock.batch_started(time.perf_counter(), getattr(getattr(trainer, "datamodule", None), "batch_ready_at", None))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         now = time.perf_counter()
         flops = self.model_flops.training(batch["global_lengths"]) if self.model_flops and "global_lengths" in batch else None
+        self.clock.batch_ended(step, now, batch, flops)
         if step == self.warmup_steps:
-            self.t_warm = now
             from common.parallel import compiled_graphs
 
             self.compile_graphs_at_warmup = compiled_graphs()
-        elif step > self.warmup_steps:
-            self.utts_warm += batch["global_num_utterances"]
-            self.audio_warm += batch["global_audio_s"]
-            self.tokens_warm += batch.get("global_num_llm_tokens", 0)
-            self.flops_warm += flops or 0.0
-            self.compute_warm += now - self.t_batch_start
-            self.data_wait_warm += self.t_batch_start - (self.t_prev_end or self.t_batch_start)
-        self.t_prev_end = now
         record = {
             "step": step,
             "train_loss": None,  # filled in at the next log step
@@ -187,18 +173,8 @@ class RunRecorder(L.Callback):
         self._write(METRICS_FILE, records, trainer)
         if not trainer.is_global_zero:
             return
-        window_mfu = self._window_mfu(records)
-        for record in records:
-            metrics = {k: v for k, v in record.items()
-                       if isinstance(v, (int, float)) and k not in ("step", "elapsed_s") and v is not None}
-            if record is records[-1] and window_mfu is not None:
-                metrics["mfu"] = window_mfu  # the wandb series: MFU over the steps since the last log step
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=record["step"])
-            step = record["step"]
-            if (step % self.print_every == 0 or step == trainer.max_steps) and record["train_loss"] is not None:
-                log.info("step %d/%d  train_loss %.4f  lr %.2e  %.1fs", step, trainer.max_steps,
-                         record["train_loss"], record["lr"], record["elapsed_s"])
+        _log_rows(trainer, records, _window_mfu(self.history, records, self.warmup_steps, self.peak_flops),
+                  self.print_every)
 
     def _note_compiles(self, step: int) -> None:
         """Log every growth of torch.compile's graph count (a run that keeps recompiling is slow)."""
@@ -208,15 +184,6 @@ class RunRecorder(L.Callback):
         if graphs != self.compile_graphs:
             log.info("torch.compile: %d graph(s) compiled by step %d", graphs, step)  # rank 0 logs (setup_logging)
             self.compile_graphs = graphs
-
-    def _window_mfu(self, records: list[dict]) -> float | None:
-        """MFU of the steps in ``records`` (wall time from the step before them), past the warm-up."""
-        if not self.peak_flops or len(self.history) <= len(records) or records[0]["step"] <= self.warmup_steps:
-            return None
-        before = self.history[-len(records) - 1]["elapsed_s"]
-        dt = records[-1]["elapsed_s"] - before
-        flops = sum(r.get("model_tflop", 0.0) for r in records) * 1e12
-        return round(flops / dt / self.peak_flops, 4) if dt > 0 else None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         # Every rank is saving at this step: the rows up to it are reduced and written first, so
@@ -242,22 +209,82 @@ class RunRecorder(L.Callback):
         self.per_rank = gather_objects(mine)
 
     def throughput(self) -> dict:
-        if self.t_warm is None or not self.history:
+        """summary.json's ``throughput``: rates, step split and MFU over the steps after warm-up."""
+        return self.clock.throughput(self.history[-1]["elapsed_s"] if self.history else None, self.t_start,
+                                     self.peak_flops)
+
+
+def _log_rows(trainer, records: list[dict], window_mfu: float | None, print_every: int) -> None:
+    """Rank 0: the rows' numbers to every logger (wandb), the window's MFU on the last, progress lines."""
+    for record in records:
+        metrics = {k: v for k, v in record.items()
+                   if isinstance(v, (int, float)) and k not in ("step", "elapsed_s") and v is not None}
+        if record is records[-1] and window_mfu is not None:
+            metrics["mfu"] = window_mfu  # the wandb series: MFU over the steps since the last log step
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=record["step"])
+        step = record["step"]
+        if (step % print_every == 0 or step == trainer.max_steps) and record["train_loss"] is not None:
+            log.info("step %d/%d  train_loss %.4f  lr %.2e  %.1fs", step, trainer.max_steps,
+                     record["train_loss"], record["lr"], record["elapsed_s"])
+
+
+def _window_mfu(history: list[dict], records: list[dict], warmup_steps: int, peak_flops: float | None) -> float | None:
+    """MFU of the steps in ``records`` (the newest rows of ``history``; wall time from the step before
+    them), past the warm-up."""
+    if not peak_flops or len(history) <= len(records) or records[0]["step"] <= warmup_steps:
+        return None
+    dt = records[-1]["elapsed_s"] - history[-len(records) - 1]["elapsed_s"]
+    flops = sum(r.get("model_tflop", 0.0) for r in records) * 1e12
+    return round(flops / dt / peak_flops, 4) if dt > 0 else None
+
+
+class StepClock:
+    """What the steps after ``warmup_steps`` did and how long they took: global utterances, audio
+    seconds, LLM tokens and model FLOPs; each step split into waiting between steps (the next batch,
+    plus the loop's own bookkeeping) and the step itself (forward, backward, optimizer, with their
+    collectives)."""
+
+    def __init__(self, warmup_steps: int):
+        self.warmup_steps = warmup_steps
+        self.t_warm = self.t_batch_start = self.t_prev_end = None
+        self.steps = 0
+        self.utterances = self.audio_s = self.tokens = self.flops = self.data_wait_s = self.compute_s = 0.0
+
+    def batch_started(self, now: float, ready_at: float | None) -> None:
+        """``ready_at``: when the loader handed the batch over (None: now)."""
+        self.t_batch_start = ready_at if ready_at is not None and (self.t_prev_end or 0.0) <= ready_at <= now else now
+
+    def batch_ended(self, step: int, now: float, batch: dict, flops: float | None) -> None:
+        if step == self.warmup_steps:
+            self.t_warm = now
+        elif step > self.warmup_steps:
+            self.steps += 1
+            self.utterances += batch["global_num_utterances"]
+            self.audio_s += batch["global_audio_s"]
+            self.tokens += batch.get("global_num_llm_tokens", 0)
+            self.flops += flops or 0.0
+            self.compute_s += now - self.t_batch_start
+            self.data_wait_s += self.t_batch_start - (self.t_prev_end or self.t_batch_start)
+        self.t_prev_end = now
+
+    def throughput(self, last_elapsed_s: float | None, t_start: float, peak_flops: float | None) -> dict:
+        if self.t_warm is None or last_elapsed_s is None:
             return {"utterances_per_s": None, "audio_s_per_s": None, "measured_steps": 0}
-        dt = self.history[-1]["elapsed_s"] - (self.t_warm - self.t_start)
-        steps = len(self.history) - self.warmup_steps
-        model_flops_per_s = self.flops_warm / dt if dt > 0 and self.flops_warm else None
+        dt = last_elapsed_s - (self.t_warm - t_start)
+        steps = self.steps
+        model_flops_per_s = self.flops / dt if dt > 0 and self.flops else None
         return {
-            "utterances_per_s": round(self.utts_warm / dt, 3) if dt > 0 else None,
-            "audio_s_per_s": round(self.audio_warm / dt, 3) if dt > 0 else None,
-            "tokens_per_s": round(self.tokens_warm / dt, 3) if dt > 0 and self.tokens_warm else None,
+            "utterances_per_s": round(self.utterances / dt, 3) if dt > 0 else None,
+            "audio_s_per_s": round(self.audio_s / dt, 3) if dt > 0 else None,
+            "tokens_per_s": round(self.tokens / dt, 3) if dt > 0 and self.tokens else None,
             "step_time_s": round(dt / steps, 4) if steps > 0 else None,
-            "data_wait_s": round(self.data_wait_warm / steps, 4) if steps > 0 else None,
-            "compute_s": round(self.compute_warm / steps, 4) if steps > 0 else None,
+            "data_wait_s": round(self.data_wait_s / steps, 4) if steps > 0 else None,
+            "compute_s": round(self.compute_s / steps, 4) if steps > 0 else None,
             # Model FLOPs (common.flops) per second over all ranks, and their share of the devices'
             # dense bf16 peak (null on CPUs and GPUs without a listed peak).
             "model_tflops_per_s": round(model_flops_per_s / 1e12, 4) if model_flops_per_s else None,
-            "mfu": round(model_flops_per_s / self.peak_flops, 4) if model_flops_per_s and self.peak_flops else None,
+            "mfu": round(model_flops_per_s / peak_flops, 4) if model_flops_per_s and peak_flops else None,
             "measured_steps": steps,
         }
 

@@ -152,6 +152,24 @@ class TokenBudget:
         return LLMTokenConstraint(max_tokens=max_tokens)
 
 
+def perturb_speed(batch: GlobalBatch, speed_factors: list[float], seed: int) -> GlobalBatch:
+    """Speed perturbation (lhotse's, as ``sox speed``: tempo and pitch together): each cut of the
+    global batch at a factor drawn from ``speed_factors`` by (``seed``, epoch, batch index, cut id).
+
+    Every rank draws the same factors for the whole global batch from metadata alone, so the shards,
+    the global token and frame counts and a resumed run all agree without a collective. The batch
+    was planned on the original durations: a factor below 1 makes its audio up to 1/factor longer
+    (0.9: 11%), which GPU batch sizes (data.bucket_profile) must leave room for.
+    """
+    cuts = []
+    for cut in batch.cuts:
+        digest = hashlib.sha256(f"{seed}/{batch.epoch}/{batch.index}/{cut.id}".encode()).digest()
+        factor = speed_factors[int.from_bytes(digest[:8], "little") % len(speed_factors)]
+        # affix_id=False: the item keeps its id (coverage, bad-item records and fingerprints name the source item)
+        cuts.append(cut if factor == 1.0 else cut.perturb_speed(factor, affix_id=False))
+    return replace(batch, cuts=cuts)
+
+
 class SpeechTextDataset(torch.utils.data.Dataset):
     """Turns a ``GlobalBatch`` into this rank's tensors: padded waveforms + target token ids.
 
@@ -209,21 +227,7 @@ class SpeechTextDataset(torch.utils.data.Dataset):
         return ends if ids == list(target_ids) else None
 
     def at_speed(self, batch: GlobalBatch) -> GlobalBatch:
-        """Speed perturbation (lhotse's, as ``sox speed``: tempo and pitch together): each cut of the
-        global batch at a factor drawn from ``speed_factors`` by (seed, epoch, batch index, cut id).
-
-        Every rank draws the same factors for the whole global batch from metadata alone, so the shards,
-        the global token and frame counts and a resumed run all agree without a collective. The batch
-        was planned on the original durations: a factor below 1 makes its audio up to 1/factor longer
-        (0.9: 11%), which GPU batch sizes (data.bucket_profile) must leave room for.
-        """
-        cuts = []
-        for cut in batch.cuts:
-            digest = hashlib.sha256(f"{self.seed}/{batch.epoch}/{batch.index}/{cut.id}".encode()).digest()
-            factor = self.speed_factors[int.from_bytes(digest[:8], "little") % len(self.speed_factors)]
-            # affix_id=False: the item keeps its id (coverage, bad-item records and fingerprints name the source item)
-            cuts.append(cut if factor == 1.0 else cut.perturb_speed(factor, affix_id=False))
-        return replace(batch, cuts=cuts)
+        return perturb_speed(batch, self.speed_factors, self.seed)
 
     def __getitem__(self, batch: GlobalBatch) -> dict:
         if self.speed_factors:

@@ -137,6 +137,12 @@ def beam_search(log_probs, pieces: list[str], lm: WordLM, blank_id: int = 0, bea
                 target[1] = np.logaddexp(target[1], from_prev)
         ranked = sorted(nxt.items(), key=lambda kv: np.logaddexp(kv[1][0], kv[1][1]) + kv[1][2], reverse=True)
         beams = dict(ranked[:beam])
+    return _best_transcript(beams, pieces, lm, lm_weight, word_bonus)
+
+
+def _best_transcript(beams: dict, pieces: list[str], lm: WordLM, lm_weight: float, word_bonus: float) -> str:
+    """The text of the best final beam: its last word completed and the sentence end scored."""
+    neg = -np.inf
 
     def final(state):
         pb, pnb, lm_score, last, partial, _ = state

@@ -178,8 +178,13 @@ def main(argv=None) -> int:
     log.close()
     node = shape.node_rank if shape.scheduler != "local" else None
     where = _keep_log(Path(log.name), run_dir, "launch.log" if node is None else f"launch-node{node}.log")
+    return closing_lines(rc, bool(forwarded), terminal, run_dir, where)
+
+
+def closing_lines(rc: int, forwarded_sigterm: bool, terminal: TerminalFilter, run_dir: Path, where: Path) -> int:
+    """What the launcher says last, after torchrun returned ``rc``; returns the exit status."""
     record = run_dir / SUMMARY_FILE
-    summary = _summary(record) if rc != 0 and forwarded else {}
+    summary = _summary(record) if rc != 0 and forwarded_sigterm else {}
     if summary.get("status") == "preempted":
         # torchrun exits non-zero on the SIGTERM it was sent, after every rank checkpointed and left: a
         # preemption as asked for, said as one, not as an error. The status stays non-zero, so that a
