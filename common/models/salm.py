@@ -223,6 +223,111 @@ def prompt_ids(tokenizer, prompt: str, prompt_format: str = "plain") -> tuple[li
     return ids[:at], ids[at + 1:]
 
 
+def ctc_head_of(cfg, tokenizer, hidden: int, ctc_weight: float, ctc_compress: bool) -> tuple[nn.Module | None, int]:
+    """(CTC head, its blank id): trained with the auxiliary CTC loss over the LLM's tokens; or,
+    with no auxiliary loss, the head of the recognizer the encoder was exported from (its own
+    vocabulary; ``model.ctc_head_vocab`` records its size in an export of this model), which
+    only picks the segments of CTC compression and stays frozen: no loss reaches it."""
+    if ctc_weight:
+        return nn.Linear(hidden, tokenizer.vocab_size), tokenizer.pad_id
+    if not ctc_compress:
+        return None, tokenizer.pad_id
+    if cfg.get("pretrained_encoder"):
+        found = exported_ctc_head(cfg.pretrained_encoder)
+        head, blank = found if found else (None, tokenizer.pad_id)
+    elif cfg.get("ctc_head_vocab"):  # an export of this model: the weights are in its checkpoint
+        head, blank = nn.Linear(hidden, int(cfg.ctc_head_vocab)), 0
+    else:
+        return None, tokenizer.pad_id
+    if head is not None:
+        head.requires_grad_(False)
+    return head, blank
+
+def piece_table(cfg, tokenizer, llm, num_pieces: int, blank: int) -> torch.Tensor:
+    """(recognizer pieces, LLM width): each piece's text (``▁`` a space) as the LLM embeds it, the
+    mean over its LLM tokens; zero for the blank and specials. Zeros where the recognizer's
+    tokenizer is not at hand (an export of this model: its checkpoint holds the trained table)."""
+    table = torch.zeros(num_pieces, llm.config.hidden_size)
+    source = cfg.get("pretrained_encoder")
+    if not source:
+        return table
+    from common.data.tokenizer import load_tokenizer
+
+    embed = llm.get_input_embeddings().weight.detach()
+    for i, piece in enumerate(load_tokenizer(source).pieces()):
+        ids = [] if i == blank or piece.startswith("<") else tokenizer.encode(piece.replace("\u2581", " "))
+        if ids:
+            table[i] = embed[ids].float().mean(0)
+    return table
+
+
+def greedy_decode(llm, hooks: ParallelHooks, embeds, offset, steps: int, pad_id: int, eos_id: int) -> list[list[int]]:
+    """Greedy decoding with the LLM's KV cache: the prefix once, then one position per new token.
+
+    Prefixes are left-padded by ``offset`` (position ids and the attention mask skip the padding),
+    so every row's next token sits in the same column. Always runs exactly ``steps`` steps (no
+    early stop): under FSDP/TP every rank must run the same number of forward passes, or the
+    collectives inside them would deadlock. Under sequence parallelism a step feeds
+    ``tp`` positions (the new token + padding; sequence shards must be equal) and the cache is
+    cropped back to the real token.
+    """
+    from transformers import DynamicCache
+
+    b, width, dev = embeds.shape[0], embeds.shape[1], embeds.device
+    attention = (torch.arange(width, device=dev)[None, :] >= offset[:, None]).long()
+    positions = (torch.arange(width, device=dev)[None, :] - offset[:, None]).clamp(min=0)
+    decoder, cache = llm.get_decoder(), DynamicCache(config=llm.config)
+    hidden = decoder(inputs_embeds=embeds, attention_mask=attention, position_ids=positions,
+                     past_key_values=cache, use_cache=True).last_hidden_state
+    logits = hooks.full_tensor(llm.lm_head(hidden))
+    tokens = [logits[:, -1].argmax(-1)]
+    chunk = hooks.seq_len_multiple
+    for _ in range(steps - 1):
+        step_ids = torch.full((b, chunk), pad_id, dtype=torch.long, device=dev)
+        step_ids[:, 0] = tokens[-1]
+        past = attention.shape[1]
+        attention = torch.cat([attention, torch.ones(b, chunk, dtype=torch.long, device=dev)], dim=1)
+        positions = positions[:, -1:] + 1 + torch.arange(chunk, device=dev)[None, :]
+        hidden = decoder(inputs_embeds=llm.get_input_embeddings()(step_ids), attention_mask=attention,
+                         position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+        logits = hooks.full_tensor(llm.lm_head(hidden))
+        tokens.append(logits[:, 0].argmax(-1))
+        if chunk > 1:  # keep only the real token's keys and values
+            cache.crop(-(chunk - 1))  # negative: tokens to drop (transformers 4.x and 5.x alike)
+            attention, positions = attention[:, : past + 1], positions[:, :1]
+    out = torch.stack(tokens, dim=1).tolist()  # one copy to the host at the end
+    return [seq[: seq.index(eos_id)] if eos_id in seq else seq for seq in out]
+
+
+def lay_out(embed, audio, audio_lens, answer, answer_lens, width: int, head_ids: list[int], prompt_ids: list[int],
+            pad_id: int, offset=None):
+    """Embeddings and token ids of ``head audio-frames prompt answer`` per row, in ``width``
+    columns, all rows at once (no per-utterance loop): row ``i`` starts at column ``offset[i]``
+    (0: right-padded for training; left-padded prefixes for cached generation).
+
+    Returns ``(embeds (B, width, D), ids (B, width), in_answer (B, width) bool)``.
+    """
+    b, dev = audio.shape[0], audio.device
+    pos = torch.arange(width, device=dev)[None, :] - (0 if offset is None else offset[:, None])  # in-row position
+    ids = torch.full((b, width), pad_id, dtype=torch.long, device=dev)
+    num_head, num_prompt = len(head_ids), len(prompt_ids)
+    for fixed, rel in ((head_ids, pos), (prompt_ids, pos - num_head - audio_lens[:, None])):
+        if fixed:
+            table = torch.tensor(fixed, device=dev)
+            ids = torch.where((rel >= 0) & (rel < len(fixed)), table[rel.clamp(0, len(fixed) - 1)], ids)
+    rel = pos - num_head - audio_lens[:, None] - num_prompt
+    in_answer = (rel >= 0) & (rel < answer_lens[:, None])
+    if answer.shape[1]:
+        ids = torch.where(in_answer, answer.gather(1, rel.clamp(0, answer.shape[1] - 1)), ids)
+    embeds = embed(ids)
+    # Audio frame j of row i goes to in-row position num_head + j: one gather, one select.
+    is_audio = (pos >= num_head) & (pos < num_head + audio_lens[:, None])
+    frame = (pos - num_head).clamp(0, audio.shape[1] - 1).expand(b, -1)  # gather needs the batch dim spelled out
+    frames = audio.gather(1, frame[..., None].expand(-1, -1, audio.shape[-1]))
+    embeds = torch.where(is_audio[..., None], frames.to(embeds.dtype), embeds)
+    return embeds, ids, in_answer
+
+
 class SALM(nn.Module):
     def __init__(self, cfg, tokenizer):
         super().__init__()
@@ -236,7 +341,8 @@ class SALM(nn.Module):
         self.ctc_weight = float(cfg.ctc_aux_weight)
         # CTC compression of the audio before the projector (see ctc_compress); the CTC head picks the runs.
         self.ctc_compress = bool(cfg.projector.ctc_compress)
-        self.ctc_head, self.ctc_blank = self._ctc_head(cfg, tokenizer)
+        self.ctc_head, self.ctc_blank = ctc_head_of(cfg, tokenizer, self.encoder.config.hidden_size,
+                                                    self.ctc_weight, self.ctc_compress)
         if self.ctc_compress and self.ctc_head is None:
             raise ValueError("model.projector.ctc_compress needs a CTC head: model.ctc_aux_weight > 0, or a "
                              "model.pretrained_encoder exported from a CTC recognizer (make export of an asr_ddp "
@@ -245,7 +351,8 @@ class SALM(nn.Module):
             if not (self.ctc_compress and self.ctc_head is not None and not self.ctc_weight):
                 raise ValueError("model.projector.piece_embeddings needs the CTC head of a recognizer (a make export "
                                  "in model.pretrained_encoder) and model.projector.ctc_compress=true")
-            self.projector.add_piece_embeddings(self._piece_table(cfg, tokenizer))
+            self.projector.add_piece_embeddings(piece_table(cfg, tokenizer, self.llm, self.ctc_head.out_features,
+                                                            self.ctc_blank))
         self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
         self.audio_id = tokenizer.audio_id
         # The token ids before and after the audio frames (the answer follows them).
@@ -261,44 +368,6 @@ class SALM(nn.Module):
                 raise ValueError(f"model.freeze pattern {pattern!r} matches no parameter name")
             for param in matched:
                 param.requires_grad_(False)
-
-    def _ctc_head(self, cfg, tokenizer) -> tuple[nn.Module | None, int]:
-        """(CTC head, its blank id): trained with the auxiliary CTC loss over the LLM's tokens; or,
-        with no auxiliary loss, the head of the recognizer the encoder was exported from (its own
-        vocabulary; ``model.ctc_head_vocab`` records its size in an export of this model), which
-        only picks the segments of CTC compression and stays frozen: no loss reaches it."""
-        hidden = self.encoder.config.hidden_size
-        if self.ctc_weight:
-            return nn.Linear(hidden, tokenizer.vocab_size), tokenizer.pad_id
-        if not self.ctc_compress:
-            return None, tokenizer.pad_id
-        if cfg.get("pretrained_encoder"):
-            found = exported_ctc_head(cfg.pretrained_encoder)
-            head, blank = found if found else (None, tokenizer.pad_id)
-        elif cfg.get("ctc_head_vocab"):  # an export of this model: the weights are in its checkpoint
-            head, blank = nn.Linear(hidden, int(cfg.ctc_head_vocab)), 0
-        else:
-            return None, tokenizer.pad_id
-        if head is not None:
-            head.requires_grad_(False)
-        return head, blank
-
-    def _piece_table(self, cfg, tokenizer) -> torch.Tensor:
-        """(recognizer pieces, LLM width): each piece's text (``▁`` a space) as the LLM embeds it, the
-        mean over its LLM tokens; zero for the blank and specials. Zeros where the recognizer's
-        tokenizer is not at hand (an export of this model: its checkpoint holds the trained table)."""
-        table = torch.zeros(self.ctc_head.out_features, self.llm.config.hidden_size)
-        source = cfg.get("pretrained_encoder")
-        if not source:
-            return table
-        from common.data.tokenizer import load_tokenizer
-
-        embed = self.llm.get_input_embeddings().weight.detach()
-        for i, piece in enumerate(load_tokenizer(source).pieces()):
-            ids = [] if i == self.ctc_blank or piece.startswith("<") else tokenizer.encode(piece.replace("\u2581", " "))
-            if ids:
-                table[i] = embed[ids].float().mean(0)
-        return table
 
     # --- what may be sharded (common.parallel decides how) -------------------------------------
     def parallel_spec(self) -> ParallelSpec:
@@ -346,31 +415,8 @@ class SALM(nn.Module):
         return audio, audio_lens, ctc
 
     def _sequence(self, audio, audio_lens, answer, answer_lens, width: int, offset=None):
-        """Embeddings and token ids of ``head audio-frames prompt answer`` per row, in ``width``
-        columns, all rows at once (no per-utterance loop): row ``i`` starts at column ``offset[i]``
-        (0: right-padded for training; left-padded prefixes for cached generation).
-
-        Returns ``(embeds (B, width, D), ids (B, width), in_answer (B, width) bool)``.
-        """
-        b, dev = audio.shape[0], audio.device
-        pos = torch.arange(width, device=dev)[None, :] - (0 if offset is None else offset[:, None])  # in-row position
-        ids = torch.full((b, width), self.pad_id, dtype=torch.long, device=dev)
-        num_head, num_prompt = len(self.head_ids), len(self.prompt_ids)
-        for fixed, rel in ((self.head_ids, pos), (self.prompt_ids, pos - num_head - audio_lens[:, None])):
-            if fixed:
-                table = torch.tensor(fixed, device=dev)
-                ids = torch.where((rel >= 0) & (rel < len(fixed)), table[rel.clamp(0, len(fixed) - 1)], ids)
-        rel = pos - num_head - audio_lens[:, None] - num_prompt
-        in_answer = (rel >= 0) & (rel < answer_lens[:, None])
-        if answer.shape[1]:
-            ids = torch.where(in_answer, answer.gather(1, rel.clamp(0, answer.shape[1] - 1)), ids)
-        embeds = self.llm.get_input_embeddings()(ids)
-        # Audio frame j of row i goes to in-row position num_head + j: one gather, one select.
-        is_audio = (pos >= num_head) & (pos < num_head + audio_lens[:, None])
-        frame = (pos - num_head).clamp(0, audio.shape[1] - 1).expand(b, -1)  # gather needs the batch dim spelled out
-        frames = audio.gather(1, frame[..., None].expand(-1, -1, audio.shape[-1]))
-        embeds = torch.where(is_audio[..., None], frames.to(embeds.dtype), embeds)
-        return embeds, ids, in_answer
+        return lay_out(self.llm.get_input_embeddings(), audio, audio_lens, answer, answer_lens, width, self.head_ids,
+                       self.prompt_ids, self.pad_id, offset)
 
     def _padded_width(self, longest: int) -> int:
         m = math.lcm(self.parallel_hooks.seq_len_multiple, self.pad_to_multiple_of)
@@ -412,7 +458,8 @@ class SALM(nn.Module):
         offset = width - prefix_lens
         no_answer = torch.zeros(b, 0, dtype=torch.long, device=dev)
         embeds, _, _ = self._sequence(audio, audio_lens, no_answer, torch.zeros_like(audio_lens), width, offset)
-        return self._greedy(embeds, offset, max_new_tokens or self.max_new_tokens)
+        return greedy_decode(self.llm, self.parallel_hooks, embeds, offset, max_new_tokens or self.max_new_tokens,
+                             self.pad_id, self.eos_id)
 
     @torch.no_grad()
     def generate_text(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -424,44 +471,8 @@ class SALM(nn.Module):
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=dev)
         for i, prompt in enumerate(prompts):  # left-padded, as generate() lays out its prefixes
             ids[i, width - len(prompt):] = torch.tensor(prompt, device=dev)
-        return self._greedy(self.llm.get_input_embeddings()(ids), width - lens, max_new_tokens)
-
-    def _greedy(self, embeds, offset, steps: int) -> list[list[int]]:
-        """Greedy decoding with the LLM's KV cache: the prefix once, then one position per new token.
-
-        Prefixes are left-padded by ``offset`` (position ids and the attention mask skip the padding),
-        so every row's next token sits in the same column. Always runs exactly ``steps`` steps (no
-        early stop): under FSDP/TP every rank must run the same number of forward passes, or the
-        collectives inside them would deadlock. Under sequence parallelism a step feeds
-        ``tp`` positions (the new token + padding; sequence shards must be equal) and the cache is
-        cropped back to the real token.
-        """
-        from transformers import DynamicCache
-
-        b, width, dev = embeds.shape[0], embeds.shape[1], embeds.device
-        attention = (torch.arange(width, device=dev)[None, :] >= offset[:, None]).long()
-        positions = (torch.arange(width, device=dev)[None, :] - offset[:, None]).clamp(min=0)
-        decoder, cache = self.llm.get_decoder(), DynamicCache(config=self.llm.config)
-        hidden = decoder(inputs_embeds=embeds, attention_mask=attention, position_ids=positions,
-                         past_key_values=cache, use_cache=True).last_hidden_state
-        logits = self.parallel_hooks.full_tensor(self.llm.lm_head(hidden))
-        tokens = [logits[:, -1].argmax(-1)]
-        chunk = self.parallel_hooks.seq_len_multiple
-        for _ in range(steps - 1):
-            step_ids = torch.full((b, chunk), self.pad_id, dtype=torch.long, device=dev)
-            step_ids[:, 0] = tokens[-1]
-            past = attention.shape[1]
-            attention = torch.cat([attention, torch.ones(b, chunk, dtype=torch.long, device=dev)], dim=1)
-            positions = positions[:, -1:] + 1 + torch.arange(chunk, device=dev)[None, :]
-            hidden = decoder(inputs_embeds=self.llm.get_input_embeddings()(step_ids), attention_mask=attention,
-                             position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
-            logits = self.parallel_hooks.full_tensor(self.llm.lm_head(hidden))
-            tokens.append(logits[:, 0].argmax(-1))
-            if chunk > 1:  # keep only the real token's keys and values
-                cache.crop(-(chunk - 1))  # negative: tokens to drop (transformers 4.x and 5.x alike)
-                attention, positions = attention[:, : past + 1], positions[:, :1]
-        out = torch.stack(tokens, dim=1).tolist()  # one copy to the host at the end
-        return [seq[: seq.index(self.eos_id)] if self.eos_id in seq else seq for seq in out]
+        return greedy_decode(self.llm, self.parallel_hooks, self.llm.get_input_embeddings()(ids), width - lens,
+                             max_new_tokens, self.pad_id, self.eos_id)
 
 
 def salm_tokenizer(cfg, texts):
