@@ -298,7 +298,7 @@ def measure_padding(recipe: str, data_dir: Path) -> dict:
     from lhotse import CutSet
     from lhotse.dataset import DynamicBucketingSampler, SimpleCutSampler
 
-    from common.data.loading import SpeechTextDataset, make_loader
+    from common.data.loading import LoaderConfig, SpeechTextDataset, make_loader
 
     cfg = recipe_config(recipe, [f"data.max_duration_s={PER_RANK_BATCH_S}", f"data.dir={data_dir}", *CORPUS])
     sources, tokenizer, _ = _data(cfg)
@@ -317,9 +317,12 @@ def measure_padding(recipe: str, data_dir: Path) -> dict:
     short = CutSet.from_file(sources["train"][0].path).to_eager()
     for name, cuts in (("generated", short), ("mixed", _mixed_length(short))):
         longest = max(c.duration for c in cuts)
-        loader = make_loader(cuts, tokenizer, dp_rank=0, dp_size=1, max_duration_s=PER_RANK_BATCH_S, shuffle=True,
-                             seed=0, num_buckets=cfg.data.num_buckets, num_token_buckets=cfg.data.num_token_buckets,
-                             max_utterance_s=longest, check_tokens=False)
+        loader = make_loader(cuts, tokenizer,
+                             LoaderConfig(max_duration_s=PER_RANK_BATCH_S, shuffle=True, seed=0,
+                                          num_buckets=cfg.data.num_buckets,
+                                          num_token_buckets=cfg.data.num_token_buckets,
+                                          max_utterance_s=longest, check_tokens=False),
+                             dp_rank=0, dp_size=1)
         sampler = loader.sampler
         list(sampler)  # pass 0 fills the carry
         sampler.set_epoch(1)

@@ -79,7 +79,7 @@ def corpus_forms(workdir: Path, num_utterances: int = 200, data_dir: Path | None
 def measure(forms: dict, kind: str, dp_size: int, num_workers: int, max_duration_s: float = 30.0) -> dict:
     """One pass of every rank's loader over ``forms[kind]`` ("shar", "cuts", or "shar_stream": the same
     Shar through lhotse's streaming reader, as this repository read it before); the server's counts."""
-    from common.data.loading import make_loader
+    from common.data.loading import LoaderConfig, make_loader
     from common.data.sources import open_sources, parse_sources
     from common.data.tokenizer import WordTokenizer
 
@@ -97,8 +97,10 @@ def measure(forms: dict, kind: str, dp_size: int, num_workers: int, max_duration
     audio_bytes, metadata_bytes, items, audio_s, seconds, trained_bytes = 0, [], 0, 0.0, 0.0, 0
     for dp_rank in range(dp_size):
         before = dict(server.bytes_by_path)
-        loader = make_loader(cuts(), tokenizer, dp_rank=dp_rank, dp_size=dp_size,
-                             max_duration_s=max_duration_s * dp_size, shuffle=True, seed=0, num_workers=num_workers)
+        loader = make_loader(cuts(), tokenizer,
+                             LoaderConfig(max_duration_s=max_duration_s * dp_size, shuffle=True, seed=0,
+                                          num_workers=num_workers),
+                             dp_rank=dp_rank, dp_size=dp_size)
         t0 = time.perf_counter()
         for batch in loader:
             items += len(batch["ids"])
@@ -150,15 +152,16 @@ def write_metadata_corpus(directory: Path, num_utterances: int, shard_size: int 
 def plan_pass_time(directory: Path, dp_size: int = 128, max_duration_s: float = 3200.0) -> dict:
     """Seconds one rank takes to plan a whole pass (bucket bins, 2-D grid, every global batch) of a
     metadata-only Shar directory, and the metadata bytes it reads."""
-    from common.data.loading import make_loader
+    from common.data.loading import LoaderConfig, make_loader
     from common.data.sources import open_sources, parse_sources
     from common.data.tokenizer import WordTokenizer
 
     tokenizer = WordTokenizer.build([" ".join(f"w{i}" for i in range(2000))])
     t0 = time.perf_counter()
     loader = make_loader(open_sources(parse_sources(str(directory), "data.train"), seed=0, mix=True), tokenizer,
-                         dp_rank=0, dp_size=dp_size, max_duration_s=max_duration_s, shuffle=True, seed=0,
-                         num_buckets=24, num_token_buckets=2)
+                         LoaderConfig(max_duration_s=max_duration_s, shuffle=True, seed=0, num_buckets=24,
+                                      num_token_buckets=2),
+                         dp_rank=0, dp_size=dp_size)
     batches = items = 0
     for batch in loader.sampler:
         batches += 1

@@ -29,8 +29,15 @@ from common.errors import ConfigError
 from common.parallel import build_strategy
 from common.recording import RunRecorder
 from common.run import Run, build_run, check_run
-from common.rundir import (CHECKPOINTS_DIR, CONFIG_FILE, TOKENIZER_DIR, WANDB_ID_FILE, WORD_LM_FILE, RunDirectory,
-                           check_restart_budget)
+from common.rundir import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    TOKENIZER_DIR,
+    WANDB_ID_FILE,
+    WORD_LM_FILE,
+    RunDirectory,
+    check_restart_budget,
+)
 
 log = logging.getLogger("common.train")
 RANK = int(os.environ.get("RANK", 0))

@@ -44,8 +44,14 @@ Usage (what ``common/train.py`` does)::
 
 from .callback import HELD_MESSAGE, HOLD_STEP_ENV, WRITE_DELAY_ENV, FaultHooks, RunCheckpoint
 from .exact_resume import ExactResume
-from .files import (LAST_LINK, PARTIAL_PREFIX, checkpoint_problem, checkpoint_run_config, checkpoint_step,
-                    complete_checkpoints)
+from .files import (
+                    LAST_LINK,
+                    PARTIAL_PREFIX,
+                    checkpoint_problem,
+                    checkpoint_run_config,
+                    checkpoint_step,
+                    complete_checkpoints,
+)
 from .preemption import Preempted
 from .resume import check_relaunch, check_resume_from, model_settings_changed, resolve_resume
 

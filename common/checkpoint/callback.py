@@ -53,7 +53,7 @@ class RunCheckpoint(CheckpointHooks):
 
     def __init__(self, dirpath: Path, every_n_steps: int, keep_last: int, preemption_grace_s: float = 60.0,
                  check_stop_every_n_steps: int = 1, at_end: bool = True, async_save: bool = False,
-                 faults: FaultHooks = FaultHooks()):
+                 faults: FaultHooks | None = None):
         super().__init__(dirpath=dirpath, filename="step{step:06d}", auto_insert_metric_name=False,
                          every_n_train_steps=every_n_steps, save_top_k=keep_last, monitor="step", mode="max",
                          save_last=False)
@@ -61,7 +61,7 @@ class RunCheckpoint(CheckpointHooks):
         self.check_stop_every = max(1, int(check_stop_every_n_steps))
         self.at_end = at_end  # False: the end of max_steps saves nothing (benchmarks); a signal still saves
         self.async_save = async_save
-        self.faults = faults
+        self.faults = faults or FaultHooks()
         self.on_published = None  # called on rank 0 once a checkpoint is complete (common.train: `latest`)
         self.saves: list[dict] = []  # {"step", "mode", "stall_s", "write_s"} of each save of this attempt
         self._writer: CheckpointWriter | None = None

@@ -28,8 +28,15 @@ from common.errors import ConfigError
 from common.models import with_legacy_settings
 from common.rundir import is_run_directory
 
-from .files import (LAST_LINK, PARTIAL_PREFIX, checkpoint_problem, checkpoint_run_config, checkpoint_step,
-                    complete_checkpoints, link_last)
+from .files import (
+    LAST_LINK,
+    PARTIAL_PREFIX,
+    checkpoint_problem,
+    checkpoint_run_config,
+    checkpoint_step,
+    complete_checkpoints,
+    link_last,
+)
 
 log = logging.getLogger("common.train")
 

@@ -24,7 +24,7 @@ import lightning as L
 
 from common.parallel import data_parallel_rank_size
 
-from .loading import TokenBudget, check_batch_budget, make_loader
+from .loading import LoaderConfig, TokenBudget, check_batch_budget, make_loader
 from .sources import open_sources
 
 log = logging.getLogger(__name__)
@@ -55,35 +55,10 @@ class SpeechDataModule(L.LightningDataModule):
         budget = None
         if max_tokens or self.audio_frames_per_token:  # also counts a speech-LLM's tokens/s
             budget = TokenBudget(self.tokenizer, audio_frames_per_token=self.audio_frames_per_token or 1)
-        loader = make_loader(
-            open_sources(self.sources[split], seed=self.seed, mix=train),
-            self.tokenizer,
-            dp_rank=dp_rank,
-            dp_size=dp_size,
-            max_duration_s=cfg.max_duration_s if train else cfg.val_max_duration_s,
-            shuffle=train,
-            seed=self.seed,
-            num_buckets=cfg.num_buckets,
-            num_workers=cfg.num_workers,
-            num_mel_bins=cfg.num_mel_bins,
-            sample_rate=cfg.sample_rate,
-            # Training only (lhotse's SpecAugment settings; applied on the device, common.data.features).
-            spec_augment=_to_dict(cfg.get("spec_augment")) if train else None,
-            noise=_to_dict(cfg.get("noise")) if train else None,
-            speed_perturb=list(cfg.speed_perturb) if train and cfg.get("speed_perturb") else None,
-            normalize_features=cfg.feature_normalization == "utterance",
-            token_alignment=bool(cfg.token_alignment),
-            on_bad_item=cfg.on_bad_item,
-            max_utterance_s=cfg.get("max_utterance_s"),
-            token_budget=budget,
-            max_tokens=max_tokens,
-            buffer_size=cfg.bucket_buffer_size,
-            check_tokens=train,
-            pad_to_bucket_edges=self.pad_to_bucket_edges,
-            num_token_buckets=cfg.num_token_buckets,
-            sampler=cfg.sampler,
-            bucket_grid=self._profiled_grid() if train else None,
-        )
+        config = LoaderConfig.of_split(cfg, train, self.seed, pad_to_bucket_edges=self.pad_to_bucket_edges)
+        loader = make_loader(open_sources(self.sources[split], seed=self.seed, mix=train), self.tokenizer, config,
+                             dp_rank=dp_rank, dp_size=dp_size, token_budget=budget,
+                             bucket_grid=self._profiled_grid() if train else None)
         self.filters[split] = loader.metadata_filter
         self.features[split] = loader.features
         self.bad_items.update(loader.metadata_filter.bad_items)
@@ -167,9 +142,3 @@ class SpeechDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict) -> None:
         # Lightning restores checkpoints before it builds the dataloaders: applied in _loader().
         self._resume_state = state.get("train_sampler")
-
-
-def _to_dict(cfg) -> dict | None:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg

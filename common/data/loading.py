@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
 from .checks import ON_BAD_ITEM, BadItem, BadItemError, load_checked, metadata_problem
@@ -348,107 +349,132 @@ def _worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(
-    cuts,
-    tokenizer,
-    *,
-    dp_rank: int,
-    dp_size: int,
-    max_duration_s: float,
-    shuffle: bool,
-    seed: int,
-    num_buckets: int = 6,
-    num_workers: int = 0,
-    num_mel_bins: int = 64,
-    sample_rate: int = 16000,
-    spec_augment: dict | None = None,
-    noise: dict | None = None,
-    speed_perturb: list[float] | None = None,
-    normalize_features: bool = True,
-    token_alignment: bool = False,
-    on_bad_item: str = "skip",
-    max_utterance_s: float | None = None,
-    token_budget: TokenBudget | None = None,
-    max_tokens: int | None = None,
-    buffer_size: int = 20000,
-    check_tokens: bool = True,
-    pad_to_bucket_edges: bool = False,
-    num_token_buckets: int = 1,
-    bucket_grid=None,
-    sampler: str = "buckets_2d",
-) -> DataLoader:
+@dataclass(frozen=True)
+class LoaderConfig:
+    """What one split's loader is made of: the ``data`` settings as training (``shuffle``) or validation
+    reads them (:meth:`of_split`). Units in the names; every field is documented at its setting in
+    ``common/conf/base.yaml``."""
+
+    max_duration_s: float                  # padded audio seconds per global batch
+    shuffle: bool                          # training: 2-D buckets, shuffled, augmented; else validation order
+    seed: int = 0                          # sampler order and every augmentation draw (exact resume)
+    num_buckets: int = 6
+    num_token_buckets: int = 1
+    num_workers: int = 0
+    num_mel_bins: int = 64
+    sample_rate: int = 16000
+    spec_augment: dict | None = None       # training, on the device (lhotse's settings)
+    noise: dict | None = None              # training, on the device (NoiseConfig)
+    speed_perturb: tuple | None = None     # training, in the workers (factors)
+    normalize_features: bool = True
+    token_alignment: bool = False
+    on_bad_item: str = "skip"
+    max_utterance_s: float | None = None   # longer items are skipped and counted (None: max_duration_s)
+    max_tokens: int | None = None          # with a TokenBudget: LLM positions per global batch instead of seconds
+    buffer_size: int = 20000
+    check_tokens: bool = True              # also drop text that encodes to <unk> (training targets)
+    pad_to_bucket_edges: bool = False      # torch.compile: few distinct audio lengths
+    sampler: str = "buckets_2d"            # training: buckets_2d | lhotse_1d
+
+    @classmethod
+    def of_split(cls, data, train: bool, seed: int, pad_to_bucket_edges: bool = False) -> LoaderConfig:
+        """From the ``data`` section of a run's config: training reads its augmentation and token
+        bound, validation neither."""
+        def plain(value):
+            return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+        return cls(
+            max_duration_s=data.max_duration_s if train else data.val_max_duration_s, shuffle=train, seed=seed,
+            num_buckets=data.num_buckets, num_token_buckets=data.num_token_buckets, num_workers=data.num_workers,
+            num_mel_bins=data.num_mel_bins, sample_rate=data.sample_rate,
+            spec_augment=plain(data.get("spec_augment")) if train else None,
+            noise=plain(data.get("noise")) if train else None,
+            speed_perturb=tuple(data.speed_perturb) if train and data.get("speed_perturb") else None,
+            normalize_features=data.feature_normalization == "utterance", token_alignment=bool(data.token_alignment),
+            on_bad_item=data.on_bad_item, max_utterance_s=data.get("max_utterance_s"),
+            max_tokens=data.get("max_tokens") if train else None, buffer_size=data.bucket_buffer_size,
+            check_tokens=train, pad_to_bucket_edges=pad_to_bucket_edges, sampler=data.sampler)
+
+
+def make_loader(cuts, tokenizer, config: LoaderConfig, *, dp_rank: int, dp_size: int,
+                token_budget: TokenBudget | None = None, bucket_grid=None) -> DataLoader:
     """A DataLoader of this rank's shards of bucketed global batches, bad items filtered out.
 
-    Training (``shuffle``) batches come from 2-D buckets (duration x target tokens, estimated from the
-    first ``buffer_size`` items, or ``bucket_grid``: a profile's grid with global batch sizes) with a batch
-    size per bucket: padded audio within ``max_duration_s``, or padded LLM positions within ``max_tokens``
-    (with ``token_budget``); ragged tails are carried into the next pass (:mod:`common.data.buckets`).
-    Validation uses lhotse's duration buckets, in order.
-    The filter (``loader.metadata_filter``) holds the items it dropped; ``check_tokens`` also drops
-    text that encodes to ``<unk>`` (for training targets; validation keeps unseen words as errors).
-    Training augmentation: ``speed_perturb`` (factors, in the workers), ``noise`` and ``spec_augment``
-    (on the device), all drawn per global batch from ``seed``, so a resumed run repeats them exactly.
-    Batches hold padded waveforms; ``loader.features`` (a :class:`BatchFeatures`) turns one into
-    log-mel features (+ noise, SpecAugment) on the device it is on::
+    Training (``config.shuffle``) batches come from 2-D buckets (duration x target tokens, estimated from
+    the first ``buffer_size`` items, or ``bucket_grid``: a profile's grid with global batch sizes) with a
+    batch size per bucket: padded audio within ``max_duration_s``, or padded LLM positions within
+    ``max_tokens`` (with ``token_budget``); ragged tails are carried into the next pass
+    (:mod:`common.data.buckets`). Validation uses lhotse's duration buckets, in order.
+    The filter (``loader.metadata_filter``) holds the items it dropped. Training augmentation is
+    drawn per global batch from ``seed``, so a resumed run repeats it exactly. Batches hold padded
+    waveforms; ``loader.features`` (a :class:`BatchFeatures`) turns one into log-mel features
+    (+ noise, SpecAugment) on the device it is on::
 
+        loader = make_loader(cuts, tokenizer,
+                             LoaderConfig(max_duration_s=30, shuffle=True),
+                             dp_rank=0, dp_size=2)
         batch = loader.features(batch.to(device), training=True)
     """
-    from lhotse.dataset import DynamicBucketingSampler
-
-    by_tokens = token_budget is not None and max_tokens is not None
-    keep = MetadataFilter(tokenizer if check_tokens else None, max_utterance_s or max_duration_s, token_budget if by_tokens else None,
-                          max_tokens if by_tokens else None, on_bad_item)
     from lhotse import CutSet
     from lhotse.lazy import LazyFilter
 
+    c = config
+    by_tokens = token_budget is not None and c.max_tokens is not None
+    keep = MetadataFilter(tokenizer if c.check_tokens else None, c.max_utterance_s or c.max_duration_s,
+                          token_budget if by_tokens else None, c.max_tokens if by_tokens else None, c.on_bad_item)
     # Lazily, for eager manifests too: the checks run as each pass reads the items, so the
     # filter's counts are per pass (coverage, the bad-item share); the order is unchanged.
     checked = CutSet(LazyFilter(cuts, predicate=keep))
-    if shuffle and sampler == "lhotse_1d":  # lhotse's duration buckets (the SALM recipes, see salm.yaml)
-        base = DynamicBucketingSampler(
-            checked,
-            **({"constraint": token_budget.constraint(max_tokens)} if by_tokens else {"max_duration": max_duration_s}),
-            num_buckets=num_buckets, shuffle=True, drop_last=False, seed=seed, buffer_size=buffer_size,
-            world_size=1, rank=0,  # every rank draws the same global batches (module docstring)
-        )
-    elif shuffle:
-        base = _bucket_sampler(cuts, checked, tokenizer, max_duration_s=max_duration_s, num_buckets=num_buckets,
-                               num_token_buckets=num_token_buckets, seed=seed, buffer_size=buffer_size,
-                               longest_s=float(max_utterance_s or max_duration_s),
-                               token_budget=token_budget if by_tokens else None, max_tokens=max_tokens,
-                               grid=bucket_grid)
-    else:
-        base = DynamicBucketingSampler(
-            # few bins: validation sets are small (lhotse needs a cut per bin) and mostly one global batch
-            checked, max_duration=max_duration_s, num_buckets=min(num_buckets, VAL_NUM_BUCKETS), shuffle=False,
-            drop_last=False,  # every item is validated
-            world_size=1, rank=0,  # deliberately: every rank draws the same global batches (module docstring)
-        )
+    base = _global_sampler(cuts, checked, tokenizer, c, token_budget if by_tokens else None, bucket_grid)
     edges = None
-    if pad_to_bucket_edges:
+    if c.pad_to_bucket_edges:
         # torch.compile: every batch's audio is padded to its bucket's upper edge, so the encoder sees
         # at most num_buckets + 1 lengths (a bounded number of compiled graphs, see common.parallel).
-        longest = float(max_utterance_s or max_duration_s)
+        longest = float(c.max_utterance_s or c.max_duration_s)
         bins = [b for b in base.duration_bins if b < longest]
         edges = bins + [longest] if bins else length_ladder(longest)
     loader = DataLoader(
-        SpeechTextDataset(tokenizer, sample_rate, token_alignment=token_alignment, on_bad_item=on_bad_item,
-                          token_budget=token_budget, pad_to_edges_s=edges, speed_factors=speed_perturb, seed=seed),
-        sampler=DataParallelBatchSampler(base, dp_rank, dp_size, metadata_filter=keep if shuffle else None),
+        SpeechTextDataset(tokenizer, c.sample_rate, token_alignment=c.token_alignment, on_bad_item=c.on_bad_item,
+                          token_budget=token_budget, pad_to_edges_s=edges,
+                          speed_factors=list(c.speed_perturb) if c.speed_perturb else None, seed=c.seed),
+        sampler=DataParallelBatchSampler(base, dp_rank, dp_size, metadata_filter=keep if c.shuffle else None),
         batch_size=None,
-        num_workers=num_workers,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
+        num_workers=c.num_workers,
+        worker_init_fn=_worker_init if c.num_workers > 0 else None,
         # Worker base seeds come from this generator, not the process's RNG, so that starting a
         # DataLoader iterator (at the start of a run or of an epoch) never moves the training RNG.
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=num_workers > 0,
-        pin_memory=num_workers > 0 and torch.cuda.is_available(),  # asynchronous host-to-device copies
+        generator=torch.Generator().manual_seed(c.seed),
+        persistent_workers=c.num_workers > 0,
+        pin_memory=c.num_workers > 0 and torch.cuda.is_available(),  # asynchronous host-to-device copies
     )
     loader.metadata_filter = keep
     loader.pad_edges_s = edges
-    loader.features = BatchFeatures(num_mel_bins, sample_rate, normalize=normalize_features,
-                                    spec_augment=spec_augment, noise=noise, seed=seed)
+    loader.features = BatchFeatures(c.num_mel_bins, c.sample_rate, normalize=c.normalize_features,
+                                    spec_augment=c.spec_augment, noise=c.noise, seed=c.seed)
     return loader
+
+
+def _global_sampler(raw, checked, tokenizer, c: LoaderConfig, token_budget: TokenBudget | None, grid):
+    """The sampler of global batches (every rank draws the same ones, module docstring)."""
+    from lhotse.dataset import DynamicBucketingSampler
+
+    if c.shuffle and c.sampler == "lhotse_1d":  # lhotse's duration buckets (the SALM recipes, see salm.yaml)
+        return DynamicBucketingSampler(
+            checked,
+            **({"constraint": token_budget.constraint(c.max_tokens)} if token_budget else
+               {"max_duration": c.max_duration_s}),
+            num_buckets=c.num_buckets, shuffle=True, drop_last=False, seed=c.seed, buffer_size=c.buffer_size,
+            world_size=1, rank=0)
+    if c.shuffle:
+        return _bucket_sampler(raw, checked, tokenizer, max_duration_s=c.max_duration_s, num_buckets=c.num_buckets,
+                               num_token_buckets=c.num_token_buckets, seed=c.seed, buffer_size=c.buffer_size,
+                               longest_s=float(c.max_utterance_s or c.max_duration_s), token_budget=token_budget,
+                               max_tokens=c.max_tokens, grid=grid)
+    return DynamicBucketingSampler(
+        # few bins: validation sets are small (lhotse needs a cut per bin) and mostly one global batch
+        checked, max_duration=c.max_duration_s, num_buckets=min(c.num_buckets, VAL_NUM_BUCKETS), shuffle=False,
+        drop_last=False,  # every item is validated
+        world_size=1, rank=0)
 
 
 def _bucket_sampler(raw, checked, tokenizer, *, max_duration_s, num_buckets, num_token_buckets, seed, buffer_size,
@@ -536,7 +562,9 @@ def featurized(loader, training: bool = False):
     """The batches of a :func:`make_loader` loader with their features, as a training step sees them
     (tests, benchmarks, tools)::
 
-        batch = next(featurized(make_loader(cuts, tok, dp_rank=0, dp_size=1, max_duration_s=30, shuffle=False, seed=0)))
+        batch = next(featurized(make_loader(cuts, tok,
+                                            LoaderConfig(max_duration_s=30, shuffle=False),
+                                            dp_rank=0, dp_size=1)))
     """
     for batch in loader:
         yield loader.features(batch, training=training)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from lhotse import CutSet
 
-from common.data.loading import featurized, make_loader
+from common.data.loading import LoaderConfig, featurized, make_loader
 from common.data.tokenizer import BPETokenizer
 from common.models.asr_ctc import CTCASR, ctc_greedy_decode
 from tests.conftest import recipe_config
@@ -28,7 +28,9 @@ def setup(tiny_corpus):
     tok = BPETokenizer.build((c.supervisions[0].text for c in cuts), vocab_size=cfg.model.tokenizer.vocab_size)
     torch.manual_seed(0)
     model = CTCASR(cfg.model, tok).eval()
-    batch = next(featurized(make_loader(cuts, tok, dp_rank=0, dp_size=1, max_duration_s=12, shuffle=False, seed=0)))
+    batch = next(featurized(make_loader(cuts, tok,
+                                        LoaderConfig(max_duration_s=12, shuffle=False, seed=0),
+                                        dp_rank=0, dp_size=1)))
     return model, tok, batch
 
 
@@ -65,12 +67,13 @@ def test_generate_returns_token_ids_without_blanks(setup):
 def test_spec_augment_changes_training_features_only(tiny_corpus):
     cuts = CutSet.from_file(tiny_corpus["train"])
     tok = BPETokenizer.build((c.supervisions[0].text for c in cuts), vocab_size=32)
-    kw = dict(dp_rank=0, dp_size=1, max_duration_s=12, shuffle=False, seed=0)
-    plain = next(featurized(make_loader(cuts, tok, **kw)))
+    plain = next(featurized(make_loader(cuts, tok,
+                                        LoaderConfig(max_duration_s=12, shuffle=False),
+                                        dp_rank=0, dp_size=1)))
     torch.manual_seed(0)
-    masked = next(featurized(make_loader(cuts, tok, **kw, spec_augment={"time_warp_factor": None, "num_frame_masks": 2,
-                                                                         "frames_mask_size": 10, "p": 1.0}),
-                             training=True))
+    augment = {"time_warp_factor": None, "num_frame_masks": 2, "frames_mask_size": 10, "p": 1.0}
+    config = LoaderConfig(max_duration_s=12, shuffle=False, spec_augment=augment)
+    masked = next(featurized(make_loader(cuts, tok, config, dp_rank=0, dp_size=1), training=True))
     assert plain["ids"] == masked["ids"]
     assert not torch.equal(plain["input_features"], masked["input_features"])
 

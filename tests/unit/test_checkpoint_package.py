@@ -9,7 +9,14 @@ import lightning
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from common.checkpoint import HOLD_STEP_ENV, LAST_LINK, PARTIAL_PREFIX, WRITE_DELAY_ENV, FaultHooks, RunCheckpoint
+from common.checkpoint import (
+    HOLD_STEP_ENV,
+    LAST_LINK,
+    PARTIAL_PREFIX,
+    WRITE_DELAY_ENV,
+    FaultHooks,
+    RunCheckpoint,
+)
 from common.checkpoint.files import complete_checkpoints, partial_path
 from common.checkpoint.lightning_api import CHECKED_AGAINST, PRIVATE_NAMES
 from common.checkpoint.preemption import GO_ON, SIGINT, SIGTERM, StopSignal

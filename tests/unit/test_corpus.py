@@ -48,7 +48,7 @@ def test_every_word_has_a_distinct_sound():
 def test_word_alignments_are_written_and_give_token_spans(tiny_corpus):
     import torch
 
-    from common.data.loading import featurized, make_loader
+    from common.data.loading import LoaderConfig, featurized, make_loader
     from common.data.tokenizer import BPETokenizer
 
     cuts = CutSet.from_file(tiny_corpus["train"])
@@ -58,8 +58,10 @@ def test_word_alignments_are_written_and_give_token_spans(tiny_corpus):
         assert [w.symbol for w in words] == sup.text.split()
         assert all(a.end <= b.start for a, b in zip(words, words[1:])) and words[-1].end <= cut.duration
     tok = BPETokenizer.build((c.supervisions[0].text for c in cuts), vocab_size=128)  # one piece per word
-    batch = next(featurized(make_loader(cuts, tok, dp_rank=0, dp_size=1, max_duration_s=8, shuffle=False, seed=0,
-                                  token_alignment=True)))
+    batch = next(featurized(make_loader(cuts, tok,
+                                        LoaderConfig(max_duration_s=8, shuffle=False, seed=0,
+                                                     token_alignment=True),
+                                        dp_rank=0, dp_size=1)))
     ends, lens, frames = batch["token_end_frames"], batch["target_lens"], batch["feature_mask"].sum(1)
     for e, n, f in zip(ends, lens, frames):
         e = e[:n]

@@ -2,7 +2,7 @@ import pytest
 from lhotse import CutSet
 from lhotse.dataset import DynamicBucketingSampler, SimpleCutSampler
 
-from common.data.loading import DataParallelBatchSampler, TokenBudget, make_loader, shard_cuts
+from common.data.loading import DataParallelBatchSampler, LoaderConfig, TokenBudget, make_loader, shard_cuts
 from common.data.tokenizer import WordTokenizer
 
 
@@ -27,7 +27,9 @@ def test_shards_partition_the_global_batch(cuts):
 def test_dp_ranks_get_disjoint_shards_of_the_same_global_batches(cuts, tok):
     per_rank = []
     for rank in range(2):
-        loader = make_loader(cuts, tok, dp_rank=rank, dp_size=2, max_duration_s=20, shuffle=True, seed=7)
+        loader = make_loader(cuts, tok,
+                             LoaderConfig(max_duration_s=20, shuffle=True, seed=7),
+                             dp_rank=rank, dp_size=2)
         per_rank.append(list(loader))
     assert len(per_rank[0]) == len(per_rank[1]) > 3  # equal step counts: no deadlock at epoch end
     for b0, b1 in zip(*per_rank):
@@ -41,13 +43,17 @@ def test_dp_ranks_get_disjoint_shards_of_the_same_global_batches(cuts, tok):
     b = per_rank[0][0]
     n = int(b["target_lens"][0])
     assert int(b["target_ids"][0, n - 1]) == tok.eos_id and tok.decode(b["target_ids"][0, :n].tolist()) == b["texts"][0]
-    b = per_rank[0][0] = make_loader(cuts, tok, dp_rank=0, dp_size=2, max_duration_s=20, shuffle=True, seed=7).features(b)
+    b = per_rank[0][0] = make_loader(cuts, tok,
+                                     LoaderConfig(max_duration_s=20, shuffle=True, seed=7),
+                                     dp_rank=0, dp_size=2).features(b)
     assert b["input_features"].shape[0] == len(b["ids"]) and b["feature_mask"].any(1).all()
 
 
 def test_global_batches_do_not_depend_on_dp_size(cuts, tok):
     def global_ids(dp):
-        loaders = [make_loader(cuts, tok, dp_rank=r, dp_size=dp, max_duration_s=20, shuffle=True, seed=1)
+        loaders = [make_loader(cuts, tok,
+                               LoaderConfig(max_duration_s=20, shuffle=True, seed=1),
+                               dp_rank=r, dp_size=dp)
                    for r in range(dp)]
         return [sorted(i for b in step for i in b["ids"]) for step in zip(*loaders)]
 
@@ -74,7 +80,9 @@ def test_a_global_batch_smaller_than_dp_size_is_kept_on_every_rank(cuts, tok):
 def test_every_item_is_trained_once_per_pass(cuts, tok):
     """Nothing dropped: an item is in a batch of its pass, or carried to the start of the next (logged)."""
     many = cuts.subset(first=100)
-    loader = make_loader(many, tok, dp_rank=0, dp_size=2, max_duration_s=30, shuffle=True, seed=0)
+    loader = make_loader(many, tok,
+                         LoaderConfig(max_duration_s=30, shuffle=True, seed=0),
+                         dp_rank=0, dp_size=2)
     first = [c.id for b in loader.sampler for c in b.cuts]
     carried = [c.id for c in loader.sampler.sampler._carried_next]
     assert len(first) == len(set(first)) and sorted(first + carried) == sorted(c.id for c in many)
@@ -90,7 +98,9 @@ def test_lhotse_1d_groups_items_anew_each_pass_and_replays_a_pass_exactly(cuts, 
     item once (no carried tails), and iterating a pass again (a resume replays it) gives the same
     batches."""
     many = cuts.subset(first=100)
-    loader = make_loader(many, tok, dp_rank=0, dp_size=2, max_duration_s=8, shuffle=True, seed=0, sampler="lhotse_1d")
+    loader = make_loader(many, tok,
+                         LoaderConfig(max_duration_s=8, shuffle=True, seed=0, sampler="lhotse_1d"),
+                         dp_rank=0, dp_size=2)
 
     def groups(epoch):
         loader.sampler.set_epoch(epoch)
@@ -134,14 +144,17 @@ def test_speech_llm_batches_are_bounded_by_tokens(cuts, tok):
     budget = TokenBudget(tok, audio_frames_per_token=8, extra_tokens=2)
     cut = next(iter(cuts))
     assert budget(cut) == -(-round(cut.duration * 100) // 8) + len(cut.supervisions[0].text.split()) + 2
-    loader = make_loader(cuts, tok, dp_rank=0, dp_size=1, max_duration_s=30, shuffle=True, seed=0,
-                         token_budget=budget, max_tokens=120)
+    loader = make_loader(cuts, tok,
+                         LoaderConfig(max_duration_s=30, shuffle=True, seed=0, max_tokens=120),
+                         dp_rank=0, dp_size=1, token_budget=budget)
     sizes = [len(b.cuts) * max(budget(c) for c in b.cuts) for b in loader.sampler]  # padded LLM positions
     # lhotse closes a batch when one more item as long as the longest so far would exceed the budget;
     # a last item longer than the rest (same bucket) may overshoot by that bucket's spread.
     assert sizes and max(sizes) <= 1.15 * 120 and sum(sizes) / len(sizes) <= 120
     assert sum(len(b.cuts) for b in loader.sampler) > 0.9 * len(cuts)  # drop_last loses at most a tail
-    by_duration = make_loader(cuts, tok, dp_rank=0, dp_size=1, max_duration_s=30, shuffle=True, seed=0)
+    by_duration = make_loader(cuts, tok,
+                              LoaderConfig(max_duration_s=30, shuffle=True, seed=0),
+                              dp_rank=0, dp_size=1)
     assert len(list(by_duration.sampler)) != len(sizes)
 
 
@@ -149,7 +162,9 @@ def test_bucketing_pads_less_than_random_batches(cuts, tok):
     from common.data.loading import SpeechTextDataset
 
     ds = SpeechTextDataset(tok)
-    bucketed = make_loader(cuts, tok, dp_rank=0, dp_size=1, max_duration_s=20, shuffle=True, seed=0)
+    bucketed = make_loader(cuts, tok,
+                           LoaderConfig(max_duration_s=20, shuffle=True, seed=0),
+                           dp_rank=0, dp_size=1)
     plain = DataParallelBatchSampler(SimpleCutSampler(cuts, max_duration=20, shuffle=True, seed=0), 0, 1)
 
     def mean_efficiency(sampler):
@@ -163,13 +178,15 @@ def test_padding_to_bucket_edges_gives_few_lengths_and_the_same_features(cuts, t
     """torch.compile's bounded set of shapes: every batch's audio is padded to a bucket edge; the
     features of the real frames do not change."""
     import math
+    from dataclasses import replace
 
     import torch
 
     from common.data.loading import featurized
 
-    kw = dict(dp_rank=0, dp_size=1, max_duration_s=20, shuffle=True, seed=3, num_buckets=3)
-    plain, padded = make_loader(cuts, tok, **kw), make_loader(cuts, tok, **kw, pad_to_bucket_edges=True)
+    config = LoaderConfig(max_duration_s=20, shuffle=True, seed=3, num_buckets=3)
+    plain = make_loader(cuts, tok, config, dp_rank=0, dp_size=1)
+    padded = make_loader(cuts, tok, replace(config, pad_to_bucket_edges=True), dp_rank=0, dp_size=1)
     assert plain.pad_edges_s is None and len(padded.pad_edges_s) <= 10  # bucket edges, or a sqrt(2) ladder
     edges = {math.ceil(e * 16000) for e in padded.pad_edges_s}
     widths = set()

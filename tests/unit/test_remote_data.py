@@ -47,15 +47,15 @@ def test_each_rank_reads_about_its_share_with_any_number_of_workers(kind, forms)
 def test_planning_reads_metadata_only(forms):
     """Bucket bins, the 2-D grid and every global batch of a pass come from the cuts and index files:
     no audio byte is read, and the cuts the sampler buffers hold no audio (only where it is)."""
-    from common.data.loading import make_loader
+    from common.data.loading import LoaderConfig, make_loader
     from common.data.shar import location
     from common.data.tokenizer import WordTokenizer
 
     server = forms["server"]
     before = dict(server.bytes_by_path)
     loader = make_loader(open_sources(parse_sources(forms["shar"], "data.train"), seed=0, mix=True),
-                         WordTokenizer.build(forms["texts"]), dp_rank=0, dp_size=4, max_duration_s=32.0, shuffle=True,
-                         seed=0)
+                         WordTokenizer.build(forms["texts"]), LoaderConfig(max_duration_s=32.0, shuffle=True, seed=0),
+                         dp_rank=0, dp_size=4)
     batches = list(loader.sampler)
     assert len(batches) > 3
     sent = {p: n - before.get(p, 0) for p, n in server.bytes_by_path.items() if n != before.get(p, 0)}
@@ -181,7 +181,7 @@ def test_unreadable_remote_items_are_counted_skips(forms, tmp_path):
     """A truncated tar: its items past the cut fail to fetch; the loader skips and counts each, naming
     the tar's URL, and trains on the rest (on_bad_item=error stops on the first, naming it)."""
     from common.data.checks import BadItemError
-    from common.data.loading import make_loader
+    from common.data.loading import LoaderConfig, make_loader
     from common.data.tokenizer import WordTokenizer
 
     copy = _shar_copy(forms, tmp_path, "shar_truncated")
@@ -189,14 +189,16 @@ def test_unreadable_remote_items_are_counted_skips(forms, tmp_path):
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
     url = forms["server"].url("shar_truncated")
     tokenizer = WordTokenizer.build(forms["texts"])
-    loader = make_loader(open_sources(parse_sources(url, "data.train"), seed=0, mix=True), tokenizer, dp_rank=0,
-                         dp_size=1, max_duration_s=16.0, shuffle=True, seed=0)
+    loader = make_loader(open_sources(parse_sources(url, "data.train"), seed=0, mix=True), tokenizer,
+                         LoaderConfig(max_duration_s=16.0, shuffle=True, seed=0),
+                         dp_rank=0, dp_size=1)
     bad = [item for batch in loader for item in batch["bad_items"]]
     assert 5 <= len(bad) <= 13, len(bad)  # about half of shard 0's 24 items
     assert all(b["path"].startswith(url + "/recording.000000.tar@") for b in bad), bad[:2]
     assert all("truncated" in b["detail"] or "416" in b["detail"] for b in bad), bad[:2]
-    strict = make_loader(open_sources(parse_sources(url, "data.train"), seed=0, mix=True), tokenizer, dp_rank=0,
-                         dp_size=1, max_duration_s=16.0, shuffle=True, seed=0, on_bad_item="error")
+    strict = make_loader(open_sources(parse_sources(url, "data.train"), seed=0, mix=True), tokenizer,
+                         LoaderConfig(max_duration_s=16.0, shuffle=True, seed=0, on_bad_item="error"),
+                         dp_rank=0, dp_size=1)
     with pytest.raises(BadItemError, match=r"recording\.000000\.tar@"):
         for _ in strict:
             pass

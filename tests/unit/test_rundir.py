@@ -3,8 +3,16 @@ step logs are cut to the resumed step; the end of an attempt writes what it can 
 
 import json
 
-from common.rundir import (ATTEMPTS_FILE, HISTORY_DIR, METRICS_FILE, SKIPPED_FILE, SUMMARY_FILE, VALIDATION_FILE,
-                           RunDirectory, read_attempts)
+from common.rundir import (
+    ATTEMPTS_FILE,
+    HISTORY_DIR,
+    METRICS_FILE,
+    SKIPPED_FILE,
+    SUMMARY_FILE,
+    VALIDATION_FILE,
+    RunDirectory,
+    read_attempts,
+)
 from tests.conftest import jsonl_rows
 
 

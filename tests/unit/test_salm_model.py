@@ -4,7 +4,7 @@ import pytest
 import torch
 from lhotse import CutSet
 
-from common.data.loading import featurized, make_loader
+from common.data.loading import LoaderConfig, featurized, make_loader
 from common.data.tokenizer import WordTokenizer
 from common.models.encoder import ChannelLayerNorm
 from common.models.salm import SALM
@@ -16,7 +16,9 @@ def setup(tiny_corpus, salm_cfg):
     tok = WordTokenizer.build((c.supervisions[0].text for c in cuts), extra_words=["transcribe"])
     torch.manual_seed(0)
     model = SALM(salm_cfg.model, tok).eval()
-    batch = next(featurized(make_loader(cuts, tok, dp_rank=0, dp_size=1, max_duration_s=12, shuffle=False, seed=0)))
+    batch = next(featurized(make_loader(cuts, tok,
+                                        LoaderConfig(max_duration_s=12, shuffle=False, seed=0),
+                                        dp_rank=0, dp_size=1)))
     return model, tok, batch
 
 
@@ -170,7 +172,9 @@ def test_ctc_compressed_salm_trains_and_decodes(tiny_corpus, salm_cfg):
     cfg = OmegaConf.merge(salm_cfg.model, {"projector": {"ctc_compress": True, "stack_frames": 1}})
     torch.manual_seed(0)
     model = SALM(cfg, tok)
-    batch = next(featurized(make_loader(cuts, tok, dp_rank=0, dp_size=1, max_duration_s=12, shuffle=False, seed=0)))
+    batch = next(featurized(make_loader(cuts, tok,
+                                        LoaderConfig(max_duration_s=12, shuffle=False, seed=0),
+                                        dp_rank=0, dp_size=1)))
     loss, n, _ = model(batch)
     loss.backward()
     assert torch.isfinite(loss) and n == int(batch["target_lens"].sum())

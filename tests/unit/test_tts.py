@@ -6,7 +6,7 @@ import torch
 from lhotse import CutSet
 
 from common.data.features import BatchFeatures
-from common.data.loading import featurized, make_loader
+from common.data.loading import LoaderConfig, featurized, make_loader
 from common.data.tokenizer import BPETokenizer
 from common.models.tts_speecht5 import SpeechT5TTS
 from tests.conftest import recipe_config, tts_single_utterances
@@ -19,8 +19,10 @@ def setup(tiny_corpus):
     tok = BPETokenizer.build((c.supervisions[0].text for c in cuts), vocab_size=cfg.model.tokenizer.vocab_size)
     torch.manual_seed(0)
     model = SpeechT5TTS(cfg.model, tok, num_mel_bins=cfg.data.num_mel_bins).eval()
-    batch = next(featurized(make_loader(cuts, tok, dp_rank=0, dp_size=1, max_duration_s=8, shuffle=False, seed=0,
-                                  normalize_features=False)))
+    batch = next(featurized(make_loader(cuts, tok,
+                                        LoaderConfig(max_duration_s=8, shuffle=False, seed=0,
+                                                     normalize_features=False),
+                                        dp_rank=0, dp_size=1)))
     return model, tok, batch, cfg
 
 
