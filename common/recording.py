@@ -88,16 +88,15 @@ class RunRecorder(L.Callback):
         self.pending: list[tuple[dict, list[str], torch.Tensor]] = []  # rows whose values are on the device
         self.t_start = None
         self.clock = StepClock(warmup_steps)
+        # Rank 0: called at the first log step and then at most once a minute (common.train: a summary.json
+        # with status "running", so that a run killed without warning is still described).
+        self.on_progress = None
+        self.progress_due = Throttle(60.0)
         self.per_rank: list[dict] = []
         self.device_info: dict = {}
         self.model_flops = None   # common.flops.ModelFlops of the model (None: no formula)
         self.peak_flops = None    # FLOP/s of all ranks together (None: CPU or an unlisted GPU)
         self.compile_graphs = self.compile_graphs_at_warmup = 0  # torch.compile graphs (parallel.compile)
-
-    def _write(self, name: str, records: list[dict], trainer) -> None:
-        if trainer.is_global_zero and records:
-            with open(self.run_dir / name, "a") as f:
-                f.write("".join(json.dumps(record) + "\n" for record in records))
 
     def on_train_start(self, trainer, pl_module):
         from common.flops import peak_flops
@@ -170,11 +169,13 @@ class RunRecorder(L.Callback):
         self._note_compiles(records[-1]["step"])
         if self.compile_graphs:
             records[-1]["compiled_graphs"] = self.compile_graphs  # parallel.compile: the count so far
-        self._write(METRICS_FILE, records, trainer)
+        _append_rows(self.run_dir / METRICS_FILE, records, trainer)
         if not trainer.is_global_zero:
             return
         _log_rows(trainer, records, _window_mfu(self.history, records, self.warmup_steps, self.peak_flops),
                   self.print_every)
+        if self.on_progress is not None and reduce and self.progress_due():
+            self.on_progress()
 
     def _note_compiles(self, step: int) -> None:
         """Log every growth of torch.compile's graph count (a run that keeps recompiling is slow)."""
@@ -197,7 +198,7 @@ class RunRecorder(L.Callback):
         # The sanity check (trainer.num_sanity_val_steps) is recorded as the step-0 validation.
         record = {"step": trainer.global_step, **pl_module.last_validation}
         self.validations.append(record)
-        self._write(VALIDATION_FILE, [record], trainer)
+        _append_rows(self.run_dir / VALIDATION_FILE, [record], trainer)
         if trainer.is_global_zero:
             log.info("validation at step %d: %s", record["step"], record)
 
@@ -212,6 +213,26 @@ class RunRecorder(L.Callback):
         """summary.json's ``throughput``: rates, step split and MFU over the steps after warm-up."""
         return self.clock.throughput(self.history[-1]["elapsed_s"] if self.history else None, self.t_start,
                                      self.peak_flops)
+
+
+def _append_rows(path: Path, records: list[dict], trainer) -> None:
+    if trainer.is_global_zero and records:
+        with open(path, "a") as f:
+            f.write("".join(json.dumps(record) + "\n" for record in records))
+
+
+class Throttle:
+    """Called: True the first time, then at most once per ``seconds``."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self._at = seconds, None
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if self._at is not None and now - self._at < self.seconds:
+            return False
+        self._at = now
+        return True
 
 
 def _log_rows(trainer, records: list[dict], window_mfu: float | None, print_every: int) -> None:

@@ -10,7 +10,9 @@ never erases what an earlier launch wrote:
   drops the lock when its holder dies, so a crashed or killed run never leaves it stuck.
 * ``attempts.jsonl``: append-only, one row when a launch starts and one when it ends
   (attempt number, host, pid, command-line overrides, resumed checkpoint, who restarted it and how
-  often, status, the error, wall time); a start after an attempt that wrote no end says it was killed.
+  often, status, the error, wall time). An attempt killed without warning (SIGKILL) writes no end: the
+  next one writes it for it, ``killed`` at the step its summary.json last said (``status: running``,
+  rewritten every minute and at every checkpoint while a run trains), and marks that summary ``killed``.
   A run whose last ``run.max_failures_at_step`` attempts failed at one step is not started again
   (:func:`check_restart_budget`).
 * ``history/attempt-<N>/``: before launch N+1 changes anything, the record as launch N left it
@@ -139,11 +141,28 @@ class RunDirectory:
                     if os.environ.get(var, "").isdigit()}
         # The previous attempt started but wrote no end row: it was killed (SIGKILL, the OOM killer, a lost node).
         unrecorded = bool(rows) and rows[-1].get("event") == "start"
+        if unrecorded:
+            self._record_killed(rows[-1].get("attempt", self.attempt - 1))
         self._append({"event": "start", "attempt": self.attempt, "time": _now(), "host": socket.gethostname(),
                       "pid": os.getpid(), "argv": list(argv), "resume_step": resume_step,
                       **({"restarts": restarts} if restarts else {}),
                       **({"previous_attempt": "killed (no end recorded)"} if unrecorded else {})})
         return self.attempt
+
+    def _record_killed(self, attempt: int) -> None:
+        """The end the killed ``attempt`` could not write: an end row ``killed`` at the step its running
+        summary last reported (its summary, as it left it, is in history/ already), and summary.json
+        says ``killed`` from now on."""
+        running = self.previous_summary if (self.previous_summary or {}).get("status") == "running" else None
+        step = running["steps"] if running else None
+        error = ("killed without recording its end (SIGKILL: the OOM killer, a lost node, a cancelled job) "
+                 + (f"after step {step}" if running else "before its first step was recorded")
+                 + f"; recorded by attempt {self.attempt}")
+        self._append({"event": "end", "attempt": attempt, "time": _now(), "status": "killed",
+                      "wall_s": running.get("attempt_wall_s") if running else None, "steps": step, "error": error})
+        if running:
+            self.previous_summary = {**running, "status": "killed", "error": error}
+            self.write_summary(self.previous_summary)
 
     def end_attempt(self, status: str, summary: dict, skipped_items: dict, error: str | None = None) -> list[str]:
         """However the attempt ended: the skipped items, ``summary.json`` and the end row of
@@ -216,7 +235,8 @@ def check_restart_budget(run_dir: str | Path, max_failures_at_step: int) -> None
         return
     ends = [r for r in read_attempts(run_dir) if r.get("event") == "end"]
     last = ends[-max_failures_at_step:]
-    if len(last) < max_failures_at_step or any(r.get("status") != "failed" for r in last):
+    # A killed attempt (recorded by the next one) counts: the OOM killer at the same step every time is a loop too.
+    if len(last) < max_failures_at_step or any(r.get("status") not in ("failed", "killed") for r in last):
         return
     steps = {r.get("steps") for r in last}
     if len(steps) == 1 and None not in steps:

@@ -257,8 +257,9 @@ def train(cfg: DictConfig) -> None:
     guard = DataGuard(launch.datamodule, max_bad_item_fraction=cfg.data.max_bad_item_fraction)
     trainer, checkpoint = build_trainer(cfg, run_dir, recorder, resuming=launch.ckpt_path is not None,
                                         callbacks=[guard])
-    if RANK == 0:
-        checkpoint.on_published = lambda: link_latest(run_dir)
+    if RANK == 0:  # summary.json says "running" from the first step on, and names each new checkpoint
+        recorder.on_progress = running_summary(cfg, checked, recorder, checkpoint, launch, guard, rundir, t0)
+        checkpoint.on_published = lambda: (link_latest(run_dir), recorder.on_progress())
     # 4. Train and score; the record is written whether it completes or fails.
     outcome = Outcome(data_report={"items": launch.datamodule.bad_items,
                                    "substituted_batches": launch.datamodule.substituted_batches})
@@ -341,6 +342,27 @@ def end_record(rundir: RunDirectory, run_dir: Path, summary: dict, outcome: Outc
         if spec.synthesizes:
             print(f"  synthesize: python -m common.tools.synthesize {summary['checkpoint']} \"<text>\" "
                   "--out speech.wav", flush=True)
+
+
+def running_summary(cfg: DictConfig, checked, recorder, checkpoint, launch: Launch, guard, rundir: RunDirectory,
+                    t0: float):
+    """Rank 0, while training: writes summary.json with status ``running`` (the steps so far, the newest
+    checkpoint). The next attempt marks it ``killed`` if this one never writes its end
+    (:meth:`common.rundir.RunDirectory.begin_attempt`). A write that fails is said once and skipped."""
+    failed = []
+
+    def write() -> None:
+        outcome = Outcome(status="running", data_report={"items": launch.datamodule.bad_items,
+                                                         "substituted_batches": launch.datamodule.substituted_batches})
+        try:
+            rundir.write_summary(summarize(cfg, checked, recorder, outcome, checkpoint, launch, guard, rundir,
+                                           wall_s=time.perf_counter() - t0))
+        except OSError as exc:
+            if not failed:
+                log.warning("warning: summary.json cannot be written (%s): the run goes on", exc.strerror or exc)
+            failed.append(exc)
+
+    return write
 
 
 def summarize(cfg: DictConfig, checked, recorder, outcome: Outcome, checkpoint, launch: Launch, guard,

@@ -44,7 +44,7 @@ from common import cluster
 from common.checkpoint import check_relaunch
 from common.errors import ConfigError
 from common.run import ROOT, check_run, compose, new_run_name, prepare_data
-from common.rundir import SUMMARY_FILE, check_restart_budget
+from common.rundir import ATTEMPTS_FILE, SUMMARY_FILE, check_restart_budget
 
 # torch.distributed.elastic's own log lines (glog format: I/W/E + MMDD), and torchrun's report.
 _LAUNCHER_LINE = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d")
@@ -184,22 +184,33 @@ def main(argv=None) -> int:
 def closing_lines(rc: int, forwarded_sigterm: bool, terminal: TerminalFilter, run_dir: Path, where: Path) -> int:
     """What the launcher says last, after torchrun returned ``rc``; returns the exit status."""
     record = run_dir / SUMMARY_FILE
-    summary = _summary(record) if rc != 0 and forwarded_sigterm else {}
-    if summary.get("status") == "preempted":
+    summary = _summary(record) if rc != 0 else {}
+    if summary.get("status") == "preempted" and forwarded_sigterm:
         # torchrun exits non-zero on the SIGTERM it was sent, after every rank checkpointed and left: a
         # preemption as asked for, said as one, not as an error. The status stays non-zero, so that a
         # pod's OnFailure policy restarts it and the restart resumes (README: "Preemption and Ctrl-C").
         print(f"preempted: {summary['error']} (exit status {rc}: a restart policy "
               "resumes it)", file=sys.stderr, flush=True)
         return rc
-    if rc != 0:
-        if not terminal.errors:
-            cause = next((e for e in terminal.exceptions if "SIGTERM" not in e), None) or (
-                f"the ranks exited with status {rc}")
-            print(f"error: {cause}", file=sys.stderr)
-        said = f"the run's record: {record} (attempts.jsonl beside it)" if record.exists() else (
-            "no record was written (the launch ended before the run started)")
-        print(f"  {said}; full log: {where}", file=sys.stderr, flush=True)
+    if rc == 0:
+        return rc
+    if summary.get("status") == "running":
+        # No rank wrote the end: they were killed without warning (SIGKILL: the OOM killer, a lost node).
+        # The running summary says how far the run got; the next attempt records this one as killed.
+        print(f"killed: the ranks stopped without recording their end (SIGKILL: the OOM killer, a lost node?) "
+              f"after step {summary.get('steps')}; newest complete checkpoint: {summary.get('checkpoint') or 'none'}; "
+              f"the same command resumes from it (exit status {rc})", file=sys.stderr)
+    elif not terminal.errors:
+        cause = next((e for e in terminal.exceptions if "SIGTERM" not in e), None) or (
+            f"the ranks exited with status {rc}")
+        print(f"error: {cause}", file=sys.stderr)
+    if record.exists():
+        said = f"the run's record: {record} (attempts.jsonl beside it)"
+    elif (run_dir / ATTEMPTS_FILE).exists():
+        said = f"the run started ({run_dir / ATTEMPTS_FILE}) but ended before its first step was recorded"
+    else:
+        said = "no record was written (the launch ended before the run started)"
+    print(f"  {said}; full log: {where}", file=sys.stderr, flush=True)
     return rc
 
 

@@ -96,7 +96,8 @@ def test_one_writer_per_run_directory_and_a_killed_holder_frees_it(tiny_corpus, 
     try:
         metrics = run_dir / "metrics.jsonl"
         deadline = time.monotonic() + 240
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        summary = run_dir / "summary.json"  # status "running" from the first log step on
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2 and summary.exists()):
             assert first.poll() is None and time.monotonic() < deadline, (run_dir.parent / "first.log").read_text()[-3000:]
             time.sleep(0.2)
         holder = json.loads((run_dir / "run.lock").read_text())
@@ -109,10 +110,17 @@ def test_one_writer_per_run_directory_and_a_killed_holder_frees_it(tiny_corpus, 
         steps = [r["step"] for r in jsonl_rows(metrics)]
         assert steps == list(range(1, len(steps) + 1))  # one writer: no interleaved rows
     finally:
-        kill_tree(first.pid)  # a crash of torchrun and every rank: no clean exit, no unlock call
+        kill_tree(first.pid)  # SIGKILL to torchrun and every rank (the OOM killer): no clean exit, no unlock call
         first.wait(timeout=60)
-    # The kernel dropped the dead holder's lock: the same run name starts again at once.
+    # Killed without warning, the run is still described: summary.json says how far it got.
+    left = _summary(run_dir)
+    assert left["status"] == "running" and left["steps"] >= 1 and left["attempt"] == 1
+    # The kernel dropped the dead holder's lock: the same run name starts again at once, and records
+    # the killed attempt's end for it, at the step its summary reported.
     third = run_recipe("asr_ddp", 2, [*overrides, "trainer.max_steps=2"], run_dir)
     assert third.returncode == 0, third.stderr[-3000:]
-    assert [r["event"] for r in jsonl_rows(run_dir / "attempts.jsonl")] == ["start", "start", "end"]  # killed: no end row
+    rows = jsonl_rows(run_dir / "attempts.jsonl")
+    assert [(r["event"], r["attempt"]) for r in rows] == [("start", 1), ("end", 1), ("start", 2), ("end", 2)]
+    assert (rows[1]["status"], rows[1]["steps"]) == ("killed", left["steps"]) and "SIGKILL" in rows[1]["error"]
+    assert _summary(run_dir / "history" / "attempt-1") == left  # as the killed attempt left it
     assert (run_dir / "history" / "attempt-1" / "metrics.jsonl").exists()

@@ -22,6 +22,7 @@ def _attempts(tmp_path, *ends):
     [("failed", 40), ("failed", 40)],                        # fewer than the budget
     [("failed", 40), ("failed", 44), ("failed", 40)],        # not the same step: progress in between
     [("failed", 40), ("preempted", 40), ("failed", 40)],     # a preemption is not a failure
+    [("killed", 40), ("killed", 40), ("completed", 40)],
     [("failed", 40), ("failed", 40), ("failed", 40), ("completed", 60)],
 ])
 def test_starts_unless_the_last_attempts_failed_at_one_step(tmp_path, ends):
@@ -48,7 +49,16 @@ def test_each_attempt_says_who_restarted_it_and_whether_the_one_before_was_kille
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     RunDirectory(tmp_path).begin_attempt(["a=1"], resume_step=4)
-    first, second = read_attempts(tmp_path)
+    first, killed, second = read_attempts(tmp_path)
     assert "previous_attempt" not in first and "restarts" not in first
+    assert (killed["event"], killed["attempt"], killed["status"]) == ("end", 1, "killed")  # written by attempt 2
     assert second["previous_attempt"] == "killed (no end recorded)"
     assert second["restarts"] == {"slurm_requeues": 1, "torchrun_restarts": 0} and second["resume_step"] == 4
+
+
+def test_attempts_killed_at_one_step_count_as_failures(tmp_path):
+    """The OOM killer at the same step every time: each kill is recorded by the next attempt, and a
+    restart loop stops as it does for failures."""
+    _attempts(tmp_path, ("killed", 40), ("failed", 40), ("killed", 40))
+    with pytest.raises(ConfigError, match="the last 3 attempts of .* failed at step 40"):
+        check_restart_budget(tmp_path, 3)

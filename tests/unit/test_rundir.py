@@ -65,3 +65,28 @@ def test_end_attempt_writes_each_part_and_names_what_it_could_not(tmp_path):
     assert [u.split(" ")[0] for u in unwritten] == [SUMMARY_FILE]
     assert json.loads((tmp_path / SUMMARY_FILE).read_text())["status"] == "failed"  # the last complete one stays
     assert read_attempts(tmp_path)[-1]["status"] == "completed"  # the other parts are still written
+
+
+def test_an_attempt_killed_without_warning_is_recorded_by_the_next(tmp_path):
+    (tmp_path / ATTEMPTS_FILE).write_text(json.dumps({"event": "start", "attempt": 1}) + "\n")
+    running = {"status": "running", "steps": 7, "attempt_wall_s": 30.5, "checkpoint": "checkpoints/step000006.ckpt"}
+    (tmp_path / SUMMARY_FILE).write_text(json.dumps(running))
+    rundir = RunDirectory(tmp_path)
+    rundir.begin_attempt([], resume_step=6)
+    killed, start = read_attempts(tmp_path)[1:]
+    assert (killed["event"], killed["attempt"], killed["status"], killed["steps"], killed["wall_s"]) == (
+        "end", 1, "killed", 7, 30.5)
+    assert killed["error"].startswith("killed without recording its end (SIGKILL") and "after step 7" in killed["error"]
+    assert start["previous_attempt"] == "killed (no end recorded)" and start["attempt"] == 2
+    assert json.loads((tmp_path / HISTORY_DIR / "attempt-1" / SUMMARY_FILE).read_text()) == running  # as it was left
+    now = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    assert (now["status"], now["steps"], now["error"]) == ("killed", 7, killed["error"])
+    assert rundir.previous_summary == now  # what a resumed attempt adds its steps to
+
+
+def test_an_attempt_killed_before_its_first_step_is_recorded_without_a_step(tmp_path):
+    (tmp_path / ATTEMPTS_FILE).write_text(json.dumps({"event": "start", "attempt": 1}) + "\n")
+    RunDirectory(tmp_path).begin_attempt([])
+    killed = read_attempts(tmp_path)[1]
+    assert (killed["status"], killed["steps"]) == ("killed", None) and "before its first step" in killed["error"]
+    assert not (tmp_path / SUMMARY_FILE).exists()
