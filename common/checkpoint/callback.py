@@ -57,9 +57,10 @@ class RunCheckpoint(CheckpointHooks):
         super().__init__(dirpath=dirpath, filename="step{step:06d}", auto_insert_metric_name=False,
                          every_n_train_steps=every_n_steps, save_top_k=keep_last, monitor="step", mode="max",
                          save_last=False)
+        self.every_n_steps = every_n_steps
         self.stop = StopSignal(preemption_grace_s)
         self.check_stop_every = max(1, int(check_stop_every_n_steps))
-        self.at_end = at_end  # False: the end of max_steps saves nothing (benchmarks); a signal still saves
+        self.at_end = at_end  # False: no extra save at the last step (benchmarks); the schedule's and a signal's still save
         self.async_save = async_save
         self.faults = faults or FaultHooks()
         self.on_published = None  # called on rank 0 once a checkpoint is complete (common.train: `latest`)
@@ -98,7 +99,7 @@ class RunCheckpoint(CheckpointHooks):
         last = step >= trainer.max_steps > 0
         stop = self.stop.agreed(trainer.strategy.root_device) if last or step % self.check_stop_every == 0 else GO_ON
         if stop != GO_ON or last:
-            if (stop != GO_ON or self.at_end) and self.saved_step != step:
+            if (stop != GO_ON or self.at_end or step % self.every_n_steps == 0) and self.saved_step != step:
                 self._sync_next = True  # the process exits after this save: nothing may be left in flight
                 try:
                     self.save_now(trainer)

@@ -91,3 +91,18 @@ def test_faults_come_from_the_caller_never_from_the_environment(tmp_path, monkey
     assert FaultHooks.from_env({}) == FaultHooks(-1, 0.0)
     with pytest.raises(ValueError):
         FaultHooks.from_env({HOLD_STEP_ENV: "three"})
+
+
+@pytest.mark.parametrize("at_end,every_n,saved", [(True, 100, True), (False, 100, False), (False, 4, True),
+                                                  (False, 2, True)])
+def test_the_last_step_saves_when_asked_or_scheduled(tmp_path, at_end, every_n, saved):
+    """checkpoint.at_end=false drops only the extra save at the end: a save the schedule puts on the
+    last step is still made (it once left a run of every_n_steps == max_steps with no checkpoint)."""
+    from types import SimpleNamespace
+
+    cb = RunCheckpoint(tmp_path, every_n_steps=every_n, keep_last=1, at_end=at_end)
+    calls = []
+    cb.save_now = lambda trainer: calls.append(trainer.global_step)
+    trainer = SimpleNamespace(global_step=4, max_steps=4, strategy=SimpleNamespace(root_device="cpu"))
+    cb.on_train_batch_end(trainer, None, None, None, 3)
+    assert calls == ([4] if saved else [])
