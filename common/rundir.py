@@ -57,6 +57,8 @@ CHECKPOINTS_DIR = "checkpoints"         # common.checkpoint
 TOKENIZER_DIR = "tokenizer"             # the tokenizer the model was trained with
 WORD_LM_FILE = "word_lm.json"           # the word LM of the training text (eval.word_lm)
 WANDB_ID_FILE = "wandb_run_id"          # a resumed run continues the same wandb run
+WATCHDOG_DIR = "watchdog"               # rank<N>.json: each rank's heartbeat (common.watchdog)
+STALLS_DIR = "stalls"                   # rank<N>.txt: Python stacks of the ranks that answered at a stall
 RECORD_FILES = (CONFIG_FILE, METRICS_FILE, VALIDATION_FILE, SUMMARY_FILE, SKIPPED_FILE)
 STEP_LOGS = (METRICS_FILE, VALIDATION_FILE)  # one row per step; a resume cuts the rows after its step
 

@@ -101,6 +101,7 @@ SETTINGS = (
     Setting("run.resume", "bool"),
     _int("run.print_every_n_steps", 1),
     _num("run.collective_timeout_s", 0, lo_open=True, nullable=True),
+    _num("run.stall_timeout_s", 0, lo_open=True, nullable=True),
     _int("run.max_failures_at_step", 0),
     _int("trainer.max_steps", 1),
     _int("trainer.max_epochs", -1),
@@ -177,6 +178,10 @@ def check_settings(cfg) -> None:
     if not ((_is_int(lvb) and lvb >= 0) or (isinstance(lvb, float) and 0 <= lvb <= 1)):
         raise ConfigError(f"trainer.limit_val_batches must be a number of batches >= 0 or a fraction in [0, 1], "
                           f"got {lvb!r}")
+    stall, collective = _get(cfg, "run.stall_timeout_s"), _get(cfg, "run.collective_timeout_s")
+    if stall is not None and collective is not None and stall >= collective:
+        raise ConfigError(f"run.stall_timeout_s ({stall:g}) must be below run.collective_timeout_s ({collective:g}): "
+                          "the collective timeout would end the run first, without naming the stuck rank")
     betas = _get(cfg, "optim.betas")
     if betas is None or len(betas) != 2 or not all(_is_num(b) and 0 <= b < 1 for b in betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas!r}")

@@ -38,6 +38,7 @@ from common.rundir import (
     RunDirectory,
     check_restart_budget,
 )
+from common.watchdog import Watchdog
 
 log = logging.getLogger("common.train")
 RANK = int(os.environ.get("RANK", 0))
@@ -255,10 +256,12 @@ def train(cfg: DictConfig) -> None:
     recorder = RunRecorder(run_dir, print_every_n_steps=cfg.run.print_every_n_steps,
                            log_every_n_steps=cfg.trainer.log_every_n_steps, earlier_rows=rundir.earlier_rows)
     guard = DataGuard(launch.datamodule, max_bad_item_fraction=cfg.data.max_bad_item_fraction)
+    watchdog = Watchdog(run_dir, RANK, checked.layout.world_size, cfg.run.stall_timeout_s, cfg.run.collective_timeout_s)
     trainer, checkpoint = build_trainer(cfg, run_dir, recorder, resuming=launch.ckpt_path is not None,
-                                        callbacks=[guard])
+                                        callbacks=[guard, watchdog])
     if RANK == 0:  # summary.json says "running" from the first step on, and names each new checkpoint
-        recorder.on_progress = running_summary(cfg, checked, recorder, checkpoint, launch, guard, rundir, t0)
+        recorder.on_progress, watchdog.on_stall = records_while_training(cfg, checked, recorder, checkpoint, launch,
+                                                                         guard, rundir, t0)
         checkpoint.on_published = lambda: (link_latest(run_dir), recorder.on_progress())
     # 4. Train and score; the record is written whether it completes or fails.
     outcome = Outcome(data_report={"items": launch.datamodule.bad_items,
@@ -344,25 +347,33 @@ def end_record(rundir: RunDirectory, run_dir: Path, summary: dict, outcome: Outc
                   "--out speech.wav", flush=True)
 
 
-def running_summary(cfg: DictConfig, checked, recorder, checkpoint, launch: Launch, guard, rundir: RunDirectory,
-                    t0: float):
-    """Rank 0, while training: writes summary.json with status ``running`` (the steps so far, the newest
-    checkpoint). The next attempt marks it ``killed`` if this one never writes its end
-    (:meth:`common.rundir.RunDirectory.begin_attempt`). A write that fails is said once and skipped."""
+def records_while_training(cfg: DictConfig, checked, recorder, checkpoint, launch: Launch, guard,
+                           rundir: RunDirectory, t0: float):
+    """Rank 0, while training: ``running()`` writes summary.json with status ``running`` (the steps so
+    far, the newest checkpoint; the next attempt marks it ``killed`` if this one never writes its end,
+    :meth:`common.rundir.RunDirectory.begin_attempt`); ``stalled(message)`` ends the attempt's record as
+    ``stalled`` (the watchdog, from its thread, before the process exits). A failed write is said once."""
     failed = []
 
-    def write() -> None:
-        outcome = Outcome(status="running", data_report={"items": launch.datamodule.bad_items,
-                                                         "substituted_batches": launch.datamodule.substituted_batches})
+    def summary(status: str, error: str | None = None) -> dict:
+        outcome = Outcome(status=status, error=error, data_report={
+            "items": launch.datamodule.bad_items, "substituted_batches": launch.datamodule.substituted_batches})
+        return summarize(cfg, checked, recorder, outcome, checkpoint, launch, guard, rundir,
+                         wall_s=time.perf_counter() - t0)
+
+    def running() -> None:
         try:
-            rundir.write_summary(summarize(cfg, checked, recorder, outcome, checkpoint, launch, guard, rundir,
-                                           wall_s=time.perf_counter() - t0))
+            rundir.write_summary(summary("running"))
         except OSError as exc:
             if not failed:
                 log.warning("warning: summary.json cannot be written (%s): the run goes on", exc.strerror or exc)
             failed.append(exc)
 
-    return write
+    def stalled(message: str) -> None:
+        rundir.end_attempt("stalled", summary("stalled", message), skipped_items=launch.datamodule.bad_items,
+                           error=message)
+
+    return running, stalled
 
 
 def summarize(cfg: DictConfig, checked, recorder, outcome: Outcome, checkpoint, launch: Launch, guard,

@@ -229,3 +229,40 @@ def test_a_job_killed_while_an_async_checkpoint_is_written_resumes_from_the_prev
     # keep_last=1 pruned steps 4 and 6; the checkpoint a run resumed from is never deleted by it (Lightning).
     assert sorted(p.name for p in ckpts.glob("step*.ckpt")) == ["step000002.ckpt", "step000008.ckpt"]
     assert [s["mode"] for s in summary["checkpoint_saves"]] == ["async", "async", "sync"]  # steps 4, 6; 8 the last
+
+
+def test_a_frozen_rank_is_named_and_the_run_ends_within_the_stall_timeout(tiny_corpus, tmp_path):
+    """SIGSTOP to rank 1 (a rank stuck on a storage read, a dead link, a GPU hang looks the same to the
+    others): rank 0's watchdog names it, writes the stacks, records the stall and ends the job. The
+    bound is what only a hang reaches: the collective timeout is 600 s here."""
+    run_dir = tmp_path / "run"
+    proc = _launch(run_dir, tiny_overrides(tiny_corpus, 2, *ASR, "trainer.max_steps=100000",
+                                           "checkpoint.every_n_steps=3", "run.stall_timeout_s=20",
+                                           "run.collective_timeout_s=600", "trainer.log_every_n_steps=1"),
+                   max_restarts=0)
+    frozen = None
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "step000003.ckpt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, _output(run_dir)
+            time.sleep(0.1)
+        time.sleep(3)  # a few steps on: the steps' times are measured
+        frozen = _worker(proc.pid, 1)
+        os.kill(frozen, signal.SIGSTOP)
+        proc.wait(timeout=400)
+    finally:
+        if frozen and _alive(frozen):  # torchrun kills the group's last rank itself
+            os.kill(frozen, signal.SIGKILL)
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+    out = _output(run_dir)
+    assert proc.returncode != 0, out
+    line = next(x for x in out.splitlines() if x.startswith("error: stalled: no step for"))
+    assert f"rank 1 (node {os.uname().nodename}, pid {frozen}) stopped answering at step" in line, line
+    assert "its state: T (stopped)" in line and "ranks 0 wait in the step's collectives" in line
+    assert (run_dir / "stalls" / "rank0.txt").read_text().count("File ") > 3  # rank 0's Python stacks
+    summary = json.loads((run_dir / "summary.json").read_text())
+    end = jsonl_rows(run_dir / "attempts.jsonl")[-1]
+    assert (summary["status"], end["event"], end["status"]) == ("stalled", "end", "stalled")
+    assert summary["error"] == end["error"] == line.removeprefix("error: ")
+    assert end["steps"] == summary["steps"] >= 3

@@ -16,7 +16,7 @@ PACKAGES = ("common", "bench", "k8s")
 LAYERS = (
     ("tools and launchers", ("common.tools.", "common.tools", "common.data.__main__", "bench.", "bench", "k8s.",
                              "k8s")),
-    ("training loop", ("common.train", "common.module", "common.step", "common.averaging", "common.checkpoint.", "common.checkpoint",
+    ("training loop", ("common.train", "common.module", "common.step", "common.averaging", "common.checkpoint.", "common.checkpoint", "common.watchdog",
                        "common.recording", "common.evaluation")),
     ("building a run", ("common.run", "common.settings", "common.inference", "common.rundir", "common.cluster")),
     ("data and models", ("common.data.", "common.data", "common.models.", "common.models", "common.flops")),

@@ -33,6 +33,9 @@ from tests.conftest import ROOT, recipe_config
                                "or null, got 0.9"),
     ("data.noise={snr_db:[30,10]}", "data.noise: snr_db must be [low, high] in dB with low <= high, got [30, 10]"),
     ("ema.decay=1.0", "ema.decay must be a number in (0, 1) or null, got 1.0"),
+    ("run.stall_timeout_s=0", "run.stall_timeout_s must be a number in (0, inf) or null, got 0"),
+    ("run.stall_timeout_s=600", "run.stall_timeout_s (600) must be below run.collective_timeout_s (600): the "
+                                "collective timeout would end the run first, without naming the stuck rank"),
     ("salm_fsdp2:ema.decay=0.999", "ema.decay=0.999: weight averaging is for the DDP recipes (asr_ddp, tts_ddp); "
                                    "recipe salm_fsdp2 shards its model (FSDP2)"),
 ])
