@@ -50,9 +50,12 @@ PHASES = {"start": "starting (before its first step)", "data": "waiting for its 
 class Watchdog(Callback):
     def __init__(self, run_dir: Path, rank: int, world_size: int, stall_timeout_s: float | None,
                  collective_timeout_s: float | None, on_stall: Callable[[str], None] | None = None,
-                 poll_s: float = 2.0):
+                 poll_s: float | None = None):
         self.dir, self.stalls = Path(run_dir) / WATCHDOG_DIR, Path(run_dir) / STALLS_DIR
-        self.rank, self.world_size, self.poll_s = rank, world_size, poll_s
+        self.rank, self.world_size = rank, world_size
+        # Heartbeats every 2 s on a few ranks, every 10 s at 500 ranks and more: at most ~100 small writes
+        # per second to a shared run directory.
+        self.poll_s = poll_s or min(10.0, max(2.0, world_size / 50))
         self.explicit_s = stall_timeout_s
         self.generous_s = GENEROUS_SHARE * float(collective_timeout_s or 600)
         self.on_stall = on_stall  # rank 0: records the stall (summary.json, attempts.jsonl)
@@ -137,7 +140,8 @@ class Watchdog(Callback):
                     f"no progress for {waited_s:.0f} s\n")
             faulthandler.dump_traceback(f, all_threads=True)
         beats = read_heartbeats(self.dir, self.world_size)
-        stale_after = max(5 * self.poll_s, 15.0)
+        # A heartbeat this old: that rank's process stopped (its thread writes every poll_s).
+        stale_after = min(5 * self.poll_s, 0.8 * self.timeout_s())
         answering = [r for r, b in beats.items() if b and time.time() - b["time"] < stale_after]
         if answering and min(answering) == self.rank:  # the reporter: the lowest rank that still answers
             time.sleep(2 * self.poll_s)  # the other stalled ranks write their stacks meanwhile
