@@ -75,6 +75,7 @@ class Watchdog(Callback):
         if stage == "fit" and self._thread is None:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.progress_at = time.monotonic()
+            self._beat()  # at once: an earlier attempt's heartbeat of this rank is never read as this one's
             self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
             self._thread.start()
 
