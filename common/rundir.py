@@ -225,19 +225,27 @@ def is_run_directory(path: str | Path) -> bool:
     return path.is_dir() and ((path / CHECKPOINTS_DIR).is_dir() or (path / SUMMARY_FILE).is_file())
 
 
-def check_restart_budget(run_dir: str | Path, max_failures_at_step: int) -> None:
+def check_restart_budget(run_dir: str | Path, max_failures_at_step: int, count_unrecorded: bool = False) -> None:
     """Refuse to start a run whose last ``max_failures_at_step`` attempts all failed at the same step:
     they resumed from the same checkpoint and met the same fault, so an automatic restart (torchrun,
     a Kubernetes pod, a Slurm requeue) would only repeat it. ``ConfigError`` naming the step, the
     error and how to go on once the cause is fixed; every rank reads the same file, so all agree.
+    ``count_unrecorded`` (the launcher, before any rank starts): an attempt that started, wrote no end
+    and holds no lock was killed, and counts now rather than once the next attempt has recorded it.
 
     >>> check_restart_budget("/nonexistent", 3)  # a new run: nothing to refuse
     """
     if not max_failures_at_step:
         return
-    ends = [r for r in read_attempts(run_dir) if r.get("event") == "end"]
+    rows = read_attempts(run_dir)
+    ends = [r for r in rows if r.get("event") == "end"]
+    if count_unrecorded and rows and rows[-1].get("event") == "start" and not _lock_held(Path(run_dir)):
+        # The last attempt was killed (no end, and nobody holds the lock): this launch will record it so.
+        summary = _read_json(Path(run_dir) / SUMMARY_FILE)
+        ends.append({"status": "killed", "steps": summary.get("steps") if summary.get("status") == "running" else None,
+                     "error": "killed without recording its end"})
     last = ends[-max_failures_at_step:]
-    # A killed attempt (recorded by the next one) counts: the OOM killer at the same step every time is a loop too.
+    # A killed attempt counts: the OOM killer at the same step every time is a loop too.
     if len(last) < max_failures_at_step or any(r.get("status") not in ("failed", "killed") for r in last):
         return
     steps = {r.get("steps") for r in last}
@@ -248,6 +256,28 @@ def check_restart_budget(run_dir: str | Path, max_failures_at_step: int) -> None
             f"({last[-1].get('error') or 'no error recorded'}): not starting it again, a restart would fail "
             f"there too (run.max_failures_at_step={max_failures_at_step}); once the cause is fixed, relaunch "
             f"with run.max_failures_at_step={max_failures_at_step + 1} (attempts.jsonl has every attempt)")
+
+
+def _lock_held(run_dir: Path) -> bool:
+    """Another live launch holds the run directory's lock (its last start row is not a killed attempt)."""
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the shared lock taken for the test
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def read_attempts(run_dir: str | Path) -> list[dict]:

@@ -125,7 +125,7 @@ def check(recipe: str, shape: cluster.NodeLayout, overrides: list[str]):
     # this machine's cores and a progress line, before any rank waits for it.
     prepare_data(cfg)
     check_relaunch(cfg, run_directory(cfg))
-    check_restart_budget(run_directory(cfg), cfg.run.max_failures_at_step)
+    check_restart_budget(run_directory(cfg), cfg.run.max_failures_at_step, count_unrecorded=True)
     return cfg
 
 

@@ -62,3 +62,22 @@ def test_attempts_killed_at_one_step_count_as_failures(tmp_path):
     _attempts(tmp_path, ("killed", 40), ("failed", 40), ("killed", 40))
     with pytest.raises(ConfigError, match="the last 3 attempts of .* failed at step 40"):
         check_restart_budget(tmp_path, 3)
+
+
+def test_the_killed_attempt_not_yet_recorded_counts_too(tmp_path):
+    """The attempt before this launch was killed at step 40 (its summary still says running): with two
+    recorded kills at 40 the launcher finds the budget of 3 spent now, not one launch later."""
+    _attempts(tmp_path, ("killed", 40), ("killed", 40))
+    with open(tmp_path / "attempts.jsonl", "a") as f:
+        f.write(json.dumps({"event": "start", "attempt": 3}) + "\n")
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "running", "steps": 40}))
+    check_restart_budget(tmp_path, 3)  # the ranks: the next attempt records the kill, then it counts
+    with pytest.raises(ConfigError, match="the last 3 attempts of .* failed at step 40"):
+        check_restart_budget(tmp_path, 3, count_unrecorded=True)  # the launcher, before any rank starts
+    import fcntl
+
+    with open(tmp_path / "run.lock", "w") as holder:  # the attempt still runs: its start row is no kill
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        check_restart_budget(tmp_path, 3, count_unrecorded=True)
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "running", "steps": 44}))  # it got further
+    check_restart_budget(tmp_path, 3, count_unrecorded=True)
