@@ -241,7 +241,7 @@ def check_restart_budget(run_dir: str | Path, max_failures_at_step: int, count_u
     ends = [r for r in rows if r.get("event") == "end"]
     if count_unrecorded and rows and rows[-1].get("event") == "start" and not _lock_held(Path(run_dir)):
         # The last attempt was killed (no end, and nobody holds the lock): this launch will record it so.
-        summary = _read_json(Path(run_dir) / SUMMARY_FILE)
+        summary = read_summary(run_dir)
         ends.append({"status": "killed", "steps": summary.get("steps") if summary.get("status") == "running" else None,
                      "error": "killed without recording its end"})
     last = ends[-max_failures_at_step:]
@@ -273,9 +273,10 @@ def _lock_held(run_dir: Path) -> bool:
         os.close(fd)  # closing drops the shared lock taken for the test
 
 
-def _read_json(path: Path) -> dict:
+def read_summary(run_dir: str | Path) -> dict:
+    """A run directory's summary.json (``{}``: none yet, or unreadable)."""
     try:
-        return json.loads(path.read_text())
+        return json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
         return {}
 

@@ -66,9 +66,8 @@ class Watchdog(Callback):
 
     # --- what the main thread is doing ---------------------------------------------------------
     def _note(self, phase: str, progressed: bool = False) -> None:
-        now = time.monotonic()
         if progressed:
-            self.progress_at = now
+            self.progress_at = time.monotonic()
         self.phase = phase
 
     def setup(self, trainer, pl_module, stage: str) -> None:

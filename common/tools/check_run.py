@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from common.rundir import SUMMARY_FILE
+from common.rundir import SUMMARY_FILE, read_summary
 
 
 def check(run_dir: Path, max_wall_s: float | None, max_wer: float | None, min_wer_drop: float | None,
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     problems = check(a.run_dir, a.max_wall_s, a.max_wer, a.min_wer_drop, a.min_mel_loss_drop_ratio, a.max_asr_cer,
                      dict(a.max_test_wer), tuple(a.require_test))
-    summary = json.loads((a.run_dir / SUMMARY_FILE).read_text()) if (a.run_dir / SUMMARY_FILE).exists() else {}
+    summary = read_summary(a.run_dir)
     print(json.dumps({k: summary.get(k) for k in ("recipe", "status", "steps", "wall_s", "val", "val_first", "test", "throughput")}, indent=2))
     for problem in problems:
         print(f"FAIL {a.run_dir}: {problem}", file=sys.stderr)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import signal
@@ -44,7 +43,7 @@ from common import cluster
 from common.checkpoint import check_relaunch
 from common.errors import ConfigError
 from common.run import ROOT, check_run, compose, new_run_name, prepare_data
-from common.rundir import ATTEMPTS_FILE, SUMMARY_FILE, check_restart_budget
+from common.rundir import ATTEMPTS_FILE, SUMMARY_FILE, check_restart_budget, read_summary
 
 # torch.distributed.elastic's own log lines (glog format: I/W/E + MMDD), and torchrun's report.
 _LAUNCHER_LINE = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d")
@@ -184,7 +183,7 @@ def main(argv=None) -> int:
 def closing_lines(rc: int, forwarded_sigterm: bool, terminal: TerminalFilter, run_dir: Path, where: Path) -> int:
     """What the launcher says last, after torchrun returned ``rc``; returns the exit status."""
     record = run_dir / SUMMARY_FILE
-    summary = _summary(record) if rc != 0 else {}
+    summary = read_summary(run_dir) if rc != 0 else {}
     if summary.get("status") == "preempted" and forwarded_sigterm:
         # torchrun exits non-zero on the SIGTERM it was sent, after every rank checkpointed and left: a
         # preemption as asked for, said as one, not as an error. The status stays non-zero, so that a
@@ -212,13 +211,6 @@ def closing_lines(rc: int, forwarded_sigterm: bool, terminal: TerminalFilter, ru
         said = "no record was written (the launch ended before the run started)"
     print(f"  {said}; full log: {where}", file=sys.stderr, flush=True)
     return rc
-
-
-def _summary(record: Path) -> dict:
-    try:
-        return json.loads(record.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 @contextlib.contextmanager

@@ -69,3 +69,24 @@ def test_a_failed_run_writes_its_pending_rows_without_a_collective(tmp_path):
     recorder.on_exception(trainer, module, RuntimeError("boom"))
     rows = jsonl_rows(tmp_path / "metrics.jsonl")
     assert [r["train_loss"] for r in rows] == [4.0, 3.0]  # one process: its values are the run's
+
+
+def test_progress_is_reported_at_the_first_log_step_then_at_most_once_per_interval(tmp_path):
+    """summary.json says "running" from the first log step (common.train gives on_progress), then at
+    most once a minute: a run killed without warning is still described."""
+    from common.recording import Throttle
+
+    recorder = RunRecorder(tmp_path, print_every_n_steps=100, warmup_steps=1, log_every_n_steps=1)
+    recorder.t_start = 0.0
+    calls = []
+    recorder.on_progress = lambda: calls.append(len(recorder.history))
+    trainer = SimpleNamespace(global_step=0, max_steps=100, is_global_zero=True, loggers=[])
+    module = SimpleNamespace(last_lr=1e-3, device=torch.device("cpu"))
+    for step in (1, 2, 3):
+        _step(recorder, trainer, module, step, 1.0)
+    assert calls == [1]  # the first log step, then nothing within the minute
+    recorder.progress_due = Throttle(0.0)
+    _step(recorder, trainer, module, 4, 1.0)
+    assert calls == [1, 4]
+    due = Throttle(3600)
+    assert [due(), due()] == [True, False]
